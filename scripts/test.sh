@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs on a fresh Debian machine, then run it.
+# Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages the tests drive for real (browser tests, PACS, Prometheus tooling).
+APT_PACKAGES=(chromium)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  else
+    echo "note: missing system packages (${missing[*]}); tests that need them will skip" >&2
+  fi
+fi
+
+# Python environment: the service, training and test extras (torch 2.13.0 CPU).
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[cpu,train,dev,dicom-codecs]'
+
+# Node packages for the browser tests (no browser download: Debian's chromium is used).
+if [ -f tests/browser/package.json ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund --silent)
+fi
+
+exec .venv/bin/python -m pytest "$@"
