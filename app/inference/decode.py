@@ -8,7 +8,10 @@ No DICOM tag value is ever put into a message or a warning (patient data).
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import warnings as warnings_module
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,11 +51,31 @@ def media_type_for_path(path: Path) -> str | None:
     return _SUFFIXES.get(path.suffix.lower())
 
 
+# What clients send for our types; generic types mean "look at the bytes".
+_ALIASES = {"image/jpg": JPEG, "image/pjpeg": JPEG, "image/x-png": PNG, "application/dicom+octet-stream": DICOM}
+GENERIC_MEDIA_TYPES = ("", "application/octet-stream", "binary/octet-stream")
+
+
+def normalise_media_type(declared: str | None) -> str | None:
+    """A client's Content-Type as one of MEDIA_TYPES, None when generic (sniff the bytes), or the
+    bare unsupported type (lower case, parameters dropped) for :func:`decode` to refuse."""
+    if declared is None:
+        return None
+    bare = declared.split(";", 1)[0].strip().lower()
+    if bare in GENERIC_MEDIA_TYPES:
+        return None
+    return _ALIASES.get(bare, bare)
+
+
 def decode(data: bytes, declared: str | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     """Decode image bytes. ``declared`` is the client's media type, checked against the signature."""
-    actual = sniff(data)
+    declared = normalise_media_type(declared)
     if declared is not None and declared not in MEDIA_TYPES:
-        raise UnsupportedMediaType(f"media type {declared!r} is not supported; send one of {', '.join(MEDIA_TYPES)}")
+        shown = declared if len(declared) <= 80 else declared[:80] + "..."
+        raise UnsupportedMediaType(f"media type {shown!r} is not supported; send one of {', '.join(MEDIA_TYPES)}")
+    if not data:
+        raise InvalidImage("the image is empty (0 bytes)")
+    actual = sniff(data)
     if actual is None:
         raise UnsupportedMediaType("the bytes are not a PNG, JPEG or DICOM (Part 10) file")
     if declared is not None and declared != actual:
@@ -127,42 +150,152 @@ def _raster_size(data: bytes, media_type: str) -> tuple[bool, int, int]:
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
+    """DICOM Part 10 -> float32 slice: Modality LUT, then VOI LUT or window (to [0, 1]), MONOCHROME1
+    inverted. Multi-frame policy: the middle frame (``frames // 2``), with a warning."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    with _quiet_pydicom():
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data))
+        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
+            raise InvalidImage(f"the DICOM data could not be parsed ({type(exc).__name__})") from None
+        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise NoPixelData("the DICOM file has no pixel data")
+        warnings: list[str] = []
+        modality = str(ds.get("Modality", "") or "").upper()
+        if modality not in ("MR", ""):
+            warnings.append("the DICOM modality is not MR; the model was trained on MR slices")
+        rows, cols, frames = _int_tag(ds, "Rows"), _int_tag(ds, "Columns"), max(1, _int_tag(ds, "NumberOfFrames"))
+        if rows <= 0 or cols <= 0:
+            raise InvalidImage("the DICOM file has no valid image size (Rows / Columns)")
+        if rows * cols > max_pixels:
+            raise PayloadTooLarge(f"image of {cols}x{rows} pixels exceeds the limit of {max_pixels} pixels")
+        _check_decoder(ds)
+        try:
+            if frames > 1:  # decode only the frame we use
+                ds.pixel_array_options(index=frames // 2)
+            arr = np.asarray(ds.pixel_array)
+        except (NotImplementedError, RuntimeError) as exc:
+            raise UnsupportedMediaType(
+                f"no installed decoder can read the transfer syntax {_syntax_name(ds)}"
+            ) from None
+        except (ValueError, AttributeError, KeyError, TypeError, IndexError, EOFError, OSError) as exc:
+            raise InvalidImage(f"the DICOM pixel data could not be decoded ({type(exc).__name__})") from None
+        if frames > 1:
+            warnings.append(f"multi-frame DICOM ({frames} frames): the middle frame ({frames // 2 + 1}) was used")
+        if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM, RGB after pydicom's conversion
+            gray, more = _to_gray(arr[:, :, 2::-1])
+            return DecodedImage(gray, DICOM, warnings + more)
+        if arr.ndim != 2:
+            raise InvalidImage(f"the DICOM pixel data has an unexpected shape ({arr.ndim} dimensions)")
+        values, more = _grayscale_luts(arr, ds)
+        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "").upper()
+        if photometric == "MONOCHROME1":  # low values are white: invert so high values are bright
+            values = np.float32(values.max() + values.min()) - values
+        return DecodedImage(np.ascontiguousarray(values, dtype=np.float32), DICOM, warnings + more)
+
+
+@contextlib.contextmanager
+def _quiet_pydicom():
+    """pydicom warns (and logs) with tag values in the message: keep them out of our logs."""
+    logger = logging.getLogger("pydicom")
+    saved = logger.disabled
+    logger.disabled = True
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
-        raise InvalidImage(f"the DICOM data could not be parsed ({type(exc).__name__})") from None
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise NoPixelData("the DICOM file has no pixel data")
+        with warnings_module.catch_warnings():
+            warnings_module.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = saved
+
+
+def _int_tag(ds, keyword: str) -> int:
+    try:
+        return int(ds.get(keyword, 0) or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _syntax_name(ds) -> str:
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if uid is None:
+        return "(none given)"
+    name = getattr(uid, "name", "") or ""
+    return f"{name} ({uid})" if name and name != str(uid) else str(uid)
+
+
+def _check_decoder(ds) -> None:
+    """A compressed transfer syntax needs a decoder plugin (pylibjpeg / python-gdcm): 415 naming it."""
+    from pydicom.pixels import get_decoder
+
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if uid is None or not getattr(uid, "is_compressed", False):
+        return
+    try:
+        available = get_decoder(uid).is_available
+    except NotImplementedError:
+        available = False
+    if not available:
+        raise UnsupportedMediaType(
+            f"no installed decoder can read the transfer syntax {_syntax_name(ds)}; "
+            "install the dicom-codecs extra (pylibjpeg, python-gdcm) or send an uncompressed DICOM"
+        )
+
+
+def _grayscale_luts(arr: np.ndarray, ds) -> tuple[np.ndarray, list[str]]:
+    """Modality LUT (RescaleSlope / Intercept or LUT) then VOI: a VOI LUT Sequence, else the first
+    Window Center / Width (LINEAR, LINEAR_EXACT or SIGMOID, DICOM PS3.3 C.11.2.1.2), output in [0, 1].
+    Without either, the modality values are returned as they are (float32)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi
+
     warnings: list[str] = []
-    if str(ds.get("Modality", "")).upper() not in ("MR", ""):
-        warnings.append("the DICOM modality is not MR; the model was trained on MR slices")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if rows * cols > max_pixels:
-        raise PayloadTooLarge(f"image of {cols}x{rows} pixels exceeds the limit of {max_pixels} pixels")
-    tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    try:
-        arr = ds.pixel_array
-    except (NotImplementedError, RuntimeError) as exc:
-        name = getattr(tsyntax, "name", None) or str(tsyntax or "unknown")
-        if "plugin" in str(exc).lower() or "decod" in str(exc).lower() or "handler" in str(exc).lower():
-            raise UnsupportedMediaType(f"no decoder is installed for the transfer syntax {name}") from None
-        raise InvalidImage(f"the DICOM pixel data could not be decoded ({name})") from None
-    except (ValueError, AttributeError, KeyError, TypeError) as exc:
-        raise InvalidImage(f"the DICOM pixel data could not be decoded ({type(exc).__name__})") from None
-    if frames > 1 and arr.ndim >= 3 and arr.shape[0] == frames:
-        warnings.append(f"multi-frame DICOM ({frames} frames): the middle frame was used")
-        arr = arr[frames // 2]
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if arr.ndim == 3:  # colour DICOM (RGB / YBR converted to RGB by pydicom)
-        gray, more = _to_gray(arr[:, :, ::-1])
-        return DecodedImage(gray, DICOM, warnings + more)
-    values = apply_modality_lut(arr, ds).astype(np.float32)
-    values = np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float32)
-    if photometric == "MONOCHROME1":
-        values = values.max() + values.min() - values
-    return DecodedImage(values, DICOM, warnings)
+    values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        try:
+            bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+            lut = np.asarray(apply_voi(values, ds), dtype=np.float32)
+            return lut / np.float32(2**bits - 1), warnings
+        except (ValueError, TypeError, IndexError, AttributeError, KeyError):
+            warnings.append("the DICOM VOI LUT is invalid; the full intensity range was used")
+            return values, warnings
+    window = _window(ds)
+    if window is None:
+        if "WindowCenter" in ds or "WindowWidth" in ds:
+            warnings.append("the DICOM window is invalid; the full intensity range was used")
+        return values, warnings
+    center, width, function = window
+    v = values.astype(np.float64)
+    if function == "SIGMOID":
+        out = 1.0 / (1.0 + np.exp(-4.0 * (v - center) / width))
+    elif function == "LINEAR_EXACT":
+        out = np.clip((v - (center - width / 2)) / width, 0.0, 1.0)
+    else:  # LINEAR: PS3.3 C.11.2.1.2.1 (centre - 0.5, width - 1)
+        out = np.clip((v - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    return out.astype(np.float32), warnings
+
+
+def _window(ds) -> tuple[float, float, str] | None:
+    """The first (center, width, function) of the VOI LUT Module, or None if absent or invalid."""
+
+    def first(keyword: str) -> float | None:
+        elem = ds.get(keyword)
+        if elem is None:
+            return None
+        multi = hasattr(elem, "__len__") and not isinstance(elem, (str, bytes))
+        value = (elem[0] if len(elem) else None) if multi else elem
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return None
+        return number if np.isfinite(number) else None
+
+    center, width = first("WindowCenter"), first("WindowWidth")
+    if center is None or width is None:
+        return None
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    if function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
+        function = "LINEAR"
+    if (function == "LINEAR" and width <= 1) or width <= 0:
+        return None
+    return center, width, function

@@ -1,0 +1,72 @@
+"""Service settings: environment variables with the prefix ``BTD_``, validated at start.
+
+Routes read them through the ``get_settings`` dependency, so tests can override them with
+``app.dependency_overrides[get_settings]`` or pass a ``Settings`` object to ``create_app``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "btd-resnet50.onnx"
+KNOWN_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BTD_", extra="ignore", frozen=True)
+
+    model_path: Path = Field(DEFAULT_MODEL_PATH, description="ONNX model file following the model contract")
+    host: str = Field("127.0.0.1", description="address `python -m app` binds")
+    port: int = Field(8000, ge=1, le=65535, description="port `python -m app` binds")
+    providers: str = Field(
+        "auto",
+        description='"auto" (TensorRT > CUDA > CPU among those installed) or a comma list of ONNX Runtime '
+        "execution providers in order of preference",
+    )
+    trt_fp16: bool = Field(False, description="TensorRT: allow fp16 kernels")
+    trt_engine_cache_dir: Path | None = Field(
+        None, description="TensorRT: directory to cache built engines in (unset: no cache)"
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: the CPUs this process may use)")
+    max_batch_size: int = Field(8, ge=1, le=256, description="largest batch the micro-batcher sends to the model")
+    max_wait_ms: float = Field(5.0, ge=0, le=1000, description="longest a request waits for others to fill a batch")
+    queue_size: int = Field(64, ge=1, description="requests that may wait for the model; beyond: 503 + Retry-After")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
+    max_pixels: int = Field(50_000_000, ge=1, description="largest decoded image, in pixels (413 beyond)")
+    request_timeout_s: float = Field(30.0, gt=0, description="time to process one request once received (504 beyond)")
+    max_batch_files: int = Field(16, ge=1, le=256, description="most files in one /v1/predict/batch request")
+    tumour_threshold: float | None = Field(
+        None, ge=0, le=1, description="tumour decision threshold (unset: the value stored in the model)"
+    )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="log level")
+    drain_timeout_s: float = Field(
+        20.0, ge=0, description="on SIGTERM: longest wait for in-flight requests before exiting"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("providers")
+    @classmethod
+    def _check_providers(cls, value: str) -> str:
+        value = value.strip()
+        if value.lower() == "auto":
+            return "auto"
+        names = [p.strip() for p in value.split(",") if p.strip()]
+        if not names:
+            raise ValueError('give "auto" or a comma-separated list of execution providers')
+        unknown = [n for n in names if not n.endswith("ExecutionProvider")]
+        if unknown:
+            raise ValueError(f"not an execution provider name: {', '.join(unknown)} (e.g. {', '.join(KNOWN_PROVIDERS)})")
+        return ",".join(names)
+
+    def provider_list(self) -> list[str] | None:
+        """The explicit provider list, or None for automatic choice."""
+        return None if self.providers == "auto" else self.providers.split(",")

@@ -1,0 +1,91 @@
+"""Build small ONNX models that follow the model contract, with the ``onnx`` helper API (no torch).
+
+Shared by every engineer's tests (service, CLI, web, deploy)::
+
+    from tests.model_factory import build_model
+    path = build_model(tmp_path / "model.onnx")
+
+The graph: ``image [N,3,S,S]`` -> Conv(k x k, stride k) -> Relu = ``features [N,K,S/k,S/k]``
+-> GlobalAveragePool -> Flatten -> Gemm(W [C,K], b [C], transB) = ``logits [N,C]``.
+Weights are seeded, so the same arguments give the same file (and the same sha256).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from app.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, ModelMetadata, PreprocessSpec
+
+LABELS = ("glioma", "meningioma", "notumor", "pituitary")
+
+
+def build_model_proto(
+    *,
+    labels: Sequence[str] = LABELS,
+    size: int = 32,
+    channels: int = 8,
+    stride: int = 4,
+    seed: int = 0,
+    fp16_weights: bool = False,
+    metadata: ModelMetadata | None = None,
+    temperature: float = 1.0,
+    version: str = "0.0.1-test",
+) -> onnx.ModelProto:
+    """A contract-conforming model. ``fp16_weights`` stores the classifier weight as float16 behind a
+    Cast node (as the release model may); ``metadata`` overrides the default metadata entirely."""
+    rng = np.random.default_rng(seed)
+    num_classes = len(labels)
+    conv_w = rng.normal(0, 0.5, (channels, 3, stride, stride)).astype(np.float32)
+    conv_b = rng.normal(0, 0.1, (channels,)).astype(np.float32)
+    fc_w = rng.normal(0, 1.0, (num_classes, channels)).astype(np.float32)
+    fc_b = rng.normal(0, 0.1, (num_classes,)).astype(np.float32)
+
+    nodes = [
+        helper.make_node("Conv", [INPUT_NAME, "conv.weight", "conv.bias"], ["conv_out"],
+                         kernel_shape=[stride, stride], strides=[stride, stride]),
+        helper.make_node("Relu", ["conv_out"], [FEATURES_NAME]),
+        helper.make_node("GlobalAveragePool", [FEATURES_NAME], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+    ]
+    initializers = [numpy_helper.from_array(conv_w, "conv.weight"), numpy_helper.from_array(conv_b, "conv.bias"),
+                    numpy_helper.from_array(fc_b, "fc.bias")]
+    if fp16_weights:
+        initializers.append(numpy_helper.from_array(fc_w.astype(np.float16), "fc.weight"))
+        nodes.append(helper.make_node("Cast", ["fc.weight"], ["fc.weight.f32"], to=TensorProto.FLOAT))
+        gemm_w = "fc.weight.f32"
+    else:
+        initializers.append(numpy_helper.from_array(fc_w, "fc.weight"))
+        gemm_w = "fc.weight"
+    nodes.append(helper.make_node("Gemm", ["flat", gemm_w, "fc.bias"], [LOGITS_NAME], transB=1))
+
+    feat = size // stride
+    graph = helper.make_graph(
+        nodes, "btd-test",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["N", num_classes]),
+         helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["N", channels, feat, feat])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # readable by every onnxruntime >= 1.14
+    meta = metadata or ModelMetadata(
+        labels=tuple(labels), preprocess=PreprocessSpec(size=size), cam_weight="fc.weight", cam_bias="fc.bias",
+        temperature=temperature, tumour_threshold=0.5, model_name="btd-test", model_version=version,
+        training_data={"source": "synthetic"}, metrics={"accuracy": 0.25},
+    )
+    helper.set_model_props(model, meta.to_props())
+    onnx.checker.check_model(model)
+    return model
+
+
+def build_model(path: str | Path, **kwargs) -> Path:
+    """Write :func:`build_model_proto` to ``path`` and return it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(build_model_proto(**kwargs), str(path))
+    return path
