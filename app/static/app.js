@@ -1,0 +1,256 @@
+// Clinician page: send one slice to POST /v1/predict?cam=png and show the answer.
+// Plain browser JavaScript, no build step, no third-party code; talks only to its own origin.
+"use strict";
+
+const API_MODEL = "v1/model";
+const API_PREDICT = "v1/predict?cam=png";
+
+// Presentation names for the labels this project's models use; any other label is shown as it is.
+const DISPLAY_NAMES = {
+  glioma: "Glioma",
+  meningioma: "Meningioma",
+  notumor: "No tumour",
+  pituitary: "Pituitary tumour",
+};
+
+// Media type from the file's first bytes (as the service checks), then from its name.
+const SUFFIX_TYPES = { png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", dcm: "application/dicom", dicom: "application/dicom" };
+
+const $ = (id) => document.getElementById(id);
+
+function displayName(label) {
+  return DISPLAY_NAMES[label] || label;
+}
+
+function percent(p, digits = 1) {
+  return `${(100 * p).toFixed(digits)}%`;
+}
+
+function milliseconds(ms) {
+  return ms >= 100 ? `${Math.round(ms)} ms` : `${ms.toFixed(1)} ms`;
+}
+
+function sniffMediaType(head) {
+  const startsWith = (sig) => sig.every((b, i) => head[i] === b);
+  if (startsWith([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a])) return "image/png";
+  if (startsWith([0xff, 0xd8, 0xff])) return "image/jpeg";
+  if (head.length >= 132 && String.fromCharCode(...head.slice(128, 132)) === "DICM") return "application/dicom";
+  return null;
+}
+
+async function mediaTypeOf(file) {
+  const head = new Uint8Array(await file.slice(0, 132).arrayBuffer());
+  const suffix = (file.name.split(".").pop() || "").toLowerCase();
+  return sniffMediaType(head) || SUFFIX_TYPES[suffix] || file.type || "application/octet-stream";
+}
+
+// A problem+json (RFC 9457) body or anything else the server sent, as one sentence for people.
+async function problemText(response) {
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (_) {
+    /* not JSON: fall back to the status line */
+  }
+  const what = (body && (body.detail || body.title)) || response.statusText || "unknown error";
+  const advice = {
+    400: "Check that the file is an intact PNG, JPEG or DICOM image.",
+    413: "Choose a smaller image.",
+    415: "Choose a PNG, JPEG or DICOM file.",
+    422: "Choose a file that contains an image.",
+    503: "The service is busy or starting; try again in a moment.",
+    504: "The service took too long; try again.",
+  }[response.status];
+  const sentence = what.charAt(0).toUpperCase() + what.slice(1);
+  return `${sentence}${/[.!?]$/.test(sentence) ? "" : "."}${advice ? " " + advice : ""} (HTTP ${response.status})`;
+}
+
+function setState(state) {
+  document.body.dataset.state = state;
+  $("file-input").disabled = state === "busy";
+  $("result").setAttribute("aria-busy", String(state === "busy"));
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = false;
+  $("status").textContent = "";
+  setState("error");
+}
+
+function modelLine(model) {
+  return `${model.name} ${model.version}`;
+}
+
+async function loadModelInfo() {
+  try {
+    const response = await fetch(API_MODEL, { headers: { Accept: "application/json" } });
+    if (!response.ok) throw new Error(await problemText(response));
+    const model = await response.json();
+    const providers = (model.providers || []).map((p) => p.replace("ExecutionProvider", "")).join(", ");
+    $("model-info").textContent =
+      `${modelLine(model)} (classes: ${model.labels.map(displayName).join(", ")}` +
+      `${providers ? `; running on ${providers}` : ""})`;
+  } catch (err) {
+    $("model-info").textContent = `not available (${err.message})`;
+  }
+}
+
+function renderProbabilities(probabilities, topLabel) {
+  const list = $("probabilities");
+  list.replaceChildren();
+  const entries = Object.entries(probabilities).sort((a, b) => b[1] - a[1]);
+  for (const [label, p] of entries) {
+    const item = document.createElement("li");
+    item.dataset.label = label;
+    if (label === topLabel) item.classList.add("top");
+    const name = document.createElement("span");
+    name.className = "bar-name";
+    name.textContent = displayName(label);
+    const track = document.createElement("span");
+    track.className = "bar-track";
+    track.setAttribute("aria-hidden", "true");
+    const fill = document.createElement("span");
+    fill.className = "bar-fill";
+    fill.style.display = "block";
+    fill.style.width = `${(100 * p).toFixed(2)}%`;
+    track.append(fill);
+    const value = document.createElement("span");
+    value.className = "bar-value";
+    value.textContent = percent(p);
+    item.append(name, track, value);
+    list.append(item);
+  }
+}
+
+function decisionText(result) {
+  if (result.tumour_detected === null || result.tumour_detected === undefined) {
+    return "This model has no 'no tumour' class, so it makes no tumour / no tumour decision.";
+  }
+  const p = percent(result.tumour_probability);
+  const t = percent(result.threshold, 0);
+  return result.tumour_detected
+    ? `Tumour suspected: tumour probability ${p} (decision threshold ${t}).`
+    : `No tumour suspected: tumour probability ${p} (decision threshold ${t}).`;
+}
+
+function renderCam(cam) {
+  const figure = $("cam-figure");
+  if (!cam || cam.format !== "png") {
+    figure.hidden = true;
+    return;
+  }
+  $("cam-image").src = `data:image/png;base64,${cam.image_png}`;
+  $("cam-image").width = cam.width;
+  $("cam-image").height = cam.height;
+  $("cam-heatmap").src = `data:image/png;base64,${cam.heatmap_png}`;
+  $("cam-label").textContent = displayName(cam.label);
+  figure.hidden = false;
+  applyCamControls();
+}
+
+function applyCamControls() {
+  const opacity = Number($("cam-opacity").value) / 100;
+  const visible = $("cam-toggle").checked;
+  $("cam-heatmap").style.opacity = visible ? String(opacity) : "0";
+  $("cam-heatmap").hidden = !visible;
+  $("cam-opacity").disabled = !visible;
+  $("cam-opacity-value").textContent = percent(opacity, 0);
+}
+
+function renderTimings(timings, roundTripMs) {
+  const t = timings || {};
+  const parts = ["decode", "preprocess", "queue", "inference", "cam"]
+    .filter((k) => typeof t[k] === "number")
+    .map((k) => `${k} ${milliseconds(t[k])}`);
+  $("timing-server").textContent =
+    typeof t.total === "number" ? `${milliseconds(t.total)}${parts.length ? ` (${parts.join(", ")})` : ""}` : "not reported";
+  $("timing-roundtrip").textContent = milliseconds(roundTripMs);
+}
+
+function renderResult(fileName, result, roundTripMs) {
+  $("result-file").textContent = fileName;
+  $("result-label").textContent = displayName(result.label);
+  const decision = $("result-decision");
+  decision.textContent = decisionText(result);
+  decision.classList.toggle("positive", result.tumour_detected === true);
+  renderProbabilities(result.probabilities, result.label);
+  const warnings = $("warnings");
+  warnings.replaceChildren(
+    ...(result.warnings || []).map((w) => Object.assign(document.createElement("li"), { textContent: w })),
+  );
+  warnings.hidden = warnings.children.length === 0;
+  renderTimings(result.timings_ms, roundTripMs);
+  $("result-model").textContent = `${modelLine(result.model)} (sha256 ${String(result.model.sha256 || "").slice(0, 12)}…)`;
+  $("result-request-id").textContent = result.request_id || "";
+  renderCam(result.cam);
+  $("result").hidden = false;
+  $("status").textContent =
+    `Result for ${fileName}: ${displayName(result.label)}, ${percent(result.probabilities[result.label])}. ` +
+    decisionText(result);
+  setState("done");
+}
+
+async function analyse(file) {
+  $("error").hidden = true;
+  $("result").hidden = true;
+  $("status").textContent = `Analysing ${file.name}…`;
+  setState("busy");
+  const started = performance.now();
+  try {
+    const response = await fetch(API_PREDICT, {
+      method: "POST",
+      headers: { "Content-Type": await mediaTypeOf(file), Accept: "application/json" },
+      body: file,
+    });
+    if (!response.ok) {
+      showError(`${file.name} could not be analysed. ${await problemText(response)}`);
+      return;
+    }
+    const result = await response.json();
+    renderResult(file.name, result, performance.now() - started);
+  } catch (err) {
+    showError(`${file.name} could not be analysed: the service did not answer (${err.message}).`);
+  }
+}
+
+function setUpDropZone() {
+  const zone = $("drop-zone");
+  const stop = (event) => {
+    event.preventDefault();
+    event.stopPropagation();
+  };
+  for (const type of ["dragenter", "dragover"]) {
+    zone.addEventListener(type, (event) => {
+      stop(event);
+      zone.classList.add("dragging");
+    });
+  }
+  for (const type of ["dragleave", "drop"]) {
+    zone.addEventListener(type, (event) => {
+      stop(event);
+      zone.classList.remove("dragging");
+    });
+  }
+  zone.addEventListener("drop", (event) => {
+    const files = event.dataTransfer && event.dataTransfer.files;
+    if (files && files.length > 0) analyse(files[0]); // one slice at a time; the CLI does batches
+  });
+  // A file dropped outside the zone must not make the browser navigate away from the page.
+  window.addEventListener("dragover", (event) => event.preventDefault());
+  window.addEventListener("drop", (event) => event.preventDefault());
+}
+
+function init() {
+  $("file-input").addEventListener("change", (event) => {
+    const file = event.target.files && event.target.files[0];
+    if (file) analyse(file);
+  });
+  $("cam-toggle").addEventListener("change", applyCamControls);
+  $("cam-opacity").addEventListener("input", applyCamControls);
+  setUpDropZone();
+  applyCamControls();
+  loadModelInfo();
+}
+
+document.addEventListener("DOMContentLoaded", init);
