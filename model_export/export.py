@@ -1,0 +1,239 @@
+"""Checkpoint -> ONNX file per the model contract, with metadata and a parity gate.
+
+The graph: input ``image`` float32 [N, 3, S, S] (N dynamic), outputs ``logits`` [N, C] and
+``features`` [N, 2048, s, s] (layer4, for the CAM). BatchNorm is folded into the convolutions
+in torch before tracing, so the ONNX weights are exactly the torch model's weights; with
+``fp16_weights`` those weights are rounded to float16 in torch first and stored as float16
+initializers, each followed by a Cast to float32 (compute stays float32), so the parity check
+compares like with like. The classifier's initializers keep the names ``fc.weight`` /
+``fc.bias``, which the metadata names for the service's CAM.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from app.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, ModelMetadata, PreprocessSpec
+from model_export.checkpoint import model_from_checkpoint, read_checkpoint
+from model_export.resnet import Bottleneck, ResNet50
+
+log = logging.getLogger(__name__)
+
+CAM_WEIGHT = "fc.weight"
+CAM_BIAS = "fc.bias"
+PARITY_BATCHES = (1, 5)
+# Float32 on both sides, different kernels: differences are accumulated rounding only.
+PARITY_RTOL = 1e-3
+PARITY_ATOL = 1e-3
+
+
+class ParityError(RuntimeError):
+    """ONNX Runtime's outputs differ from PyTorch's beyond tolerance: the export is not trusted."""
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: Path
+    out: Path
+    report: Path | None = None
+    fp16_weights: bool = False
+    name: str = "btd-resnet50"
+    version: str = "0.0.0"
+    threshold: float = 0.5
+    temperature: float | None = None
+    opset: int = 17
+
+
+def fold_batchnorm(model: ResNet50) -> ResNet50:
+    """A copy with every BatchNorm folded into the preceding convolution (eval-mode statistics)."""
+    fused = copy.deepcopy(model).eval()
+    fused.conv1, fused.bn1 = fuse_conv_bn_eval(fused.conv1, fused.bn1), nn.Identity()
+    for module in fused.modules():
+        if isinstance(module, Bottleneck):
+            for i in "123":
+                conv, bn = getattr(module, f"conv{i}"), getattr(module, f"bn{i}")
+                setattr(module, f"conv{i}", fuse_conv_bn_eval(conv, bn))
+                setattr(module, f"bn{i}", nn.Identity())
+            if module.downsample is not None:
+                module.downsample = nn.Sequential(fuse_conv_bn_eval(module.downsample[0], module.downsample[1]))
+    return fused
+
+
+def round_to_fp16(model: nn.Module) -> nn.Module:
+    """In place: every float parameter/buffer rounded to the nearest float16 (kept as float32)."""
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.half().float())
+    return model
+
+
+def trace_to_onnx(module: nn.Module, size: int, path: Path, opset: int) -> onnx.ModelProto:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    trace_input = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1234))
+    torch.onnx.export(
+        module, (trace_input,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+        input_names=[INPUT_NAME], output_names=[LOGITS_NAME, FEATURES_NAME],
+        dynamic_axes={INPUT_NAME: {0: "N"}, LOGITS_NAME: {0: "N"}, FEATURES_NAME: {0: "N"}},
+    )
+    return onnx.load(str(path))
+
+
+def check_classifier_initializers(graph: onnx.GraphProto, num_classes: int) -> None:
+    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
+    expected = {CAM_WEIGHT: (num_classes, 2048), CAM_BIAS: (num_classes,)}
+    for name, shape in expected.items():
+        if shapes.get(name) != shape:
+            raise RuntimeError(f"exported graph lacks initializer {name} of shape {shape} (found {shapes.get(name)})")
+
+
+def store_weights_as_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Float32 initializers -> float16 initializers of the same name + Cast(to float32) nodes."""
+    graph = model.graph
+    casts, renamed = [], {}
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        values = numpy_helper.to_array(init)
+        half = values.astype(np.float16)
+        init.CopyFrom(numpy_helper.from_array(half, init.name))
+        renamed[init.name] = f"{init.name}/float32"
+        casts.append(helper.make_node("Cast", [init.name], [renamed[init.name]], to=TensorProto.FLOAT,
+                                      name=f"{init.name}/cast"))
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def parity_inputs(size: int, batch: int, seed: int) -> np.ndarray:
+    """Inputs unlike the trace input: preprocessed synthetic slices (bright blobs on dark)."""
+    from app.contract import preprocess
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    images = []
+    for _ in range(batch):
+        cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.3)
+        gray = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / r**2) + 0.1 * rng.random((size, size))
+        images.append(preprocess(gray.astype(np.float32), PreprocessSpec(size=size)))
+    return np.stack(images)
+
+
+def check_parity(module: nn.Module, onnx_path: Path, size: int) -> dict[str, float]:
+    """Torch vs ONNX Runtime on fresh inputs at each of PARITY_BATCHES; raises ParityError."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst: dict[str, float] = {}
+    module.eval()
+    for seed, batch in enumerate(PARITY_BATCHES):
+        x = parity_inputs(size, batch, seed=100 + seed)
+        with torch.inference_mode():
+            expected = [t.numpy() for t in module(torch.from_numpy(x))]
+        got = session.run([LOGITS_NAME, FEATURES_NAME], {INPUT_NAME: x})
+        for name, want, have in zip((LOGITS_NAME, FEATURES_NAME), expected, got):
+            if want.shape != have.shape:
+                raise ParityError(f"{name} at batch {batch}: shape {have.shape}, torch gives {want.shape}")
+            diff = float(np.abs(want - have).max())
+            worst[name] = max(worst.get(name, 0.0), diff)
+            if not np.allclose(have, want, rtol=PARITY_RTOL, atol=PARITY_ATOL):
+                raise ParityError(f"{name} at batch {batch}: max |torch - onnx| = {diff:.3g} exceeds "
+                                  f"rtol {PARITY_RTOL} / atol {PARITY_ATOL}")
+        if not np.array_equal(expected[0].argmax(1), got[0].argmax(1)):
+            raise ParityError(f"predicted classes differ at batch {batch}")
+    return worst
+
+
+def report_metrics(report_path: Path | None) -> tuple[dict, float | None]:
+    """(metrics for the metadata, temperature) from evaluate's report.json, if given."""
+    if report_path is None:
+        return {}, None
+    report = json.loads(Path(report_path).read_text())
+    keep = ("images", "split", "accuracy", "macro_f1", "weighted_f1", "macro_roc_auc", "ece", "ece_calibrated",
+            "tumour_sensitivity", "tumour_specificity", "threshold", "temperature")
+    metrics = {k: report[k] for k in keep if k in report}
+    metrics["per_class_f1"] = {label: row["f1"] for label, row in report.get("per_class", {}).items()}
+    return metrics, report.get("temperature")
+
+
+def export(
+    model: ResNet50,
+    labels: tuple[str, ...],
+    spec: PreprocessSpec,
+    out: Path,
+    *,
+    fp16_weights: bool = False,
+    temperature: float = 1.0,
+    threshold: float = 0.5,
+    name: str = "btd-resnet50",
+    version: str = "0.0.0",
+    training_data: dict | None = None,
+    metrics: dict | None = None,
+    opset: int = 17,
+) -> Path:
+    """Export, write metadata, check parity (raises ParityError and removes the file on failure)."""
+    if opset < 17:
+        raise ValueError("opset must be 17 or newer")
+    folded = fold_batchnorm(model.cpu().eval())
+    if fp16_weights:
+        round_to_fp16(folded)
+    module = folded  # ResNet50.forward is already image -> (logits, features); names stay "fc.weight"
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    meta = ModelMetadata(labels=tuple(labels), preprocess=spec, cam_weight=CAM_WEIGHT, cam_bias=CAM_BIAS,
+                         temperature=temperature, tumour_threshold=threshold, model_name=name,
+                         model_version=version, training_data=training_data or {}, metrics=metrics or {})
+    try:
+        proto = trace_to_onnx(module, spec.size, tmp, opset)
+        check_classifier_initializers(proto.graph, len(labels))
+        if fp16_weights:
+            proto = store_weights_as_fp16(proto)
+        helper.set_model_props(proto, meta.to_props())
+        proto.producer_name = "btd model_export"
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        worst = check_parity(module, tmp, spec.size)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed export leaves no file behind
+        raise
+    if fp16_weights:  # how far float16 storage moved the outputs from the float32 model (information)
+        drift = _max_logit_change(model, module, spec.size)
+        log.info("float16 weights change logits by at most %.3g vs the float32 model", drift)
+    tmp.replace(out)
+    log.info("parity ok at batch %s: max |diff| logits %.2g, features %.2g; %s (%.1f MB)", PARITY_BATCHES,
+             worst[LOGITS_NAME], worst[FEATURES_NAME], out, out.stat().st_size / 1e6)
+    return out
+
+
+def _max_logit_change(original: nn.Module, rounded: nn.Module, size: int) -> float:
+    x = torch.from_numpy(parity_inputs(size, 5, seed=7))
+    with torch.inference_mode():
+        return float((original.eval()(x)[0] - rounded(x)[0]).abs().max())
+
+
+def main(config: ExportConfig) -> Path:
+    ckpt = read_checkpoint(config.checkpoint)
+    model, labels, spec = model_from_checkpoint(ckpt)
+    metrics, report_temperature = report_metrics(config.report)
+    temperature = config.temperature or report_temperature or ckpt.get("temperature") or 1.0
+    return export(
+        model, labels, spec, config.out, fp16_weights=config.fp16_weights, temperature=float(temperature),
+        threshold=config.threshold, name=config.name, version=config.version,
+        training_data=ckpt.get("training_data", {}), metrics=metrics, opset=config.opset,
+    )
