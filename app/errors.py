@@ -41,3 +41,9 @@ class Overloaded(ServiceError):
 
 class InferenceTimeout(ServiceError):
     status, title, slug = 504, "Inference timed out", "timeout"
+
+
+class InvalidRequest(ServiceError):
+    """The request is well-formed HTTP but not what the operation expects (e.g. no ``file`` field)."""
+
+    status, title, slug = 422, "Validation error", "validation-error"

@@ -35,6 +35,7 @@ def build_model_proto(
     metadata: ModelMetadata | None = None,
     temperature: float = 1.0,
     version: str = "0.0.1-test",
+    name: str = "btd-test",
 ) -> onnx.ModelProto:
     """A contract-conforming model. ``fp16_weights`` stores the classifier weight as float16 behind a
     Cast node (as the release model may); ``metadata`` overrides the default metadata entirely."""
@@ -75,7 +76,7 @@ def build_model_proto(
     model.ir_version = 8  # readable by every onnxruntime >= 1.14
     meta = metadata or ModelMetadata(
         labels=tuple(labels), preprocess=PreprocessSpec(size=size), cam_weight="fc.weight", cam_bias="fc.bias",
-        temperature=temperature, tumour_threshold=0.5, model_name="btd-test", model_version=version,
+        temperature=temperature, tumour_threshold=0.5, model_name=name, model_version=version,
         training_data={"source": "synthetic"}, metrics={"accuracy": 0.25},
     )
     helper.set_model_props(model, meta.to_props())
@@ -89,3 +90,11 @@ def build_model(path: str | Path, **kwargs) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(build_model_proto(**kwargs), str(path))
     return path
+
+
+if __name__ == "__main__":  # a demo model to try the API with: random weights, meaningless predictions
+    import sys
+
+    out = build_model(sys.argv[1] if len(sys.argv) > 1 else "/tmp/btd-demo.onnx", size=224, channels=64, stride=32,
+                      version="0.0.0-demo", name="btd-demo")
+    print(f"wrote {out} (untrained demo model: random weights, for trying the API only)")

@@ -1,0 +1,81 @@
+"""``python -m app``: serve the model with uvicorn (one worker), configured by ``BTD_*`` variables.
+
+SIGTERM / SIGINT drain: ``/readyz`` turns 503 at once, the listening socket closes, in-flight
+requests finish (up to ``BTD_DRAIN_TIMEOUT_S``), then the process exits. Exit status 2 means the
+settings or the model file are wrong (the message says what to do), 1 that the model failed to load.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from app import metrics
+from app.main import create_app
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+MISSING_MODEL_HELP = """\
+error: no model file at {path}
+The service needs an ONNX model that follows the model contract. Either:
+  - get the released model: save it as models/btd-resnet50.onnx (see the README, "Model"), or
+  - make one: train and export with `btd train ...` then `btd export ...` (README, "Training"), or
+  - point BTD_MODEL_PATH at an existing model file, e.g. BTD_MODEL_PATH=/path/to/model.onnx bash scripts/serve.sh
+  - to try the API only, make an untrained demo model (random weights, meaningless answers):
+      .venv/bin/python -m tests.model_factory /tmp/btd-demo.onnx
+      BTD_MODEL_PATH=/tmp/btd-demo.onnx bash scripts/serve.sh
+"""
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, marking the app as draining (``/readyz`` 503) as soon as a signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+        self.fatal = False
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if not self.runtime.draining:
+            log.info("signal %d: draining (readyz 503), finishing in-flight requests", sig)
+        self.runtime.draining = True
+        metrics.READY.set(0)
+        super().handle_exit(sig, frame)
+
+    def stop_fatal(self) -> None:
+        self.fatal = True
+        self.should_exit = True
+
+
+def main() -> int:
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"error: invalid BTD_* settings\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.model_path.is_file():
+        print(MISSING_MODEL_HELP.format(path=settings.model_path), file=sys.stderr)
+        return 2
+    server: DrainingServer | None = None
+
+    def on_fatal() -> None:
+        if server is not None:
+            server.stop_fatal()
+
+    app = create_app(settings, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level, lifespan="on",
+        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
+    )
+    server = DrainingServer(config, app.state.runtime)
+    server.run()
+    return 1 if server.fatal else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

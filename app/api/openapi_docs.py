@@ -1,0 +1,80 @@
+"""OpenAPI text for the routes: request bodies (parsed by hand, so several media types can be
+accepted) and every documented error status, all as ``application/problem+json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+BINARY = {"type": "string", "format": "binary"}
+REQUEST_ID_HEADER = {"X-Request-ID": {"description": "the client's X-Request-ID, or a generated UUID",
+                                      "schema": {"type": "string"}}}
+
+
+def problem(description: str, **headers: dict[str, Any]) -> dict[str, Any]:
+    response: dict[str, Any] = {"description": description,
+                                "content": {"application/problem+json": {"schema": PROBLEM_REF}}}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+RETRY_AFTER = {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+
+_COMMON = {
+    413: problem("payload-too-large: body over BTD_MAX_BODY_BYTES, image over BTD_MAX_PIXELS, or too many files"),
+    415: problem("unsupported-media-type: not PNG/JPEG/DICOM, Content-Type does not match the bytes, or a "
+                 "compressed DICOM transfer syntax with no decoder installed (named in detail)"),
+    422: problem("validation-error: bad query parameter or missing multipart field; no-pixel-data: DICOM "
+                 "without pixel data"),
+    503: problem("model-not-ready: loading, warming up or shutting down; overloaded: the queue is full "
+                 "(Retry-After)", **{"Retry-After": RETRY_AFTER}),
+}
+
+PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the prediction", "headers": {
+        **REQUEST_ID_HEADER,
+        "Server-Timing": {"description": "decode, preprocess, queue, infer, cam, total (ms)",
+                          "schema": {"type": "string"}}}},
+    400: problem("invalid-image: empty, truncated or corrupt image data; bad-request: malformed multipart body"),
+    **_COMMON,
+    504: problem("timeout: processing took longer than BTD_REQUEST_TIMEOUT_S"),
+}
+
+BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "one result per file, in request order; a bad file has ok=false and its problem",
+          "headers": REQUEST_ID_HEADER},
+    400: problem("bad-request: malformed multipart body"),
+    413: _COMMON[413],
+    415: problem("unsupported-media-type: the body is not multipart/form-data"),
+    422: problem("validation-error: bad query parameter or no 'files' field"),
+    503: _COMMON[503],
+}
+
+NOT_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: problem("model-not-ready: the model is not loaded, checked and warmed up yet, or the server is draining"),
+}
+
+LIVEZ_RESPONSES: dict[int | str, dict[str, Any]] = {
+    503: problem("model-not-ready: the model failed to load; restart the process"),
+}
+
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Prometheus text exposition format",
+          "content": {"text/plain": {"schema": {"type": "string"}}}},
+}
+
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                       "properties": {"file": {**BINARY, "description": "PNG, JPEG or DICOM"}}}},
+    "image/png": {"schema": BINARY},
+    "image/jpeg": {"schema": BINARY},
+    "application/dicom": {"schema": BINARY},
+    "application/octet-stream": {"schema": {**BINARY, "description": "any of the above, recognised by signature"}},
+}}}
+
+BATCH_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+        "files": {"type": "array", "items": BINARY, "description": "one part per image (BTD_MAX_BATCH_FILES at most)"},
+    }}},
+}}}

@@ -1,0 +1,150 @@
+"""HTTP routes: parse the request, call the inference service, shape the response. Nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import metrics
+from app.api import openapi_docs as docs
+from app.api.problems import problem_of, request_id_of
+from app.api.schemas import BatchResponse, Health, ModelDescription, PredictResponse
+from app.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from app.inference.decode import GENERIC_MEDIA_TYPES, MEDIA_TYPES
+from app.inference.service import InferenceService
+from app.settings import Settings
+
+router = APIRouter()
+
+CamOption = Literal["none", "png", "grid"]
+CAM_QUERY = Query("none", description="class activation map: none, png (images, base64) or grid (numbers)")
+RAW_MEDIA_TYPES = (*MEDIA_TYPES, "image/jpg", *[t for t in GENERIC_MEDIA_TYPES if t])
+SERVER_TIMING = (("decode", "decode"), ("preprocess", "preprocess"), ("queue", "queue"), ("infer", "inference"),
+                 ("cam", "cam"), ("total", "total"))
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's settings; tests may override this dependency."""
+    return request.app.state.settings
+
+
+def get_service(request: Request) -> InferenceService:
+    """The loaded inference service, or 503 until the model is loaded, checked and warmed up."""
+    state = request.app.state.runtime
+    if state.service is None:
+        raise ModelNotReady(state.not_ready_reason())
+    return state.service
+
+
+def _bare(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+async def _read_form(request: Request, max_files: int):
+    try:
+        return await request.form(max_files=max_files, max_fields=16)
+    except StarletteHTTPException as exc:
+        if "Too many files" in str(exc.detail):
+            raise PayloadTooLarge(f"at most {max_files} file(s) per request") from None
+        raise
+
+
+async def _read_upload(upload: UploadFile) -> tuple[bytes, str | None]:
+    try:
+        return await upload.read(), upload.content_type
+    finally:
+        await upload.close()
+
+
+async def read_single_image(request: Request) -> tuple[bytes, str | None]:
+    """The image of ``POST /v1/predict``: multipart field ``file``, or the raw body."""
+    content_type = _bare(request.headers.get("content-type"))
+    if content_type == "multipart/form-data":
+        form = await _read_form(request, max_files=1)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest("the multipart body needs a file field named 'file'")
+        return await _read_upload(upload)
+    if content_type in RAW_MEDIA_TYPES:
+        return await request.body(), content_type
+    raise UnsupportedMediaType(
+        "send multipart/form-data with a 'file' field, or the raw image with Content-Type "
+        f"{', '.join(MEDIA_TYPES)}"
+    )
+
+
+def _server_timing(timings: dict[str, float]) -> str:
+    return ", ".join(f"{name};dur={timings[key]:.3f}" for name, key in SERVER_TIMING)
+
+
+@router.post("/v1/predict", operation_id="predict", summary="Classify one slice (PNG, JPEG or DICOM)",
+             response_model=PredictResponse, responses=docs.PREDICT_RESPONSES, openapi_extra=docs.PREDICT_BODY)
+async def predict(request: Request, response: Response, cam: CamOption = CAM_QUERY,
+                  service: InferenceService = Depends(get_service)) -> dict[str, Any]:
+    data, media_type = await read_single_image(request)
+    result = await service.predict(data, media_type, cam)
+    response.headers["Server-Timing"] = _server_timing(result["timings_ms"])
+    return {"request_id": request_id_of(request), **result}
+
+
+@router.post("/v1/predict/batch", operation_id="predictBatch", summary="Classify several slices in one request",
+             response_model=BatchResponse, responses=docs.BATCH_RESPONSES, openapi_extra=docs.BATCH_BODY)
+async def predict_batch(request: Request, cam: CamOption = CAM_QUERY,
+                        service: InferenceService = Depends(get_service),
+                        settings: Settings = Depends(get_settings)) -> dict[str, Any]:
+    if _bare(request.headers.get("content-type")) != "multipart/form-data":
+        raise UnsupportedMediaType("send multipart/form-data with one 'files' field per image")
+    form = await _read_form(request, max_files=settings.max_batch_files)
+    uploads = [u for u in form.getlist("files") if isinstance(u, UploadFile)]
+    if not uploads:
+        raise InvalidRequest("the multipart body needs at least one file field named 'files'")
+    request_id = request_id_of(request)
+
+    async def one(index: int, upload: UploadFile) -> dict[str, Any]:
+        filename = upload.filename or f"file{index + 1}"
+        data, media_type = await _read_upload(upload)
+        try:
+            result = await service.predict(data, media_type, cam)
+        except ServiceError as error:  # one bad file does not fail the others
+            metrics.ERRORS.labels(error.slug).inc()
+            return {"filename": filename, "ok": False, "problem": problem_of(error, request.url.path, request_id)}
+        return {"filename": filename, "ok": True, "result": {"request_id": request_id, **result}}
+
+    # All at once, so they meet in the micro-batcher; gather keeps request order.
+    return {"results": await asyncio.gather(*(one(i, u) for i, u in enumerate(uploads)))}
+
+
+@router.get("/v1/model", operation_id="getModel", summary="The loaded model: labels, input, metrics, provider",
+            response_model=ModelDescription, responses=docs.NOT_READY_RESPONSES)
+async def get_model(service: InferenceService = Depends(get_service)) -> dict[str, Any]:
+    return service.describe()
+
+
+@router.get("/livez", operation_id="livez", summary="The process is alive", response_model=Health,
+            responses=docs.LIVEZ_RESPONSES)
+async def livez(request: Request) -> dict[str, str]:
+    state = request.app.state.runtime
+    if state.load_error is not None:
+        raise ModelNotReady(state.not_ready_reason())
+    return {"status": "ok"}
+
+
+@router.get("/readyz", operation_id="readyz",
+            summary="Ready for traffic: model loaded, contract checked, warmed up, not draining",
+            response_model=Health, responses=docs.NOT_READY_RESPONSES)
+async def readyz(request: Request) -> dict[str, str]:
+    state = request.app.state.runtime
+    if not state.ready:
+        raise ModelNotReady(state.not_ready_reason())
+    return {"status": "ok"}
+
+
+@router.get("/metrics", operation_id="metrics", summary="Prometheus metrics", response_class=Response,
+            responses=docs.METRICS_RESPONSES)
+async def prometheus_metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

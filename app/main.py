@@ -1,0 +1,120 @@
+"""The FastAPI application: ``create_app(settings)``. The model is loaded in the lifespan, in the
+background, so ``/livez`` answers while a big model (or a TensorRT engine build) loads; ``/readyz``
+turns green after load, contract check and warm-up, and red again while draining on shutdown.
+
+Run it with ``python -m app`` (or ``uvicorn --factory app.main:create_app``)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from app import metrics
+from app.api.middleware import RequestContextMiddleware
+from app.api.problems import install_problem_handlers
+from app.api.routes import router
+from app.api.schemas import Problem
+from app.inference.service import InferenceService
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+API_TITLE = "btd: brain-MRI tumour classification"
+API_VERSION = "1.0.0"
+LIFESPAN_CLOSE_S = 2.0
+API_DESCRIPTION = (
+    "Classifies brain-MRI slices (PNG, JPEG, DICOM) into tumour classes with calibrated probabilities and an "
+    "optional class activation map. Decision support for trained readers, not a diagnostic device. "
+    "Every error is RFC 9457 application/problem+json."
+)
+
+
+@dataclass
+class RuntimeState:
+    """What the health endpoints report; the service exists once the model is ready."""
+
+    service: InferenceService | None = None
+    load_error: str | None = None
+    draining: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.service is not None and not self.draining
+
+    def not_ready_reason(self) -> str:
+        if self.draining:
+            return "the server is shutting down"
+        if self.load_error is not None:
+            return f"the model failed to load: {self.load_error}"
+        return "the model is loading and warming up"
+
+
+async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None:
+    state: RuntimeState = app.state.runtime
+    settings: Settings = app.state.settings
+    try:
+        service = await asyncio.to_thread(InferenceService.load, settings)
+    except Exception as exc:  # any load failure: report it on /livez, /readyz and in the log, then stop
+        state.load_error = str(exc)
+        log.error("cannot serve: %s", exc)
+        if on_fatal is not None:
+            on_fatal()
+        return
+    service.start()
+    state.service = service
+    metrics.READY.set(1)
+    log.info("ready: %s %s on %s", service.runner.metadata.model_name, service.runner.metadata.model_version,
+             service.runner.provider)
+
+
+def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None] | None = None) -> FastAPI:
+    """The app. ``on_fatal`` is called if the model cannot be loaded (``python -m app`` exits then)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state: RuntimeState = app.state.runtime
+        loading = asyncio.create_task(_load_model(app, on_fatal))
+        try:
+            yield
+        finally:
+            state.draining = True
+            metrics.READY.set(0)
+            if not loading.done():
+                loading.cancel()
+            if state.service is not None:
+                # The server already waited for in-flight requests; what is left belongs to cancelled ones.
+                await state.service.close(min(settings.drain_timeout_s, LIFESPAN_CLOSE_S))
+                state.service = None
+
+    app = FastAPI(title=API_TITLE, version=API_VERSION, description=API_DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.runtime = RuntimeState()
+    install_problem_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.include_router(router)
+    if importlib.util.find_spec("app.web") is not None:  # the clinician page and /docs (web engineer)
+        from app.web import router as web_router
+
+        app.include_router(web_router)
+    app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def build_openapi(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document (cached), with the Problem schema every error response refers to."""
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.setdefault("Problem", problem)
+        app.openapi_schema = spec
+    return app.openapi_schema
