@@ -1,0 +1,181 @@
+"""The clinician page and /docs in a real browser: Debian's chromium driven by npm playwright-core.
+
+One module-scoped run of ``web_page.mjs`` against the real service (``python -m app`` on a free
+127.0.0.1 port with the small test model, or ``BTD_BROWSER_MODEL``) uploads a real slice (a
+figshare-cheng test image when ``../shared/data`` is present, else a synthetic PNG), a DICOM and a
+broken file, and opens /docs with every off-site request refused. The tests check what it saw
+against what the API itself answers. Screenshots land in ``test-artifacts/browser/``.
+
+To refresh the README screenshot with the shipped model::
+
+    BTD_BROWSER_MODEL=models/btd-resnet50.onnx .venv/bin/python -m pytest tests/browser
+    cp test-artifacts/browser/web-page-result.png docs/web-page.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+
+from tests.live_server import REPO_ROOT, live_service
+from tests.model_factory import build_model
+
+BROWSER_DIR = Path(__file__).resolve().parent
+SCRIPT = BROWSER_DIR / "web_page.mjs"
+ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"
+CHROMIUM = Path(os.environ.get("BTD_CHROMIUM", "/usr/bin/chromium"))
+NODE = shutil.which("node")
+SCRIPT_TIMEOUT_S = 240
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"no chromium at {CHROMIUM} (scripts/test.sh installs it)"),
+    pytest.mark.skipif(NODE is None, reason="node is not installed"),
+    pytest.mark.skipif(not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir(),
+                       reason="tests/browser/node_modules is missing (scripts/test.sh runs npm ci)"),
+]
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("BTD_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+
+def real_slice() -> Path | None:
+    """The first figshare-cheng image of a test-split group (CC BY 4.0, Cheng et al. 2015)."""
+    index = data_dir() / "figshare-cheng" / "index.csv"
+    if not index.is_file():
+        return None
+    with open(index, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["in_4class_splits"] == "test":
+                return index.parent / row["image"]
+    return None
+
+
+def synthetic_slice(path: Path) -> Path:
+    """A bright ellipse with a brighter blob on noise: shaped like a slice, made in code."""
+    rng = np.random.default_rng(7)
+    img = (rng.random((256, 256)) * 20).astype(np.float32)
+    cv2.ellipse(img, (128, 128), (100, 115), 0, 0, 360, 120, -1)
+    cv2.circle(img, (160, 100), 22, 230, -1)
+    cv2.imwrite(str(path), np.clip(img, 0, 255).astype(np.uint8))
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Runs the browser script once; returns its report plus the API's own answers for the same files."""
+    work = tmp_path_factory.mktemp("browser")
+    model = Path(os.environ.get("BTD_BROWSER_MODEL") or build_model(work / "model.onnx"))
+    image = real_slice() or synthetic_slice(work / "synthetic-slice.png")
+    from pydicom.data import get_testdata_file
+
+    dicom = Path(get_testdata_file("MR_small.dcm"))
+    broken = work / "broken.png"
+    broken.write_bytes(image.read_bytes()[:300] if image.suffix == ".png" else b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):  # so a stale screenshot cannot pass for a new one
+        old.unlink()
+
+    with live_service(model) as base_url:
+        env = {**os.environ, "BASE_URL": base_url, "IMAGE": str(image), "DICOM": str(dicom),
+               "BROKEN": str(broken), "ARTIFACTS": str(ARTIFACTS), "PROFILE": str(work / "profile"),
+               "CHROMIUM": str(CHROMIUM)}
+        done = subprocess.run([NODE, str(SCRIPT)], cwd=BROWSER_DIR, env=env, capture_output=True, text=True,
+                              timeout=SCRIPT_TIMEOUT_S)
+        assert done.returncode == 0, f"browser script failed:\n{done.stderr[-4000:]}"
+        api_model = httpx.get(f"{base_url}/v1/model").json()
+        api_image = httpx.post(f"{base_url}/v1/predict", params={"cam": "png"}, content=image.read_bytes(),
+                               headers={"Content-Type": "image/jpeg" if image.suffix == ".jpg" else "image/png"},
+                               timeout=60).json()
+        api_broken = httpx.post(f"{base_url}/v1/predict", content=broken.read_bytes(),
+                                headers={"Content-Type": "image/png"}, timeout=60).json()
+    return {"report": json.loads(done.stdout), "model": api_model, "image": api_image, "broken": api_broken}
+
+
+def percent(p: float) -> str:
+    return f"{100 * p:.1f}%"
+
+
+def test_page_shows_the_apis_result_for_a_real_slice(browser_run: dict) -> None:
+    seen, api = browser_run["report"]["result"], browser_run["image"]
+    assert seen["label"] == {"glioma": "Glioma", "meningioma": "Meningioma", "notumor": "No tumour",
+                             "pituitary": "Pituitary tumour"}.get(api["label"], api["label"])
+    assert [bar["label"] for bar in seen["bars"]] == sorted(api["probabilities"], key=api["probabilities"].get,
+                                                             reverse=True)
+    for bar in seen["bars"]:
+        p = api["probabilities"][bar["label"]]
+        assert bar["value"] == percent(p)
+        assert bar["width"] == pytest.approx(p * bar["track"], abs=1.5)
+    assert percent(api["tumour_probability"]) in seen["decision"]
+    assert ("Tumour suspected" if api["tumour_detected"] else "No tumour suspected") in seen["decision"]
+    assert "ms" in seen["timing"] and api["model"]["version"] in seen["model"]
+
+
+def test_page_stacks_the_servers_heatmap_over_its_image(browser_run: dict) -> None:
+    seen, cam = browser_run["report"]["result"], browser_run["image"]["cam"]
+    assert seen["camVisible"] and seen["image"]["loaded"] and seen["heatmap"]["loaded"] and seen["heatmap"]["shown"]
+    assert (seen["image"]["width"], seen["image"]["height"]) == (cam["width"], cam["height"])
+    assert (seen["heatmap"]["width"], seen["heatmap"]["height"]) == (cam["width"], cam["height"])
+    assert seen["heatmap"]["opacity"] == "1"
+
+
+def test_heatmap_opacity_and_toggle_work_from_the_keyboard(browser_run: dict) -> None:
+    report = browser_run["report"]
+    assert report["opacityAfterKeys"] == {"slider": "80", "output": "80%", "heatmap": "0.8"}
+    assert report["toggledOff"] == {"checked": False, "heatmapVisible": False, "sliderDisabled": True}
+    assert report["toggledOn"] == {"checked": True, "heatmapVisible": True}
+    assert "file-input" in report["tabOrderBefore"]
+
+
+def test_page_shows_a_dicom_through_the_servers_rendering(browser_run: dict) -> None:
+    dicom = browser_run["report"]["dicom"]
+    assert browser_run["report"]["dicomState"] == "done"
+    assert dicom["label"] and dicom["heatmap"]["loaded"]
+    assert (dicom["image"]["width"], dicom["image"]["height"]) == (64, 64)  # MR_small.dcm
+
+
+def test_page_explains_a_broken_file_in_words(browser_run: dict) -> None:
+    report, problem = browser_run["report"], browser_run["broken"]
+    assert report["brokenState"] == "error"
+    assert problem["status"] == 400
+    error = report["error"]
+    assert error["visible"] and error["role"] == "alert" and error["resultHidden"]
+    assert "broken.png could not be analysed" in error["text"]
+    assert problem["detail"][1:] in error["text"] and "(HTTP 400)" in error["text"]
+
+
+def test_page_states_decision_support_and_the_model(browser_run: dict) -> None:
+    report, model = browser_run["report"], browser_run["model"]
+    assert "Decision support, not a diagnosis" in report["notice"]
+    assert f"{model['name']} {model['version']}" in report["modelHeader"]
+
+
+def test_page_controls_are_labelled_and_text_has_aa_contrast(browser_run: dict) -> None:
+    report = browser_run["report"]
+    assert report["unlabelled"] == [] and report["unlabelledAfter"] == []
+    assert report["lowContrast"] == [] and report["lowContrastError"] == []
+
+
+def test_page_and_docs_work_offline_without_script_errors(browser_run: dict) -> None:
+    report = browser_run["report"]
+    assert report["offsite"] == []
+    # A 4xx answer is logged by chromium as a failed resource load; anything else is a real error.
+    assert [m for m in report["consoleErrors"] if not m.startswith("Failed to load resource")] == []
+    assert "btd" in report["docs"]["title"]
+    assert "/v1/predict" in report["docs"]["operations"] and "/v1/model" in report["docs"]["operations"]
+
+
+def test_screenshots_are_saved_as_artifacts(browser_run: dict) -> None:
+    for name in ("web-page-result", "web-page-error", "docs"):
+        shot = cv2.imread(str(ARTIFACTS / f"{name}.png"))
+        assert shot is not None and shot.shape[1] == 1280 and shot.std() > 5  # a real, non-blank page

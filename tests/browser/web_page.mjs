@@ -1,0 +1,219 @@
+// Drives Debian's chromium (playwright-core, no browser download) through the clinician page.
+// Run by tests/browser/test_web_page.py, which starts the service and passes everything through env:
+//   BASE_URL      the running service, e.g. http://127.0.0.1:8123
+//   IMAGE         an MRI slice to upload (PNG/JPEG); DICOM  a DICOM slice; BROKEN  a corrupt file
+//   ARTIFACTS     folder for screenshots; PROFILE  a fresh, empty user-data-dir
+//   CHROMIUM      the browser binary (default /usr/bin/chromium)
+// Prints one JSON object with what it saw; exits non-zero (with the reason on stderr) on any failure.
+import { chromium } from "playwright-core";
+import path from "node:path";
+
+const env = (name, fallback) => {
+  const value = process.env[name] ?? fallback;
+  if (value === undefined) throw new Error(`environment variable ${name} is required`);
+  return value;
+};
+const BASE_URL = env("BASE_URL");
+const ARTIFACTS = env("ARTIFACTS");
+const STEP_TIMEOUT_MS = 30_000;
+
+function check(condition, message) {
+  if (!condition) throw new Error(message);
+}
+
+async function screenshot(page, name) {
+  await page.evaluate(() => document.activeElement && document.activeElement.blur());
+  await page.screenshot({ path: path.join(ARTIFACTS, `${name}.png`), fullPage: true });
+}
+
+// Upload one file and wait until the page says it is done (result or error).
+async function upload(page, file) {
+  await page.setInputFiles("#file-input", file);
+  await page.waitForFunction(
+    () => ["done", "error"].includes(document.body.dataset.state),
+    null,
+    { timeout: STEP_TIMEOUT_MS },
+  );
+  return page.evaluate(() => document.body.dataset.state);
+}
+
+async function readResult(page) {
+  return page.evaluate(() => {
+    const $ = (id) => document.getElementById(id);
+    const heatmap = $("cam-heatmap");
+    const image = $("cam-image");
+    return {
+      label: $("result-label").textContent,
+      decision: $("result-decision").textContent,
+      bars: [...document.querySelectorAll("#probabilities li")].map((li) => ({
+        label: li.dataset.label,
+        value: li.querySelector(".bar-value").textContent,
+        width: li.querySelector(".bar-fill").getBoundingClientRect().width,
+        track: li.querySelector(".bar-track").getBoundingClientRect().width,
+      })),
+      status: $("status").textContent,
+      timing: $("timing-server").textContent,
+      model: $("result-model").textContent,
+      modelHeader: $("model-info").textContent,
+      camVisible: !$("cam-figure").hidden,
+      image: { loaded: image.complete && image.naturalWidth > 0, width: image.naturalWidth, height: image.naturalHeight },
+      heatmap: {
+        loaded: heatmap.complete && heatmap.naturalWidth > 0,
+        width: heatmap.naturalWidth,
+        height: heatmap.naturalHeight,
+        opacity: getComputedStyle(heatmap).opacity,
+        shown: heatmap.getBoundingClientRect().width > 0,
+      },
+    };
+  });
+}
+
+// Every form control has a name a screen reader can announce.
+async function unlabelledControls(page) {
+  return page.evaluate(() =>
+    [...document.querySelectorAll("input, button, select, textarea")]
+      .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute("aria-label") && !el.getAttribute("aria-labelledby"))
+      .map((el) => el.id || el.outerHTML.slice(0, 60)),
+  );
+}
+
+// WCAG contrast ratio of each visible text element against the background it is drawn on.
+async function lowContrastTexts(page, minimum = 4.5) {
+  return page.evaluate((minimum) => {
+    const rgba = (text) => (text.match(/[\d.]+/g) || []).map(Number);
+    const luminance = ([r, g, b]) => {
+      const lin = (c) => ((c /= 255) <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4);
+      return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b);
+    };
+    const background = (el) => {
+      for (let node = el; node; node = node.parentElement) {
+        const c = rgba(getComputedStyle(node).backgroundColor);
+        if (c.length === 3 || (c.length === 4 && c[3] > 0.9)) return c.slice(0, 3);
+      }
+      return [255, 255, 255];
+    };
+    const failures = [];
+    for (const el of document.querySelectorAll("body *")) {
+      const ownText = [...el.childNodes].some((n) => n.nodeType === Node.TEXT_NODE && n.textContent.trim());
+      if (!ownText || !el.getClientRects().length || el.closest("[hidden]")) continue;
+      const fg = luminance(rgba(getComputedStyle(el).color));
+      const bg = luminance(background(el));
+      const ratio = (Math.max(fg, bg) + 0.05) / (Math.min(fg, bg) + 0.05);
+      if (ratio < minimum) failures.push({ text: el.textContent.trim().slice(0, 40), ratio: ratio.toFixed(2) });
+    }
+    return failures;
+  }, minimum);
+}
+
+async function tabOrder(page, stops) {
+  await page.evaluate(() => document.activeElement && document.activeElement.blur());
+  const seen = [];
+  for (let i = 0; i < stops; i++) {
+    await page.keyboard.press("Tab");
+    seen.push(await page.evaluate(() => document.activeElement && (document.activeElement.id || document.activeElement.tagName)));
+  }
+  return seen;
+}
+
+async function main() {
+  const context = await chromium.launchPersistentContext(env("PROFILE"), {
+    executablePath: env("CHROMIUM", "/usr/bin/chromium"),
+    headless: true,
+    args: [
+      "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    ],
+    viewport: { width: 1280, height: 900 },
+  });
+  const report = { offsite: [], consoleErrors: [] };
+  try {
+    // The page and /docs must work offline: anything not from the service itself is refused and recorded.
+    const origin = new URL(BASE_URL).origin;
+    await context.route("**/*", (route) => {
+      const url = route.request().url();
+      if (url.startsWith(origin) || url.startsWith("data:")) return route.continue();
+      report.offsite.push(url);
+      return route.abort();
+    });
+    const page = context.pages()[0] || (await context.newPage());
+    page.setDefaultTimeout(STEP_TIMEOUT_MS);
+    page.on("console", (msg) => msg.type() === "error" && report.consoleErrors.push(msg.text()));
+    page.on("pageerror", (err) => report.consoleErrors.push(String(err)));
+
+    await page.goto(`${BASE_URL}/`);
+    await page.waitForFunction(() => !document.getElementById("model-info").textContent.includes("loading"));
+    report.modelHeader = await page.textContent("#model-info");
+    report.notice = await page.textContent(".notice");
+    report.unlabelled = await unlabelledControls(page);
+    report.tabOrderBefore = await tabOrder(page, 3);
+
+    // 1. A real slice: result, bars and the heatmap over the image.
+    report.imageState = await upload(page, env("IMAGE"));
+    check(report.imageState === "done", `upload of the image ended in state ${report.imageState}: ${await page.textContent("#error")}`);
+    await page.waitForFunction(() => {
+      const img = document.getElementById("cam-heatmap");
+      return img.complete && img.naturalWidth > 0;
+    });
+    report.result = await readResult(page);
+    report.unlabelledAfter = await unlabelledControls(page);
+    report.lowContrast = await lowContrastTexts(page);
+    await screenshot(page, "web-page-result");
+
+    // Keyboard: the opacity slider and the on/off toggle work without a mouse.
+    await page.focus("#cam-opacity");
+    for (let i = 0; i < 4; i++) await page.keyboard.press("ArrowLeft");
+    report.opacityAfterKeys = {
+      slider: await page.inputValue("#cam-opacity"),
+      output: await page.textContent("#cam-opacity-value"),
+      heatmap: await page.evaluate(() => getComputedStyle(document.getElementById("cam-heatmap")).opacity),
+    };
+    await page.focus("#cam-toggle");
+    await page.keyboard.press("Space");
+    report.toggledOff = {
+      checked: await page.isChecked("#cam-toggle"),
+      heatmapVisible: await page.isVisible("#cam-heatmap"),
+      sliderDisabled: await page.isDisabled("#cam-opacity"),
+    };
+    await page.keyboard.press("Space");
+    report.toggledOn = { checked: await page.isChecked("#cam-toggle"), heatmapVisible: await page.isVisible("#cam-heatmap") };
+
+    // 2. A DICOM slice: the browser cannot draw DICOM, so the page shows the server's rendering.
+    if (process.env.DICOM) {
+      report.dicomState = await upload(page, process.env.DICOM);
+      check(report.dicomState === "done", `upload of the DICOM ended in state ${report.dicomState}: ${await page.textContent("#error")}`);
+      report.dicom = await readResult(page);
+    }
+
+    // 3. A broken file: the problem+json detail, in words, in an alert.
+    report.brokenState = await upload(page, env("BROKEN"));
+    report.error = {
+      text: await page.textContent("#error"),
+      role: await page.getAttribute("#error", "role"),
+      visible: await page.isVisible("#error"),
+      resultHidden: !(await page.isVisible("#result")),
+    };
+    await screenshot(page, "web-page-error");
+    report.lowContrastError = await lowContrastTexts(page);
+
+    // 4. /docs: Swagger UI from local files, listing the predict operation.
+    await page.goto(`${BASE_URL}/docs`);
+    await page.waitForSelector(".swagger-ui .opblock", { timeout: STEP_TIMEOUT_MS });
+    report.docs = {
+      title: await page.textContent(".swagger-ui .info .title"),
+      operations: await page.$$eval(".opblock-summary-path", (els) => els.map((e) => e.textContent.trim())),
+    };
+    await screenshot(page, "docs");
+  } catch (err) {
+    const page = context.pages()[0];
+    if (page) await screenshot(page, "failure").catch(() => {});
+    throw err;
+  } finally {
+    await context.close();
+  }
+  process.stdout.write(JSON.stringify(report));
+}
+
+main().catch((err) => {
+  process.stderr.write(`${err.stack || err}\n`);
+  process.exit(1);
+});
