@@ -86,7 +86,7 @@ def random_crop_or_border(img: np.ndarray, rng: np.random.Generator, max_fractio
     """Crop each side by up to ``max_fraction`` (tighter field of view) or pad it with black (wider)."""
     h, w = img.shape
     sides = rng.uniform(-max_fraction, max_fraction, 4) * np.array([h, h, w, w])
-    top, bottom, left, right = (int(round(v)) for v in sides)
+    top, bottom, left, right = (round(float(v)) for v in sides)
     crop = img[max(top, 0) : h - max(bottom, 0), max(left, 0) : w - max(right, 0)]
     if crop.shape[0] < 8 or crop.shape[1] < 8:
         return img

@@ -9,10 +9,11 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import random
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -107,6 +108,22 @@ def labels_of(samples: Iterable[Sample]) -> tuple[str, ...]:
 def select(samples: Sequence[Sample], split: str) -> list[Sample]:
     chosen = [s for s in samples if s.split == split]
     return chosen
+
+
+def limit_per_class(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
+    """At most ``limit`` samples per (split, class), chosen at random with ``seed``."""
+    if limit <= 0:
+        return samples
+    shuffled = samples[:]
+    random.Random(seed).shuffle(shuffled)
+    taken: dict[tuple[str, str], int] = {}
+    chosen = []
+    for s in shuffled:
+        key = (s.split, s.label)
+        if taken.get(key, 0) < limit:
+            taken[key] = taken.get(key, 0) + 1
+            chosen.append(s)
+    return sorted(chosen, key=lambda s: str(s.path))
 
 
 def summarise(samples: Sequence[Sample]) -> dict:

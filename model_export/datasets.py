@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ class CachedFeatureDataset(Dataset):
     """(layer3 feature map as float32, class index) from a :class:`FeatureCache`; for each image,
     epoch ``e`` reads its augmented view ``e mod views``."""
 
-    def __init__(self, cache: "FeatureCache") -> None:  # noqa: F821 (avoid an import cycle)
+    def __init__(self, cache: FeatureCache) -> None:  # noqa: F821 (avoid an import cycle)
         self.cache = cache
         self.epoch = 0
 

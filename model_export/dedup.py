@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Sequence
 
 import cv2
 import numpy as np

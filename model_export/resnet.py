@@ -9,7 +9,7 @@ Keras ImageNet weights need; torchvision's v1.5 puts it in the 3x3.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -14,9 +14,10 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from app.contract import PreprocessSpec
 from model_export import metrics
 from model_export.augment import Augment
 from model_export.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
-from model_export.data import Sample, labels_of, load_samples, select, summarise
+from model_export.data import Sample, labels_of, limit_per_class, load_samples, select, summarise
 from model_export.datasets import CachedFeatureDataset, SliceDataset
 from model_export.features import build_feature_cache
 from model_export.resnet import ResNet50, apply_freeze, load_backbone, set_train_mode
@@ -122,22 +123,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-
-
-def limit_per_class(samples: list[Sample], limit: int, seed: int) -> list[Sample]:
-    """At most ``limit`` samples per (split, class), chosen at random with ``seed``."""
-    if limit <= 0:
-        return samples
-    shuffled = samples[:]
-    random.Random(seed).shuffle(shuffled)
-    taken: dict[tuple[str, str], int] = {}
-    chosen = []
-    for s in shuffled:
-        key = (s.split, s.label)
-        if taken.get(key, 0) < limit:
-            taken[key] = taken.get(key, 0) + 1
-            chosen.append(s)
-    return sorted(chosen, key=lambda s: str(s.path))
 
 
 def load_data(config: TrainConfig) -> tuple[list[Sample], tuple[str, ...]]:
@@ -377,7 +362,7 @@ def main(config: TrainConfig) -> Path:
 
 
 def _resumed_model(ckpt: dict[str, Any], config: TrainConfig) -> ResNet50:
-    model, labels, _ = model_from_checkpoint(ckpt)
+    model, _, _ = model_from_checkpoint(ckpt)
     apply_freeze(model, config.freeze)
     return model
 
