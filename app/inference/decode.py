@@ -160,6 +160,8 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
             ds = pydicom.dcmread(io.BytesIO(data))
         except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
             raise InvalidImage(f"the DICOM data could not be parsed ({type(exc).__name__})") from None
+        if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+            raise InvalidImage("the DICOM file meta information has no transfer syntax (not a valid Part 10 file)")
         if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
             raise NoPixelData("the DICOM file has no pixel data")
         warnings: list[str] = []

@@ -1,0 +1,56 @@
+"""BTD_* settings: parsed from the environment, validated fail-fast; `python -m app` explains problems."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.settings import DEFAULT_MODEL_PATH, Settings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_settings_read_btd_environment(monkeypatch):
+    monkeypatch.setenv("BTD_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("BTD_PROVIDERS", "CUDAExecutionProvider, CPUExecutionProvider")
+    monkeypatch.setenv("BTD_TRT_FP16", "true")
+    monkeypatch.setenv("BTD_LOG_LEVEL", "DEBUG")
+    settings = Settings()
+    assert settings.max_batch_size == 4 and settings.trt_fp16 is True and settings.log_level == "debug"
+    assert settings.provider_list() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_settings_defaults_point_at_the_shipped_model():
+    settings = Settings()
+    assert settings.model_path == DEFAULT_MODEL_PATH and settings.model_path.name == "btd-resnet50.onnx"
+    assert settings.provider_list() is None and settings.tumour_threshold is None
+
+
+@pytest.mark.parametrize("name,value", [("BTD_MAX_BATCH_SIZE", "0"), ("BTD_PORT", "99999"),
+                                        ("BTD_PROVIDERS", "cuda"), ("BTD_TUMOUR_THRESHOLD", "1.5"),
+                                        ("BTD_REQUEST_TIMEOUT_S", "0"), ("BTD_LOG_LEVEL", "chatty")])
+def test_settings_reject_bad_values(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def _run_app(env_extra: dict) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, **env_extra}
+    return subprocess.run([sys.executable, "-m", "app"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_main_explains_a_missing_model(tmp_path):
+    proc = _run_app({"BTD_MODEL_PATH": str(tmp_path / "absent.onnx")})
+    assert proc.returncode == 2
+    assert "no model file" in proc.stderr and "BTD_MODEL_PATH" in proc.stderr and "model_factory" in proc.stderr
+
+
+def test_main_rejects_invalid_settings():
+    proc = _run_app({"BTD_MAX_WAIT_MS": "-1"})
+    assert proc.returncode == 2 and "max_wait_ms" in proc.stderr
