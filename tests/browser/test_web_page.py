@@ -138,9 +138,9 @@ def test_heatmap_opacity_and_toggle_work_from_the_keyboard(browser_run: dict) ->
     assert "file-input" in report["tabOrderBefore"]
 
 
-def test_page_shows_a_dicom_through_the_servers_rendering(browser_run: dict) -> None:
+def test_page_shows_a_dropped_dicom_through_the_servers_rendering(browser_run: dict) -> None:
     dicom = browser_run["report"]["dicom"]
-    assert browser_run["report"]["dicomState"] == "done"
+    assert browser_run["report"]["dicomState"] == "done", browser_run["report"].get("dicomError")
     assert dicom["label"] and dicom["heatmap"]["loaded"]
     assert (dicom["image"]["width"], dicom["image"]["height"]) == (64, 64)  # MR_small.dcm
 

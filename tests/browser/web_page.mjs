@@ -6,6 +6,7 @@
 //   CHROMIUM      the browser binary (default /usr/bin/chromium)
 // Prints one JSON object with what it saw; exits non-zero (with the reason on stderr) on any failure.
 import { chromium } from "playwright-core";
+import { readFile } from "node:fs/promises";
 import path from "node:path";
 
 const env = (name, fallback) => {
@@ -34,6 +35,21 @@ async function upload(page, file) {
     null,
     { timeout: STEP_TIMEOUT_MS },
   );
+  return page.evaluate(() => document.body.dataset.state);
+}
+
+// Drop a file on the drop zone, as dragging it from the desktop does; no name suffix, no type:
+// the page must recognise it by its bytes.
+async function drop(page, file) {
+  const bytes = (await readFile(file)).toString("base64");
+  const dataTransfer = await page.evaluateHandle((bytes) => {
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([Uint8Array.from(atob(bytes), (c) => c.charCodeAt(0))], "dropped-slice"));
+    return transfer;
+  }, bytes);
+  await page.dispatchEvent("#drop-zone", "drop", { dataTransfer });
+  await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null,
+    { timeout: STEP_TIMEOUT_MS });
   return page.evaluate(() => document.body.dataset.state);
 }
 
@@ -177,9 +193,9 @@ async function main() {
     await page.keyboard.press("Space");
     report.toggledOn = { checked: await page.isChecked("#cam-toggle"), heatmapVisible: await page.isVisible("#cam-heatmap") };
 
-    // 2. A DICOM slice: the browser cannot draw DICOM, so the page shows the server's rendering.
+    // 2. A DICOM slice, dropped: the browser cannot draw DICOM, so the page shows the server's rendering.
     if (process.env.DICOM) {
-      report.dicomState = await upload(page, process.env.DICOM);
+      report.dicomState = await drop(page, process.env.DICOM);
       check(report.dicomState === "done", `upload of the DICOM ended in state ${report.dicomState}: ${await page.textContent("#error")}`);
       report.dicom = await readResult(page);
     }
