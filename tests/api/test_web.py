@@ -1,0 +1,54 @@
+"""The web routes (app/web.py): the page and /docs come from local files only, outside the API schema."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi.testclient import TestClient
+
+from app.web import STATIC_DIR
+
+# src="//cdn...", href="https://...", url(https://...), fetch("https://...")
+EXTERNAL_URL = re.compile(
+    r"""(?:src|href)\s*=\s*["']?(?:https?:)?//|\burl\(\s*["']?(?:https?:)?//|fetch\(\s*["'`]https?:"""
+)
+
+
+def test_index_page_is_served_with_a_strict_content_security_policy(client: TestClient) -> None:
+    response = client.get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    csp = response.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "script-src 'self'" in csp and "connect-src 'self'" in csp
+    assert "Decision support, not a diagnosis" in response.text
+
+
+def test_static_assets_refer_to_nothing_off_site() -> None:
+    for asset in sorted(STATIC_DIR.rglob("*")):
+        if asset.suffix in (".html", ".js", ".css"):
+            assert not EXTERNAL_URL.search(asset.read_text()), f"{asset.name} loads something off-site"
+
+
+def test_static_asset_is_served_and_a_path_outside_the_folder_is_not_found(client: TestClient) -> None:
+    assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+    for probe in ("/static/..%2Fweb.py", "/static/%2e%2e/%2e%2e/pyproject.toml", "/static/missing.js"):
+        response = client.get(probe)
+        assert response.status_code == 404, probe
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["type"] == "/problems/not-found"
+
+
+def test_docs_page_loads_swagger_ui_from_this_server(client: TestClient) -> None:
+    html = client.get("/docs").text
+    scripts = re.findall(r'<script src="([^"]+)"', html)
+    styles = re.findall(r'<link[^>]+href="([^"]+)"', html)
+    assert scripts == ["/docs/assets/swagger-ui-bundle.js"]
+    assert "/docs/assets/swagger-ui.css" in styles
+    for url in scripts + styles:
+        response = client.get(url)
+        assert response.status_code == 200 and response.content, url
+    assert "'/openapi.json'" in html
+
+
+def test_web_routes_stay_out_of_the_api_schema(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert not [p for p in paths if p == "/" or p.startswith(("/docs", "/static"))]
