@@ -1,0 +1,208 @@
+"""POST /v1/predict with the lifespan running: every documented status, body and header."""
+
+import base64
+import math
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.api.helpers import assert_problem, dicom_testfile, jpeg_bytes, png_bytes, running_app
+
+SERVER_TIMING_NAMES = ["decode", "preprocess", "queue", "infer", "cam", "total"]
+
+
+def assert_prediction(response) -> dict:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert math.isclose(sum(body["probabilities"].values()), 1.0, abs_tol=1e-9)
+    assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert [part.split(";")[0] for part in response.headers["server-timing"].split(", ")] == SERVER_TIMING_NAMES
+    assert set(body["timings_ms"]) == {"decode", "preprocess", "queue", "inference", "cam", "total"}
+    assert len(body["model"]["sha256"]) == 64
+    return body
+
+
+def test_predict_multipart_png_returns_prediction(client):
+    assert_prediction(client.post("/v1/predict", files={"file": ("a.png", png_bytes(), "image/png")}))
+
+
+@pytest.mark.parametrize("content_type,data", [
+    ("image/png", png_bytes(dtype=np.uint16)),
+    ("image/jpeg", jpeg_bytes()),
+    ("application/dicom", dicom_testfile("MR_small.dcm")),
+    ("application/octet-stream", jpeg_bytes()),
+])
+def test_predict_raw_body_returns_prediction(client, content_type, data):
+    assert_prediction(client.post("/v1/predict", content=data, headers={"Content-Type": content_type}))
+
+
+def test_predict_multipart_with_generic_part_type_sniffs_bytes(client):
+    data = dicom_testfile("MR_small.dcm")
+    body = assert_prediction(client.post("/v1/predict", files={"file": ("x.dcm", data, "application/octet-stream")}))
+    assert body["warnings"] == []  # an MR slice of a normal kind
+
+
+def test_predict_echoes_client_request_id(client):
+    response = client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png",
+                                                                       "X-Request-ID": "pacs-42.a"})
+    assert response.headers["x-request-id"] == "pacs-42.a" and response.json()["request_id"] == "pacs-42.a"
+
+
+def test_predict_replaces_unsafe_request_id(client):
+    response = client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png",
+                                                                       "X-Request-ID": "a b<script>"})
+    assert response.headers["x-request-id"] != "a b<script>" and len(response.headers["x-request-id"]) == 36
+
+
+def test_predict_cam_png_returns_overlay_at_input_size(client):
+    body = assert_prediction(client.post("/v1/predict?cam=png", files={"file": ("a.png", png_bytes((90, 150)))}))
+    cam = body["cam"]
+    assert cam["format"] == "png" and (cam["width"], cam["height"]) == (150, 90) and cam["label"] == body["label"]
+    for key, channels in (("image_png", None), ("heatmap_png", 4), ("overlay_png", 3)):
+        img = cv2.imdecode(np.frombuffer(base64.b64decode(cam[key]), np.uint8), cv2.IMREAD_UNCHANGED)
+        assert img.shape[:2] == (90, 150) and (img.ndim == 2 if channels is None else img.shape[2] == channels)
+    assert body["timings_ms"]["cam"] > 0
+
+
+def test_predict_cam_grid_returns_normalised_grid(client):
+    body = assert_prediction(client.post("/v1/predict?cam=grid", files={"file": ("a.png", png_bytes())}))
+    grid = np.array(body["cam"]["grid"])
+    assert list(grid.shape) == body["cam"]["shape"] == [8, 8]
+    assert grid.min() >= 0 and grid.max() <= 1
+
+
+def test_predict_dicom_multiframe_and_non_mr_warn(client):
+    body = assert_prediction(client.post("/v1/predict", content=dicom_testfile("emri_small.dcm"),
+                                         headers={"Content-Type": "application/dicom"}))
+    assert any("multi-frame" in w for w in body["warnings"])
+    body = assert_prediction(client.post("/v1/predict", content=dicom_testfile("CT_small.dcm"),
+                                         headers={"Content-Type": "application/dicom"}))
+    assert any("not MR" in w for w in body["warnings"])
+
+
+def test_predict_truncated_image_is_400(client):
+    assert_problem(client.post("/v1/predict", content=png_bytes()[:50], headers={"Content-Type": "image/png"}),
+                   400, "invalid-image")
+
+
+def test_predict_malformed_multipart_is_400(client):
+    response = client.post("/v1/predict", content=b"--xyz\r\nContent-Disposition: form-data\r\n\r\nab\r\n--xyz--",
+                           headers={"Content-Type": "multipart/form-data"})  # no boundary
+    assert_problem(response, 400, "bad-request")
+
+
+@pytest.mark.parametrize("headers,data", [
+    ({"Content-Type": "text/plain"}, b"hello"),
+    ({"Content-Type": "image/jpeg"}, png_bytes()),
+    ({}, png_bytes()),
+    ({"Content-Type": "application/octet-stream"}, b"GIF89a" + bytes(64)),
+])
+def test_predict_unsupported_or_mismatched_media_type_is_415(client, headers, data):
+    assert_problem(client.post("/v1/predict", content=data, headers=headers), 415, "unsupported-media-type")
+
+
+def test_predict_compressed_dicom_without_decoder_is_415_naming_syntax(client, monkeypatch):
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import RLELossless
+
+    monkeypatch.setattr(get_decoder(RLELossless), "_available", {})
+    body = assert_problem(client.post("/v1/predict", content=dicom_testfile("MR_small_RLE.dcm"),
+                                      headers={"Content-Type": "application/dicom"}), 415, "unsupported-media-type")
+    assert "RLE Lossless" in body["detail"]
+
+
+def test_predict_bad_cam_option_is_422(client):
+    body = assert_problem(client.post("/v1/predict?cam=heat", content=png_bytes(),
+                                      headers={"Content-Type": "image/png"}), 422, "validation-error")
+    assert body["errors"][0]["loc"] == ["query", "cam"]
+
+
+def test_predict_multipart_without_file_field_is_422(client):
+    assert_problem(client.post("/v1/predict", files={"image": ("a.png", png_bytes())}), 422, "validation-error")
+
+
+def test_predict_dicom_without_pixel_data_is_422(client):
+    assert_problem(client.post("/v1/predict", content=dicom_testfile("rtplan.dcm"),
+                               headers={"Content-Type": "application/dicom"}), 422, "no-pixel-data")
+
+
+def test_predict_body_over_limit_is_413_by_content_length(model_path):
+    with running_app(model_path, max_body_bytes=4096) as client:
+        response = client.post("/v1/predict", content=bytes(5000), headers={"Content-Type": "image/png"})
+        body = assert_problem(response, 413, "payload-too-large")
+        assert "4096" in body["detail"]
+
+
+def test_predict_streamed_body_over_limit_is_413(model_path):
+    def chunks():  # no Content-Length: the server must count
+        for _ in range(10):
+            yield bytes(1024)
+
+    with running_app(model_path, max_body_bytes=4096) as client:
+        response = client.post("/v1/predict", content=chunks(), headers={"Content-Type": "image/png"})
+        assert "content-length" not in {k.lower() for k in response.request.headers}
+        assert_problem(response, 413, "payload-too-large")
+
+
+def test_predict_decompression_bomb_is_413(model_path):
+    with running_app(model_path, max_pixels=100_000) as client:
+        bomb = cv2.imencode(".png", np.zeros((1000, 1000), np.uint8))[1].tobytes()
+        assert_problem(client.post("/v1/predict", content=bomb, headers={"Content-Type": "image/png"}),
+                       413, "payload-too-large")
+
+
+class Gate:
+    """Holds the model call until released, so tests can fill the queue or outlast the timeout."""
+
+    def __init__(self, run_batch) -> None:
+        self.run_batch = run_batch
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, batch):
+        self.entered.set()
+        self.release.wait(10)
+        return self.run_batch(batch)
+
+
+def _gate_model(client) -> Gate:
+    batcher = client.app.state.runtime.service.batcher
+    gate = Gate(batcher._run_batch)
+    batcher._run_batch = gate
+    return gate
+
+
+def test_predict_full_queue_is_503_with_retry_after(model_path):
+    with running_app(model_path, max_batch_size=1, max_wait_ms=0, queue_size=1) as client:
+        gate = _gate_model(client)
+        post = lambda: client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png"})  # noqa
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(post())) for _ in range(2)]
+        threads[0].start()
+        assert gate.entered.wait(10)  # first request is in the model
+        threads[1].start()
+        batcher = client.app.state.runtime.service.batcher
+        deadline = time.monotonic() + 10
+        while batcher.depth < 1 and time.monotonic() < deadline:  # second one waits in the queue
+            time.sleep(0.01)
+        response = post()
+        gate.release.set()
+        for t in threads:
+            t.join(10)
+        body = assert_problem(response, 503, "overloaded")
+        assert int(response.headers["retry-after"]) >= 1 and "queue" in body["detail"]
+        assert [r.status_code for r in results] == [200, 200]
+
+
+def test_predict_slower_than_timeout_is_504(model_path):
+    with running_app(model_path, request_timeout_s=0.3) as client:
+        gate = _gate_model(client)
+        response = client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png"})
+        gate.release.set()
+        assert_problem(response, 504, "timeout")
+        # the server is still healthy afterwards
+        assert client.get("/readyz").status_code == 200
