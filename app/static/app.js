@@ -75,6 +75,7 @@ function showError(message) {
   $("error").textContent = message;
   $("error").hidden = false;
   $("status").textContent = "";
+  $("file-input").value = ""; // so choosing the same file again (e.g. after a 503) retries it
   setState("error");
 }
 

@@ -7,6 +7,7 @@ import re
 from fastapi.testclient import TestClient
 
 from app.web import STATIC_DIR
+from tests.api.helpers import assert_problem
 
 # src="//cdn...", href="https://...", url(https://...), fetch("https://...")
 EXTERNAL_URL = re.compile(
@@ -31,10 +32,7 @@ def test_static_assets_refer_to_nothing_off_site() -> None:
 def test_static_asset_is_served_and_a_path_outside_the_folder_is_not_found(client: TestClient) -> None:
     assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
     for probe in ("/static/..%2Fweb.py", "/static/%2e%2e/%2e%2e/pyproject.toml", "/static/missing.js"):
-        response = client.get(probe)
-        assert response.status_code == 404, probe
-        assert response.headers["content-type"] == "application/problem+json"
-        assert response.json()["type"] == "/problems/not-found"
+        assert_problem(client.get(probe), 404, "not-found")
 
 
 def test_docs_page_loads_swagger_ui_from_this_server(client: TestClient) -> None:

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
+from tests.api.helpers import png_bytes
 from tests.live_server import REPO_ROOT, live_service
 from tests.model_factory import LABELS, build_model
 
@@ -28,9 +28,8 @@ def write_slices(folder: Path, count: int) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        pixels = (np.random.default_rng(i).random((120, 100)) * 255).astype(np.uint8)
         path = folder / f"slice{i}.png"
-        assert cv2.imwrite(str(path), pixels)
+        path.write_bytes(png_bytes(shape=(120, 100), seed=i))
         paths.append(path)
     return paths
 

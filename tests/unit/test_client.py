@@ -25,20 +25,18 @@ from app.client import (
     media_type_of,
     write_output,
 )
+from tests.api.helpers import dicom_testfile, png_bytes
 from tests.model_factory import LABELS, build_model
 
 
-def write_png(path: Path, seed: int = 0, shape: tuple[int, int] = (96, 80)) -> Path:
+def write_png(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = (np.random.default_rng(seed).random(shape) * 255).astype(np.uint8)
-    assert cv2.imwrite(str(path), pixels)
+    path.write_bytes(png_bytes(seed=seed))
     return path
 
 
 def dicom_bytes() -> bytes:
-    from pydicom.data import get_testdata_file
-
-    return Path(get_testdata_file("MR_small.dcm")).read_bytes()
+    return dicom_testfile("MR_small.dcm")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
