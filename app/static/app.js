@@ -235,7 +235,10 @@ function setUpDropZone() {
   }
   zone.addEventListener("drop", (event) => {
     const files = event.dataTransfer && event.dataTransfer.files;
-    if (files && files.length > 0) analyse(files[0]); // one slice at a time; the CLI does batches
+    if (files && files.length > 0) {
+      $("file-input").value = ""; // the picker no longer names the file being shown
+      analyse(files[0]); // one slice at a time; the CLI does batches
+    }
   });
   // A file dropped outside the zone must not make the browser navigate away from the page.
   window.addEventListener("dragover", (event) => event.preventDefault());

@@ -177,6 +177,6 @@ def test_page_and_docs_work_offline_without_script_errors(browser_run: dict) -> 
 
 
 def test_screenshots_are_saved_as_artifacts(browser_run: dict) -> None:
-    for name in ("web-page-result", "web-page-error", "docs"):
+    for name in ("web-page-result", "web-page-dicom", "web-page-error", "docs"):
         shot = cv2.imread(str(ARTIFACTS / f"{name}.png"))
         assert shot is not None and shot.shape[1] == 1280 and shot.std() > 5  # a real, non-blank page

@@ -198,6 +198,7 @@ async function main() {
       report.dicomState = await drop(page, process.env.DICOM);
       check(report.dicomState === "done", `upload of the DICOM ended in state ${report.dicomState}: ${await page.textContent("#error")}`);
       report.dicom = await readResult(page);
+      await screenshot(page, "web-page-dicom");
     }
 
     // 3. A broken file: the problem+json detail, in words, in an alert.
