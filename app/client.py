@@ -188,39 +188,51 @@ def remote_classifier(
 
 
 class CamWriter:
-    """Writes each result's CAM overlay PNG into one folder under a unique, readable name."""
+    """Writes CAM overlay PNGs into one folder, each input under a unique, readable name
+    (``slice.cam.png``, then ``slice-2.cam.png`` for another ``slice.*``), fixed in input order."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, files: Sequence[Path]) -> None:
         self.folder = folder
-        self.used: set[str] = set()
-
-    def name_for(self, path: Path) -> str:
-        stem = path.stem or "image"
-        name, n = f"{stem}.cam.png", 1
-        while name in self.used:
-            n += 1
-            name = f"{stem}-{n}.cam.png"
-        self.used.add(name)
-        return name
+        self.names: dict[Path, str] = {}
+        used: set[str] = set()
+        for path in files:
+            stem = path.stem or "image"
+            name, n = f"{stem}.cam.png", 1
+            while name in used:
+                n += 1
+                name = f"{stem}-{n}.cam.png"
+            used.add(name)
+            self.names[path] = name
 
     def write(self, path: Path, cam: dict[str, Any]) -> str:
         self.folder.mkdir(parents=True, exist_ok=True)
-        target = self.folder / self.name_for(path)
+        target = self.folder / self.names[path]
         target.write_bytes(base64.b64decode(cam["overlay_png"]))
         return str(target)
 
 
-def classify_all(files: Sequence[Path], classify: Classify, *, jobs: int, progress: bool) -> list[Outcome]:
-    """Classify every file (in parallel threads when jobs > 1), results in input order."""
+def without_images(result: dict[str, Any]) -> dict[str, Any]:
+    """The response without its (large) base64 PNGs, so thousands of results fit in memory."""
+    if not result.get("cam"):
+        return result
+    return {**result, "cam": {k: v for k, v in result["cam"].items() if not k.endswith("_png")}}
+
+
+def classify_all(files: Sequence[Path], classify: Classify, *, jobs: int, progress: bool,
+                 cams: CamWriter | None = None) -> list[Outcome]:
+    """Classify every file (in parallel threads when jobs > 1), writing CAM overlays as results
+    arrive; outcomes in input order."""
     from tqdm import tqdm
 
     def one(path: Path) -> Outcome:
         try:
-            return Outcome(str(path), result=classify(path))
+            result = classify(path)
+            cam_file = cams.write(path, result["cam"]) if cams and result.get("cam") else None
         except FileFailed as exc:
             return Outcome(str(path), error=str(exc))
         except OSError as exc:
-            return Outcome(str(path), error=f"cannot read the file: {exc.strerror or exc}")
+            return Outcome(str(path), error=f"cannot read or write a file: {exc.strerror or exc}")
+        return Outcome(str(path), result=without_images(result), cam_file=cam_file)
 
     bar = tqdm(total=len(files), unit="image", file=sys.stderr, disable=not progress, desc="btd predict")
     with bar:
@@ -288,11 +300,8 @@ def write_csv(outcomes: Sequence[Outcome], out: TextIO, labels: Sequence[str]) -
 
 
 def json_record(outcome: Outcome) -> dict[str, Any]:
-    """The full response without the (large) base64 images, plus where the CAM was written."""
-    result = dict(outcome.result) if outcome.result else None
-    if result and result.get("cam"):
-        result["cam"] = {k: v for k, v in result["cam"].items() if not k.endswith("_png")}
-    return {"file": outcome.path, "ok": outcome.ok, "result": result, "cam_file": outcome.cam_file,
+    """The response (without base64 images) and where the CAM overlay was written."""
+    return {"file": outcome.path, "ok": outcome.ok, "result": outcome.result, "cam_file": outcome.cam_file,
             "error": outcome.error}
 
 
@@ -327,15 +336,11 @@ def predict_files(args: argparse.Namespace) -> list[Outcome]:
     if not args.no_progress:
         about = f"model {model['name']} {model['version']} on {where}"
         print(f"btd predict: {len(files)} files, {about}", file=sys.stderr)
+    cams = CamWriter(Path(args.cam_dir), files) if args.cam_dir else None
     try:
-        outcomes = classify_all(files, classify, jobs=jobs, progress=not args.no_progress) if files else []
+        outcomes = classify_all(files, classify, jobs=jobs, progress=not args.no_progress, cams=cams)
     finally:
         close()
-    if args.cam_dir:
-        writer = CamWriter(Path(args.cam_dir))
-        for o in outcomes:
-            if o.ok and (o.result or {}).get("cam"):
-                o.cam_file = writer.write(Path(o.path), o.result["cam"])
     return missing + outcomes
 
 

@@ -19,8 +19,10 @@ from app.client import (
     EXIT_SOME_FAILED,
     EXIT_UNUSABLE,
     CamWriter,
+    FileFailed,
     Outcome,
     add_predict_parser,
+    classify_all,
     collect_inputs,
     media_type_of,
     write_output,
@@ -93,14 +95,15 @@ def test_media_type_of_prefers_the_signature_over_the_suffix(tmp_path: Path) -> 
     assert media_type_of(b"garbage", tmp_path / "x.bin") is None
 
 
-def test_cam_writer_gives_files_with_the_same_name_distinct_names(tmp_path: Path) -> None:
+def test_cam_writer_gives_files_with_the_same_name_distinct_names_in_input_order(tmp_path: Path) -> None:
     overlay = base64.b64encode(cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes()).decode()
-    writer = CamWriter(tmp_path / "cams")
-    first = writer.write(Path("a/slice.png"), {"overlay_png": overlay})
-    second = writer.write(Path("b/slice.png"), {"overlay_png": overlay})
-    assert Path(first).name == "slice.cam.png"
-    assert Path(second).name == "slice-2.cam.png"
-    assert cv2.imread(second, cv2.IMREAD_UNCHANGED).shape == (4, 4)
+    first, second = Path("a/slice.png"), Path("b/slice.dcm")
+    writer = CamWriter(tmp_path / "cams", [first, second])
+    second_file = writer.write(second, {"overlay_png": overlay})  # finishing first must not take the name
+    first_file = writer.write(first, {"overlay_png": overlay})
+    assert Path(first_file).name == "slice.cam.png"
+    assert Path(second_file).name == "slice-2.cam.png"
+    assert cv2.imread(second_file, cv2.IMREAD_UNCHANGED).shape == (4, 4)
 
 
 def fake_result(label: str, probabilities: dict[str, float]) -> dict:
@@ -127,13 +130,24 @@ def test_write_output_csv_has_one_column_per_class_and_the_reason_for_failures()
     assert rows[1]["p_glioma"] == ""
 
 
-def test_write_output_json_drops_the_base64_images() -> None:
-    outcomes = [Outcome("a.png", result=fake_result("glioma", {"glioma": 0.9, "notumor": 0.1}))]
-    out = io.StringIO()
-    write_output(outcomes, "json", out)
-    record = json.loads(out.getvalue())[0]
-    assert record["ok"] is True and record["result"]["label"] == "glioma"
-    assert record["result"]["cam"] == {"format": "png", "label": "glioma", "width": 4, "height": 4}
+def test_classify_all_keeps_input_order_and_drops_the_base64_images(tmp_path: Path) -> None:
+    files = [write_png(tmp_path / f"{i}.png", seed=i) for i in range(5)]
+    overlay = base64.b64encode(png_bytes()).decode()
+
+    def classify(path: Path) -> dict:
+        if path.name == "3.png":
+            raise FileFailed("Invalid image: broken")
+        result = fake_result("glioma", {"glioma": 0.9, "notumor": 0.1})
+        result["cam"]["overlay_png"] = overlay
+        return result
+
+    outcomes = classify_all(files, classify, jobs=3, progress=False, cams=CamWriter(tmp_path / "cams", files))
+
+    assert [Path(o.path).name for o in outcomes] == [f"{i}.png" for i in range(5)]
+    assert [o.ok for o in outcomes] == [True, True, True, False, True]
+    assert outcomes[3].error == "Invalid image: broken" and outcomes[3].cam_file is None
+    assert outcomes[0].result["cam"] == {"format": "png", "label": "glioma", "width": 4, "height": 4}
+    assert Path(outcomes[4].cam_file).read_bytes() == png_bytes()
 
 
 def test_write_output_table_shows_failed_files_with_their_reason() -> None:
