@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,11 +83,15 @@ def round_to_fp16(model: nn.Module) -> nn.Module:
 def trace_to_onnx(module: nn.Module, size: int, path: Path, opset: int) -> onnx.ModelProto:
     path.parent.mkdir(parents=True, exist_ok=True)
     trace_input = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1234))
-    torch.onnx.export(
-        module, (trace_input,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
-        input_names=[INPUT_NAME], output_names=[LOGITS_NAME, FEATURES_NAME],
-        dynamic_axes={INPUT_NAME: {0: "N"}, LOGITS_NAME: {0: "N"}, FEATURES_NAME: {0: "N"}},
-    )
+    # The TorchScript exporter: the torch.export one needs onnxscript (not a dependency) and renames
+    # initializers; this one keeps "fc.weight" / "fc.bias". It warns that it is deprecated.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            module, (trace_input,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=[INPUT_NAME], output_names=[LOGITS_NAME, FEATURES_NAME],
+            dynamic_axes={INPUT_NAME: {0: "N"}, LOGITS_NAME: {0: "N"}, FEATURES_NAME: {0: "N"}},
+        )
     return onnx.load(str(path))
 
 

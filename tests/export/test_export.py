@@ -1,0 +1,130 @@
+"""ONNX export per the model contract, float16 weight storage, the parity gate, and INT8 quantization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from app.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, ModelMetadata, PreprocessSpec  # noqa: E402
+from model_export import export as exporter  # noqa: E402
+from model_export.resnet import ResNet50  # noqa: E402
+from tests.export.synthetic_mri import LABELS, write_image_folder  # noqa: E402
+
+SIZE = 64
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def trained_like_model() -> ResNet50:
+    """A random ResNet-50 whose BN statistics and head are not at their initial values."""
+    torch.manual_seed(0)
+    model = ResNet50(len(LABELS), stride_in_1x1=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.0)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(trained_like_model, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("export")
+    spec = PreprocessSpec(size=SIZE)
+    common = dict(temperature=1.5, threshold=0.4, version="1.2.3", training_data={"images": 10},
+                  metrics={"accuracy": 0.9})
+    return {
+        "fp32": exporter.export(trained_like_model, LABELS, spec, out / "fp32.onnx", **common),
+        "fp16": exporter.export(trained_like_model, LABELS, spec, out / "fp16.onnx", fp16_weights=True, **common),
+    }
+
+
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("kind", ["fp32", "fp16"])
+def test_exported_model_follows_the_contract(exported, kind: str) -> None:
+    proto = onnx.load(str(exported[kind]))
+    meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    assert meta.labels == LABELS and meta.preprocess == PreprocessSpec(size=SIZE)
+    assert (meta.temperature, meta.tumour_threshold, meta.model_version) == (1.5, 0.4, "1.2.3")
+    assert meta.metrics == {"accuracy": 0.9} and meta.training_data == {"images": 10}
+    assert proto.opset_import[0].version >= 17
+    inits = {i.name: i for i in proto.graph.initializer}
+    assert list(inits[meta.cam_weight].dims) == [len(LABELS), 2048]
+    assert list(inits[meta.cam_bias].dims) == [len(LABELS)]
+    sess = session(exported[kind])
+    assert [i.name for i in sess.get_inputs()] == [INPUT_NAME]
+    assert [o.name for o in sess.get_outputs()] == [LOGITS_NAME, FEATURES_NAME]
+    logits, features = sess.run(None, {INPUT_NAME: np.zeros((3, 3, SIZE, SIZE), np.float32)})  # batch 3: dynamic
+    assert logits.shape == (3, 4) and features.shape == (3, 2048, 2, 2)
+    assert logits.dtype == np.float32 and features.dtype == np.float32
+
+
+def test_fp16_storage_halves_the_file_and_keeps_float32_outputs(exported, trained_like_model) -> None:
+    assert exported["fp16"].stat().st_size < 0.55 * exported["fp32"].stat().st_size
+    proto = onnx.load(str(exported["fp16"]))
+    weight = next(i for i in proto.graph.initializer if i.name == exporter.CAM_WEIGHT)
+    assert weight.data_type == onnx.TensorProto.FLOAT16
+    x = exporter.parity_inputs(SIZE, 2, seed=9)
+    fp32 = session(exported["fp32"]).run([LOGITS_NAME], {INPUT_NAME: x})[0]
+    fp16 = session(exported["fp16"]).run([LOGITS_NAME], {INPUT_NAME: x})[0]
+    np.testing.assert_allclose(fp16, fp32, atol=0.05 * max(1.0, float(np.abs(fp32).max())))
+
+
+def test_cam_weights_in_the_file_are_the_classifier_weights(exported, trained_like_model) -> None:
+    proto = onnx.load(str(exported["fp32"]))
+    weight = next(i for i in proto.graph.initializer if i.name == exporter.CAM_WEIGHT)
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(weight), trained_like_model.fc.weight.detach().numpy())
+
+
+def test_parity_check_fails_when_the_onnx_file_is_not_the_model(exported, trained_like_model) -> None:
+    other = ResNet50(len(LABELS), stride_in_1x1=True).eval()
+    with pytest.raises(exporter.ParityError):
+        exporter.check_parity(exporter.fold_batchnorm(other), exported["fp32"], SIZE)
+
+
+def test_failed_export_leaves_no_file(trained_like_model, tmp_path: Path, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise exporter.ParityError("simulated mismatch")
+
+    monkeypatch.setattr(exporter, "check_parity", broken)
+    with pytest.raises(exporter.ParityError):
+        exporter.export(trained_like_model, LABELS, PreprocessSpec(size=SIZE), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_batchnorm_folding_keeps_outputs(trained_like_model) -> None:
+    x = torch.from_numpy(exporter.parity_inputs(SIZE, 2, seed=3))
+    with torch.inference_mode():
+        torch.testing.assert_close(exporter.fold_batchnorm(trained_like_model)(x)[0], trained_like_model(x)[0],
+                                   rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_quantized_model_keeps_outputs_metadata_and_cam_weights(exported, tmp_path: Path) -> None:
+    from model_export.data import scan_image_folder
+    from model_export.quantize import QUANTIZATION_PROP, quantize_model
+
+    write_image_folder(tmp_path / "imgs", per_class=2, size=SIZE)
+    out = quantize_model(exported["fp16"], tmp_path / "int8.onnx", scan_image_folder(tmp_path / "imgs"))
+    proto = onnx.load(str(out))
+    props = {p.key: p.value for p in proto.metadata_props}
+    meta = ModelMetadata.from_props(props)
+    assert meta.labels == LABELS and QUANTIZATION_PROP in props
+    assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
+    inits = {i.name: i for i in proto.graph.initializer}
+    assert inits[meta.cam_weight].data_type == onnx.TensorProto.FLOAT
+    x = exporter.parity_inputs(SIZE, 2, seed=4)
+    logits, features = session(out).run(None, {INPUT_NAME: x})
+    reference = session(exported["fp32"]).run([LOGITS_NAME], {INPUT_NAME: x})[0]
+    assert logits.shape == reference.shape and features.shape == (2, 2048, 2, 2)
+    assert np.isfinite(logits).all()
