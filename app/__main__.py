@@ -1,13 +1,15 @@
 """``python -m app``: serve the model with uvicorn (one worker), configured by ``BTD_*`` variables.
 
 SIGTERM / SIGINT drain: ``/readyz`` turns 503 at once, the listening socket closes, in-flight
-requests finish (up to ``BTD_DRAIN_TIMEOUT_S``), then the process exits. Exit status 2 means the
-settings or the model file are wrong (the message says what to do), 1 that the model failed to load.
+requests finish (up to ``BTD_DRAIN_TIMEOUT_S``), then the process exits (status 0 after SIGTERM).
+Exit status 2 means the settings or the model file are wrong (the message says what to do), 1 that
+the model failed to load.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -45,6 +47,10 @@ class DrainingServer(uvicorn.Server):
         self.runtime.draining = True
         metrics.READY.set(0)
         super().handle_exit(sig, frame)
+        if sig == signal.SIGTERM:  # a drained SIGTERM is the normal way to stop: exit 0, not "killed by 15"
+            captured = getattr(self, "_captured_signals", [])
+            while signal.SIGTERM in captured:
+                captured.remove(signal.SIGTERM)
 
     def stop_fatal(self) -> None:
         self.fatal = True

@@ -74,14 +74,19 @@ async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None
              service.runner.provider)
 
 
-def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None] | None = None) -> FastAPI:
-    """The app. ``on_fatal`` is called if the model cannot be loaded (``python -m app`` exits then)."""
+def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None] | None = None,
+               background_load: bool = True) -> FastAPI:
+    """The app. ``on_fatal`` is called if the model cannot be loaded (``python -m app`` exits then).
+    ``background_load=False`` makes startup wait for the model (tools that cannot poll /readyz)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state: RuntimeState = app.state.runtime
+        state.draining, state.load_error = False, None  # a fresh start (the app may be started again)
         loading = asyncio.create_task(_load_model(app, on_fatal))
+        if not background_load:
+            await loading
         try:
             yield
         finally:

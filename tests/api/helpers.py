@@ -60,3 +60,78 @@ def assert_problem(response, status: int, slug: str) -> dict:
     assert body["title"] and body["detail"] and body["instance"].startswith("/")
     assert body["request_id"] == response.headers["x-request-id"]
     return body
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m app`` as a subprocess on a free 127.0.0.1 port; stopped (SIGTERM, then kill) on exit.
+
+    with ServerProcess(model_path, BTD_MAX_WAIT_MS="50") as server:
+        httpx.get(server.url + "/readyz")
+    """
+
+    def __init__(self, model_path: Path, ready_timeout_s: float = 60.0, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.model_path = model_path
+        self.env = env
+        self.ready_timeout_s = ready_timeout_s
+        self.proc = None
+        self.log_path: Path | None = None
+
+    def __enter__(self) -> "ServerProcess":
+        import os
+        import subprocess
+        import sys
+        import tempfile
+
+        import httpx
+
+        repo = Path(__file__).resolve().parents[2]
+        env = {**os.environ, "BTD_HOST": "127.0.0.1", "BTD_PORT": str(self.port),
+               "BTD_MODEL_PATH": str(self.model_path), **self.env}
+        self.log_path = Path(tempfile.mkstemp(prefix="btd-server-", suffix=".log")[1])
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "app"], cwd=repo, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.__exit__(None, None, None)
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.__exit__(None, None, None)
+        raise AssertionError(f"server not ready after {self.ready_timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def terminate(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM and wait; returns the exit status (kills after ``timeout_s``)."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.terminate()
+        self._log.close()

@@ -1,0 +1,53 @@
+"""The committed OpenAPI document is the app's, and the app honours it (schemathesis, in-process).
+
+Regenerate the document after an API change with ``.venv/bin/python -m app.api.spec``."""
+
+import json
+import tempfile
+from pathlib import Path
+
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import positive_data_acceptance
+
+from app.api.spec import SPEC_PATH, generate, render
+from app.main import create_app
+from app.settings import Settings
+from tests.api import schemathesis_hooks  # noqa: F401  (registers the DICOM body serializer)
+from tests.model_factory import build_model
+
+
+def test_committed_openapi_matches_the_app():
+    assert SPEC_PATH.is_file(), "run: .venv/bin/python -m app.api.spec"
+    assert SPEC_PATH.read_text() == render(generate()), "openapi/openapi.json is stale: run python -m app.api.spec"
+
+
+def test_openapi_documents_problem_json_for_every_error_status():
+    spec = json.loads(SPEC_PATH.read_text())
+    expected = {"predict": {"200", "400", "413", "415", "422", "503", "504"},
+                "predictBatch": {"200", "400", "413", "415", "422", "503"},
+                "getModel": {"200", "503"}, "readyz": {"200", "503"}, "livez": {"200", "503"}, "metrics": {"200"}}
+    seen = {}
+    for ops in spec["paths"].values():
+        for op in ops.values():
+            seen[op["operationId"]] = set(op["responses"])
+            for status, response in op["responses"].items():
+                if status.startswith(("4", "5")):
+                    assert list(response["content"]) == ["application/problem+json"], (op["operationId"], status)
+    assert seen == expected
+
+
+# Built at import: schemathesis parametrizes at collection time. The lifespan it starts ends with the test.
+_MODEL_DIR = tempfile.TemporaryDirectory(prefix="btd-schemathesis-")
+APP = create_app(Settings(model_path=build_model(Path(_MODEL_DIR.name) / "m.onnx"), max_body_bytes=256 * 1024),
+                 background_load=False)
+schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+
+
+@schema.parametrize()
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+def test_api_conforms_to_its_openapi(case):
+    # "format: binary" admits any bytes, yet only real images can be accepted: for bodies whose bytes
+    # schemathesis makes up (octet-stream, multipart parts) a 4xx for valid-looking data is right.
+    arbitrary_bytes = case.media_type in ("application/octet-stream", "multipart/form-data")
+    case.call_and_validate(excluded_checks=[positive_data_acceptance] if arbitrary_bytes else None)
