@@ -25,7 +25,7 @@ MISSING_MODEL_HELP = """\
 error: no model file at {path}
 The service needs an ONNX model that follows the model contract. Either:
   - get the released model: save it as models/btd-resnet50.onnx (see the README, "Model"), or
-  - rebuild it from the data (needs the train extra and ../shared/data; about an hour on CPU):
+  - rebuild it from the data (needs the train extra and ../shared/data):
       .venv/bin/python models/release.py
   - or train and export your own with `btd train ...` then `btd export ...` (README, "Training"), or
   - point BTD_MODEL_PATH at an existing model file, e.g. BTD_MODEL_PATH=/path/to/model.onnx bash scripts/serve.sh

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import threading
 import warnings as warnings_module
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,18 +199,23 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
         return DecodedImage(np.ascontiguousarray(values, dtype=np.float32), DICOM, warnings + more)
 
 
+_PYDICOM_QUIET = threading.Lock()
+
+
 @contextlib.contextmanager
 def _quiet_pydicom():
-    """pydicom warns (and logs) with tag values in the message: keep them out of our logs."""
-    logger = logging.getLogger("pydicom")
-    saved = logger.disabled
-    logger.disabled = True
-    try:
-        with warnings_module.catch_warnings():
-            warnings_module.simplefilter("ignore")
-            yield
-    finally:
-        logger.disabled = saved
+    """pydicom warns (and logs) with tag values in the message: keep them out of our logs.
+    Warning filters and logger state are process-wide, so DICOM decoding holds a lock."""
+    with _PYDICOM_QUIET:
+        logger = logging.getLogger("pydicom")
+        saved = logger.disabled
+        logger.disabled = True
+        try:
+            with warnings_module.catch_warnings():
+                warnings_module.simplefilter("ignore")
+                yield
+        finally:
+            logger.disabled = saved
 
 
 def _int_tag(ds, keyword: str) -> int:
