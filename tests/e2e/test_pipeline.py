@@ -102,7 +102,7 @@ def test_ddp_training_with_two_gloo_processes(tmp_path: Path) -> None:
            "--no-pretrained", "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
            "--feature-cache", "on", "--views", "2", "--threads", "1", "--cache-dir", str(cache),
            "--out", str(tmp_path / "run")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "run" / "best.pt").exists()
     assert "x2" in done.stderr  # the run saw two processes
