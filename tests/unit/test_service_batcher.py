@@ -33,6 +33,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def busy_batcher(model: RecordingModel, queue_size: int) -> tuple[MicroBatcher, asyncio.Future]:
+    """A batch-1 batcher whose worker is inside the (gated) model with a first request."""
+    batcher = MicroBatcher(model, max_batch_size=1, max_wait_s=0.0, queue_size=queue_size)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(image(0)))
+    await asyncio.sleep(0.05)  # the worker takes it and blocks in the model
+    return batcher, first
+
+
 def test_concurrent_requests_share_a_batch_and_get_their_own_results():
     model = RecordingModel()
 
@@ -67,10 +76,7 @@ def test_full_queue_is_refused_with_retry_after():
     model = RecordingModel(gate)
 
     async def main():
-        batcher = MicroBatcher(model, max_batch_size=1, max_wait_s=0.0, queue_size=2)
-        batcher.start()
-        first = asyncio.ensure_future(batcher.submit(image(0)))
-        await asyncio.sleep(0.05)  # the worker takes it and blocks in the model
+        batcher, first = await busy_batcher(model, queue_size=2)
         waiting = [asyncio.ensure_future(batcher.submit(image(i))) for i in (1, 2)]
         await asyncio.sleep(0.01)
         with pytest.raises(Overloaded) as refused:
@@ -127,10 +133,7 @@ def test_cancelled_request_is_skipped():
     model = RecordingModel(gate)
 
     async def main():
-        batcher = MicroBatcher(model, max_batch_size=1, max_wait_s=0.0, queue_size=4)
-        batcher.start()
-        first = asyncio.ensure_future(batcher.submit(image(0)))
-        await asyncio.sleep(0.05)
+        batcher, first = await busy_batcher(model, queue_size=4)
         doomed = asyncio.ensure_future(batcher.submit(image(1)))
         await asyncio.sleep(0.01)
         doomed.cancel()  # e.g. the request timed out while queued
