@@ -65,19 +65,20 @@ def file_sha256(path: Path) -> str:
 
 def choose_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
     """Providers to ask ORT for, best first. Automatic: every known one that is installed.
-    Explicit: those of the list that are installed; none installed is an error."""
+    Explicit: those of the list that are installed (the caller warns about a GPU fallback);
+    none installed is an error."""
     if requested is None:
         chosen = [p for p in AUTO_ORDER if p in available]
         return chosen or ["CPUExecutionProvider"]
-    missing = [p for p in requested if p not in available]
     chosen = [p for p in requested if p in available]
     if not chosen:
         raise ModelContractError(
             f"none of the requested execution providers is installed ({', '.join(requested)}); "
             f"installed: {', '.join(available)}"
         )
-    if missing:
-        log.warning("execution providers not installed, skipped: %s", ", ".join(missing))
+    skipped = [p for p in requested if p not in available and p not in GPU_PROVIDERS]
+    if skipped:
+        log.info("execution providers not installed, skipped: %s", ", ".join(skipped))
     return chosen
 
 
@@ -157,11 +158,12 @@ class Runner:
         except Exception as exc:  # ORT raises its own exception types for invalid graphs
             raise ModelContractError(f"ONNX Runtime cannot load {path}: {exc}") from None
         runner = cls(session, metadata, weights, path, file_sha256(path))
-        wanted_gpu = [p for p in chosen if p in GPU_PROVIDERS]
-        if wanted_gpu and runner.provider not in GPU_PROVIDERS:
+        wanted_gpu = [p for p in (options.providers or chosen) if p in GPU_PROVIDERS]
+        if wanted_gpu and runner.provider not in GPU_PROVIDERS:  # one warning, whatever the cause
             log.warning(
-                "GPU execution provider(s) %s could not be used; FALLING BACK TO CPU (%s). "
-                "Inference will be much slower.", ", ".join(wanted_gpu), runner.provider,
+                "GPU execution provider(s) %s requested but not usable (not installed, or failed to "
+                "initialise); FALLING BACK TO CPU (%s): inference will be much slower.",
+                ", ".join(wanted_gpu), runner.provider,
             )
         log.info("model %s %s loaded with providers %s (intra-op threads %d)", metadata.model_name,
                  metadata.model_version, ", ".join(runner.providers), so.intra_op_num_threads)

@@ -52,9 +52,36 @@ def dicom_testfile(name: str) -> bytes:
     return Path(get_testdata_file(name)).read_bytes()
 
 
+def _spec() -> dict:
+    import json
+
+    from app.api.spec import SPEC_PATH
+
+    return json.loads(SPEC_PATH.read_text())
+
+
+def assert_matches_spec(response) -> None:
+    """The response's status is documented for its operation in openapi/openapi.json, and its JSON
+    body validates against the documented schema."""
+    import jsonschema
+
+    spec = _spec()
+    request = response.request
+    operation = spec["paths"][request.url.path][request.method.lower()]
+    documented = operation["responses"].get(str(response.status_code))
+    assert documented is not None, f"status {response.status_code} is not documented for {request.url.path}"
+    media_type = response.headers["content-type"].split(";")[0]
+    content = documented.get("content") or {"application/json": {"schema": {}}}
+    assert media_type in content, f"{media_type} is not documented for {response.status_code}"
+    schema = {**content[media_type]["schema"], "components": spec["components"]}
+    jsonschema.Draft202012Validator(schema).validate(response.json())
+
+
 def assert_problem(response, status: int, slug: str) -> dict:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
+    if response.request.method.lower() in _spec()["paths"].get(response.request.url.path, {}):
+        assert_matches_spec(response)  # a documented operation (not 404 / 405)
     body = response.json()
     assert body["type"] == f"/problems/{slug}" and body["status"] == status
     assert body["title"] and body["detail"] and body["instance"].startswith("/")

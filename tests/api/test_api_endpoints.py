@@ -7,7 +7,7 @@ import pytest
 from app.api.routes import get_settings
 from app.inference.service import InferenceService
 from app.settings import Settings
-from tests.api.helpers import assert_problem, dicom_testfile, png_bytes, running_app, wait_ready
+from tests.api.helpers import assert_matches_spec, assert_problem, dicom_testfile, png_bytes, running_app, wait_ready
 from tests.model_factory import LABELS
 
 # --- batch ------------------------------------------------------------------------------------------
@@ -20,6 +20,7 @@ def test_batch_returns_results_in_order_and_isolates_bad_files(client):
              ("files", ("d.dcm", dicom_testfile("rtplan.dcm"), "application/dicom"))]
     response = client.post("/v1/predict/batch?cam=grid", files=files)
     assert response.status_code == 200
+    assert_matches_spec(response)
     results = response.json()["results"]
     assert [r["filename"] for r in results] == ["a.png", "b.txt", "c.dcm", "d.dcm"]
     assert [r["ok"] for r in results] == [True, False, True, False]
@@ -63,7 +64,9 @@ def test_batch_malformed_multipart_is_400(client):
 
 
 def test_model_describes_labels_input_and_provider(client):
-    body = client.get("/v1/model").json()
+    response = client.get("/v1/model")
+    assert_matches_spec(response)
+    body = response.json()
     assert body["labels"] == list(LABELS) and body["input"]["size"] == 32
     assert body["provider"] == "CPUExecutionProvider" and body["providers"][0] == body["provider"]
     assert body["metrics"] == {"accuracy": 0.25} and body["training_data"] == {"source": "synthetic"}
@@ -71,6 +74,8 @@ def test_model_describes_labels_input_and_provider(client):
 
 
 def test_health_endpoints_are_green_when_loaded(client):
+    for path in ("/livez", "/readyz"):
+        assert_matches_spec(client.get(path))
     assert client.get("/livez").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ok"}
 

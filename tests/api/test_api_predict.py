@@ -9,13 +9,14 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.api.helpers import assert_problem, dicom_testfile, jpeg_bytes, png_bytes, running_app
+from tests.api.helpers import assert_matches_spec, assert_problem, dicom_testfile, jpeg_bytes, png_bytes, running_app
 
 SERVER_TIMING_NAMES = ["decode", "preprocess", "queue", "infer", "cam", "total"]
 
 
 def assert_prediction(response) -> dict:
     assert response.status_code == 200, response.text
+    assert_matches_spec(response)
     body = response.json()
     assert math.isclose(sum(body["probabilities"].values()), 1.0, abs_tol=1e-9)
     assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)

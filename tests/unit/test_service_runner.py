@@ -27,10 +27,17 @@ def test_auto_providers_prefer_tensorrt_then_cuda_then_cpu():
     assert choose_providers(None, ["AzureExecutionProvider", CPU, CUDA, TRT]) == [TRT, CUDA, CPU]
 
 
-def test_explicit_providers_skip_missing_ones_with_a_warning(caplog):
-    with caplog.at_level(logging.WARNING):
-        assert choose_providers([TRT, CUDA, CPU], [CPU]) == [CPU]
-    assert "TensorrtExecutionProvider" in caplog.text
+def test_explicit_providers_skip_missing_ones():
+    assert choose_providers([TRT, CUDA, CPU], [CPU]) == [CPU]
+    assert choose_providers(["OpenVINOExecutionProvider", CPU], [CPU, CUDA]) == [CPU]
+
+
+def test_explicit_gpu_list_on_cpu_machine_warns_once_about_cpu_fallback(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="app.inference.runner"):
+        runner = Runner.load(build_model(tmp_path / "m.onnx"), RuntimeOptions(providers=[TRT, CUDA, CPU]))
+    assert runner.provider == CPU
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "FALLING BACK TO CPU" in warnings[0] and TRT in warnings[0] and CUDA in warnings[0]
 
 
 def test_explicit_providers_none_installed_is_an_error():
