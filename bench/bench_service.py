@@ -27,8 +27,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.api.helpers import ServerProcess  # noqa: E402
-from tests.model_factory import build_model  # noqa: E402
+from tests.api.helpers import ServerProcess
+from tests.model_factory import build_model
 
 DEFAULT_MODEL = REPO / "models" / "btd-resnet50.onnx"
 DATA_DIR = REPO.parent / "shared" / "data"

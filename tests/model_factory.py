@@ -12,8 +12,8 @@ Weights are seeded, so the same arguments give the same file (and the same sha25
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,7 +60,7 @@ class PredictResponse(BaseModel):
     tumour_probability: float | None = Field(..., description="1 - p(notumor); null without that class")
     tumour_detected: bool | None = Field(..., description="tumour_probability >= threshold")
     threshold: float
-    cam: Annotated[Union[CamPng, CamGrid], Field(discriminator="format")] | None
+    cam: Annotated[CamPng | CamGrid, Field(discriminator="format")] | None
     timings_ms: Timings
     warnings: list[str]
 
@@ -78,7 +78,7 @@ class BatchItemError(BaseModel):
 
 
 class BatchResponse(BaseModel):
-    results: list[Annotated[Union[BatchItemOk, BatchItemError], Field(discriminator="ok")]]
+    results: list[Annotated[BatchItemOk | BatchItemError, Field(discriminator="ok")]]
 
 
 class InputSpec(BaseModel):

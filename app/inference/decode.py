@@ -179,7 +179,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
             if frames > 1:  # decode only the frame we use
                 ds.pixel_array_options(index=frames // 2)
             arr = np.asarray(ds.pixel_array)
-        except (NotImplementedError, RuntimeError) as exc:
+        except (NotImplementedError, RuntimeError):
             raise UnsupportedMediaType(
                 f"no installed decoder can read the transfer syntax {_syntax_name(ds)}"
             ) from None

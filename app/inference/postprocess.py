@@ -4,7 +4,7 @@ decision, the class activation map (CAM) and its encodings. Arrays in, plain val
 from __future__ import annotations
 
 import base64
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np

@@ -41,7 +41,7 @@ class Predictor:
         self.builder = result_builder(runner, settings)
 
     @classmethod
-    def load(cls, model_path: str | Path, settings: Settings | None = None) -> "Predictor":
+    def load(cls, model_path: str | Path, settings: Settings | None = None) -> Predictor:
         """Load and check the model (raises ``ModelContractError``, a ValueError, if it breaks the contract)."""
         settings = settings or Settings()
         runner = Runner.load(model_path, runtime_options(settings))

@@ -12,9 +12,9 @@ import hashlib
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
@@ -123,7 +123,7 @@ class Runner:
         return self.providers[0]
 
     @classmethod
-    def load(cls, path: str | Path, options: RuntimeOptions | None = None) -> "Runner":
+    def load(cls, path: str | Path, options: RuntimeOptions | None = None) -> Runner:
         import onnxruntime as ort
 
         options = options or RuntimeOptions()

@@ -33,7 +33,7 @@ class InferenceService:
         self._cpu = ThreadPoolExecutor(max_workers=max(2, available_cpus()), thread_name_prefix="btd-cpu")
 
     @classmethod
-    def load(cls, settings: Settings) -> "InferenceService":
+    def load(cls, settings: Settings) -> InferenceService:
         """Load, check and warm up the model (blocking: call it in a thread)."""
         runner = Runner.load(settings.model_path, runtime_options(settings))
         runner.warm_up(sorted({1, settings.max_batch_size}))

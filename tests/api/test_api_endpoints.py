@@ -7,7 +7,14 @@ import pytest
 from app.api.routes import get_settings
 from app.inference.service import InferenceService
 from app.settings import Settings
-from tests.api.helpers import assert_matches_spec, assert_problem, dicom_testfile, png_bytes, running_app, wait_ready
+from tests.api.helpers import (
+    assert_matches_spec,
+    assert_problem,
+    dicom_testfile,
+    png_bytes,
+    running_app,
+    wait_ready,
+)
 from tests.model_factory import LABELS
 
 # --- batch ------------------------------------------------------------------------------------------

@@ -9,7 +9,14 @@ import cv2
 import numpy as np
 import pytest
 
-from tests.api.helpers import assert_matches_spec, assert_problem, dicom_testfile, jpeg_bytes, png_bytes, running_app
+from tests.api.helpers import (
+    assert_matches_spec,
+    assert_problem,
+    dicom_testfile,
+    jpeg_bytes,
+    png_bytes,
+    running_app,
+)
 
 SERVER_TIMING_NAMES = ["decode", "preprocess", "queue", "infer", "cam", "total"]
 
@@ -180,7 +187,7 @@ def _gate_model(client) -> Gate:
 def test_predict_full_queue_is_503_with_retry_after(model_path):
     with running_app(model_path, max_batch_size=1, max_wait_ms=0, queue_size=1) as client:
         gate = _gate_model(client)
-        post = lambda: client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png"})  # noqa
+        post = lambda: client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png"})
         results = []
         threads = [threading.Thread(target=lambda: results.append(post())) for _ in range(2)]
         threads[0].start()
