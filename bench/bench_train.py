@@ -37,7 +37,8 @@ def step_fn(model: ResNet50, freeze: str, inputs: torch.Tensor, from_layer3: boo
     targets = torch.zeros(len(inputs), dtype=torch.long)
     loss_fn = nn.CrossEntropyLoss()
 
-    def step() -> None:
+    def step() -> None:  # the paths share one model: set its freeze state each time
+        apply_freeze(model, freeze)
         set_train_mode(model, freeze)
         logits = model.forward_from_layer3(inputs)[0] if from_layer3 else model(inputs)[0]
         optimizer.zero_grad(set_to_none=True)
@@ -59,8 +60,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = ResNet50(4)
     images = torch.randn(args.batch, 3, args.size, args.size)
-    with torch.inference_mode():
-        layer3 = model.eval().stem_to_layer3(images).clone()
+    with torch.no_grad():  # not inference_mode: the cached path trains on this tensor
+        layer3 = model.eval().stem_to_layer3(images)
 
     def cache_forward() -> None:
         with torch.inference_mode():

@@ -224,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (FileNotFoundError, ValueError) as exc:
+        if args.verbose:  # with -v, show where it came from
+            raise
         log.error("%s", exc)
         return 2
     except RuntimeError as exc:
