@@ -145,3 +145,35 @@ def test_cancelled_request_is_skipped():
 
     run(main())
     assert model.batch_sizes == [1, 1]  # the cancelled request never reached the model
+
+
+def test_lone_request_does_not_wait_for_company():
+    model = RecordingModel()
+
+    async def main():
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=60.0, queue_size=4)
+        batcher.start()
+        out = await asyncio.wait_for(batcher.submit(image(1)), 20)  # nobody else is on the way
+        await batcher.close(1)
+        return out
+
+    assert run(main()).batch_size == 1
+
+
+def test_batch_waits_for_announced_requests():
+    model = RecordingModel()
+
+    async def main():
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=60.0, queue_size=4)
+        batcher.start()
+        with batcher.expecting():  # a second request is being decoded
+            first = asyncio.ensure_future(batcher.submit(image(1)))
+            await asyncio.sleep(0.05)
+            assert not first.done()  # held for the announced one
+        second = await batcher.submit(image(2))
+        out = await first
+        await batcher.close(1)
+        return out, second
+
+    first, second = run(main())
+    assert first.batch_size == second.batch_size == 2 and model.batch_sizes == [2]
