@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests drive for real (browser tests, PACS, Prometheus tooling).
-APT_PACKAGES=(chromium)
+APT_PACKAGES=(chromium
+  podman runc debootstrap  # tests/deploy/test_image_build.py builds and runs the CPU image
+)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
