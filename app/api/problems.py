@@ -40,6 +40,8 @@ def problem_response(body: dict, headers: dict[str, str] | None = None) -> JSONR
 
 
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    if exc.status >= 500:  # overload, timeouts, not ready: worth a line for whoever runs the service
+        log.warning("%s %s: %s (request_id=%s)", exc.status, exc.slug, exc.detail, request_id_of(request))
     return problem_response(problem_of(exc, request.url.path, request_id_of(request)), exc.headers)
 
 

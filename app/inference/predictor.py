@@ -24,6 +24,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         trt_fp16=settings.trt_fp16,
         trt_engine_cache_dir=settings.trt_engine_cache_dir,
         intra_op_threads=settings.intra_op_threads,
+        max_batch_size=settings.max_batch_size,
     )
 
 

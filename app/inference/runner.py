@@ -38,6 +38,7 @@ class RuntimeOptions:
     trt_fp16: bool = False
     trt_engine_cache_dir: Path | None = None
     intra_op_threads: int = 0  # 0: available_cpus()
+    max_batch_size: int = 1  # TensorRT: the engine's shape profile covers batches 1..this
 
 
 def available_cpus() -> int:
@@ -82,7 +83,7 @@ def choose_providers(requested: Sequence[str] | None, available: Sequence[str]) 
     return chosen
 
 
-def _provider_options(provider: str, options: RuntimeOptions) -> dict[str, str]:
+def _provider_options(provider: str, options: RuntimeOptions, channels: int = 3, size: int = 224) -> dict[str, str]:
     if provider != "TensorrtExecutionProvider":
         return {}
     opts = {"trt_fp16_enable": "1" if options.trt_fp16 else "0"}
@@ -90,6 +91,11 @@ def _provider_options(provider: str, options: RuntimeOptions) -> dict[str, str]:
         Path(options.trt_engine_cache_dir).mkdir(parents=True, exist_ok=True)
         opts["trt_engine_cache_enable"] = "1"
         opts["trt_engine_cache_path"] = str(options.trt_engine_cache_dir)
+    # One engine for every batch size the batcher sends, built once (not one per new batch size).
+    shape = f"{INPUT_NAME}:{{n}}x{channels}x{size}x{size}"
+    opts["trt_profile_min_shapes"] = shape.format(n=1)
+    opts["trt_profile_opt_shapes"] = shape.format(n=options.max_batch_size)
+    opts["trt_profile_max_shapes"] = shape.format(n=options.max_batch_size)
     return opts
 
 
@@ -152,7 +158,8 @@ class Runner:
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         available = ort.get_available_providers()
         chosen = choose_providers(options.providers, available)
-        providers = [(p, _provider_options(p, options)) for p in chosen]
+        spec = metadata.preprocess
+        providers = [(p, _provider_options(p, options, spec.channels, spec.size)) for p in chosen]
         try:
             session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as exc:  # ORT raises its own exception types for invalid graphs
@@ -183,7 +190,13 @@ class Runner:
         spec = self.metadata.preprocess
         num_classes = len(self.metadata.labels)
         for n in batch_sizes:
-            logits, features = self.run(np.zeros((n, spec.channels, spec.size, spec.size), np.float32))
+            try:
+                logits, features = self.run(np.zeros((n, spec.channels, spec.size, spec.size), np.float32))
+            except Exception as exc:  # ORT's own error types: a fixed batch or input size, a broken graph
+                raise ModelContractError(
+                    f"the model cannot run a batch of {n} at {spec.size}x{spec.size} (from its metadata): {exc}; "
+                    "a model exported with a fixed batch size needs BTD_MAX_BATCH_SIZE=1"
+                ) from None
             if logits.shape != (n, num_classes):
                 raise ModelContractError(f"logits shape {logits.shape}, expected ({n}, {num_classes}) for the labels")
             if features.ndim != 4 or features.shape[:2] != (n, self.cam_weights.shape[1]):

@@ -45,10 +45,13 @@ def test_explicit_providers_none_installed_is_an_error():
         choose_providers([CUDA], [CPU])
 
 
-def test_tensorrt_options_carry_fp16_and_engine_cache(tmp_path):
-    opts = _provider_options(TRT, RuntimeOptions(trt_fp16=True, trt_engine_cache_dir=tmp_path / "engines"))
+def test_tensorrt_options_carry_fp16_engine_cache_and_batch_profile(tmp_path):
+    options = RuntimeOptions(trt_fp16=True, trt_engine_cache_dir=tmp_path / "engines", max_batch_size=8)
+    opts = _provider_options(TRT, options, channels=3, size=224)
     assert opts == {"trt_fp16_enable": "1", "trt_engine_cache_enable": "1",
-                    "trt_engine_cache_path": str(tmp_path / "engines")}
+                    "trt_engine_cache_path": str(tmp_path / "engines"),
+                    "trt_profile_min_shapes": "image:1x3x224x224", "trt_profile_opt_shapes": "image:8x3x224x224",
+                    "trt_profile_max_shapes": "image:8x3x224x224"}
     assert (tmp_path / "engines").is_dir()
     assert _provider_options(CPU, RuntimeOptions(trt_fp16=True)) == {}
 
@@ -111,6 +114,15 @@ def test_load_rejects_renamed_output(tmp_path):
         node.input[:] = ["feats" if x == "features" else x for x in node.input]
     with pytest.raises(ModelContractError, match="features"):
         Runner.load(_save(model, tmp_path / "m.onnx"))
+
+
+def test_warm_up_explains_a_fixed_batch_model(tmp_path):
+    model = build_model_proto()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # exported with batch 1 only
+    runner = Runner.load(_save(model, tmp_path / "m.onnx"))
+    runner.warm_up((1,))
+    with pytest.raises(ModelContractError, match="BTD_MAX_BATCH_SIZE=1"):
+        runner.warm_up((1, 4))
 
 
 def test_warm_up_rejects_labels_that_do_not_match_logits(tmp_path):
