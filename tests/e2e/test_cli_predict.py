@@ -39,7 +39,7 @@ def run(*args: str | Path, python_code: str | None = None, env: dict[str, str] |
     """``btd ARGS`` (or ``python -c python_code ARGS``), captured."""
     program = [sys.executable, "-c", python_code] if python_code else [str(BTD)]
     return subprocess.run([*program, *map(str, args)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT_S, env=env)
+                          timeout=RUN_TIMEOUT_S, env=env, check=False)
 
 
 @pytest.fixture(scope="module")
