@@ -275,6 +275,8 @@ def main(config: TrainConfig) -> Path:
                  len(val_samples), runtime.device, runtime.world_size)
 
     resume = read_checkpoint(Path(config.resume)) if config.resume else None
+    if resume is not None and tuple(resume["labels"]) != labels:
+        raise ValueError(f"{config.resume} was trained on {resume['labels']}, the data has {list(labels)}")
     model = build_model(labels, config) if resume is None else _resumed_model(resume, config)
     model.to(runtime.device)
     if runtime.channels_last:
