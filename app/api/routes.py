@@ -15,7 +15,7 @@ from app.api import openapi_docs as docs
 from app.api.problems import problem_of, request_id_of
 from app.api.schemas import BatchResponse, Health, ModelDescription, PredictResponse
 from app.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from app.inference.decode import GENERIC_MEDIA_TYPES, MEDIA_TYPES
+from app.inference.decode import MEDIA_TYPES, normalise_media_type
 from app.inference.service import InferenceService
 from app.settings import Settings
 
@@ -23,7 +23,6 @@ router = APIRouter()
 
 CamOption = Literal["none", "png", "grid"]
 CAM_QUERY = Query("none", description="class activation map: none, png (images, base64) or grid (numbers)")
-RAW_MEDIA_TYPES = (*MEDIA_TYPES, "image/jpg", *[t for t in GENERIC_MEDIA_TYPES if t])
 SERVER_TIMING = (("decode", "decode"), ("preprocess", "preprocess"), ("queue", "queue"), ("infer", "inference"),
                  ("cam", "cam"), ("total", "total"))
 
@@ -70,7 +69,7 @@ async def read_single_image(request: Request) -> tuple[bytes, str | None]:
         if not isinstance(upload, UploadFile):
             raise InvalidRequest("the multipart body needs a file field named 'file'")
         return await _read_upload(upload)
-    if content_type in RAW_MEDIA_TYPES:
+    if content_type and normalise_media_type(content_type) in (*MEDIA_TYPES, None):  # None: sniff the bytes
         return await request.body(), content_type
     raise UnsupportedMediaType(
         "send multipart/form-data with a 'file' field, or the raw image with Content-Type "
