@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -16,15 +16,14 @@ from app.api.problems import problem_of, request_id_of
 from app.api.schemas import BatchResponse, Health, ModelDescription, PredictResponse
 from app.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.inference.decode import MEDIA_TYPES, normalise_media_type
+from app.inference.pipeline import CamMode
 from app.inference.service import InferenceService
 from app.settings import Settings
 
 router = APIRouter()
 
-CamOption = Literal["none", "png", "grid"]
 CAM_QUERY = Query("none", description="class activation map: none, png (images, base64) or grid (numbers)")
-SERVER_TIMING = (("decode", "decode"), ("preprocess", "preprocess"), ("queue", "queue"), ("infer", "inference"),
-                 ("cam", "cam"), ("total", "total"))
+SERVER_TIMING = (*metrics.STAGES.items(), ("total", "total"))  # (metric name, timings_ms key)
 
 
 def get_settings(request: Request) -> Settings:
@@ -83,7 +82,7 @@ def _server_timing(timings: dict[str, float]) -> str:
 
 @router.post("/v1/predict", operation_id="predict", summary="Classify one slice (PNG, JPEG or DICOM)",
              response_model=PredictResponse, responses=docs.PREDICT_RESPONSES, openapi_extra=docs.PREDICT_BODY)
-async def predict(request: Request, response: Response, cam: CamOption = CAM_QUERY,
+async def predict(request: Request, response: Response, cam: CamMode = CAM_QUERY,
                   service: InferenceService = Depends(get_service)) -> dict[str, Any]:
     data, media_type = await read_single_image(request)
     result = await service.predict(data, media_type, cam)
@@ -93,7 +92,7 @@ async def predict(request: Request, response: Response, cam: CamOption = CAM_QUE
 
 @router.post("/v1/predict/batch", operation_id="predictBatch", summary="Classify several slices in one request",
              response_model=BatchResponse, responses=docs.BATCH_RESPONSES, openapi_extra=docs.BATCH_BODY)
-async def predict_batch(request: Request, cam: CamOption = CAM_QUERY,
+async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
                         service: InferenceService = Depends(get_service),
                         settings: Settings = Depends(get_settings)) -> dict[str, Any]:
     if _bare(request.headers.get("content-type")) != "multipart/form-data":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from app.inference.postprocess import (
 )
 
 CamMode = Literal["none", "png", "grid"]
-CAM_MODES: tuple[str, ...] = ("none", "png", "grid")
+CAM_MODES: tuple[str, ...] = get_args(CamMode)
 SMALL_IMAGE_SIDE = 64  # below this many pixels on the short side, warn: upsampled a lot
 
 
