@@ -133,3 +133,16 @@ def test_slice_dataset_without_augmentation_is_exactly_the_contract_preprocess(t
     expected = preprocess(decode_path(paths[1]).pixels, spec)
     assert target == 1
     assert torch.equal(tensor, torch.from_numpy(expected))
+
+
+def test_image_folder_reads_dicom_slices_through_the_service_decoder(tmp_path: Path) -> None:
+    pydicom_data = pytest.importorskip("pydicom.data")
+    import shutil
+
+    write_image_folder(tmp_path, per_class=1, labels=("glioma", "notumor"))
+    shutil.copy(pydicom_data.get_testdata_file("MR_small.dcm"), tmp_path / "notumor" / "scan.dcm")
+    dicom = next(s for s in data.scan_image_folder(tmp_path) if s.path.suffix == ".dcm")
+    assert dicom.label == "notumor"
+    gray = data.read_gray(dicom.path)
+    assert gray.ndim == 2 and gray.dtype == np.float32 and gray.max() > gray.min()
+    assert preprocess(gray, PreprocessSpec(size=32)).shape == (3, 32, 32)
