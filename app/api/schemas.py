@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.contract import PreprocessSpec
+
 
 class Problem(BaseModel):
     """RFC 9457 problem details."""
@@ -81,21 +83,12 @@ class BatchResponse(BaseModel):
     results: list[Annotated[BatchItemOk | BatchItemError, Field(discriminator="ok")]]
 
 
-class InputSpec(BaseModel):
-    size: int
-    interpolation: str
-    intensity: str
-    channels: int
-    mean: list[float]
-    std: list[float]
-
-
 class ModelDescription(BaseModel):
     name: str
     version: str
     sha256: str
     labels: list[str]
-    input: InputSpec
+    input: PreprocessSpec = Field(..., description="the preprocessing the model expects (app.contract)")
     temperature: float
     threshold: float
     metrics: dict[str, Any]
