@@ -4,7 +4,8 @@ uint8 activations with int8 per-channel weights: on our AVX-512 VNNI CPU this ru
 than fp32, while ORT's int8/int8 default gives no gain (PERFORMANCE.md). Calibration images go
 through the service's decoder and the contract's ``preprocess``. The classifier (the Gemm
 producing ``logits``) stays float32 so its ``fc.weight`` / ``fc.bias`` initializers remain for
-the CAM; ``features`` stays a float output and the metadata is carried over.
+the CAM; ``features`` stays a float output. The metadata is carried over, its metrics filed under
+``fp32_source`` (they were measured on the float file; `btd evaluate --baseline` measures this one).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from app.contract import INPUT_NAME, LOGITS_NAME, ModelMetadata, preprocess
+from app.contract import INPUT_NAME, LOGITS_NAME, META_METRICS, ModelMetadata, preprocess
 from model_export.data import Sample, load_samples, read_gray, select
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ def quantize_model(source: Path, out: Path, calibration: Sequence[Sample]) -> Pa
     names = {i.name for i in quantized.graph.initializer}
     if metadata.cam_weight not in names or metadata.cam_bias not in names:
         raise RuntimeError("quantization lost the classifier initializers the CAM needs")
+    # The metrics in the metadata were measured on the float file: keep them, labelled as such.
+    props[META_METRICS] = json.dumps({"fp32_source": metadata.metrics} if metadata.metrics else {})
     props[QUANTIZATION_PROP] = json.dumps({"method": "static QDQ", "activations": "uint8",
                                            "weights": "int8 per-channel", "calibration_images": len(calibration),
                                            "source": Path(source).name})

@@ -120,6 +120,7 @@ def test_quantized_model_keeps_outputs_metadata_and_cam_weights(exported, tmp_pa
     props = {p.key: p.value for p in proto.metadata_props}
     meta = ModelMetadata.from_props(props)
     assert meta.labels == LABELS and QUANTIZATION_PROP in props
+    assert meta.metrics == {"fp32_source": {"accuracy": 0.9}}
     assert any(n.op_type == "QuantizeLinear" for n in proto.graph.node)
     inits = {i.name: i for i in proto.graph.initializer}
     assert inits[meta.cam_weight].data_type == onnx.TensorProto.FLOAT
