@@ -2,15 +2,13 @@
 
 Requests wait in a bounded queue; one worker task takes up to ``max_batch_size`` of them, waiting
 at most ``max_wait_s`` after the oldest arrived, stacks them and runs the model in a dedicated
-thread, so ``session.run`` never blocks the event loop. It waits only while more requests are on
-their way (announced with ``expecting()`` while they decode): a lone request runs at once. A full queue is refused at once
+thread, so ``session.run`` never blocks the event loop. A full queue is refused at once
 (``Overloaded``: 503 with Retry-After) instead of letting latency grow without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -60,17 +58,6 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._busy = False
-        self._incoming = 0  # requests being decoded, expected here soon
-
-    @contextlib.contextmanager
-    def expecting(self):
-        """Announce a request that will be submitted soon (wrap its decoding), so the worker waits for it."""
-        self._incoming += 1
-        try:
-            yield
-        finally:
-            self._incoming -= 1
-            self._arrived.set()  # re-evaluate: it either arrives now or never will
 
     @property
     def depth(self) -> int:
@@ -98,7 +85,7 @@ class MicroBatcher:
             self._arrived.clear()
             await self._arrived.wait()
         deadline = self._items[0].enqueued + self.max_wait_s
-        while len(self._items) < self.max_batch_size and not self._closing and self._incoming > 0:
+        while len(self._items) < self.max_batch_size and not self._closing:
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break

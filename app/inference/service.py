@@ -60,9 +60,8 @@ class InferenceService:
     async def _predict(self, data: bytes, media_type: str | None, cam: str, started: float) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         spec = self.runner.metadata.preprocess
-        with self.batcher.expecting():
-            prepared = await loop.run_in_executor(
-                self._cpu, partial(prepare, data, media_type, spec, max_pixels=self.settings.max_pixels))
+        prepared = await loop.run_in_executor(
+            self._cpu, partial(prepare, data, media_type, spec, max_pixels=self.settings.max_pixels))
         out = await self.batcher.submit(prepared.tensor)
         return await loop.run_in_executor(self._cpu, partial(
             self.builder.build, prepared, out.logits, out.features, cam, started=started,

@@ -147,33 +147,19 @@ def test_cancelled_request_is_skipped():
     assert model.batch_sizes == [1, 1]  # the cancelled request never reached the model
 
 
-def test_lone_request_does_not_wait_for_company():
+def test_request_waits_up_to_max_wait_for_company():
     model = RecordingModel()
 
     async def main():
-        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=60.0, queue_size=4)
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=30.0, queue_size=4)
         batcher.start()
-        out = await asyncio.wait_for(batcher.submit(image(1)), 20)  # nobody else is on the way
-        await batcher.close(1)
-        return out
-
-    assert run(main()).batch_size == 1
-
-
-def test_batch_waits_for_announced_requests():
-    model = RecordingModel()
-
-    async def main():
-        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=60.0, queue_size=4)
-        batcher.start()
-        with batcher.expecting():  # a second request is being decoded
-            first = asyncio.ensure_future(batcher.submit(image(1)))
-            await asyncio.sleep(0.05)
-            assert not first.done()  # held for the announced one
-        second = await batcher.submit(image(2))
-        out = await first
-        await batcher.close(1)
-        return out, second
+        first = asyncio.ensure_future(batcher.submit(image(1)))
+        await asyncio.sleep(0.1)  # well inside the window: the first one is still waiting
+        assert not first.done()
+        second = asyncio.ensure_future(batcher.submit(image(2)))
+        await asyncio.sleep(0)
+        await batcher.close(5)  # closing ends the wait: the batch runs with both
+        return await first, await second
 
     first, second = run(main())
     assert first.batch_size == second.batch_size == 2 and model.batch_sizes == [2]
