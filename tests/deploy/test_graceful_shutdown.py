@@ -63,10 +63,12 @@ def test_sigterm_mid_flight_loses_no_request_and_exits_within_grace(tmp_path):
         threads = [threading.Thread(target=post, args=(i, server.url)) for i in range(REQUESTS)]
         for thread in threads:
             thread.start()
+        # Signal once every request has arrived (in flight, or in the rare slow case already answered).
         deadline = time.monotonic() + 30
-        while in_flight(server.url) < REQUESTS:
-            assert time.monotonic() < deadline, "the requests never were all in flight"
+        while (pending := in_flight(server.url)) + len(statuses) < REQUESTS:
+            assert time.monotonic() < deadline, "the requests never arrived"
             time.sleep(0.02)
+        assert pending > 0, "every request finished before the signal: nothing was in flight"
 
         server.proc.terminate()  # SIGTERM, as the kubelet sends after preStop
         signalled = time.monotonic()
