@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from app.errors import InvalidImage, NoPixelData, PayloadTooLarge, UnsupportedMediaType
+from app.errors import InvalidImage, NoPixelData, PayloadTooLarge, ServiceError, UnsupportedMediaType
 
 PNG = "image/png"
 JPEG = "image/jpeg"
@@ -153,50 +153,52 @@ def _raster_size(data: bytes, media_type: str) -> tuple[bool, int, int]:
 def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     """DICOM Part 10 -> float32 slice: Modality LUT, then VOI LUT or window (to [0, 1]), MONOCHROME1
     inverted. Multi-frame policy: the middle frame (``frames // 2``), with a warning."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     with _quiet_pydicom():
         try:
-            ds = pydicom.dcmread(io.BytesIO(data))
-        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
-            raise InvalidImage(f"the DICOM data could not be parsed ({type(exc).__name__})") from None
-        if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
-            raise InvalidImage("the DICOM file meta information has no transfer syntax (not a valid Part 10 file)")
-        if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            raise NoPixelData("the DICOM file has no pixel data")
-        warnings: list[str] = []
-        modality = str(ds.get("Modality", "") or "").upper()
-        if modality not in ("MR", ""):
-            warnings.append("the DICOM modality is not MR; the model was trained on MR slices")
-        rows, cols, frames = _int_tag(ds, "Rows"), _int_tag(ds, "Columns"), max(1, _int_tag(ds, "NumberOfFrames"))
-        if rows <= 0 or cols <= 0:
-            raise InvalidImage("the DICOM file has no valid image size (Rows / Columns)")
-        if rows * cols > max_pixels:
-            raise PayloadTooLarge(f"image of {cols}x{rows} pixels exceeds the limit of {max_pixels} pixels")
-        _check_decoder(ds)
-        try:
-            if frames > 1:  # decode only the frame we use
-                ds.pixel_array_options(index=frames // 2)
-            arr = np.asarray(ds.pixel_array)
-        except (NotImplementedError, RuntimeError):
-            raise UnsupportedMediaType(
-                f"no installed decoder can read the transfer syntax {_syntax_name(ds)}"
-            ) from None
-        except (ValueError, AttributeError, KeyError, TypeError, IndexError, EOFError, OSError) as exc:
-            raise InvalidImage(f"the DICOM pixel data could not be decoded ({type(exc).__name__})") from None
-        if frames > 1:
-            warnings.append(f"multi-frame DICOM ({frames} frames): the middle frame ({frames // 2 + 1}) was used")
-        if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM, RGB after pydicom's conversion
-            gray, more = _to_gray(arr[:, :, 2::-1])
-            return DecodedImage(gray, DICOM, warnings + more)
-        if arr.ndim != 2:
-            raise InvalidImage(f"the DICOM pixel data has an unexpected shape ({arr.ndim} dimensions)")
-        values, more = _grayscale_luts(arr, ds)
-        photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "").upper()
-        if photometric == "MONOCHROME1":  # low values are white: invert so high values are bright
-            values = np.float32(values.max() + values.min()) - values
-        return DecodedImage(np.ascontiguousarray(values, dtype=np.float32), DICOM, warnings + more)
+            return _read_dicom(data, max_pixels)
+        except ServiceError:
+            raise
+        except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
+            # Only the exception's type: its message can quote tag values (patient data).
+            raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None
+
+
+def _read_dicom(data: bytes, max_pixels: int) -> DecodedImage:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        raise InvalidImage("the DICOM file meta information has no transfer syntax (not a valid Part 10 file)")
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise NoPixelData("the DICOM file has no pixel data")
+    warnings: list[str] = []
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality not in ("MR", ""):
+        warnings.append("the DICOM modality is not MR; the model was trained on MR slices")
+    rows, cols, frames = _int_tag(ds, "Rows"), _int_tag(ds, "Columns"), max(1, _int_tag(ds, "NumberOfFrames"))
+    if rows <= 0 or cols <= 0:
+        raise InvalidImage("the DICOM file has no valid image size (Rows / Columns)")
+    if rows * cols > max_pixels:
+        raise PayloadTooLarge(f"image of {cols}x{rows} pixels exceeds the limit of {max_pixels} pixels")
+    plugin = _decoding_plugin(ds)
+    try:
+        # decode only the frame we use (multi-frame), with a plugin that fails cleanly on bad data
+        ds.pixel_array_options(index=frames // 2 if frames > 1 else None, decoding_plugin=plugin)
+        arr = np.asarray(ds.pixel_array)
+    except Exception as exc:  # a decoder exists (checked above): the data is bad
+        raise InvalidImage(f"the DICOM pixel data could not be decoded ({type(exc).__name__})") from None
+    if frames > 1:
+        warnings.append(f"multi-frame DICOM ({frames} frames): the middle frame ({frames // 2 + 1}) was used")
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM, RGB after pydicom's conversion
+        gray, more = _to_gray(arr[:, :, 2::-1])
+        return DecodedImage(gray, DICOM, warnings + more)
+    if arr.ndim != 2:
+        raise InvalidImage(f"the DICOM pixel data has an unexpected shape ({arr.ndim} dimensions)")
+    values, more = _grayscale_luts(arr, ds)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "").upper()
+    if photometric == "MONOCHROME1":  # low values are white: invert so high values are bright
+        values = np.float32(values.max() + values.min()) - values
+    return DecodedImage(np.ascontiguousarray(values, dtype=np.float32), DICOM, warnings + more)
 
 
 _PYDICOM_QUIET = threading.Lock()
@@ -233,22 +235,30 @@ def _syntax_name(ds) -> str:
     return f"{name} ({uid})" if name and name != str(uid) else str(uid)
 
 
-def _check_decoder(ds) -> None:
-    """A compressed transfer syntax needs a decoder plugin (pylibjpeg / python-gdcm): 415 naming it."""
+# python-gdcm aborts the whole process on some malformed compressed data (found by fuzzing JPEG 2000),
+# so it is used only for a transfer syntax no other installed plugin decodes.
+_PLUGIN_PREFERENCE = ("pylibjpeg", "pydicom", "pyjpegls", "pillow")
+
+
+def _decoding_plugin(ds) -> str:
+    """The pydicom decoding plugin to use ("" for uncompressed data); a compressed transfer syntax
+    without any installed decoder (pylibjpeg / python-gdcm) is a 415 naming the syntax."""
     from pydicom.pixels import get_decoder
 
     uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if uid is None or not getattr(uid, "is_compressed", False):
-        return
+        return ""
     try:
-        available = get_decoder(uid).is_available
+        decoder = get_decoder(uid)
+        available = decoder.available_plugins if decoder.is_available else ()
     except NotImplementedError:
-        available = False
+        available = ()
     if not available:
         raise UnsupportedMediaType(
             f"no installed decoder can read the transfer syntax {_syntax_name(ds)}; "
             "install the dicom-codecs extra (pylibjpeg, python-gdcm) or send an uncompressed DICOM"
         )
+    return next((p for p in _PLUGIN_PREFERENCE if p in available), available[0])
 
 
 def _grayscale_luts(arr: np.ndarray, ds) -> tuple[np.ndarray, list[str]]:

@@ -3,6 +3,7 @@ MONOCHROME1, multi-frame, compressed syntaxes), and the typed errors for bad inp
 
 import io
 import logging
+import zlib
 
 import cv2
 import numpy as np
@@ -246,3 +247,35 @@ def test_decode_dicom_never_reveals_tag_values(caplog):
     text = " ".join(out.warnings) + str(bad.value.detail) + caplog.text
     assert any("window is invalid" in w for w in out.warnings)
     assert marker not in text and "Xy-bad!" not in text
+
+
+def test_decode_prefers_plugins_that_fail_cleanly_over_gdcm():
+    from app.inference.decode import _decoding_plugin
+
+    assert _decoding_plugin(dicom_file("MR_small_jp2klossless.dcm")) == "pylibjpeg"
+    assert _decoding_plugin(dicom_file("MR_small.dcm")) == ""  # uncompressed
+
+
+@pytest.mark.parametrize("name", ["MR_small.dcm", "MR_small_jp2klossless.dcm", "emri_small.dcm", "MR_small_RLE.dcm"])
+def test_decode_mutated_dicom_raises_only_typed_errors(name):
+    """Fuzzing: corrupt bytes, truncations and overwritten runs give a 4xx error, never another
+    exception (a 500) and never a crash (python-gdcm aborted the process on such JPEG 2000 data)."""
+    from app.errors import ServiceError
+
+    original = read_testdata_bytes(name)
+    rng = np.random.default_rng(zlib.crc32(name.encode()))  # the same cases every run
+    for _ in range(120):
+        data = bytearray(original)
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            for pos in rng.integers(132, len(data), rng.integers(1, 10)):
+                data[pos] = rng.integers(0, 256)
+        elif kind == 1:
+            data = data[: rng.integers(132, len(data))]
+        else:
+            pos = rng.integers(132, len(data))
+            data[pos:pos + 8] = rng.integers(0, 256, 8, dtype=np.uint8).tobytes()
+        try:
+            decode(bytes(data))
+        except ServiceError as error:
+            assert 400 <= error.status < 500
