@@ -111,3 +111,24 @@ def test_ddp_training_with_two_gloo_processes(tmp_path: Path) -> None:
     train = max(arrays, key=len)
     assert len(train) == 12 * 2
     assert all(np.abs(np.asarray(row, dtype=np.float32)).sum() > 0 for row in train)
+
+
+def test_training_on_images_without_the_cache_updates_layer3(tmp_path: Path) -> None:
+    """The image path (GPU-style, no feature cache) with SGD + one-cycle and a trainable layer3."""
+    paths = write_image_folder(tmp_path / "imgs", per_class=4, size=48)
+    split_file = write_split_file(tmp_path / "imgs", paths, tmp_path / "splits.csv")
+    run = tmp_path / "run"
+    args = ["train", "--data", str(tmp_path / "imgs"), "--split-file", str(split_file), "--no-pretrained",
+            "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--freeze", "layer3", "--feature-cache",
+            "off", "--optimizer", "sgd", "--schedule", "onecycle", "--lr", "0.05", "--deterministic",
+            "--threads", "2", "--out", str(run)]
+    assert cli.main(args) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    torch.manual_seed(0)
+    from model_export.resnet import ResNet50
+
+    initial = ResNet50(4, dropout=0.2).state_dict()
+    changed = {k.split(".")[0] for k, v in ckpt["model"].items() if v.dtype.is_floating_point
+               and "running" not in k and not torch.equal(v, initial[k])}
+    assert changed == {"layer3", "layer4", "fc"}
+    assert ckpt["args"]["optimizer"] == "sgd" and ckpt["args"]["freeze"] == "layer3"
