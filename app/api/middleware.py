@@ -11,7 +11,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
-from app.api.problems import problem_of, problem_response
+from app.api.problems import internal_error_response, problem_of, problem_response
 from app.errors import PayloadTooLarge
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -50,12 +50,14 @@ class RequestContextMiddleware:
         request_id = request_id_from(scope["headers"])
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
+        started_response = False
         limit = self.max_body_bytes
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
                 status = message["status"]
+                started_response = True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
             await send(message)
@@ -82,6 +84,10 @@ class RequestContextMiddleware:
                 await response(scope, receive, send_with_id)
                 return
             await self.app(scope, counted_receive, send_with_id)
+        except Exception:
+            if started_response:  # too late for a problem response: let the server close the connection
+                raise
+            await internal_error_response(scope["path"], request_id)(scope, receive, send_with_id)
         finally:
             if tracked:
                 metrics.IN_FLIGHT.dec()

@@ -62,11 +62,17 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return problem_response(body, dict(exc.headers or {}))
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error (request_id=%s)", request_id_of(request))
+def internal_error_response(instance: str, request_id: str) -> JSONResponse:
+    """A 500 that hides internals; the caller logs the exception with the request id."""
+    log.exception("unhandled error (request_id=%s)", request_id)
     body = problem_body(500, "internal-error", "Internal error", "an unexpected error occurred; quote the request id",
-                        request.url.path, request_id_of(request))
+                        instance, request_id)
     return problem_response(body)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # Normally RequestContextMiddleware answers first (with the X-Request-ID header); this is the backstop.
+    return internal_error_response(request.url.path, request_id_of(request))
 
 
 def install_problem_handlers(app: FastAPI) -> None:

@@ -169,3 +169,16 @@ def test_wrong_method_is_405_problem(client):
     response = client.get("/v1/predict")
     assert_problem(response, 405, "method-not-allowed")
     assert "POST" in response.headers["allow"]
+
+
+def test_unexpected_error_is_500_problem_with_request_id_and_no_internals(client, monkeypatch):
+    def broken():
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(client.app.state.runtime.service, "describe", broken)
+    response = client.get("/v1/model", headers={"X-Request-ID": "trace-500"})
+    assert response.status_code == 500 and response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["type"] == "/problems/internal-error" and body["instance"] == "/v1/model"
+    assert response.headers["x-request-id"] == "trace-500" and body["request_id"] == "trace-500"
+    assert "secret" not in response.text
