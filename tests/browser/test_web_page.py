@@ -26,10 +26,11 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.live_server import REPO_ROOT, live_service
+from tests.api.helpers import ServerProcess
 from tests.model_factory import build_model
 
 BROWSER_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BROWSER_DIR.parents[1]
 SCRIPT = BROWSER_DIR / "web_page.mjs"
 ARTIFACTS = REPO_ROOT / "test-artifacts" / "browser"
 CHROMIUM = Path(os.environ.get("BTD_CHROMIUM", "/usr/bin/chromium"))
@@ -86,7 +87,8 @@ def browser_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for old in ARTIFACTS.glob("*.png"):  # so a stale screenshot cannot pass for a new one
         old.unlink()
 
-    with live_service(model) as base_url:
+    with ServerProcess(model, ready_timeout_s=120, BTD_INTRA_OP_THREADS="1") as server:
+        base_url = server.url
         env = {**os.environ, "BASE_URL": base_url, "IMAGE": str(image), "DICOM": str(dicom),
                "BROKEN": str(broken), "ARTIFACTS": str(ARTIFACTS), "PROFILE": str(work / "profile"),
                "CHROMIUM": str(CHROMIUM)}

@@ -13,10 +13,10 @@ from pathlib import Path
 import cv2
 import pytest
 
-from tests.api.helpers import png_bytes
-from tests.live_server import REPO_ROOT, live_service
+from tests.api.helpers import ServerProcess, png_bytes
 from tests.model_factory import LABELS, build_model
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BTD = Path(sys.executable).parent / "btd"
 RUN_TIMEOUT_S = 180
 # Runs the same entry point as the console script, with torch and fastapi made unimportable.
@@ -72,8 +72,8 @@ def test_predict_url_mode_matches_local_mode_and_reports_failures(tmp_path: Path
     pattern = str(tmp_path / "scans" / "*.png")
 
     local = run("predict", "--model", model_path, pattern, "--format", "csv", "--no-progress")
-    with live_service(model_path) as base_url:
-        remote = run("predict", "--url", base_url, pattern, "--format", "csv", "--cam-dir", tmp_path / "cams")
+    with ServerProcess(model_path, BTD_INTRA_OP_THREADS="1") as server:
+        remote = run("predict", "--url", server.url, pattern, "--format", "csv", "--cam-dir", tmp_path / "cams")
 
     for done in (local, remote):
         assert done.returncode == 1, done.stderr
