@@ -31,7 +31,7 @@ SHIPPED = ROOT / "models" / "btd-resnet50.onnx"
 VERSION = "1.0.0"
 MIN_VAL_SENSITIVITY = 0.998
 MAX_THRESHOLD = 0.5
-TRAIN_ARGS = ["--freeze", "layer4", "--epochs", "4", "--patience", "2", "--views", "1", "--threads", "2",
+TRAIN_ARGS = ["--freeze", "layer4", "--epochs", "6", "--patience", "2", "--views", "1", "--threads", "2",
               "--seed", "0"]
 FIGSHARE_COLUMNS = ["--path-column", "image", "--split-column", "in_4class_splits"]
 
