@@ -1,0 +1,75 @@
+"""The released model: follows the contract, loads in the service's runner, and its card describes it."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.contract import NO_TUMOUR_LABEL, PreprocessSpec, preprocess
+from app.inference.runner import Runner, file_sha256
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+SHIPPED = MODELS / "btd-resnet50.onnx"
+CARD = MODELS / "MODEL_CARD.md"
+
+pytestmark = pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped model in models/")
+
+
+@pytest.fixture(scope="module")
+def runner() -> Runner:
+    return Runner.load(SHIPPED)
+
+
+def test_shipped_model_loads_and_passes_the_contract_warm_up(runner):
+    runner.warm_up((1, 2))
+    meta = runner.metadata
+    assert meta.model_name == "btd-resnet50"
+    assert NO_TUMOUR_LABEL in meta.labels and len(meta.labels) == 4
+    assert meta.preprocess == PreprocessSpec()
+    assert 0.0 < meta.tumour_threshold <= 0.5  # chosen on validation, never stricter than argmax
+    assert meta.temperature > 0
+    assert runner.cam_weights.shape == (4, 2048) and runner.cam_weights.dtype == np.float32
+
+
+def test_shipped_model_metadata_carries_test_metrics_and_training_data(runner):
+    metrics = runner.metadata.metrics
+    assert metrics["images"] == 1129
+    assert {"accuracy", "macro_f1", "macro_roc_auc", "tumour_sensitivity", "ece_calibrated"} <= set(metrics)
+    assert runner.metadata.training_data["per_split"]["test"] == {
+        "glioma": 228, "meningioma": 261, "notumor": 367, "pituitary": 273}
+
+
+def test_model_card_names_the_shipped_file_and_its_figures(runner):
+    card = CARD.read_text()
+    assert file_sha256(SHIPPED) in card  # the card describes this exact file
+    metrics = runner.metadata.metrics
+    assert f"{metrics['accuracy']:.4f}" in card and f"{metrics['macro_f1']:.4f}" in card
+    assert re.search(rf"\b{runner.metadata.tumour_threshold:.3f}\b", card)
+
+
+def test_shipped_model_outputs_are_finite_and_depend_on_the_input(runner):
+    """Not a constant model: two different slices give different logits."""
+    yy, xx = np.mgrid[0:256, 0:256] / 256.0
+    blob = np.exp(-((yy - 0.4) ** 2 + (xx - 0.6) ** 2) / 0.01).astype(np.float32)
+    ring = (np.abs(np.hypot(yy - 0.5, xx - 0.5) - 0.35) < 0.03).astype(np.float32)
+    batch = np.stack([preprocess(blob, runner.metadata.preprocess), preprocess(ring, runner.metadata.preprocess)])
+    logits, features = runner.run(batch)
+    assert np.isfinite(logits).all() and np.isfinite(features).all()
+    assert not np.allclose(logits[0], logits[1], atol=1e-3)
+
+
+@pytest.mark.data
+def test_shipped_model_classifies_held_out_figshare_slices():
+    from model_export.data import read_gray, shared_data_dir
+    from model_export.localisation import figshare_test_rows
+
+    if not (shared_data_dir() / "figshare-cheng" / "index.csv").is_file():
+        pytest.skip("../shared/data is absent")
+    rows = figshare_test_rows(shared_data_dir())[::37]  # 8 held-out slices across the three classes
+    runner = Runner.load(SHIPPED)
+    batch = np.stack([preprocess(read_gray(s.path), runner.metadata.preprocess) for s, _ in rows])
+    logits, _ = runner.run(batch)
+    predicted = [runner.metadata.labels[i] for i in logits.argmax(1)]
+    assert sum(p == s.label for p, (s, _) in zip(predicted, rows)) >= len(rows) - 1
+    assert NO_TUMOUR_LABEL not in predicted  # every figshare slice holds a tumour
