@@ -125,6 +125,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Reseed torch's global generator (dropout) from (seed, epoch) alone, so an epoch draws the
+    same masks whether the feature cache was built in this run (its loaders consume the generator)
+    or reused, and whether the run was resumed."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+
+
 def load_data(config: TrainConfig) -> tuple[list[Sample], tuple[str, ...]]:
     samples = load_samples(
         Path(config.data),
@@ -324,6 +331,7 @@ def main(config: TrainConfig) -> Path:
     base = {"args": asdict(config), "labels": list(labels), "preprocess": spec.to_json(),
             "training_data": summarise(samples)}
     for epoch in range(start_epoch, config.epochs):
+        seed_epoch(config.seed, epoch)
         train_set.set_epoch(epoch)  # type: ignore[union-attr]
         train_loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
         started = time.perf_counter()
