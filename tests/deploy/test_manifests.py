@@ -240,3 +240,17 @@ def test_network_policy_admits_only_the_service_port(overlay):
 def test_kserve_example_is_next_to_the_overlays():
     assert KSERVE_EXAMPLE.is_relative_to(K8S)
     assert kserve_example()["spec"]["predictor"]["containers"][0]["image"].endswith("-gpu")
+
+
+def test_kserve_example_calls_the_port_kserve_exposes():
+    # KServe's RawDeployment Service for a predictor listens on port 80 (its CommonDefaultHttpPort)
+    # and targets the container's first port: the documented URL must use 80, not the container's.
+    text = KSERVE_EXAMPLE.read_text()
+    isvc = kserve_example()
+    urls = re.findall(r"https?://[^\s\"']+", text)
+    assert urls, "the example shows how to call the service"
+    service = f"{isvc['metadata']['name']}-predictor.{isvc['metadata']['namespace']}.svc"
+    for url in urls:
+        host_port = url.split("/")[2]
+        assert host_port in (service, service + ":80"), url
+    assert f"kubectl create namespace {isvc['metadata']['namespace']}" in text
