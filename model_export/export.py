@@ -71,6 +71,18 @@ def fold_batchnorm(model: ResNet50) -> ResNet50:
     return fused
 
 
+def check_folding(model: ResNet50, folded: ResNet50, size: int) -> None:
+    """The folded copy computes what the trained model computes (torch on both sides); raises
+    ParityError. The ONNX parity check compares against the folded copy, so without this a wrong
+    fold would be exported faithfully and pass."""
+    x = torch.from_numpy(parity_inputs(size, max(PARITY_BATCHES), seed=99))
+    with torch.inference_mode():
+        want, got = model.eval()(x), folded.eval()(x)
+    for name, w, g in zip((LOGITS_NAME, FEATURES_NAME), want, got):
+        if not torch.allclose(g, w, rtol=PARITY_RTOL, atol=PARITY_ATOL):
+            raise ParityError(f"folding BatchNorm changed {name}: max |diff| = {float((g - w).abs().max()):.3g}")
+
+
 def round_to_fp16(model: nn.Module) -> nn.Module:
     """In place: every float parameter/buffer rounded to the nearest float16 (kept as float32)."""
     with torch.no_grad():
@@ -196,6 +208,7 @@ def export(
     if opset < 17:
         raise ValueError("opset must be 17 or newer")
     folded = fold_batchnorm(model.cpu().eval())
+    check_folding(model, folded, spec.size)
     if fp16_weights:
         round_to_fp16(folded)
     module = folded  # ResNet50.forward is already image -> (logits, features); names stay "fc.weight"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,19 @@ def test_failed_export_leaves_no_file(trained_like_model, tmp_path: Path, monkey
 
     monkeypatch.setattr(exporter, "check_parity", broken)
     with pytest.raises(exporter.ParityError):
+        exporter.export(trained_like_model, LABELS, PreprocessSpec(size=SIZE), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_fails_when_batchnorm_folding_changes_the_model(trained_like_model, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    def fold_that_drops_bn1(model: ResNet50) -> ResNet50:
+        broken = copy.deepcopy(model).eval()
+        broken.bn1 = torch.nn.Identity()
+        return broken
+
+    monkeypatch.setattr(exporter, "fold_batchnorm", fold_that_drops_bn1)
+    with pytest.raises(exporter.ParityError, match="folding"):
         exporter.export(trained_like_model, LABELS, PreprocessSpec(size=SIZE), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 
