@@ -51,7 +51,10 @@ RUN if [ "${VARIANT}" = gpu ] && [ -n "${TENSORRT_LIBS}" ]; then \
 
 # ---- Runtime: the interpreter, the virtualenv, the service code and the model ----
 FROM python AS runtime
-RUN groupadd --system --gid 10001 btd \
+# No package installer at run time: the official python base ships its own pip (and setuptools,
+# wheel) outside the virtualenv; Debian's and Ubuntu's python3 have none, hence `|| true`.
+RUN (python3 -m pip uninstall --yes --disable-pip-version-check pip setuptools wheel || true) \
+ && groupadd --system --gid 10001 btd \
  && useradd --system --uid 10001 --gid btd --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin btd \
  && mkdir -p /var/cache/btd/trt \

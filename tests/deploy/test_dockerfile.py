@@ -53,3 +53,12 @@ def test_lock_files_pin_every_service_dependency():
         assert wanted | {runtime} <= pinned, f"{lock.name} misses {sorted(wanted | {runtime} - pinned)}: " \
                                             "run .venv/bin/python docker/lock_requirements.py"
         assert "torch" not in pinned  # the service never imports torch
+
+
+def test_final_stage_removes_every_pip():
+    # The virtualenv's pip (builder) and the base image's own pip (runtime stage) both go.
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    builder, runtime = text.split("\nFROM python AS builder", 1)[1].split("\nFROM python AS runtime", 1)
+    assert re.search(r"/opt/venv/bin/pip uninstall --yes [^&]*\bpip\b", builder)
+    assert re.search(r"python3 -m pip uninstall --yes [^&|]*\bpip\b", runtime)
+    assert "/opt/venv/bin/pip install" not in runtime  # nothing is installed after the uninstall
