@@ -202,6 +202,18 @@ def _read_dicom(data: bytes, max_pixels: int) -> DecodedImage:
 
 
 _PYDICOM_QUIET = threading.Lock()
+# Top-level names of the loggers of pydicom and its decoding plugins.
+_DECODER_LOGGER_ROOTS = ("pydicom", "pylibjpeg", "openjpeg", "_openjpeg", "libjpeg", "rle", "gdcm", "pyjpegls")
+
+
+def _decoder_loggers() -> list[logging.Logger]:
+    """Every existing logger of pydicom and its plugins: a child logger (pydicom.pixels.decoders.base
+    logs each failing plugin's exception) is not silenced by disabling its parent."""
+    import pydicom.pixels  # noqa: F401  (creates the module loggers of pydicom and the installed plugins)
+
+    names = {*_DECODER_LOGGER_ROOTS, *(n for n in logging.root.manager.loggerDict
+                                       if n.split(".", 1)[0] in _DECODER_LOGGER_ROOTS)}
+    return [logging.getLogger(name) for name in sorted(names)]
 
 
 @contextlib.contextmanager
@@ -209,15 +221,17 @@ def _quiet_pydicom():
     """pydicom warns (and logs) with tag values in the message: keep them out of our logs.
     Warning filters and logger state are process-wide, so DICOM decoding holds a lock."""
     with _PYDICOM_QUIET:
-        logger = logging.getLogger("pydicom")
-        saved = logger.disabled
-        logger.disabled = True
+        loggers = _decoder_loggers()
+        saved = [logger.disabled for logger in loggers]
+        for logger in loggers:
+            logger.disabled = True
         try:
             with warnings_module.catch_warnings():
                 warnings_module.simplefilter("ignore")
                 yield
         finally:
-            logger.disabled = saved
+            for logger, was_disabled in zip(loggers, saved):
+                logger.disabled = was_disabled
 
 
 def _int_tag(ds, keyword: str) -> int:

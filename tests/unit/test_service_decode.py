@@ -249,6 +249,17 @@ def test_decode_dicom_never_reveals_tag_values(caplog):
     assert marker not in text and "Xy-bad!" not in text
 
 
+def test_decode_corrupt_compressed_dicom_logs_nothing_from_the_decoders(caplog):
+    # pydicom's module loggers (pydicom.pixels.decoders.base logs each failing plugin's exception,
+    # whose text can quote tag values such as Rows) are silenced too, not only the "pydicom" logger.
+    data = bytearray(read_testdata_bytes("SC_rgb_jpeg_gdcm.dcm"))
+    start = len(data) // 2
+    data[start:start + 64] = bytes(b ^ 0x5A for b in data[start:start + 64])
+    with caplog.at_level(logging.DEBUG), pytest.raises(InvalidImage):
+        decode(bytes(data))
+    assert [r.name for r in caplog.records] == []
+
+
 def test_decode_prefers_plugins_that_fail_cleanly_over_gdcm():
     from app.inference.decode import _decoding_plugin
 
