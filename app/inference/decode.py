@@ -123,7 +123,23 @@ def _decode_raster(data: bytes, media_type: str, max_pixels: int) -> DecodedImag
     if img.shape[0] * img.shape[1] > max_pixels:
         raise PayloadTooLarge(f"image exceeds the limit of {max_pixels} pixels")
     gray, warnings = _to_gray(img)
+    frames = _png_frames(data) if media_type == PNG else 1
+    if frames > 1:  # OpenCV decodes the default image, the first frame of an animated PNG
+        warnings.append(f"animated PNG ({frames} frames): the first frame was used")
     return DecodedImage(gray, media_type, warnings)
+
+
+def _png_frames(data: bytes) -> int:
+    """The frame count of an animated PNG (its acTL chunk, which comes before the first IDAT), else 1."""
+    pos = 8
+    while pos + 16 <= len(data):
+        length, kind = int.from_bytes(data[pos : pos + 4], "big"), data[pos + 4 : pos + 8]
+        if kind == b"acTL":
+            return max(1, int.from_bytes(data[pos + 8 : pos + 12], "big"))
+        if kind in (b"IDAT", b"IEND"):
+            break
+        pos += 12 + length
+    return 1
 
 
 def _raster_size(data: bytes, media_type: str) -> tuple[bool, int, int]:

@@ -73,6 +73,35 @@ def test_decode_png_rgba_drops_alpha():
     assert np.allclose(out.pixels, GRAY8, atol=0.01)
 
 
+def animated_png(frames: list[np.ndarray]) -> bytes:
+    """An APNG (8-bit gray frames), written chunk by chunk: the first frame is the default image."""
+    import struct
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    def pixels(frame: np.ndarray) -> bytes:
+        return zlib.compress(b"".join(b"\x00" + row.tobytes() for row in frame))
+
+    height, width = frames[0].shape
+    frame_control = lambda seq: struct.pack(">IIIIIHHBB", seq, width, height, 0, 0, 1, 10, 0, 0)
+    out = [b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)),
+           chunk(b"acTL", struct.pack(">II", len(frames), 0)), chunk(b"fcTL", frame_control(0)),
+           chunk(b"IDAT", pixels(frames[0]))]
+    for i, frame in enumerate(frames[1:]):
+        seq = 1 + 2 * i
+        out += [chunk(b"fcTL", frame_control(seq)), chunk(b"fdAT", struct.pack(">I", seq + 1) + pixels(frame))]
+    return b"".join(out + [chunk(b"IEND", b"")])
+
+
+def test_decode_animated_png_uses_first_frame_and_warns():
+    frames = [GRAY8, 255 - GRAY8, GRAY8 // 2]
+    out = decode(animated_png(frames), PNG)
+    assert np.array_equal(out.pixels, GRAY8.astype(np.float32))
+    assert any("3 frames" in w for w in out.warnings)
+    assert decode(encode(".png", GRAY8)).warnings == []  # a still PNG does not warn
+
+
 def test_decode_jpeg_gray_and_rgb():
     smooth = cv2.GaussianBlur(GRAY8, (9, 9), 3)
     gray = decode(encode(".jpg", smooth), "image/jpeg")
