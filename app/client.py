@@ -84,10 +84,13 @@ def collect_inputs(args: Sequence[str]) -> tuple[list[Path], list[Outcome]]:
     for arg in args:
         path = Path(arg)
         if path.is_dir():
-            for child in sorted(p for p in path.rglob("*") if p.is_file()):
-                hidden = any(part.startswith(".") for part in child.relative_to(path).parts)
-                if not hidden and looks_like_image(child):
-                    add(child)
+            images = [child for child in sorted(p for p in path.rglob("*") if p.is_file())
+                      if not any(part.startswith(".") for part in child.relative_to(path).parts)
+                      and looks_like_image(child)]
+            if not images:  # as for a pattern that matches nothing: say so, never pass silently
+                missing.append(Outcome(arg, error="no image file in this folder"))
+            for child in images:
+                add(child)
         elif path.is_file():
             add(path)
         elif GLOB_CHARS & set(arg):

@@ -81,6 +81,18 @@ def test_collect_inputs_expands_globs_and_reports_unmatched_arguments(tmp_path: 
     ]
 
 
+def test_collect_inputs_reports_a_folder_without_images(tmp_path: Path) -> None:
+    a = write_png(tmp_path / "a.png")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not an image")
+    write_png(tmp_path / "notes" / ".hidden" / "b.png")
+
+    files, missing = collect_inputs([str(a), str(tmp_path / "notes")])
+
+    assert files == [a]
+    assert [(m.path, m.error) for m in missing] == [(str(tmp_path / "notes"), "no image file in this folder")]
+
+
 def test_collect_inputs_lists_a_file_once_when_named_twice(tmp_path: Path) -> None:
     a = write_png(tmp_path / "a.png")
     files, _ = collect_inputs([str(a), str(tmp_path), str(tmp_path / "*.png")])
