@@ -4,6 +4,7 @@ against the real server, gets every prediction answered."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -62,6 +63,18 @@ def test_readme_own_overlay_renders_your_image_and_pull_secret(tmp_path):
     for doc in docs:
         if not is_custom_resource(doc):
             kubernetes_validate.validate(doc, "1.30.0", strict=True)
+
+
+def test_readme_load_pod_pulls_the_image_as_the_deployment_does():
+    # Same image and ServiceAccount as the service's pods, so step 5's pull secret applies to it.
+    lines = " ".join(code_lines(step(8))).replace("\\ ", " ")
+    run = re.search(r"kubectl -n (\S+) run (.*?)--command", lines)
+    assert run, "step 8 starts the load pod with kubectl run"
+    overrides = json.loads(re.search(r"--overrides='([^']*)'", run.group(2)).group(1))
+    deployment = yaml.safe_load((K8S / "base" / "deployment.yaml").read_text())
+    assert run.group(1) == "btd"
+    assert overrides["spec"]["serviceAccountName"] == deployment["spec"]["template"]["spec"]["serviceAccountName"]
+    assert "--image=REGISTRY/btd:0.1.0-gpu" in run.group(2)
 
 
 def load_script() -> str:
