@@ -37,6 +37,18 @@ def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
+def route_template(scope: Scope) -> str:
+    """The route template for the duration metric; "unmatched" for unknown paths. A request refused
+    before routing (413 by Content-Length) is an API path, which is its own template (none has
+    parameters), so its 413 is counted under that route too."""
+    template = getattr(scope.get("route"), "path", None)
+    if template:
+        return template
+    app = scope.get("app")
+    api_paths = app.openapi().get("paths", {}) if hasattr(app, "openapi") else {}
+    return scope["path"] if scope["path"] in api_paths else "unmatched"
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
@@ -91,8 +103,6 @@ class RequestContextMiddleware:
         finally:
             if tracked:
                 metrics.IN_FLIGHT.dec()
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            metrics.REQUEST_DURATION.labels(template, scope["method"], str(status)).observe(
+            metrics.REQUEST_DURATION.labels(route_template(scope), scope["method"], str(status)).observe(
                 time.perf_counter() - started)
 

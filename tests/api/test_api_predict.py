@@ -145,6 +145,17 @@ def test_predict_body_over_limit_is_413_by_content_length(model_path):
         assert "4096" in body["detail"]
 
 
+def test_predict_413_by_content_length_is_counted_under_its_route(model_path):
+    from prometheus_client import REGISTRY
+
+    labels = {"route": "/v1/predict", "method": "POST", "status": "413"}
+    count = lambda: REGISTRY.get_sample_value("btd_http_request_duration_seconds_count", labels) or 0.0
+    with running_app(model_path, max_body_bytes=4096) as client:
+        before = count()
+        response = client.post("/v1/predict", content=bytes(5000), headers={"Content-Type": "image/png"})
+        assert response.status_code == 413 and count() == before + 1  # not under route="unmatched"
+
+
 def test_predict_streamed_body_over_limit_is_413(model_path):
     def chunks():  # no Content-Length: the server must count
         for _ in range(10):
