@@ -97,6 +97,19 @@ def read_split_file(
     return samples
 
 
+def write_split_file(samples: Sequence[Sample], path: Path, root: Path) -> Path:
+    """The split as a CSV (``path,label,split,group``, paths relative to ``root``) that
+    ``read_split_file`` reads back: a split made here can then be reused exactly by evaluate."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "split", "group"])
+        for s in samples:
+            writer.writerow([Path(s.path).relative_to(root).as_posix(), s.label, s.split, s.group])
+    return path
+
+
 def labels_of(samples: Iterable[Sample]) -> tuple[str, ...]:
     """The class names present, sorted (logit order)."""
     labels = tuple(sorted({s.label for s in samples}))

@@ -29,7 +29,8 @@ from app.contract import PreprocessSpec
 from model_export import metrics
 from model_export.augment import Augment
 from model_export.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
-from model_export.data import Sample, labels_of, limit_per_class, load_samples, select, summarise
+from model_export.data import (Sample, labels_of, limit_per_class, load_samples, select, summarise,
+                                write_split_file)
 from model_export.datasets import CachedFeatureDataset, SliceDataset
 from model_export.features import build_feature_cache
 from model_export.resnet import ResNet50, apply_freeze, load_backbone, set_train_mode
@@ -280,6 +281,10 @@ def main(config: TrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         log.info("classes %s; %d train / %d val images; device %s x%d", list(labels), len(train_samples),
                  len(val_samples), runtime.device, runtime.world_size)
+        if config.split_file is None:  # evaluate must see this split, not one remade with other fractions
+            made = write_split_file(samples, out / "splits.csv", Path(config.data))
+            log.info("split made by near-duplicate grouping written to %s (pass it to evaluate as --split-file)",
+                     made)
 
     resume = read_checkpoint(Path(config.resume)) if config.resume else None
     if resume is not None and tuple(resume["labels"]) != labels:

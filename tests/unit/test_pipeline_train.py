@@ -87,3 +87,17 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_data, tm
     resumed = read_checkpoint(tmp_path / "split" / "last.pt")
     assert resumed["epoch"] == 1
     assert all(torch.equal(straight[k], resumed["model"][k]) for k in straight)
+
+
+def test_training_without_a_split_file_writes_the_split_it_made(tmp_path: Path) -> None:
+    from model_export.data import load_samples, read_split_file
+
+    root = tmp_path / "imgs"
+    write_image_folder(root, per_class=8, size=48)
+    fractions = {"val_fraction": 0.25, "test_fraction": 0.25, "seed": 3}
+    train.main(tiny_config({"data": str(root)}, tmp_path / "run", **fractions))
+    written = read_split_file(tmp_path / "run" / "splits.csv", root)
+    made = load_samples(root, None, **fractions)
+    assert [(s.path, s.label, s.split, s.group) for s in written] == [(s.path, s.label, s.split, s.group)
+                                                                      for s in made]
+    assert {s.split for s in written} == {"train", "val", "test"}
