@@ -97,6 +97,7 @@ async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
                         settings: Settings = Depends(get_settings)) -> dict[str, Any]:
     if _bare(request.headers.get("content-type")) != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data with one 'files' field per image")
+    service.refuse_if_full()  # an overloaded server answers the whole batch 503 + Retry-After
     form = await _read_form(request, max_files=settings.max_batch_files)
     uploads = [u for u in form.getlist("files") if isinstance(u, UploadFile)]
     if not uploads:

@@ -66,14 +66,18 @@ class MicroBatcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._worker(), name="btd-batcher")
 
-    async def submit(self, tensor: np.ndarray) -> BatchOutput:
-        """Queue one preprocessed image; resolves when its batch has run."""
-        if self._closing or self._task is None:
-            raise ModelNotReady("the server is shutting down")
+    def refuse_if_full(self) -> None:
+        """``Overloaded`` (503 with Retry-After) while the queue is full."""
         if len(self._items) >= self.queue_size:
             retry = max(1, math.ceil(self.max_wait_s + 0.05 * self.queue_size / self.max_batch_size))
             raise Overloaded(f"the inference queue is full ({self.queue_size} waiting); retry shortly",
                              headers={"Retry-After": str(retry)})
+
+    async def submit(self, tensor: np.ndarray) -> BatchOutput:
+        """Queue one preprocessed image; resolves when its batch has run."""
+        if self._closing or self._task is None:
+            raise ModelNotReady("the server is shutting down")
+        self.refuse_if_full()
         future = asyncio.get_running_loop().create_future()
         self._items.append(_Item(tensor, future, time.perf_counter()))
         self._on_depth(len(self._items))

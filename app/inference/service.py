@@ -67,6 +67,11 @@ class InferenceService:
             self.builder.build, prepared, out.logits, out.features, cam, started=started,
             queue_ms=out.queue_ms, inference_ms=out.inference_ms))
 
+    def refuse_if_full(self) -> None:
+        """``Overloaded`` (503 with Retry-After) at once while the model's queue is full: for a
+        batch request, before its files are read and decoded."""
+        self.batcher.refuse_if_full()
+
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/model`` returns."""
         meta = self.runner.metadata

@@ -4,6 +4,8 @@ import base64
 import math
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import cv2
 import numpy as np
@@ -195,23 +197,43 @@ def _gate_model(client) -> Gate:
     return gate
 
 
-def test_predict_full_queue_is_503_with_retry_after(model_path):
-    with running_app(model_path, max_batch_size=1, max_wait_ms=0, queue_size=1) as client:
-        gate = _gate_model(client)
-        post = lambda: client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png"})
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(post())) for _ in range(2)]
-        threads[0].start()
-        assert gate.entered.wait(10)  # first request is in the model
-        threads[1].start()
-        batcher = client.app.state.runtime.service.batcher
-        deadline = time.monotonic() + 10
-        while batcher.depth < 1 and time.monotonic() < deadline:  # second one waits in the queue
-            time.sleep(0.01)
-        response = post()
+@contextmanager
+def full_queue(client) -> Iterator[list]:
+    """With queue_size=1 and max_batch_size=1: one request held in the model, one waiting in the
+    queue, until exit; yields the list their responses are appended to (after exit)."""
+    gate = _gate_model(client)
+    post = lambda: client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png"})
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(post())) for _ in range(2)]
+    threads[0].start()
+    assert gate.entered.wait(10)  # first request is in the model
+    threads[1].start()
+    batcher = client.app.state.runtime.service.batcher
+    deadline = time.monotonic() + 10
+    while batcher.depth < 1 and time.monotonic() < deadline:  # second one waits in the queue
+        time.sleep(0.01)
+    try:
+        yield results
+    finally:
         gate.release.set()
         for t in threads:
             t.join(10)
+
+
+def test_predict_full_queue_is_503_with_retry_after(model_path):
+    with running_app(model_path, max_batch_size=1, max_wait_ms=0, queue_size=1) as client:
+        with full_queue(client) as results:
+            response = client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png"})
+        body = assert_problem(response, 503, "overloaded")
+        assert int(response.headers["retry-after"]) >= 1 and "queue" in body["detail"]
+        assert [r.status_code for r in results] == [200, 200]
+
+
+def test_batch_on_full_queue_is_503_with_retry_after(model_path):
+    # not a 200 whose every file failed "overloaded": clients and proxies retry on 503 + Retry-After
+    with running_app(model_path, max_batch_size=1, max_wait_ms=0, queue_size=1) as client:
+        with full_queue(client) as results:
+            response = client.post("/v1/predict/batch", files=[("files", ("a.png", png_bytes(), "image/png"))])
         body = assert_problem(response, 503, "overloaded")
         assert int(response.headers["retry-after"]) >= 1 and "queue" in body["detail"]
         assert [r.status_code for r in results] == [200, 200]
