@@ -182,7 +182,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     path = main(QuantizeConfig(
         model=args.model, out=args.out, data=args.data, split_file=args.split_file, split=args.split,
-        calibration_images=args.calibration_images, seed=args.seed, columns=_columns(args),
+        calibration_images=args.calibration_images, limit_per_class=args.limit_per_class, seed=args.seed,
+        columns=_columns(args),
     ))
     log.info("quantized model: %s", path)
     return 0

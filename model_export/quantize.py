@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
 from app.contract import INPUT_NAME, LOGITS_NAME, META_METRICS, ModelMetadata, preprocess
-from model_export.data import Sample, load_samples, read_gray, select
+from model_export.data import Sample, limit_per_class, load_samples, read_gray, select
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ class QuantizeConfig:
     split_file: Path | None = None
     split: str = "train"
     calibration_images: int = 128
+    limit_per_class: int = 0
     seed: int = 0
     columns: dict[str, str] = field(default_factory=dict)
 
@@ -120,8 +121,8 @@ def quantize_model(source: Path, out: Path, calibration: Sequence[Sample]) -> Pa
 
 
 def main(config: QuantizeConfig) -> Path:
-    samples = select(load_samples(Path(config.data), config.split_file, seed=config.seed, **config.columns),
-                     config.split)
+    samples = load_samples(Path(config.data), config.split_file, seed=config.seed, **config.columns)
+    samples = select(limit_per_class(samples, config.limit_per_class, config.seed), config.split)
     if not samples:
         raise ValueError(f"no {config.split!r} images to calibrate on")
     random.Random(config.seed).shuffle(samples)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -42,3 +43,25 @@ def test_subcommand_is_required(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main([])
     assert exc.value.code == 2
+
+
+def test_quantize_calibrates_on_training_images_within_the_limit_per_class(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("onnxruntime")
+    from model_export import quantize
+    from tests.export.synthetic_mri import write_image_folder, write_split_file
+
+    paths = write_image_folder(tmp_path / "imgs", per_class=8, size=32)
+    split_file = write_split_file(tmp_path / "imgs", paths, tmp_path / "splits.csv")
+    seen = {}
+
+    def fake_quantize(source, out, calibration):
+        seen["calibration"] = list(calibration)
+        return out
+
+    monkeypatch.setattr(quantize, "quantize_model", fake_quantize)
+    code = cli.main(["quantize", str(tmp_path / "m.onnx"), "--data", str(tmp_path / "imgs"), "--split-file",
+                     str(split_file), "--limit-per-class", "2"])
+    assert code == 0
+    calibration = seen["calibration"]
+    assert {s.split for s in calibration} == {"train"}
+    assert sorted(Counter(s.label for s in calibration).values()) == [2, 2, 2, 2]
