@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.inference.decode import MultiframePolicy
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "btd-resnet50.onnx"
 KNOWN_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -40,6 +42,9 @@ class Settings(BaseSettings):
     max_pixels: int = Field(50_000_000, ge=1, description="largest decoded image, in pixels (413 beyond)")
     request_timeout_s: float = Field(30.0, gt=0, description="time to process one request once received (504 beyond)")
     max_batch_files: int = Field(16, ge=1, le=256, description="most files in one /v1/predict/batch request")
+    multiframe: MultiframePolicy = Field(
+        "middle", description='frame of a multi-frame DICOM to classify: "middle" or "first" (a warning says which)'
+    )
     tumour_threshold: float | None = Field(
         None, ge=0, le=1, description="tumour decision threshold (unset: the value stored in the model)"
     )

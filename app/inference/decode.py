@@ -15,6 +15,7 @@ import threading
 import warnings as warnings_module
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -28,6 +29,8 @@ MEDIA_TYPES = (PNG, JPEG, DICOM)
 
 _SUFFIXES = {".png": PNG, ".jpg": JPEG, ".jpeg": JPEG, ".dcm": DICOM, ".dicom": DICOM}
 DEFAULT_MAX_PIXELS = 50_000_000
+# Which frame of a multi-frame DICOM is classified (BTD_MULTIFRAME); a warning always says which.
+MultiframePolicy = Literal["middle", "first"]
 
 
 @dataclass
@@ -68,8 +71,10 @@ def normalise_media_type(declared: str | None) -> str | None:
     return _ALIASES.get(bare, bare)
 
 
-def decode(data: bytes, declared: str | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
-    """Decode image bytes. ``declared`` is the client's media type, checked against the signature."""
+def decode(data: bytes, declared: str | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+           multiframe: MultiframePolicy = "middle") -> DecodedImage:
+    """Decode image bytes. ``declared`` is the client's media type, checked against the signature;
+    ``multiframe`` picks the frame of a multi-frame DICOM."""
     declared = normalise_media_type(declared)
     if declared is not None and declared not in MEDIA_TYPES:
         shown = declared if len(declared) <= 80 else declared[:80] + "..."
@@ -82,7 +87,7 @@ def decode(data: bytes, declared: str | None = None, *, max_pixels: int = DEFAUL
     if declared is not None and declared != actual:
         raise UnsupportedMediaType(f"declared {declared} but the bytes are {actual}")
     if actual == DICOM:
-        return _decode_dicom(data, max_pixels)
+        return _decode_dicom(data, max_pixels, multiframe)
     return _decode_raster(data, actual, max_pixels)
 
 
@@ -166,12 +171,12 @@ def _raster_size(data: bytes, media_type: str) -> tuple[bool, int, int]:
     return False, 0, 0
 
 
-def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
+def _decode_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy) -> DecodedImage:
     """DICOM Part 10 -> float32 slice: Modality LUT, then VOI LUT or window (to [0, 1]), MONOCHROME1
-    inverted. Multi-frame policy: the middle frame (``frames // 2``), with a warning."""
+    inverted. Multi-frame policy: the middle frame (``frames // 2``) by default, or the first; with a warning."""
     with _quiet_pydicom():
         try:
-            return _read_dicom(data, max_pixels)
+            return _read_dicom(data, max_pixels, multiframe)
         except ServiceError:
             raise
         except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
@@ -179,7 +184,7 @@ def _decode_dicom(data: bytes, max_pixels: int) -> DecodedImage:
             raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None
 
 
-def _read_dicom(data: bytes, max_pixels: int) -> DecodedImage:
+def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy) -> DecodedImage:
     import pydicom
 
     ds = pydicom.dcmread(io.BytesIO(data))
@@ -197,14 +202,15 @@ def _read_dicom(data: bytes, max_pixels: int) -> DecodedImage:
     if rows * cols > max_pixels:
         raise PayloadTooLarge(f"image of {cols}x{rows} pixels exceeds the limit of {max_pixels} pixels")
     plugin = _decoding_plugin(ds)
+    frame = (frames // 2 if multiframe == "middle" else 0) if frames > 1 else None
     try:
         # decode only the frame we use (multi-frame), with a plugin that fails cleanly on bad data
-        ds.pixel_array_options(index=frames // 2 if frames > 1 else None, decoding_plugin=plugin)
+        ds.pixel_array_options(index=frame, decoding_plugin=plugin)
         arr = np.asarray(ds.pixel_array)
     except Exception as exc:  # a decoder exists (checked above): the data is bad
         raise InvalidImage(f"the DICOM pixel data could not be decoded ({type(exc).__name__})") from None
-    if frames > 1:
-        warnings.append(f"multi-frame DICOM ({frames} frames): the middle frame ({frames // 2 + 1}) was used")
+    if frame is not None:
+        warnings.append(f"multi-frame DICOM ({frames} frames): the {multiframe} frame ({frame + 1}) was used")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM, RGB after pydicom's conversion
         gray, more = _to_gray(arr[:, :, 2::-1])
         return DecodedImage(gray, DICOM, warnings + more)

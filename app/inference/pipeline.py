@@ -13,7 +13,7 @@ import numpy as np
 
 from app.contract import ModelMetadata, PreprocessSpec, preprocess
 from app.errors import InvalidImage
-from app.inference.decode import DEFAULT_MAX_PIXELS, decode
+from app.inference.decode import DEFAULT_MAX_PIXELS, MultiframePolicy, decode
 from app.inference.postprocess import (
     cam_grid,
     cam_images,
@@ -44,10 +44,10 @@ class Prepared:
 
 
 def prepare(data: bytes, media_type: str | None, spec: PreprocessSpec, *,
-            max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
+            max_pixels: int = DEFAULT_MAX_PIXELS, multiframe: MultiframePolicy = "middle") -> Prepared:
     """Bytes -> model input. Raises the typed errors of ``app.errors`` for bad input."""
     start = time.perf_counter()
-    decoded = decode(data, media_type, max_pixels=max_pixels)
+    decoded = decode(data, media_type, max_pixels=max_pixels, multiframe=multiframe)
     decode_ms = ms_since(start)
     start = time.perf_counter()
     if not np.isfinite(decoded.pixels).all():

@@ -58,7 +58,8 @@ class Predictor:
         Raises the typed errors of ``app.errors`` for bad input; ValueError for a bad ``cam``."""
         check_cam_mode(cam)
         started = time.perf_counter()
-        prepared = prepare(data, media_type, self.metadata.preprocess, max_pixels=self.settings.max_pixels)
+        prepared = prepare(data, media_type, self.metadata.preprocess, max_pixels=self.settings.max_pixels,
+                           multiframe=self.settings.multiframe)
         infer_start = time.perf_counter()
         logits, features = self.runner.run(prepared.tensor[None])
         inference_ms = ms_since(infer_start)

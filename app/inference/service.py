@@ -61,7 +61,8 @@ class InferenceService:
         loop = asyncio.get_running_loop()
         spec = self.runner.metadata.preprocess
         prepared = await loop.run_in_executor(
-            self._cpu, partial(prepare, data, media_type, spec, max_pixels=self.settings.max_pixels))
+            self._cpu, partial(prepare, data, media_type, spec, max_pixels=self.settings.max_pixels,
+                               multiframe=self.settings.multiframe))
         out = await self.batcher.submit(prepared.tensor)
         return await loop.run_in_executor(self._cpu, partial(
             self.builder.build, prepared, out.logits, out.features, cam, started=started,

@@ -94,6 +94,13 @@ def test_predict_dicom_multiframe_and_non_mr_warn(client):
     assert any("not MR" in w for w in body["warnings"])
 
 
+def test_predict_multiframe_policy_is_configurable(model_path):
+    with running_app(model_path, multiframe="first") as client:
+        body = assert_prediction(client.post("/v1/predict", content=dicom_testfile("emri_small.dcm"),
+                                             headers={"Content-Type": "application/dicom"}))
+    assert any("multi-frame" in w and "first frame (1)" in w for w in body["warnings"])
+
+
 def test_predict_truncated_image_is_400(client):
     assert_problem(client.post("/v1/predict", content=png_bytes()[:50], headers={"Content-Type": "image/png"}),
                    400, "invalid-image")

@@ -218,6 +218,13 @@ def test_decode_dicom_multiframe_uses_middle_frame():
     assert any("multi-frame" in w and "middle frame" in w for w in out.warnings)
 
 
+def test_decode_dicom_multiframe_first_policy_uses_first_frame():
+    ds = dicom_file("emri_small.dcm")
+    out = decode(read_testdata_bytes("emri_small.dcm"), multiframe="first")
+    assert np.array_equal(out.pixels, ds.pixel_array[0].astype(np.float32))
+    assert any("multi-frame" in w and "first frame (1)" in w for w in out.warnings)
+
+
 @pytest.mark.parametrize("name", ["MR_small_RLE.dcm", "MR_small_jp2klossless.dcm", "MR_small_bigendian.dcm",
                                   "MR_small_implicit.dcm"])
 def test_decode_dicom_transfer_syntaxes_give_the_same_slice(name):

@@ -17,8 +17,10 @@ def test_settings_read_btd_environment(monkeypatch):
     monkeypatch.setenv("BTD_PROVIDERS", "CUDAExecutionProvider, CPUExecutionProvider")
     monkeypatch.setenv("BTD_TRT_FP16", "true")
     monkeypatch.setenv("BTD_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("BTD_MULTIFRAME", "first")
     settings = Settings()
     assert settings.max_batch_size == 4 and settings.trt_fp16 is True and settings.log_level == "debug"
+    assert settings.multiframe == "first"
     assert settings.provider_list() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
@@ -30,7 +32,8 @@ def test_settings_defaults_point_at_the_shipped_model():
 
 @pytest.mark.parametrize("name,value", [("BTD_MAX_BATCH_SIZE", "0"), ("BTD_PORT", "99999"),
                                         ("BTD_PROVIDERS", "cuda"), ("BTD_TUMOUR_THRESHOLD", "1.5"),
-                                        ("BTD_REQUEST_TIMEOUT_S", "0"), ("BTD_LOG_LEVEL", "chatty")])
+                                        ("BTD_REQUEST_TIMEOUT_S", "0"), ("BTD_LOG_LEVEL", "chatty"),
+                                        ("BTD_MULTIFRAME", "all")])
 def test_settings_reject_bad_values(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):
