@@ -63,3 +63,13 @@ def test_gamma_changes_mid_tones_and_keeps_the_ends() -> None:
 def test_rotation_and_scaling_keep_the_shape(slice_: np.ndarray) -> None:
     out = augment.random_rotation_and_scaling(slice_, np.random.default_rng(0), 30.0, (0.8, 0.8))
     assert out.shape == slice_.shape and out.sum() < slice_.sum()
+
+
+def test_noise_is_zero_mean_and_at_most_the_maximum_std() -> None:
+    flat = np.full((128, 128), 0.5, dtype=np.float32)
+    stds = []
+    for seed in range(20):
+        noise = augment.random_noise(flat, np.random.default_rng(seed), 0.05) - flat
+        assert abs(float(noise.mean())) < 0.01
+        stds.append(float(noise.std()))
+    assert max(stds) <= 0.05 * 1.1 and min(stds) < max(stds) and max(stds) > 0.01
