@@ -233,8 +233,8 @@ def _decoder_loggers() -> list[logging.Logger]:
     logs each failing plugin's exception) is not silenced by disabling its parent."""
     import pydicom.pixels  # noqa: F401  (creates the module loggers of pydicom and the installed plugins)
 
-    names = {*_DECODER_LOGGER_ROOTS, *(n for n in logging.root.manager.loggerDict
-                                       if n.split(".", 1)[0] in _DECODER_LOGGER_ROOTS)}
+    existing = list(logging.root.manager.loggerDict)  # one C-level copy: other threads may add loggers
+    names = {*_DECODER_LOGGER_ROOTS, *(n for n in existing if n.split(".", 1)[0] in _DECODER_LOGGER_ROOTS)}
     return [logging.getLogger(name) for name in sorted(names)]
 
 
