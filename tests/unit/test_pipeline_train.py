@@ -45,6 +45,7 @@ def test_runtime_turns_on_bf16_autocast_and_channels_last_on_cpu_only_when_asked
     assert auto.amp_dtype is None and not auto.channels_last
 
 
+@pytest.mark.slow
 def test_training_on_images_with_mixed_precision_and_channels_last_updates_finite_weights(
         tiny_data, tmp_path: Path) -> None:
     config = tiny_config(tiny_data, tmp_path / "run", amp="on", channels_last="on", feature_cache="off",
@@ -58,6 +59,7 @@ def test_training_on_images_with_mixed_precision_and_channels_last_updates_finit
     assert read_checkpoint(best)["args"]["amp"] == "on"
 
 
+@pytest.mark.slow
 def test_training_stops_early_when_validation_macro_f1_stops_improving(tiny_data, tmp_path: Path) -> None:
     # lr 0: the weights never change, so val macro-F1 improves once (from nothing) and then stalls.
     config = tiny_config(tiny_data, tmp_path / "run", epochs=5, patience=2, lr=0.0, schedule="constant",
@@ -67,6 +69,7 @@ def test_training_stops_early_when_validation_macro_f1_stops_improving(tiny_data
     assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_weights_with_a_cold_or_warm_feature_cache(tiny_data, tmp_path: Path) -> None:
     def trained(name: str, seed: int) -> dict:
         config = tiny_config(tiny_data, tmp_path / name, seed=seed, deterministic=True, lr=0.01)
@@ -77,6 +80,7 @@ def test_same_seed_gives_the_same_weights_with_a_cold_or_warm_feature_cache(tiny
     assert not torch.equal(first["fc.weight"], other["fc.weight"])
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_data, tmp_path: Path) -> None:
     settings = dict(deterministic=True, lr=0.01, schedule="constant", patience=5)
     train.main(tiny_config(tiny_data, tmp_path / "straight", epochs=2, **settings))
@@ -89,6 +93,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_data, tm
     assert all(torch.equal(straight[k], resumed["model"][k]) for k in straight)
 
 
+@pytest.mark.slow
 def test_training_without_a_split_file_writes_the_split_it_made(tmp_path: Path) -> None:
     from model_export.data import load_samples, read_split_file
 
