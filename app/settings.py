@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.inference.decode import MultiframePolicy
+from app.inference.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "btd-resnet50.onnx"
@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="longest a request waits for others to fill a batch")
     queue_size: int = Field(64, ge=1, description="requests that may wait for the model; beyond: 503 + Retry-After")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
-    max_pixels: int = Field(50_000_000, ge=1, description="largest decoded image, in pixels (413 beyond)")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest decoded image, in pixels (413 beyond)")
     request_timeout_s: float = Field(30.0, gt=0, description="time to process one request once received (504 beyond)")
     max_batch_files: int = Field(16, ge=1, le=256, description="most files in one /v1/predict/batch request")
     multiframe: MultiframePolicy = Field(

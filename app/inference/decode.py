@@ -28,7 +28,9 @@ DICOM = "application/dicom"
 MEDIA_TYPES = (PNG, JPEG, DICOM)
 
 _SUFFIXES = {".png": PNG, ".jpg": JPEG, ".jpeg": JPEG, ".dcm": DICOM, ".dicom": DICOM}
-DEFAULT_MAX_PIXELS = 50_000_000
+# 4096 x 4096: far above any MRI slice, and a colour image this size peaks near 0.4 GiB in decode
+# and preprocess, so a few at once stay inside the CPU pod's 2 GiB limit (k8s/base).
+DEFAULT_MAX_PIXELS = 4096 * 4096
 # Which frame of a multi-frame DICOM is classified (BTD_MULTIFRAME); a warning always says which.
 MultiframePolicy = Literal["middle", "first"]
 

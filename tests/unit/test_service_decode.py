@@ -12,7 +12,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from app.errors import InvalidImage, NoPixelData, PayloadTooLarge, UnsupportedMediaType
-from app.inference.decode import DICOM, JPEG, PNG, decode, normalise_media_type, sniff
+from app.inference.decode import DEFAULT_MAX_PIXELS, DICOM, JPEG, PNG, decode, normalise_media_type, sniff
+from app.settings import Settings
 
 
 def encode(ext: str, img: np.ndarray) -> bytes:
@@ -115,6 +116,14 @@ def test_decode_refuses_decompression_bomb_before_decoding(ext):
     bomb = encode(ext, np.zeros((3000, 2000), np.uint8))  # compresses to a few kB
     with pytest.raises(PayloadTooLarge, match="2000x3000"):
         decode(bomb, max_pixels=1_000_000)
+
+
+def test_default_pixel_limit_admits_4096_square_and_refuses_larger():
+    """The default keeps a colour image's decode peak (~0.4 GiB) inside the CPU pod's memory limit."""
+    assert Settings().max_pixels == DEFAULT_MAX_PIXELS
+    assert decode(encode(".png", np.zeros((4096, 4096), np.uint8))).pixels.shape == (4096, 4096)
+    with pytest.raises(PayloadTooLarge, match="4097x4096"):
+        decode(encode(".png", np.zeros((4096, 4097), np.uint8)))
 
 
 def test_decode_signature_mismatch_is_415():
