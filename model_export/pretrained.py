@@ -65,7 +65,11 @@ def _run_npm(npm: str, args: list[str], timeout_s: float) -> subprocess.Complete
 
 
 def _tail(done: subprocess.CompletedProcess) -> str:
-    return " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+    """npm's reason (its error code and the request's failure), not the generic advice that ends its output."""
+    lines = [line.removeprefix("npm error").strip() for line in (done.stderr or done.stdout).splitlines()]
+    lines = [line for line in lines if line]
+    reasons = [line for line in lines if line.startswith("code ") or "reason:" in line]
+    return " | ".join(reasons[:2] or lines[-3:])
 
 
 def fetch_tarball(directory: Path | None = None, *, timeout_s: float = 600.0, probe_timeout_s: float = 20.0) -> Path:
