@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,8 @@ def layer3_shape(model: ResNet50, size: int) -> tuple[int, int, int]:
 def cache_key(dataset: SliceDataset, views: int, fingerprint: str) -> str:
     payload = {
         "paths": [str(s.path) for s in dataset.samples],
+        # an image rewritten in place (same path, new pixels) must not reuse the old features
+        "files": [(st.st_size, st.st_mtime_ns) for st in (os.stat(s.path) for s in dataset.samples)],
         "labels": [s.label for s in dataset.samples],
         "spec": dataset.spec.to_json(),
         "augment": dataset.augment.config.to_dict() if dataset.augment else None,

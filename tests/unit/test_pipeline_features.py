@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +62,20 @@ def test_cache_is_reused_for_the_same_inputs_and_rebuilt_when_the_trunk_changes(
         changed.load_state_dict(model.state_dict())
         changed.layer3[0].conv1.weight.mul_(2.0)
     assert build_feature_cache(changed, dataset, tmp_path).directory != first.directory
+
+
+def test_cache_is_rebuilt_when_an_image_is_rewritten_in_place(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    paths = write_image_folder(root, per_class=2, size=48, labels=LABELS)
+    torch.manual_seed(0)
+    model = ResNet50(2).eval()
+    dataset = SliceDataset(scan_image_folder(root), LABELS, PreprocessSpec(size=32))
+    first = build_feature_cache(model, dataset, tmp_path / "cache")
+    replacement = write_image_folder(tmp_path / "other", per_class=2, size=48, labels=LABELS, seed=5)[0]
+    paths[0].write_bytes(replacement.read_bytes())  # same path, other pixels
+    os.utime(paths[0], ns=(1, 1))  # a distinct mtime even on coarse-grained file systems
+    rebuilt = build_feature_cache(model, dataset, tmp_path / "cache")
+    assert rebuilt.directory != first.directory
+    with torch.inference_mode():
+        expected = model.stem_to_layer3(dataset[0][0][None])[0].numpy()
+    np.testing.assert_allclose(rebuilt.array[0].astype(np.float32), expected, rtol=1e-2, atol=1e-2)
