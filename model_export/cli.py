@@ -80,6 +80,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.15, help="without a split file")
     p.add_argument("--test-fraction", type=float, default=0.15, help="without a split file")
     p.add_argument("--resume", type=Path, help="continue from a last.pt checkpoint")
+    p.add_argument("--init-from", type=Path, help="start from a checkpoint's weights with a fresh optimizer and "
+                   "schedule (second stage of fine-tuning, e.g. --freeze none after a --freeze layer3 run)")
     p.set_defaults(run=_run_train)
 
 
@@ -97,6 +99,7 @@ def _run_train(args: argparse.Namespace) -> int:
         device=args.device, amp=args.amp, channels_last=args.channels_last, threads=args.threads,
         limit_per_class=args.limit_per_class, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
         resume=str(args.resume) if args.resume else None, columns=_columns(args),
+        init_from=str(args.init_from) if args.init_from else None,
     )
     best = main(config)
     log.info("best checkpoint: %s", best)

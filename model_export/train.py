@@ -72,6 +72,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     resume: str | None = None
+    init_from: str | None = None  # start from this checkpoint's weights, fresh optimizer (two-stage fine-tuning)
     columns: dict[str, str] = field(default_factory=dict)
 
 
@@ -289,7 +290,16 @@ def main(config: TrainConfig) -> Path:
     resume = read_checkpoint(Path(config.resume)) if config.resume else None
     if resume is not None and tuple(resume["labels"]) != labels:
         raise ValueError(f"{config.resume} was trained on {resume['labels']}, the data has {list(labels)}")
-    model = build_model(labels, config) if resume is None else _resumed_model(resume, config)
+    if resume is not None:
+        model = _resumed_model(resume, config)
+    elif config.init_from:
+        init = read_checkpoint(Path(config.init_from))
+        if tuple(init["labels"]) != labels:
+            raise ValueError(f"{config.init_from} was trained on {init['labels']}, the data has {list(labels)}")
+        model = _resumed_model(init, config)  # its weights, this run's freeze; optimizer and schedule start afresh
+        log.info("starting from the weights of %s (freeze %s)", config.init_from, config.freeze)
+    else:
+        model = build_model(labels, config)
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from model_export import train  # noqa: E402
-from model_export.checkpoint import read_checkpoint  # noqa: E402
+from model_export.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
 from tests.export.synthetic_mri import write_image_folder, write_split_file  # noqa: E402
 
 torch.set_num_threads(2)
@@ -106,3 +106,27 @@ def test_training_without_a_split_file_writes_the_split_it_made(tmp_path: Path) 
     assert [(s.path, s.label, s.split, s.group) for s in written] == [(s.path, s.label, s.split, s.group)
                                                                       for s in made]
     assert {s.split for s in written} == {"train", "val", "test"}
+
+
+@pytest.mark.slow
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tiny_data, tmp_path: Path) -> None:
+    first = read_checkpoint(train.main(tiny_config(tiny_data, tmp_path / "stage1", freeze="head", lr=0.01)))
+    # lr 0: stage 2 cannot move the weights, so its parameters must be stage 1's, not a fresh network's.
+    second_best = train.main(tiny_config(tiny_data, tmp_path / "stage2", freeze="none", lr=0.0,
+                                         schedule="constant", augment=False, feature_cache="off",
+                                         init_from=str(tmp_path / "stage1" / "best.pt")))
+    second = read_checkpoint(second_best)
+    for name in ("conv1.weight", "layer3.0.conv2.weight", "fc.weight", "fc.bias"):
+        assert torch.equal(second["model"][name], first["model"][name]), name
+    assert [h["epoch"] for h in second["history"]] == [1]  # a new run: its own epochs, optimizer, schedule
+    assert second["args"]["freeze"] == "none"
+
+
+@pytest.mark.slow
+def test_init_from_refuses_a_checkpoint_trained_on_other_labels(tiny_data, tmp_path: Path) -> None:
+    first = train.main(tiny_config(tiny_data, tmp_path / "stage1", freeze="head", epochs=1))
+    ckpt = read_checkpoint(first)
+    ckpt["labels"] = ["a", "b", "c", "d"]
+    save_checkpoint(tmp_path / "other.pt", ckpt)
+    with pytest.raises(ValueError, match="was trained on"):
+        train.main(tiny_config(tiny_data, tmp_path / "stage2", init_from=str(tmp_path / "other.pt")))
