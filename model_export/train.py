@@ -92,6 +92,16 @@ class Runtime:
         if self.world_size > 1:
             torch.distributed.barrier()
 
+    def main_value(self, value: float) -> float:
+        """Rank 0's value on every rank. Validation runs the unwrapped model, whose BatchNorm running
+        statistics differ between ranks after the last step, so ranks can score val differently; the
+        early-stopping decision must still be the same everywhere or the ranks deadlock."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return float(box[0])
+
 
 def setup_runtime(config: TrainConfig) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -353,8 +363,8 @@ def main(config: TrainConfig) -> Path:
         loss = train_one_epoch(net, lambda: set_train_mode(model, config.freeze), train_loader, criterion,
                                optimizer, schedule, scaler, config, runtime, epoch)
         logits, targets = predict(plain_net, val_loader, runtime, desc="validating")
-        val_f1 = metrics.macro_f1(targets, logits.argmax(1), len(labels))
-        val_acc = float((logits.argmax(1) == targets).mean())
+        val_f1 = runtime.main_value(metrics.macro_f1(targets, logits.argmax(1), len(labels)))
+        val_acc = runtime.main_value(float((logits.argmax(1) == targets).mean()))
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch + 1, "train_loss": loss, "val_macro_f1": val_f1, "val_accuracy": val_acc,
                         "seconds": seconds})

@@ -130,3 +130,22 @@ def test_init_from_refuses_a_checkpoint_trained_on_other_labels(tiny_data, tmp_p
     save_checkpoint(tmp_path / "other.pt", ckpt)
     with pytest.raises(ValueError, match="was trained on"):
         train.main(tiny_config(tiny_data, tmp_path / "stage2", init_from=str(tmp_path / "other.pt")))
+
+
+def _main_value_worker(rank: int, init_file: str, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        runtime = train.Runtime(torch.device("cpu"), rank=rank, world_size=2)
+        results[rank] = runtime.main_value(0.5 + rank)  # each rank scored val differently
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_take_rank_zeros_validation_score_so_early_stopping_agrees(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_main_value_worker, args=(str(tmp_path / "rendezvous"), results), nprocs=2, join=True)
+        assert dict(results) == {0: 0.5, 1: 0.5}
