@@ -206,6 +206,18 @@ def test_cpu_overlay_asks_for_no_gpu():
     assert "nodeSelector" not in pod and pod["containers"][0]["image"].endswith("-cpu")
 
 
+def test_only_the_gpu_overlay_waits_to_batch_requests():
+    """README/bench: on CPU batching lowers throughput (0.86x), so the CPU pods run batch 1 at once."""
+    def batching(overlay: str) -> tuple[int, float]:
+        docs = render(overlay)
+        env = container_env(docs, one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0])
+        return int(env["BTD_MAX_BATCH_SIZE"]), float(env["BTD_MAX_WAIT_MS"])
+
+    assert batching("cpu") == (1, 0.0)
+    size, wait = batching("gpu")
+    assert size > 1 and wait > 0
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_hpa_scales_on_a_metric_the_service_exports_through_the_adapter(overlay):
     docs = render(overlay)
