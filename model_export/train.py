@@ -297,19 +297,14 @@ def main(config: TrainConfig) -> Path:
             log.info("split made by near-duplicate grouping written to %s (pass it to evaluate as --split-file)",
                      made)
 
-    resume = read_checkpoint(Path(config.resume)) if config.resume else None
-    if resume is not None and tuple(resume["labels"]) != labels:
-        raise ValueError(f"{config.resume} was trained on {resume['labels']}, the data has {list(labels)}")
-    if resume is not None:
-        model = _resumed_model(resume, config)
-    elif config.init_from:
-        init = read_checkpoint(Path(config.init_from))
-        if tuple(init["labels"]) != labels:
-            raise ValueError(f"{config.init_from} was trained on {init['labels']}, the data has {list(labels)}")
-        model = _resumed_model(init, config)  # its weights, this run's freeze; optimizer and schedule start afresh
-        log.info("starting from the weights of %s (freeze %s)", config.init_from, config.freeze)
-    else:
-        model = build_model(labels, config)
+    # --resume continues a run (weights, optimizer, schedule, epochs); --init-from takes only the
+    # weights, under this run's freeze, and starts the rest afresh.
+    source = config.resume or config.init_from
+    start = read_checkpoint(Path(source)) if source else None
+    if start is not None and tuple(start["labels"]) != labels:
+        raise ValueError(f"{source} was trained on {start['labels']}, the data has {list(labels)}")
+    model = build_model(labels, config) if start is None else _resumed_model(start, config)
+    resume = start if config.resume else None
     model.to(runtime.device)
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
