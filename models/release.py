@@ -28,24 +28,28 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "btd-resnet50.onnx"
-VERSION = "1.1.0"
+VERSION = "1.2.0"
 MIN_VAL_SENSITIVITY = 0.998
 MAX_THRESHOLD = 0.5
 # layer3, layer4 and head trained on freshly augmented images every epoch (no feature cache), in
 # bfloat16 autocast with channels_last: on our CPU that is ~17 img/s, about 7 minutes an epoch.
 TRAIN_ARGS = ["--freeze", "layer3", "--feature-cache", "off", "--amp", "on", "--channels-last", "on",
-              "--epochs", "8", "--patience", "3", "--lr", "5e-4", "--threads", "2", "--workers", "1", "--seed", "0"]
+              "--epochs", "12", "--patience", "4", "--lr", "5e-4", "--threads", "2", "--workers", "1", "--seed", "0"]
 FIGSHARE_COLUMNS = ["--path-column", "image", "--split-column", "in_4class_splits"]
 
 
 def write_release_splits(data: Path, out: Path) -> dict[str, int]:
-    """The grouped 4-class split plus figshare-cheng train/val rows, paths relative to ``data``."""
+    """The grouped 4-class split, the figshare-cheng train/val rows and all of lgg-tcga-flair (split by
+    patient, the patient id as the group), paths relative to ``data``."""
     rows = []
     with (data / "brain-mri-4class" / "splits.csv").open(newline="") as fh:
         rows += [("brain-mri-4class/" + r["path"], r["label"], r["split"], r["group"]) for r in csv.DictReader(fh)]
     with (data / "figshare-cheng" / "index.csv").open(newline="") as fh:
         rows += [("figshare-cheng/" + r["image"], r["label"], r["in_4class_splits"], r["group"])
                  for r in csv.DictReader(fh) if r["in_4class_splits"] in ("train", "val")]
+    with (data / "lgg-tcga-flair" / "index.csv").open(newline="") as fh:
+        rows += [("lgg-tcga-flair/" + r["path"], r["label"], r["split"], "lgg-" + r["patient"])
+                 for r in csv.DictReader(fh)]
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as fh:
         writer = csv.writer(fh)

@@ -73,3 +73,68 @@ def test_noise_is_zero_mean_and_at_most_the_maximum_std() -> None:
         assert abs(float(noise.mean())) < 0.01
         stds.append(float(noise.std()))
     assert max(stds) <= 0.05 * 1.1 and min(stds) < max(stds) and max(stds) > 0.01
+
+
+def test_aspect_stretches_one_axis_within_the_range(slice_: np.ndarray) -> None:
+    for seed in range(10):
+        out = augment.random_aspect(slice_, np.random.default_rng(seed), (0.8, 1.25))
+        ratio = (out.shape[1] / out.shape[0]) / (slice_.shape[1] / slice_.shape[0])
+        assert 0.78 <= ratio <= 1.27
+        assert out.shape[0] == slice_.shape[0] or out.shape[1] == slice_.shape[1]
+
+
+def test_pixel_size_puts_the_long_side_in_range(slice_: np.ndarray) -> None:
+    sides = [max(augment.random_pixel_size(slice_, np.random.default_rng(s), (128, 512)).shape) for s in range(20)]
+    assert min(sides) >= 127 and max(sides) <= 513 and max(sides) - min(sides) > 100
+
+
+def test_bias_field_is_smooth_multiplicative_and_bounded() -> None:
+    flat = np.full((96, 96), 0.5, dtype=np.float32)
+    out = augment.random_bias_field(flat, np.random.default_rng(3), 0.3)
+    ratio = out / flat
+    assert ratio.min() >= np.exp(-0.3) * 0.97 and ratio.max() <= np.exp(0.3) * 1.03
+    assert ratio.std() > 0.01  # not flat
+    assert np.abs(np.diff(ratio, axis=1)).max() < 0.05  # smooth: no jumps between neighbours
+
+
+def test_contrast_curves_are_monotone_and_keep_the_range() -> None:
+    ramp = np.linspace(0, 1, 257, dtype=np.float32)[None, :]
+    for seed in range(20):
+        out = augment.random_contrast_curve(ramp, np.random.default_rng(seed))[0]
+        assert np.all(np.diff(out) >= -1e-6)
+        assert out[0] == pytest.approx(0.0, abs=1e-5) and out[-1] == pytest.approx(1.0, abs=1e-5)
+        assert np.abs(out - ramp[0]).max() > 0.01  # it changed something
+
+
+def test_blur_softens_and_sharpen_strengthens_edges(slice_: np.ndarray) -> None:
+    unit = slice_ / slice_.max()
+
+    def edges(img: np.ndarray) -> float:
+        return float(np.abs(np.diff(img, axis=1)).mean())
+
+    assert edges(augment.gaussian_blur(unit, 1.2)) < edges(unit) < edges(augment.unsharp_mask(unit, 1.0))
+
+
+def test_jpeg_recompression_adds_loss_that_grows_as_quality_falls(slice_: np.ndarray) -> None:
+    unit = (slice_ / slice_.max()).astype(np.float32)
+    high, low = augment.jpeg_recompress(unit, 95), augment.jpeg_recompress(unit, 20)
+    assert high.shape == low.shape == unit.shape and high.dtype == np.float32
+    assert np.abs(high - unit).mean() < np.abs(low - unit).mean()
+
+
+def test_robust_unit_ignores_a_hot_pixel(slice_: np.ndarray) -> None:
+    hot = slice_.copy()
+    hot[0, 0] = slice_.max() * 50
+    assert augment.robust_unit(hot).mean() > 5 * (hot / hot.max()).mean()
+
+
+def test_augmented_view_of_a_real_head_still_frames_the_head(slice_: np.ndarray) -> None:
+    """Whatever the augmentation draws, the contract's head crop still finds a head (a box covering a
+    large share of the augmented image), so the model never trains on a zoomed-in fragment."""
+    from app.contract import PreprocessSpec, frame
+
+    spec = PreprocessSpec()
+    for seed in range(30):
+        img = augment.Augment()(slice_, np.random.default_rng(seed))
+        _, framing = frame(img, spec)
+        assert framing.side >= 0.45 * max(img.shape), seed

@@ -47,10 +47,14 @@ def test_threshold_from_predictions_reads_calibrated_notumor_column(tmp_path):
     assert threshold_from_predictions(path) == pytest.approx(0.4)
 
 
-def test_release_splits_add_only_figshare_train_and_val_rows(tmp_path):
+def test_release_splits_add_figshare_train_and_val_rows_and_lgg_by_patient(tmp_path):
     data = tmp_path / "data"
     (data / "brain-mri-4class").mkdir(parents=True)
     (data / "figshare-cheng").mkdir()
+    (data / "lgg-tcga-flair").mkdir()
+    (data / "lgg-tcga-flair" / "index.csv").write_text(
+        "path,label,patient,slice,tumour_fraction,split\n"
+        "images/glioma/P1_3.png,glioma,P1,3,0.02,train\nimages/notumor/P2_9.png,notumor,P2,9,0.0,test\n")
     (data / "brain-mri-4class" / "splits.csv").write_text(
         "path,label,split,group,source_split\n"
         "train/glioma/a.jpg,glioma,train,1,train\ntest/notumor/b.jpg,notumor,test,2,test\n")
@@ -60,9 +64,13 @@ def test_release_splits_add_only_figshare_train_and_val_rows(tmp_path):
         "images/pituitary/2.jpg,pituitary,boxes/pituitary/2.txt,3,val\n"
         "images/meningioma/3.jpg,meningioma,boxes/meningioma/3.txt,2,test\n")
     counts = write_release_splits(data, tmp_path / "out" / "splits.csv")
-    assert counts == {"train": 2, "val": 1, "test": 1}
+    assert counts == {"train": 3, "val": 1, "test": 2}
     with (tmp_path / "out" / "splits.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["path"] for r in rows] == ["brain-mri-4class/train/glioma/a.jpg", "brain-mri-4class/test/notumor/b.jpg",
-                                         "figshare-cheng/images/glioma/1.jpg", "figshare-cheng/images/pituitary/2.jpg"]
+                                         "figshare-cheng/images/glioma/1.jpg", "figshare-cheng/images/pituitary/2.jpg",
+                                         "lgg-tcga-flair/images/glioma/P1_3.png", "lgg-tcga-flair/images/notumor/P2_9.png"]
     assert rows[3]["split"] == "val" and rows[3]["group"] == "3"
+    # lgg rows keep their patient split; the patient is the group, so no patient straddles splits.
+    assert (rows[4]["split"], rows[4]["group"]) == ("train", "lgg-P1")
+    assert (rows[5]["split"], rows[5]["group"]) == ("test", "lgg-P2")
