@@ -23,6 +23,9 @@ CONTRACT_VERSION = "1"
 INPUT_NAME = "image"
 LOGITS_NAME = "logits"
 FEATURES_NAME = "features"
+# Optional output (models from 1.2.0): [N] out-of-distribution score, larger = less like the training
+# data; compared with the threshold in ``META_OOD``. Models without it cannot say.
+OOD_NAME = "ood_score"
 
 # Keys of the ONNX model's metadata_props (values are strings; structured ones are JSON).
 META_CONTRACT = "btd.contract_version"
@@ -36,6 +39,7 @@ META_NAME = "btd.model_name"
 META_VERSION = "btd.model_version"
 META_TRAINING_DATA = "btd.training_data"  # JSON summary of the training data
 META_METRICS = "btd.metrics"  # JSON test metrics measured on this file
+META_OOD = "btd.ood"  # JSON OodSpec, present when the graph has the ``OOD_NAME`` output
 
 # The label meaning "no tumour"; tumour probability is 1 - p(this label) when present.
 NO_TUMOUR_LABEL = "notumor"
@@ -136,6 +140,7 @@ class Framing:
     y: float
     side: float  # for a squashed (version 1) input: width and height differ, see ``height``
     height: float | None = None
+    head_found: bool | None = None  # version 2: whether a head was found (else the whole image was used)
 
     @property
     def box_height(self) -> float:
@@ -283,7 +288,7 @@ def frame(gray: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, Framing]:
     level: float | None = None
     if spec.version == 1 or (spec.crop == "none" and spec.aspect == "squash"):
         square = cv2.resize(unit, (spec.size, spec.size), interpolation=interpolation)
-        framing = Framing(0.0, 0.0, float(w), float(h))
+        framing = Framing(0.0, 0.0, float(w), height=float(h))
         if spec.intensity == "head-percentiles":
             level = head_region(cv2.resize(square, (MASK_SIDE, MASK_SIDE), interpolation=cv2.INTER_AREA))[1]
     else:
@@ -293,7 +298,7 @@ def frame(gray: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, Framing]:
             side = float(max(w, h)) * (1.0 + 2.0 * spec.head_margin)
             box = ((w - side) / 2.0, (h - side) / 2.0, side)
         square = _crop_square(unit, box, spec.size, interpolation)
-        framing = Framing(*box)
+        framing = Framing(*box, head_found=level is not None if spec.crop == "head" else None)
     if spec.intensity == "head-percentiles":
         lo, hi = _percentile_window(square, level, spec.percentiles)
         span = hi - lo if hi > lo else 1.0
@@ -320,6 +325,26 @@ def preprocess(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class OodSpec:
+    """How to read the model's ``OOD_NAME`` output: a score above ``threshold`` means the input is
+    unlike the training data (not a brain MR slice as the model knows them). ``method`` names how the
+    score is computed in the graph; ``calibration`` says how the threshold was chosen (for people)."""
+
+    threshold: float
+    method: str = "mahalanobis"
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "OodSpec":
+        raw = json.loads(text)
+        return cls(threshold=float(raw["threshold"]), method=str(raw.get("method", "mahalanobis")),
+                   calibration=dict(raw.get("calibration", {})))
+
+
+@dataclass(frozen=True)
 class ModelMetadata:
     """Everything the service reads from ``metadata_props``; written by the exporter."""
 
@@ -333,9 +358,12 @@ class ModelMetadata:
     model_version: str = "0.0.0"
     training_data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    ood: OodSpec | None = None
 
     def to_props(self) -> dict[str, str]:
+        ood = {META_OOD: self.ood.to_json()} if self.ood is not None else {}
         return {
+            **ood,
             META_CONTRACT: CONTRACT_VERSION,
             META_LABELS: json.dumps(list(self.labels)),
             META_PREPROCESS: self.preprocess.to_json(),
@@ -370,6 +398,7 @@ class ModelMetadata:
                 model_version=props.get(META_VERSION, "0.0.0"),
                 training_data=json.loads(props.get(META_TRAINING_DATA, "{}")),
                 metrics=json.loads(props.get(META_METRICS, "{}")),
+                ood=OodSpec.from_json(props[META_OOD]) if META_OOD in props else None,
             )
         except KeyError as exc:
             raise ValueError(f"model metadata lacks {exc.args[0]}") from None

@@ -8,6 +8,7 @@ import pytest
 
 from app.contract import (
     ModelMetadata,
+    OodSpec,
     PreprocessSpec,
     frame,
     head_mask,
@@ -110,11 +111,16 @@ def test_head_mask_ignores_a_frame_line_and_a_label():
     assert mask[64, 64]
 
 
-def test_blank_and_noise_images_fall_back_to_the_whole_image():
-    for img in (np.zeros((64, 64), np.float32), np.random.default_rng(1).random((64, 64)).astype(np.float32)):
-        out, framing = preprocess_framed(img, SPEC)
-        assert np.isfinite(out).all()
-        assert framing.side >= 64
+def test_blank_image_falls_back_to_the_whole_image_and_says_no_head_was_found():
+    out, framing = preprocess_framed(np.zeros((64, 80), np.float32), SPEC)
+    assert np.isfinite(out).all() and not out[0].std()
+    assert framing.head_found is False and framing.side == 80
+    assert preprocess_framed(_head(), SPEC)[1].head_found is True
+
+
+def test_noise_image_gives_a_finite_input():
+    out, framing = preprocess_framed(np.random.default_rng(1).random((64, 64)).astype(np.float32), SPEC)
+    assert np.isfinite(out).all() and framing.side >= 0.5 * 64
 
 
 def test_version_1_min_max_squash_is_what_older_models_get():
@@ -164,6 +170,15 @@ def test_metadata_round_trips_through_props():
         cam_bias="fc.bias", temperature=1.7, metrics={"accuracy": 0.9},
     )
     assert ModelMetadata.from_props(meta.to_props()) == meta
+
+
+def test_metadata_with_an_ood_spec_round_trips_and_older_models_have_none():
+    meta = ModelMetadata(labels=("a", "notumor"), preprocess=SPEC, cam_weight="w", cam_bias="b",
+                         ood=OodSpec(threshold=41.5, calibration={"quantile": 0.995}))
+    props = meta.to_props()
+    assert ModelMetadata.from_props(props) == meta
+    del props["btd.ood"]
+    assert ModelMetadata.from_props(props).ood is None
 
 
 @pytest.mark.parametrize("drop", ["btd.labels", "btd.preprocess", "btd.cam.weight", "btd.contract_version"])
