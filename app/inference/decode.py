@@ -13,6 +13,8 @@ import io
 import logging
 import threading
 import warnings as warnings_module
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,6 +23,7 @@ import cv2
 import numpy as np
 
 from app.errors import InvalidImage, NoPixelData, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from app.inference.image_headers import FrameHeader, HeaderError, j2k_header, jpeg_header, png_header
 
 PNG = "image/png"
 JPEG = "image/jpeg"
@@ -33,6 +36,7 @@ _SUFFIXES = {".png": PNG, ".jpg": JPEG, ".jpeg": JPEG, ".dcm": DICOM, ".dicom": 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 # Which frame of a multi-frame DICOM is classified (BTD_MULTIFRAME); a warning always says which.
 MultiframePolicy = Literal["middle", "first"]
+COLOUR_SAMPLE_PIXELS = 2**18
 
 
 @dataclass
@@ -98,42 +102,48 @@ def decode_path(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> De
 
 
 def _to_gray(img: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Luma in float32. Built channel by channel, never as a float copy of the whole colour image:
+    a 4096² RGB image then peaks at its own size plus two float planes."""
     warnings: list[str] = []
     if img.ndim == 2:
         return img.astype(np.float32), warnings
-    channels = img.shape[2]
-    if channels == 4:  # BGRA: drop alpha
-        img = img[:, :, :3]
-    elif channels == 2:  # gray + alpha
+    if img.shape[2] == 2:  # gray + alpha
         return img[:, :, 0].astype(np.float32), warnings
-    f = img.astype(np.float32)
-    spread = float(np.abs(f[:, :, 0] - f[:, :, 1]).mean() + np.abs(f[:, :, 1] - f[:, :, 2]).mean())
-    if spread > 0.02 * max(float(f.max()), 1.0):
+    # Colour content, judged on at most ~2^18 evenly spread pixels (every pixel of a small image).
+    step = max(1, int(np.sqrt(img.shape[0] * img.shape[1] / COLOUR_SAMPLE_PIXELS)))
+    sample = img[::step, ::step, :3].astype(np.float32)
+    spread = float(np.abs(sample[:, :, 0] - sample[:, :, 1]).mean() + np.abs(sample[:, :, 1] - sample[:, :, 2]).mean())
+    if spread > 0.02 * max(float(sample.max()), 1.0):
         warnings.append("the image has colour content; MRI slices are expected to be grayscale")
-    # ITU-R BT.601 luma on BGR order, kept in float.
-    gray = 0.114 * f[:, :, 0] + 0.587 * f[:, :, 1] + 0.299 * f[:, :, 2]
-    return gray.astype(np.float32), warnings
+    # ITU-R BT.601 luma on BGR order (alpha, if any, ignored), kept in float.
+    gray = np.multiply(img[:, :, 0], 0.114, dtype=np.float32)
+    gray += np.multiply(img[:, :, 1], 0.587, dtype=np.float32)
+    gray += np.multiply(img[:, :, 2], 0.299, dtype=np.float32)
+    return gray, warnings
 
 
 def _decode_raster(data: bytes, media_type: str, max_pixels: int) -> DecodedImage:
-    buf = np.frombuffer(data, dtype=np.uint8)
-    # Read the header first so a decompression bomb is refused before its pixels are allocated.
+    # The header the decoder will read says how much it will allocate: refuse a bomb before that.
     try:
-        ok, width, height = _raster_size(data, media_type)
-    except ValueError:
-        ok, width, height = False, 0, 0
-    if ok and width * height > max_pixels:
-        raise PayloadTooLarge(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        header = png_header(data) if media_type == PNG else jpeg_header(data)
+    except HeaderError as exc:
+        raise InvalidImage(f"the {media_type} header is invalid: {exc}") from None
+    _check_pixels(header.width, header.height, max_pixels)
+    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise InvalidImage(f"the {media_type} data could not be decoded (truncated or corrupt)")
-    if img.shape[0] * img.shape[1] > max_pixels:
+    if img.shape[0] * img.shape[1] > max_pixels:  # the decoder disagreed with the header it was given
         raise PayloadTooLarge(f"image exceeds the limit of {max_pixels} pixels")
     gray, warnings = _to_gray(img)
     frames = _png_frames(data) if media_type == PNG else 1
     if frames > 1:  # OpenCV decodes the default image, the first frame of an animated PNG
         warnings.append(f"animated PNG ({frames} frames): the first frame was used")
     return DecodedImage(gray, media_type, warnings)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise PayloadTooLarge(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
 
 
 def _png_frames(data: bytes) -> int:
@@ -149,33 +159,10 @@ def _png_frames(data: bytes) -> int:
     return 1
 
 
-def _raster_size(data: bytes, media_type: str) -> tuple[bool, int, int]:
-    """Width and height from a PNG IHDR or a JPEG SOF marker, without decoding pixels."""
-    if media_type == PNG:
-        if len(data) < 24:
-            raise ValueError("short")
-        return True, int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
-            i += 1
-            continue
-        marker = data[i + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            height = int.from_bytes(data[i + 5 : i + 7], "big")
-            width = int.from_bytes(data[i + 7 : i + 9], "big")
-            return True, width, height
-        i += 2 + length
-    return False, 0, 0
-
-
 def _decode_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy) -> DecodedImage:
     """DICOM Part 10 -> float32 slice: Modality LUT, then VOI LUT or window (to [0, 1]), MONOCHROME1
     inverted. Multi-frame policy: the middle frame (``frames // 2``) by default, or the first; with a warning."""
+    _check_deflated_size(data, max_pixels)
     with _quiet_pydicom():
         try:
             return _read_dicom(data, max_pixels, multiframe)
@@ -204,14 +191,16 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy) -> D
     if rows * cols > max_pixels:
         raise PayloadTooLarge(f"image of {cols}x{rows} pixels exceeds the limit of {max_pixels} pixels")
     plugin = _decoding_plugin(ds)
-    frame = (frames // 2 if multiframe == "middle" else 0) if frames > 1 else None
+    frame = (frames // 2 if multiframe == "middle" else 0) if frames > 1 else 0
+    if plugin:  # compressed: the codestream's own header must agree with Rows / Columns
+        _check_encapsulated_frame(ds, frame, frames, rows, cols)
     try:
-        # decode only the frame we use (multi-frame), with a plugin that fails cleanly on bad data
+        # decode only the frame we use (the one checked above), with a plugin that fails cleanly on bad data
         ds.pixel_array_options(index=frame, decoding_plugin=plugin)
         arr = np.asarray(ds.pixel_array)
     except Exception as exc:  # a decoder exists (checked above): the data is bad
         raise InvalidImage(f"the DICOM pixel data could not be decoded ({type(exc).__name__})") from None
-    if frame is not None:
+    if frames > 1:
         warnings.append(f"multi-frame DICOM ({frames} frames): the {multiframe} frame ({frame + 1}) was used")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM, RGB after pydicom's conversion
         gray, more = _to_gray(arr[:, :, 2::-1])
@@ -223,6 +212,87 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy) -> D
     if photometric == "MONOCHROME1":  # low values are white: invert so high values are bright
         values = np.float32(values.max() + values.min()) - values
     return DecodedImage(np.ascontiguousarray(values, dtype=np.float32), DICOM, warnings + more)
+
+
+# Bytes a deflated dataset may inflate to: the largest admissible frame (3 samples of 2 bytes per
+# pixel) plus room for the other elements. pydicom inflates the whole dataset at once, unbounded.
+DEFLATED_BYTES_PER_PIXEL = 6
+DEFLATED_EXTRA_BYTES = 1 << 20
+_DEFLATED_UID = "1.2.840.10008.1.2.1.99"
+
+
+def _check_deflated_size(data: bytes, max_pixels: int) -> None:
+    """A Deflated Explicit VR Little Endian file is a zip bomb candidate: inflate it once in small
+    pieces, keeping nothing, and refuse it (413) when it grows past what an admissible image needs."""
+    start, syntax = _file_meta_end_and_syntax(data)
+    if syntax != _DEFLATED_UID:
+        return
+    limit = DEFLATED_BYTES_PER_PIXEL * max_pixels + DEFLATED_EXTRA_BYTES
+    inflater, pending, total = zlib.decompressobj(-zlib.MAX_WBITS), data[start:], 0
+    try:
+        while pending and not inflater.eof:
+            total += len(inflater.decompress(pending, 1 << 20))
+            pending = inflater.unconsumed_tail
+            if total > limit:
+                raise PayloadTooLarge(f"the deflated DICOM dataset inflates to more than {limit} bytes")
+    except zlib.error:
+        raise InvalidImage("the deflated DICOM dataset could not be inflated (corrupt)") from None
+
+
+def _file_meta_end_and_syntax(data: bytes) -> tuple[int, str]:
+    """Where the File Meta Information group (0002,xxxx, explicit VR little endian) ends, and its
+    Transfer Syntax UID ("" when absent or unreadable: pydicom then reports the problem)."""
+    pos, syntax = 132, ""
+    while pos + 8 <= len(data) and data[pos : pos + 2] == b"\x02\x00":
+        element, vr = int.from_bytes(data[pos + 2 : pos + 4], "little"), data[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
+            length, value_at = int.from_bytes(data[pos + 8 : pos + 12], "little"), pos + 12
+        else:
+            length, value_at = int.from_bytes(data[pos + 6 : pos + 8], "little"), pos + 8
+        if element == 0x0010:
+            syntax = data[value_at : value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = value_at + length
+    return pos, syntax
+
+
+# The header reader for each compressed transfer syntax's frames. RLE has no size of its own: its
+# decoder fills exactly Rows x Columns. Other syntaxes cannot be checked, so they are refused.
+def _frame_header_readers() -> dict[str, Callable[[bytes], FrameHeader]]:
+    from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
+
+    return {**{uid: jpeg_header for uid in (*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes)},
+            **{uid: j2k_header for uid in JPEG2000TransferSyntaxes}}
+
+
+def _check_encapsulated_frame(ds, index: int, frames: int, rows: int, cols: int) -> None:
+    """The frame pydicom will decode, read exactly as it reads it (``get_frame`` with the same
+    offsets), must say the size and samples the dataset says; a lie is a 400 before decoding."""
+    from pydicom.encaps import get_frame
+    from pydicom.uid import RLELossless
+
+    uid = ds.file_meta.TransferSyntaxUID
+    if uid == RLELossless:
+        return
+    read_header = _frame_header_readers().get(uid)
+    if read_header is None:
+        raise UnsupportedMediaType(f"the transfer syntax {_syntax_name(ds)} is not supported: the size of its "
+                                   "frames cannot be checked before decoding")
+    offsets = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        offsets = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    try:
+        header = read_header(get_frame(ds.PixelData, index, number_of_frames=frames, extended_offsets=offsets))
+    except HeaderError as exc:
+        raise InvalidImage(f"the encapsulated frame's header is invalid: {exc}") from None
+    except Exception as exc:  # the encapsulation itself is broken
+        raise InvalidImage(f"the encapsulated pixel data could not be read ({type(exc).__name__})") from None
+    if (header.width, header.height) != (cols, rows):
+        raise InvalidImage(f"the encapsulated {header.codec} frame is {header.width}x{header.height} pixels "
+                           f"but Rows / Columns say {cols}x{rows}")
+    samples = max(1, _int_tag(ds, "SamplesPerPixel"))
+    if header.components != samples:
+        raise InvalidImage(f"the encapsulated {header.codec} frame has {header.components} components "
+                           f"but Samples per Pixel says {samples}")
 
 
 _PYDICOM_QUIET = threading.Lock()

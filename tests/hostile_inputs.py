@@ -1,0 +1,149 @@
+"""Hostile inputs, made in code: decompression bombs in every container and codec, lying headers,
+fill bytes, truncated codestreams. Shared by the unit tests, the fuzzing and the server attacks.
+
+Each bomb is small on the wire and huge once decoded: a real one (a PNG whose zlib stream holds
+``width x height`` zero pixels), or a real file whose frame header was rewritten to a huge size
+(libjpeg and OpenJPEG allocate what the header says before they find the data missing).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+BOMB_SIDE = 20000  # 400 M pixels: about 2 GB once decoded to float, as in issue 12
+
+
+def dicom_sample(name: str) -> bytes:
+    from pydicom.data import get_testdata_file
+
+    return Path(get_testdata_file(name)).read_bytes()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+@functools.cache
+def png_bomb(width: int = BOMB_SIDE, height: int = BOMB_SIDE) -> bytes:
+    """A valid 8-bit gray PNG of zeros: ~0.1% of its decoded size."""
+    deflate = zlib.compressobj(9)
+    row = bytes(1 + width)  # filter byte + pixels
+    idat = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def apng_with_frame_outside(width: int = 32, height: int = 32) -> bytes:
+    """An animated PNG whose first frame control claims a frame larger than the IHDR canvas."""
+    pixels = zlib.compress(bytes((1 + width) * height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    fctl = struct.pack(">IIIIIHHBB", 0, BOMB_SIDE, BOMB_SIDE, 0, 0, 1, 10, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"acTL", struct.pack(">II", 1, 0))
+            + png_chunk(b"fcTL", fctl) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b""))
+
+
+def small_jpeg(shape: tuple[int, ...] = (16, 16), progressive: bool = False) -> bytes:
+    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    params = [cv2.IMWRITE_JPEG_PROGRESSIVE, 1] if progressive else []
+    return cv2.imencode(".jpg", img, params)[1].tobytes()
+
+
+def rewrite_jpeg_size(data: bytes, width: int, height: int, marker: int = 0xC0) -> bytes:
+    """``data`` with the first frame header of kind ``marker`` (SOF0, SOF2, SOF55...) saying ``width x height``."""
+    pos = data.index(bytes([0xFF, marker]))
+    out = bytearray(data)
+    out[pos + 5 : pos + 9] = struct.pack(">HH", height, width)
+    return bytes(out)
+
+
+def jpeg_bomb(fill_bytes: int = 0, width: int = BOMB_SIDE, height: int = BOMB_SIDE) -> bytes:
+    """A baseline JPEG whose SOF says ``width x height``; ``fill_bytes`` legal 0xFF fill bytes
+    before the first marker after SOI (one used to defeat the old size parser)."""
+    data = rewrite_jpeg_size(small_jpeg(), width, height)
+    return data[:2] + b"\xff" * fill_bytes + data[2:]
+
+
+def jpeg_with_second_frame(width: int = BOMB_SIDE, height: int = BOMB_SIDE) -> bytes:
+    """A small, honest frame header followed by a second one that says ``width x height``."""
+    data = small_jpeg()
+    pos = data.index(b"\xff\xc0")
+    length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+    sof = bytearray(data[pos : pos + 2 + length])
+    sof[5:9] = struct.pack(">HH", height, width)
+    sos = data.index(b"\xff\xda")
+    return data[:sos] + bytes(sof) + data[sos:]
+
+
+def jpeg_scan_bomb(scans: int = 501) -> bytes:
+    """A JPEG with ``scans`` scans (each a full pass over the image when decoded)."""
+    data = small_jpeg()
+    sos, eoi = data.index(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    return data[:sos] + data[sos:eoi] * scans + data[eoi:]
+
+
+def rewrite_j2k_size(codestream: bytes, width: int, height: int) -> bytes:
+    """A JPEG 2000 codestream whose SIZ says ``width x height`` (one tile of that size)."""
+    pos = codestream.index(b"\xff\x4f\xff\x51") + 2  # the SIZ marker
+    out = bytearray(codestream)
+    out[pos + 6 : pos + 22] = struct.pack(">IIII", width, height, 0, 0)  # Xsiz, Ysiz, XOsiz, YOsiz
+    out[pos + 22 : pos + 38] = struct.pack(">IIII", width, height, 0, 0)  # XTsiz, YTsiz, XTOsiz, YTOsiz
+    return bytes(out)
+
+
+# DICOM test files whose encapsulated frame is rewritten; Rows / Columns keep saying the real size.
+DICOM_CODECS = {
+    "JPEG 2000": ("MR_small_jp2klossless.dcm", None),
+    "JPEG baseline": ("SC_rgb_jpeg.dcm", 0xC0),
+    "JPEG lossless": ("JPEG-LL.dcm", 0xC3),
+    "JPEG-LS": ("MR_small_jpeg_ls_lossless.dcm", 0xF7),
+}
+
+
+def dicom_frame_bomb(codec: str, width: int = BOMB_SIDE, height: int = BOMB_SIDE) -> bytes:
+    """A real compressed DICOM whose frame header says ``width x height`` while Rows / Columns do not
+    (the lengths of every element are unchanged, so the file stays well formed)."""
+    name, marker = DICOM_CODECS[codec]
+    data = dicom_sample(name)
+    if marker is None:
+        pos = data.index(b"\xff\x4f\xff\x51")
+        return data[:pos] + rewrite_j2k_size(data[pos:], width, height)
+    pixel_data = data.index(b"\xe0\x7f\x10\x00")  # (7FE0,0010): rewrite the frame, not an icon before it
+    return data[:pixel_data] + rewrite_jpeg_size(data[pixel_data:], width, height, marker)
+
+
+def dicom_with(name: str, **tags) -> bytes:
+    """A pydicom test file with some data elements changed, written back as Part 10 bytes."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_sample(name)))
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def deflated_dicom_bomb(inflated_bytes: int = 1 << 30) -> bytes:
+    """A Deflated Explicit VR Little Endian DICOM whose dataset inflates to ``inflated_bytes``
+    (one OB element of zeros), about 1/1000 of that on the wire."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_sample("MR_small.dcm")))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    data = out.getvalue()
+    meta_end = 132 + 12 + struct.unpack("<I", data[140:144])[0]  # (0002,0000) group length
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    chunk = bytes(1 << 20)
+    body = [deflate.compress(b"\x11\x00\x10\x10OB\x00\x00" + struct.pack("<I", inflated_bytes))]
+    body += [deflate.compress(chunk) for _ in range(inflated_bytes // len(chunk))]
+    return data[:meta_end] + b"".join(body) + deflate.flush()

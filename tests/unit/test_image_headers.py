@@ -1,0 +1,250 @@
+"""Image sizes read from each container's header before decoding (app/inference/image_headers.py),
+and decode refusing bombs and lying headers in every container and codec before allocating pixels."""
+
+from __future__ import annotations
+
+import resource
+import struct
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from app.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from app.inference.decode import decode
+from app.inference.image_headers import (
+    MAX_J2K_TILES,
+    MAX_JPEG_SCANS,
+    HeaderError,
+    j2k_header,
+    jpeg_header,
+    png_header,
+)
+from tests.hostile_inputs import (
+    BOMB_SIDE,
+    DICOM_CODECS,
+    apng_with_frame_outside,
+    deflated_dicom_bomb,
+    dicom_frame_bomb,
+    dicom_sample,
+    dicom_with,
+    jpeg_bomb,
+    jpeg_scan_bomb,
+    jpeg_with_second_frame,
+    png_bomb,
+    rewrite_j2k_size,
+    rewrite_jpeg_size,
+    small_jpeg,
+)
+
+
+def frame_of(name: str) -> bytes:
+    import io
+
+    import pydicom
+    from pydicom.encaps import get_frame
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_sample(name)))
+    return get_frame(ds.PixelData, 0, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- the parsers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,channels,bits,components", [(np.uint8, 1, 8, 1), (np.uint16, 3, 16, 3),
+                                                            (np.uint8, 4, 8, 4)])
+def test_png_header_reads_ihdr(dtype, channels, bits, components):
+    img = np.zeros((30, 40, channels) if channels > 1 else (30, 40), dtype)
+    header = png_header(cv2.imencode(".png", img)[1].tobytes())
+    assert (header.width, header.height, header.bits, header.components, header.codec) == (40, 30, bits, components,
+                                                                                             "PNG")
+
+
+def test_png_header_refuses_ihdr_that_is_not_first_or_malformed():
+    data = cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes()
+    with pytest.raises(HeaderError, match="IHDR"):
+        png_header(data[:8] + data[33:])  # IHDR removed: the next chunk comes first
+    with pytest.raises(HeaderError, match="IHDR"):
+        png_header(data[:8] + struct.pack(">I", 12) + data[12:])  # IHDR length is always 13
+    zero_width = bytearray(data)
+    zero_width[16:20] = bytes(4)
+    with pytest.raises(HeaderError, match="invalid size"):
+        png_header(bytes(zero_width))
+    with pytest.raises(HeaderError):
+        png_header(data[:20])
+
+
+def test_png_header_refuses_an_animated_frame_outside_the_canvas():
+    with pytest.raises(HeaderError, match="animated PNG frame"):
+        png_header(apng_with_frame_outside())
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpeg_header_reads_frame_of_baseline_and_progressive(progressive):
+    header = jpeg_header(small_jpeg((30, 40, 3), progressive=progressive))
+    assert (header.width, header.height, header.components, header.bits, header.codec) == (40, 30, 3, 8, "JPEG")
+
+
+@pytest.mark.parametrize("fill_bytes", [1, 2, 7])
+def test_jpeg_header_skips_fill_bytes_before_markers(fill_bytes):
+    data = small_jpeg((30, 40))
+    sof = data.index(b"\xff\xc0")
+    filled = data[:2] + b"\xff" * fill_bytes + data[2:sof] + b"\xff" * fill_bytes + data[sof:]
+    assert (jpeg_header(filled).width, jpeg_header(filled).height) == (40, 30)
+    assert (jpeg_header(jpeg_bomb(fill_bytes)).width, jpeg_header(jpeg_bomb(fill_bytes)).height) == (BOMB_SIDE,
+                                                                                                     BOMB_SIDE)
+
+
+def test_jpeg_header_finds_a_frame_after_large_and_many_segments():
+    data = small_jpeg((30, 40))
+    app_segments = b"".join(b"\xff\xe1" + struct.pack(">H", 65535) + bytes(65533) for _ in range(20))
+    comment_with_fake_sof = b"\xff\xfe" + struct.pack(">H", 11) + b"\xff\xc0\x00\x11\x08\xff\xff\xff\xff"
+    header = jpeg_header(data[:2] + app_segments + comment_with_fake_sof + data[2:])
+    assert (header.width, header.height) == (40, 30)  # a SOF-looking run inside a segment is not a frame
+
+
+def test_jpeg_header_takes_the_largest_of_several_frame_headers():
+    header = jpeg_header(jpeg_with_second_frame())
+    assert (header.width, header.height) == (BOMB_SIDE, BOMB_SIDE)
+
+
+def test_jpeg_header_reads_jpeg_ls_sof55_and_lossless_sof3():
+    ls = jpeg_header(frame_of("MR_small_jpeg_ls_lossless.dcm"))
+    assert (ls.width, ls.height, ls.components, ls.bits, ls.codec) == (64, 64, 1, 16, "JPEG-LS")
+    lossless = jpeg_header(frame_of("JPEG-LL.dcm"))
+    assert (lossless.width, lossless.height, lossless.codec) == (256, 1024, "JPEG")
+
+
+def test_jpeg_header_takes_the_height_from_dnl_when_the_frame_says_zero():
+    data = rewrite_jpeg_size(small_jpeg((16, 16)), 16, 0)
+    eoi = data.rindex(b"\xff\xd9")
+    with_dnl = data[:eoi] + b"\xff\xdc\x00\x04" + struct.pack(">H", 9000) + data[eoi:]
+    assert jpeg_header(with_dnl).height == 9000
+    with pytest.raises(HeaderError, match="zero size"):
+        jpeg_header(data)
+
+
+def test_jpeg_header_refuses_scan_bombs_truncation_and_missing_frames():
+    assert jpeg_header(jpeg_scan_bomb(MAX_JPEG_SCANS)).width == 16
+    with pytest.raises(HeaderError, match="scans"):
+        jpeg_header(jpeg_scan_bomb(MAX_JPEG_SCANS + 1))
+    data = small_jpeg()
+    sof = data.index(b"\xff\xc0")
+    with pytest.raises(HeaderError, match="length"):
+        jpeg_header(data[: sof + 6])  # truncated inside the frame header
+    with pytest.raises(HeaderError, match="no frame header"):
+        jpeg_header(b"\xff\xd8\xff\xd9")
+
+
+@pytest.mark.parametrize("name,size,components", [("MR_small_jp2klossless.dcm", (64, 64), 1),
+                                                  ("US1_J2KI.dcm", (640, 480), 3)])
+def test_j2k_header_reads_siz(name, size, components):
+    header = j2k_header(frame_of(name))
+    assert ((header.width, header.height), header.components, header.codec) == (size, components, "JPEG 2000")
+
+
+def test_j2k_header_reads_the_codestream_of_a_jp2_file():
+    codestream = frame_of("MR_small_jp2klossless.dcm")
+    signature = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+    ftyp = struct.pack(">I", 20) + b"ftypjp2 " + bytes(4) + b"jp2 "
+    jp2 = signature + ftyp + struct.pack(">I", 8 + len(codestream)) + b"jp2c" + codestream
+    assert (j2k_header(jp2).width, j2k_header(jp2).height) == (64, 64)
+    with pytest.raises(HeaderError, match="codestream box"):
+        j2k_header(signature + ftyp)
+
+
+def test_j2k_header_refuses_truncated_inconsistent_and_tile_bomb_siz():
+    codestream = frame_of("MR_small_jp2klossless.dcm")
+    with pytest.raises(HeaderError, match="truncated"):
+        j2k_header(codestream[:30])
+    bad_length = bytearray(codestream)
+    bad_length[4:6] = struct.pack(">H", 44)  # 38 + 3 per component: 41
+    with pytest.raises(HeaderError, match="inconsistent"):
+        j2k_header(bytes(bad_length))
+    tiny_tiles = bytearray(rewrite_j2k_size(codestream, 4096, 4096))
+    tiny_tiles[24:32] = struct.pack(">II", 8, 8)  # XTsiz, YTsiz: 512 x 512 tiles
+    with pytest.raises(HeaderError, match=f"at most {MAX_J2K_TILES}"):
+        j2k_header(bytes(tiny_tiles))
+    with pytest.raises(HeaderError):
+        j2k_header(b"\xff\x4f\xff\x90" + bytes(60))  # SOC without SIZ
+
+
+# --- decode refuses bombs before decoding -----------------------------------------------------------
+
+BOMBS = {
+    "png": (png_bomb, PayloadTooLarge),
+    "jpeg": (lambda: jpeg_bomb(0), PayloadTooLarge),
+    "jpeg after a fill byte": (lambda: jpeg_bomb(1), PayloadTooLarge),
+    "jpeg second frame header": (jpeg_with_second_frame, PayloadTooLarge),
+    "jpeg scans": (jpeg_scan_bomb, InvalidImage),
+    "apng frame": (apng_with_frame_outside, InvalidImage),
+    "deflated dicom": (deflated_dicom_bomb, PayloadTooLarge),
+    **{f"dicom {codec}": (lambda codec=codec: dicom_frame_bomb(codec), InvalidImage) for codec in DICOM_CODECS},
+}
+
+
+@pytest.mark.parametrize("name", BOMBS)
+def test_decode_refuses_bomb_fast_without_allocating_it(name):
+    make, error = BOMBS[name]
+    data = make()
+    before, started = peak_rss_mb(), time.perf_counter()
+    with pytest.raises(error):
+        decode(data)
+    assert time.perf_counter() - started < 2.0
+    assert peak_rss_mb() - before < 100  # the decoded bomb would be gigabytes
+
+
+@pytest.mark.parametrize("codec", DICOM_CODECS)
+def test_decode_dicom_frame_that_contradicts_rows_and_columns_is_400(codec):
+    small = dicom_frame_bomb(codec, width=32, height=16)  # smaller than Rows/Columns: a lie all the same
+    with pytest.raises(InvalidImage, match="Rows / Columns say"):
+        decode(small)
+
+
+def test_decode_dicom_frame_with_other_samples_than_the_dataset_is_400():
+    with pytest.raises(InvalidImage, match="Samples per Pixel says 3"):
+        decode(dicom_with("MR_small_jp2klossless.dcm", SamplesPerPixel=3, PhotometricInterpretation="RGB"))
+
+
+def test_decode_dicom_frame_over_the_pixel_limit_is_413_even_when_rows_and_columns_agree():
+    data = dicom_with("MR_small_jp2klossless.dcm", Rows=BOMB_SIDE, Columns=BOMB_SIDE)
+    with pytest.raises(PayloadTooLarge):
+        decode(data)
+
+
+def test_decode_dicom_checks_the_frame_it_decodes_in_a_multiframe_file():
+    good = decode(dicom_sample("emri_small_jpeg_ls_lossless.dcm"))
+    assert good.pixels.shape == (64, 64) and any("multi-frame" in w for w in good.warnings)
+
+
+def test_decode_deflated_dicom_within_the_limit_still_decodes():
+    assert decode(dicom_sample("image_dfl.dcm")).pixels.shape == (512, 512)
+
+
+def test_decode_compressed_syntax_without_a_header_reader_is_415(monkeypatch):
+    import app.inference.decode as decode_module
+
+    monkeypatch.setattr(decode_module, "_frame_header_readers", dict)
+    with pytest.raises(UnsupportedMediaType, match="cannot be checked"):
+        decode(dicom_sample("MR_small_jp2klossless.dcm"))
+    assert decode(dicom_sample("MR_small_RLE.dcm")).pixels.shape == (64, 64)  # RLE fills Rows x Columns exactly
+
+
+def test_decode_colour_image_peaks_near_its_own_size():
+    """Luma is built channel by channel: a 4096² RGB decode no longer holds a float copy of all 3 channels."""
+    img = np.random.default_rng(0).integers(0, 256, (4096, 4096, 3), dtype=np.uint8)
+    data = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes()
+    del img
+    import tracemalloc
+
+    tracemalloc.start()
+    out = decode(data)
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    assert out.pixels.shape == (4096, 4096) and out.pixels.dtype == np.float32
+    assert peak < 3 * 64 + 8  # decoded RGB (48 MiB) + luma and one temporary (64 MiB each); was ~400
