@@ -47,3 +47,50 @@ class InvalidRequest(ServiceError):
     """The request is well-formed HTTP but not what the operation expects (e.g. no ``file`` field)."""
 
     status, title, slug = 422, "Validation error", "validation-error"
+
+
+class BadRequest(ServiceError):
+    """Not a request this server can route: e.g. control characters in the path."""
+
+    status, title, slug = 400, "Bad request", "bad-request"
+
+
+class InvalidHost(ServiceError):
+    """The Host header names a server this is not (BTD_ALLOWED_HOSTS): DNS rebinding, or a misrouted request."""
+
+    status, title, slug = 400, "Invalid host", "invalid-host"
+
+
+class Unauthorized(ServiceError):
+    status, title, slug = 401, "Unauthorized", "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """A valid API key without the scope this route needs."""
+
+    status, title, slug = 403, "Forbidden", "forbidden"
+
+
+class CrossSiteRequest(ServiceError):
+    """A browser sent a state-changing request from another site (BTD_ALLOWED_ORIGINS admits some)."""
+
+    status, title, slug = 403, "Cross-site request refused", "cross-site-request"
+
+
+class RequestTimeout(ServiceError):
+    status, title, slug = 408, "Request timeout", "request-timeout"
+
+
+class RateLimited(ServiceError):
+    status, title, slug = 429, "Too many requests", "rate-limited"
+
+
+class HeadersTooLarge(ServiceError):
+    status, title, slug = 431, "Request header fields too large", "headers-too-large"
+
+
+class ClientDisconnected(ServiceError):
+    """The client hung up before its request was read: its fault, not ours. 499 as nginx counts it;
+    nobody receives the response."""
+
+    status, title, slug = 499, "Client closed request", "client-disconnected"

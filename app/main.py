@@ -15,13 +15,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app import metrics
+from app.api import openapi_docs as docs
+from app.api.guard import GuardMiddleware
 from app.api.middleware import RequestContextMiddleware
 from app.api.problems import install_problem_handlers
 from app.api.routes import router
 from app.api.schemas import Problem
+from app.api_keys import KeyStore
+from app.audit import AuditLog
 from app.inference.service import InferenceService
 from app.settings import Settings
 
@@ -104,8 +109,16 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
                   docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.runtime = RuntimeState()
+    app.state.audit = AuditLog(settings.audit_log)
     install_problem_handlers(app)
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    # Innermost first: the guard (hosts, cross-site, keys, rate), CORS outside it (a preflight carries
+    # no key), the request context outermost (request id, headers and metrics on every answer).
+    app.add_middleware(GuardMiddleware, settings=settings, keys=key_store(settings), audit=app.state.audit)
+    if settings.origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type", "X-API-Key", "Authorization", "X-Request-ID"],
+                           expose_headers=["X-Request-ID", "Server-Timing", "Retry-After"])
+    app.add_middleware(RequestContextMiddleware, settings=settings)
     app.include_router(router)
     if importlib.util.find_spec("app.web") is not None:  # the clinician page and /docs (web engineer)
         from app.web import router as web_router
@@ -115,6 +128,14 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
     return app
 
 
+def key_store(settings: Settings) -> KeyStore | None:
+    """The API keys, or None when none are configured (raises ``KeyFileError`` for a bad keys file)."""
+    if not settings.auth_enabled:
+        return None
+    inline = settings.api_keys.get_secret_value() if settings.api_keys is not None else None
+    return KeyStore(settings.api_keys_file, inline)
+
+
 def build_openapi(app: FastAPI) -> dict[str, Any]:
     """The OpenAPI document (cached), with the Problem schema every error response refers to."""
     if app.openapi_schema is None:
@@ -122,5 +143,6 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         schemas = spec.setdefault("components", {}).setdefault("schemas", {})
         problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.setdefault("Problem", problem)
+        spec["components"]["securitySchemes"] = docs.SECURITY_SCHEMES
         app.openapi_schema = spec
     return app.openapi_schema

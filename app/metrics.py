@@ -24,7 +24,10 @@ STAGE_DURATION = Histogram(
 )
 BATCH_SIZE = Histogram("btd_batch_size", "Images per model call (dynamic micro-batching)", buckets=BATCH_BUCKETS)
 QUEUE_DEPTH = Gauge("btd_queue_depth", "Images waiting for the model")
-IN_FLIGHT = Gauge("btd_in_flight_requests", "HTTP requests being processed (scale-out signal)")
+# Counted from the moment an image is admitted to the model (its upload complete) until its answer:
+# an upload still trickling in is no work for the model, and must not scale the deployment out.
+IN_FLIGHT = Gauge("btd_in_flight_requests", "Images admitted to the model: decoding, queued or inferring "
+                  "(scale-out signal)")
 PREDICTIONS = Counter("btd_predictions_total", "Predictions by predicted label", ["label"])
 CONFIDENCE = Histogram(
     "btd_prediction_confidence", "Probability of the predicted label (watch for drift)", ["label"],
@@ -35,7 +38,17 @@ MODEL_INFO = Gauge(
     "btd_model_info", "The loaded model (value 1): name, version, file sha256 and execution provider",
     ["name", "version", "sha256", "provider"],
 )
+UPLOAD_BYTES = Gauge("btd_upload_bytes", "Request-body bytes held by requests in progress (BTD_MAX_UPLOAD_BYTES)")
+OPEN_CONNECTIONS = Gauge("btd_open_connections", "Open HTTP connections (BTD_MAX_CONNECTIONS)")
 READY = Gauge("btd_ready", "1 when the model is loaded, checked and warmed up and the server is not draining")
+
+# The method label takes these; any other verb a client invents is "other" (bounded label values).
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+
+
+def method_label(method: str) -> str:
+    return method if method in HTTP_METHODS else "other"
+
 
 # Pipeline stage -> the key of the response's timings_ms that measures it.
 STAGES = {"decode": "decode", "preprocess": "preprocess", "queue": "queue", "infer": "inference", "cam": "cam"}

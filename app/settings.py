@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.inference.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
@@ -52,6 +52,40 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         20.0, ge=0, description="on SIGTERM: longest wait for in-flight requests before exiting"
     )
+    # HTTP limits, enforced by the server (app/http_server.py) and the request middleware.
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024,
+                                  description="largest request line plus headers, in bytes (431 beyond)")
+    max_headers: int = Field(100, ge=8, le=10_000, description="most header fields in one request (431 beyond)")
+    header_timeout_s: float = Field(10.0, gt=0, description="time for a request's line and headers to arrive "
+                                    "(408 and the connection closed beyond)")
+    body_timeout_s: float = Field(60.0, gt=0, description="time for a request's whole body to arrive (408 beyond)")
+    keep_alive_timeout_s: int = Field(5, ge=1, le=3600, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(256, ge=1, description="open connections; a new one beyond gets 503 + Retry-After "
+                                 "and is closed")
+    max_upload_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="request bodies held in memory by all "
+                                  "requests together; a request beyond gets 503 + Retry-After")
+    # Browser-facing protections.
+    allowed_hosts: str = Field("localhost,127.0.0.1,::1", description="comma list of Host names served (*.example.org "
+                               "matches subdomains, * any); IP addresses are always served. Others: 400")
+    allowed_origins: str = Field("", description="comma list of web origins (https://viewer.example.org) allowed to "
+                                 "POST from a browser, with CORS; other cross-site POSTs: 403")
+    # Authentication, rate limits and audit.
+    api_keys_file: Path | None = Field(None, description="file of API keys (name:sha256[:scopes] per line, "
+                                       "python -m app.api_keys); set, or BTD_API_KEYS: keys required on /v1/*")
+    api_keys: SecretStr | None = Field(None, description="the same lines as BTD_API_KEYS_FILE, e.g. from a "
+                                       "Kubernetes Secret")
+    auth_metrics: bool = Field(False, description="with API keys: /metrics needs a key with the metrics scope too")
+    auth_docs: bool = Field(False, description="with API keys: /docs and /openapi.json need a key with the docs scope")
+    rate_limit_per_minute: int = Field(0, ge=0, description="prediction requests per minute per client (API key "
+                                       "name, else address); 0: no limit. Beyond: 429 + Retry-After")
+    rate_limit_burst: int = Field(10, ge=1, description="prediction requests a client may send at once "
+                                  "before the per-minute rate applies")
+    audit_log: str = Field("stdout", description='one JSON line per prediction: "stdout", "off" or a file path')
+    # Transport.
+    tls_certfile: Path | None = Field(None, description="serve HTTPS with this certificate chain (PEM)")
+    tls_keyfile: Path | None = Field(None, description="the private key of BTD_TLS_CERTFILE (PEM)")
+    forwarded_allow_ips: str = Field("127.0.0.1", description="proxies whose X-Forwarded-For/-Proto are believed "
+                                     "(comma list, * for any): the client address in logs and the audit trail")
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -72,6 +106,33 @@ class Settings(BaseSettings):
             raise ValueError(f"not an execution provider name: {', '.join(unknown)} (e.g. {', '.join(KNOWN_PROVIDERS)})")
         return ",".join(names)
 
+    @model_validator(mode="after")
+    def _check_pairs(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("set both BTD_TLS_CERTFILE and BTD_TLS_KEYFILE, or neither")
+        if self.max_upload_bytes < self.max_body_bytes:
+            raise ValueError("BTD_MAX_UPLOAD_BYTES must be at least BTD_MAX_BODY_BYTES (one largest request)")
+        if self.audit_log.strip() == "":
+            raise ValueError('BTD_AUDIT_LOG: give "stdout", "off" or a file path')
+        return self
+
+    @property
+    def host_names(self) -> tuple[str, ...]:
+        return _comma_list(self.allowed_hosts, lower=True)
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        return tuple(origin.rstrip("/") for origin in _comma_list(self.allowed_origins, lower=True))
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.api_keys_file is not None or self.api_keys is not None
+
     def provider_list(self) -> list[str] | None:
         """The explicit provider list, or None for automatic choice."""
         return None if self.providers == "auto" else self.providers.split(",")
+
+
+def _comma_list(value: str, *, lower: bool = False) -> tuple[str, ...]:
+    items = (item.strip() for item in value.split(","))
+    return tuple(item.lower() if lower else item for item in items if item)

@@ -1,9 +1,16 @@
 """Pure ASGI middleware for every HTTP request: the request id (the client's ``X-Request-ID`` when
-it is sane, else a UUID), the body size limit (Content-Length refused up front, streamed bodies
-counted: never read unbounded), request duration by route template and status, in-flight count."""
+it is sane, else a UUID), security headers, the body's limits, request duration by route template,
+method and status, and the access log line.
+
+The body is never read unbounded: a Content-Length over the limit is refused up front and streamed
+bodies are counted (413); all bodies held at once share a budget (503 + Retry-After beyond); the
+whole body must arrive within ``BTD_BODY_TIMEOUT_S`` (408). A client that hangs up before its body
+is read is counted and logged as its own fault (499, info), not as a server error."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
 import uuid
@@ -11,11 +18,16 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
-from app.api.problems import internal_error_response, problem_of, problem_response
-from app.errors import PayloadTooLarge
+from app.api.headers import security_headers
+from app.api.problems import internal_error_response, log_service_error, problem_of, problem_response
+from app.errors import BadRequest, ClientDisconnected, Overloaded, PayloadTooLarge, RequestTimeout, ServiceError
+from app.settings import Settings
+
+access_log = logging.getLogger("app.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-UNTRACKED_PATHS = ("/metrics", "/livez", "/readyz")  # not counted as in-flight work
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+RETRY_AFTER_S = 1
 
 
 def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
@@ -38,9 +50,9 @@ def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 def route_template(scope: Scope) -> str:
-    """The route template for the duration metric; "unmatched" for unknown paths. A request refused
-    before routing (413 by Content-Length) is an API path, which is its own template (none has
-    parameters), so its 413 is counted under that route too."""
+    """The route template for the duration metric and the access log (never the path a client chose:
+    it could carry anything); "unmatched" for unknown paths. A request refused before routing (413 by
+    Content-Length) is an API path, which is its own template (none has parameters)."""
     template = getattr(scope.get("route"), "path", None)
     if template:
         return template
@@ -49,10 +61,78 @@ def route_template(scope: Scope) -> str:
     return scope["path"] if scope["path"] in api_paths else "unmatched"
 
 
+class UploadBudget:
+    """Request-body bytes held in memory by all requests together (one event loop: no lock)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        metrics.UPLOAD_BYTES.set(self.held)
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+        metrics.UPLOAD_BYTES.set(self.held)
+
+
+class _Body:
+    """One request's body as it arrives: counted against the size limit and the shared budget, and
+    against the time it may take."""
+
+    def __init__(self, receive: Receive, settings: Settings, budget: UploadBudget, declared: int | None) -> None:
+        self._receive = receive
+        self.limit = settings.max_body_bytes
+        self.budget = budget
+        self.deadline = time.monotonic() + settings.body_timeout_s
+        self.timeout_s = settings.body_timeout_s
+        self.received = 0
+        self.reserved = 0
+        self.complete = False
+        if declared:  # reserve what the client announced, so an over-budget upload is refused before it arrives
+            self._reserve(declared)
+
+    def _reserve(self, total: int) -> None:
+        if total > self.reserved:
+            if not self.budget.take(total - self.reserved):
+                raise Overloaded("too many uploads in progress; retry shortly",
+                                 headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
+            self.reserved = total
+
+    def release(self) -> None:
+        self.budget.give_back(self.reserved)
+        self.reserved = 0
+
+    async def receive(self) -> Message:
+        if self.complete:  # the body is in: later receives wait for a disconnect, untimed
+            return await self._receive()
+        remaining = self.deadline - time.monotonic()
+        try:
+            message = await asyncio.wait_for(self._receive(), max(remaining, 0.001))
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request body did not arrive within {self.timeout_s:g} s",
+                                 headers={"Connection": "close"}) from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("the client disconnected before its request body was read")
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.limit:
+                raise PayloadTooLarge(f"the request body exceeds the limit of {self.limit} bytes",
+                                      headers={"Connection": "close"})
+            self._reserve(self.received)
+            self.complete = not message.get("more_body", False)
+        return message
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.settings = settings
+        self.uploads = UploadBudget(settings.max_upload_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,46 +143,54 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         status = 500
         started_response = False
-        limit = self.max_body_bytes
 
-        async def send_with_id(message: Message) -> None:
+        async def send_with_headers(message: Message) -> None:
             nonlocal status, started_response
             if message["type"] == "http.response.start":
                 status = message["status"]
                 started_response = True
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode("latin-1"))]
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode("latin-1"))]
+                message["headers"] = security_headers(scope["path"], scope.get("scheme", "http"), headers)
             await send(message)
 
-        received = 0
+        async def refuse(error: ServiceError) -> None:
+            log_service_error(error, request_id)
+            response = problem_response(problem_of(error, scope["path"], request_id),
+                                        {**error.headers, "Connection": "close"})
+            await response(scope, receive, send_with_headers)
 
-        async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
-            return message
-
-        tracked = scope["path"] not in UNTRACKED_PATHS
-        if tracked:
-            metrics.IN_FLIGHT.inc()
+        body: _Body | None = None
         try:
-            declared = content_length(scope["headers"])
-            if declared is not None and declared > limit:
-                error = PayloadTooLarge(f"the request body ({declared} bytes) exceeds the limit of {limit} bytes")
-                response = problem_response(problem_of(error, scope["path"], request_id), {"Connection": "close"})
-                await response(scope, receive, send_with_id)
+            if _CONTROL.search(scope["path"]):
+                await refuse(BadRequest("the path contains control characters"))
                 return
-            await self.app(scope, counted_receive, send_with_id)
+            declared = content_length(scope["headers"])
+            limit = self.settings.max_body_bytes
+            if declared is not None and declared > limit:
+                await refuse(PayloadTooLarge(f"the request body ({declared} bytes) exceeds the limit of {limit} bytes"))
+                return
+            try:
+                body = _Body(receive, self.settings, self.uploads, declared)
+            except Overloaded as error:
+                await refuse(error)
+                return
+            await self.app(scope, body.receive, send_with_headers)
+        except ClientDisconnected as error:  # raised outside a route (e.g. by the multipart parser's caller)
+            log_service_error(error, request_id)
+            metrics.ERRORS.labels(error.slug).inc()
+            status = error.status
         except Exception:
             if started_response:  # too late for a problem response: let the server close the connection
                 raise
-            await internal_error_response(scope["path"], request_id)(scope, receive, send_with_id)
+            await internal_error_response(scope["path"], request_id)(scope, receive, send_with_headers)
         finally:
-            if tracked:
-                metrics.IN_FLIGHT.dec()
-            metrics.REQUEST_DURATION.labels(route_template(scope), scope["method"], str(status)).observe(
-                time.perf_counter() - started)
-
+            if body is not None:
+                body.release()
+            route = route_template(scope)
+            method = metrics.method_label(scope["method"])
+            elapsed = time.perf_counter() - started
+            metrics.REQUEST_DURATION.labels(route, method, str(status)).observe(elapsed)
+            client = (scope.get("client") or ("-",))[0]
+            # No query string and no raw path: a client can put anything there, patient data included.
+            access_log.info('%s "%s %s" %d %.1fms request_id=%s', client, method, route, status, elapsed * 1000,
+                            request_id)

@@ -21,6 +21,15 @@ def problem(description: str, **headers: dict[str, Any]) -> dict[str, Any]:
 
 RETRY_AFTER = {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
 
+# API keys (optional: only when the server has keys configured, BTD_API_KEYS_FILE / BTD_API_KEYS).
+SECURITY_SCHEMES = {
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+               "description": "an API key (python -m app.api_keys new NAME), required on /v1/* when the server "
+                              "has keys configured; probes never need one"},
+    "bearer": {"type": "http", "scheme": "bearer", "description": "the same API key as a Bearer token"},
+}
+KEY_SECURITY = {"security": [{"apiKey": []}, {"bearer": []}]}
+
 _COMMON = {
     413: problem("payload-too-large: body over BTD_MAX_BODY_BYTES, image over BTD_MAX_PIXELS, or too many files"),
     415: problem("unsupported-media-type: not PNG/JPEG/DICOM, Content-Type does not match the bytes, or a "
@@ -31,12 +40,27 @@ _COMMON = {
                  "(Retry-After)", **{"Retry-After": RETRY_AFTER}),
 }
 
+_ACCESS = {
+    401: problem("unauthorized: no API key, or not a valid one (when the server has keys configured)",
+                 **{"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}),
+    403: problem("forbidden: the API key lacks the predict scope; cross-site-request: a browser request from "
+                 "another site (BTD_ALLOWED_ORIGINS)"),
+}
+_UPLOAD = {
+    408: problem("request-timeout: the body did not arrive within BTD_BODY_TIMEOUT_S"),
+    429: problem("rate-limited: more prediction requests than BTD_RATE_LIMIT_PER_MINUTE from this client",
+                 **{"Retry-After": RETRY_AFTER}),
+}
+
 PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the prediction", "headers": {
         **REQUEST_ID_HEADER,
         "Server-Timing": {"description": "decode, preprocess, queue, infer, cam, total (ms)",
                           "schema": {"type": "string"}}}},
-    400: problem("invalid-image: empty, truncated or corrupt image data; bad-request: malformed multipart body"),
+    400: problem("invalid-image: empty, truncated or corrupt image data, or a DICOM frame whose own header "
+                 "contradicts Rows / Columns; bad-request: malformed multipart body"),
+    **_ACCESS,
+    **_UPLOAD,
     **_COMMON,
     504: problem("timeout: processing took longer than BTD_REQUEST_TIMEOUT_S"),
 }
@@ -45,6 +69,8 @@ BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "one result per file, in request order; a bad file has ok=false and its problem",
           "headers": REQUEST_ID_HEADER},
     400: problem("bad-request: malformed multipart body"),
+    **_ACCESS,
+    **_UPLOAD,
     413: _COMMON[413],
     415: problem("unsupported-media-type: the body is not multipart/form-data"),
     422: problem("validation-error: bad query parameter or no 'files' field"),
@@ -53,6 +79,11 @@ BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 NOT_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: problem("model-not-ready: the model is not loaded, checked and warmed up yet, or the server is draining"),
+}
+MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: _ACCESS[401],
+    403: problem("forbidden: the API key lacks the predict scope"),
+    **NOT_READY_RESPONSES,
 }
 
 LIVEZ_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -64,7 +95,7 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
           "content": {"text/plain": {"schema": {"type": "string"}}}},
 }
 
-PREDICT_BODY = {"requestBody": {"required": True, "content": {
+PREDICT_BODY = {**KEY_SECURITY, "requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                        "properties": {"file": {**BINARY, "description": "PNG, JPEG or DICOM"}}}},
     "image/png": {"schema": BINARY},
@@ -73,7 +104,7 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {**BINARY, "description": "any of the above, recognised by signature"}},
 }}}
 
-BATCH_BODY = {"requestBody": {"required": True, "content": {
+BATCH_BODY = {**KEY_SECURITY, "requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
         "files": {"type": "array", "items": BINARY, "description": "one part per image (BTD_MAX_BATCH_FILES at most)"},
     }}},

@@ -5,6 +5,7 @@ unexpected exception (500 with a body that hides internals; the log keeps them w
 from __future__ import annotations
 
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,9 +13,37 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import metrics
-from app.errors import ServiceError
+from app.errors import ClientDisconnected, ServiceError
 
 log = logging.getLogger("app.api")
+BURST_INTERVAL_S = 10.0
+
+
+class BurstLog:
+    """At most one line per ``interval_s`` for each kind of event (a bounded set of keys, e.g. problem
+    types): under overload a burst of 503s is one line, and the next line says how many it folded in.
+    The metrics count every one."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = BURST_INTERVAL_S) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def log(self, level: int, key: str, message: str, *args: object) -> bool:
+        """Log unless a line for ``key`` was written less than ``interval_s`` ago; True if written."""
+        now = time.monotonic()
+        last, folded = self._last.get(key, (None, 0))
+        if last is not None and now - last < self.interval_s:
+            self._last[key] = (last, folded + 1)
+            return False
+        if folded:
+            message, args = message + " (and %d more since the last such line)", (*args, folded)
+        self._last[key] = (now, 0)
+        self.logger.log(level, message, *args)
+        return True
+
+
+BURSTS = BurstLog(log)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _HTTP_SLUGS = {400: ("bad-request", "Bad request"), 404: ("not-found", "Not found"), 405: ("method-not-allowed", "Method not allowed")}
@@ -39,9 +68,19 @@ def problem_response(body: dict, headers: dict[str, str] | None = None) -> JSONR
     return JSONResponse(body, status_code=body["status"], headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
+def log_service_error(error: ServiceError, request_id: str) -> None:
+    """Overload, timeouts, not ready: worth a line for whoever runs the service (one per burst). A
+    client hanging up is the client's business: info."""
+    if error.status >= 500:
+        BURSTS.log(logging.WARNING, error.slug, "%s %s: %s (request_id=%s)", error.status, error.slug, error.detail,
+                   request_id)
+    elif isinstance(error, ClientDisconnected):
+        BURSTS.log(logging.INFO, error.slug, "client disconnected before its request was read (request_id=%s)",
+                   request_id)
+
+
 async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    if exc.status >= 500:  # overload, timeouts, not ready: worth a line for whoever runs the service
-        log.warning("%s %s: %s (request_id=%s)", exc.status, exc.slug, exc.detail, request_id_of(request))
+    log_service_error(exc, request_id_of(request))
     return problem_response(problem_of(exc, request.url.path, request_id_of(request)), exc.headers)
 
 

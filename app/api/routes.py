@@ -17,6 +17,7 @@ from app.api.schemas import BatchResponse, Health, ModelDescription, PredictResp
 from app.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.inference.decode import MEDIA_TYPES, normalise_media_type
 from app.inference.pipeline import CamMode
+from app.audit import AuditLog
 from app.inference.service import InferenceService
 from app.settings import Settings
 
@@ -80,12 +81,28 @@ def _server_timing(timings: dict[str, float]) -> str:
     return ", ".join(f"{name};dur={timings[key]:.3f}" for name, key in SERVER_TIMING)
 
 
+def audit_prediction(request: Request, service: InferenceService, *, index: int | None = None,
+                     result: dict[str, Any] | None = None, error: ServiceError | None = None) -> None:
+    """The audit line of one prediction, answered (``result``) or refused (``error``)."""
+    audit: AuditLog = request.app.state.audit
+    audit.prediction(
+        request_id=request_id_of(request), key=getattr(request.state, "api_key", None),
+        client=request.client.host if request.client else None, route=request.url.path, index=index,
+        status=200 if error is None else error.status, result=result,
+        problem=None if error is None else error.slug, model=service.builder.model_identity)
+
+
 @router.post("/v1/predict", operation_id="predict", summary="Classify one slice (PNG, JPEG or DICOM)",
              response_model=PredictResponse, responses=docs.PREDICT_RESPONSES, openapi_extra=docs.PREDICT_BODY)
 async def predict(request: Request, response: Response, cam: CamMode = CAM_QUERY,
                   service: InferenceService = Depends(get_service)) -> dict[str, Any]:
-    data, media_type = await read_single_image(request)
-    result = await service.predict(data, media_type, cam)
+    try:
+        data, media_type = await read_single_image(request)
+        result = await service.predict(data, media_type, cam)
+    except ServiceError as error:
+        audit_prediction(request, service, error=error)
+        raise
+    audit_prediction(request, service, result=result)
     response.headers["Server-Timing"] = _server_timing(result["timings_ms"])
     return {"request_id": request_id_of(request), **result}
 
@@ -95,13 +112,17 @@ async def predict(request: Request, response: Response, cam: CamMode = CAM_QUERY
 async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
                         service: InferenceService = Depends(get_service),
                         settings: Settings = Depends(get_settings)) -> dict[str, Any]:
-    if _bare(request.headers.get("content-type")) != "multipart/form-data":
-        raise UnsupportedMediaType("send multipart/form-data with one 'files' field per image")
-    service.refuse_if_full()  # an overloaded server answers the whole batch 503 + Retry-After
-    form = await _read_form(request, max_files=settings.max_batch_files)
-    uploads = [u for u in form.getlist("files") if isinstance(u, UploadFile)]
-    if not uploads:
-        raise InvalidRequest("the multipart body needs at least one file field named 'files'")
+    try:
+        if _bare(request.headers.get("content-type")) != "multipart/form-data":
+            raise UnsupportedMediaType("send multipart/form-data with one 'files' field per image")
+        service.refuse_if_full()  # an overloaded server answers the whole batch 503 + Retry-After
+        form = await _read_form(request, max_files=settings.max_batch_files)
+        uploads = [u for u in form.getlist("files") if isinstance(u, UploadFile)]
+        if not uploads:
+            raise InvalidRequest("the multipart body needs at least one file field named 'files'")
+    except ServiceError as error:  # the whole request refused: one line without a file index
+        audit_prediction(request, service, error=error)
+        raise
     request_id = request_id_of(request)
 
     async def one(index: int, upload: UploadFile) -> dict[str, Any]:
@@ -111,7 +132,9 @@ async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
             result = await service.predict(data, media_type, cam)
         except ServiceError as error:  # one bad file does not fail the others
             metrics.ERRORS.labels(error.slug).inc()
+            audit_prediction(request, service, index=index, error=error)
             return {"filename": filename, "ok": False, "problem": problem_of(error, request.url.path, request_id)}
+        audit_prediction(request, service, index=index, result=result)
         return {"filename": filename, "ok": True, "result": {"request_id": request_id, **result}}
 
     # All at once, so they meet in the micro-batcher; gather keeps request order.
@@ -119,7 +142,7 @@ async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
 
 
 @router.get("/v1/model", operation_id="getModel", summary="The loaded model: labels, input, metrics, provider",
-            response_model=ModelDescription, responses=docs.NOT_READY_RESPONSES)
+            response_model=ModelDescription, responses=docs.MODEL_RESPONSES, openapi_extra=docs.KEY_SECURITY)
 async def get_model(service: InferenceService = Depends(get_service)) -> dict[str, Any]:
     return service.describe()
 

@@ -51,7 +51,8 @@ class InferenceService:
         started = time.perf_counter()
         timeout = self.settings.request_timeout_s
         try:
-            result = await asyncio.wait_for(self._predict(data, media_type, cam, started), timeout)
+            with metrics.IN_FLIGHT.track_inprogress():  # admitted work: the upload is complete
+                result = await asyncio.wait_for(self._predict(data, media_type, cam, started), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
         metrics.observe_prediction(result)

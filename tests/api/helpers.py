@@ -15,6 +15,9 @@ from app.main import create_app
 from app.settings import Settings
 
 
+TEST_HOST = "testserver"  # starlette's TestClient's Host
+
+
 def wait_ready(client: TestClient, timeout_s: float = 30.0) -> None:
     """Poll /readyz until the background model load is done (bounded)."""
     deadline = time.monotonic() + timeout_s
@@ -27,7 +30,9 @@ def wait_ready(client: TestClient, timeout_s: float = 30.0) -> None:
 
 @contextmanager
 def running_app(model_path: Path, *, ready: bool = True, **settings) -> Iterator[TestClient]:
-    """A TestClient with the lifespan running; ``settings`` are Settings fields."""
+    """A TestClient with the lifespan running; ``settings`` are Settings fields. The TestClient's
+    requests name the host "testserver", which is therefore allowed unless a test says otherwise."""
+    settings.setdefault("allowed_hosts", TEST_HOST)
     app = create_app(Settings(model_path=model_path, **settings))
     with TestClient(app, raise_server_exceptions=False) as client:
         if ready:

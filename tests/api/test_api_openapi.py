@@ -11,9 +11,11 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 
 from app.api.spec import SPEC_PATH, generate, render
+from app.api_keys import key_line, new_key
 from app.main import create_app
 from app.settings import Settings
 from tests.api import schemathesis_hooks  # noqa: F401  (registers the DICOM body serializer)
+from tests.api.helpers import TEST_HOST
 from tests.model_factory import build_model
 
 
@@ -24,9 +26,12 @@ def test_committed_openapi_matches_the_app():
 
 def test_openapi_documents_problem_json_for_every_error_status():
     spec = json.loads(SPEC_PATH.read_text())
-    expected = {"predict": {"200", "400", "413", "415", "422", "503", "504"},
-                "predictBatch": {"200", "400", "413", "415", "422", "503"},
-                "getModel": {"200", "503"}, "readyz": {"200", "503"}, "livez": {"200", "503"}, "metrics": {"200"}}
+    access = {"401", "403"}  # API keys, cross-site browser requests
+    upload = {"408", "429"}  # body timeout, rate limit
+    expected = {"predict": {"200", "400", "413", "415", "422", "503", "504"} | access | upload,
+                "predictBatch": {"200", "400", "413", "415", "422", "503"} | access | upload,
+                "getModel": {"200", "503"} | access, "readyz": {"200", "503"}, "livez": {"200", "503"},
+                "metrics": {"200"}}
     seen = {}
     for ops in spec["paths"].values():
         for op in ops.values():
@@ -35,11 +40,19 @@ def test_openapi_documents_problem_json_for_every_error_status():
                 if status.startswith(("4", "5")):
                     assert list(response["content"]) == ["application/problem+json"], (op["operationId"], status)
     assert seen == expected
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["apiKey"] == {**schemes["apiKey"], "type": "apiKey", "in": "header", "name": "X-API-Key"}
+    secured = {op["operationId"] for ops in spec["paths"].values() for op in ops.values() if op.get("security")}
+    assert secured == {"predict", "predictBatch", "getModel"}  # probes and metrics stay open by default
 
 
 # Built at import: schemathesis parametrizes at collection time. The lifespan it starts ends with the test.
 _MODEL_DIR = tempfile.TemporaryDirectory(prefix="btd-schemathesis-")
-APP = create_app(Settings(model_path=build_model(Path(_MODEL_DIR.name) / "m.onnx"), max_body_bytes=256 * 1024),
+# With API keys, as a hospital deploys it: the documented security scheme is then checked for real
+# (schemathesis' ignored_auth check sends requests without the key and expects them refused).
+API_KEY = new_key()
+APP = create_app(Settings(model_path=build_model(Path(_MODEL_DIR.name) / "m.onnx"), max_body_bytes=256 * 1024,
+                          allowed_hosts=TEST_HOST, api_keys=key_line("schemathesis", API_KEY), audit_log="off"),
                  background_load=False)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
@@ -50,4 +63,5 @@ def test_api_conforms_to_its_openapi(case):
     # "format: binary" admits any bytes, yet only real images can be accepted: for bodies whose bytes
     # schemathesis makes up (octet-stream, multipart parts) a 4xx for valid-looking data is right.
     arbitrary_bytes = case.media_type in ("application/octet-stream", "multipart/form-data")
-    case.call_and_validate(excluded_checks=[positive_data_acceptance] if arbitrary_bytes else None)
+    case.call_and_validate(headers={"X-API-Key": API_KEY},
+                           excluded_checks=[positive_data_acceptance] if arbitrary_bytes else None)
