@@ -16,6 +16,8 @@ import uvicorn
 from pydantic import ValidationError
 
 from app import metrics
+from app.api_keys import KeyFileError
+from app.http_server import server_config
 from app.main import create_app
 from app.settings import Settings
 
@@ -75,12 +77,16 @@ def main() -> int:
         if server is not None:
             server.stop_fatal()
 
-    app = create_app(settings, on_fatal=on_fatal)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level, lifespan="on",
-        timeout_graceful_shutdown=max(1, round(settings.drain_timeout_s)),
-    )
-    server = DrainingServer(config, app.state.runtime)
+    for name, path in (("BTD_TLS_CERTFILE", settings.tls_certfile), ("BTD_TLS_KEYFILE", settings.tls_keyfile)):
+        if path is not None and not path.is_file():
+            print(f"error: {name}: no file at {path}", file=sys.stderr)
+            return 2
+    try:
+        app = create_app(settings, on_fatal=on_fatal)
+    except KeyFileError as exc:  # fail closed: never serve without the keys that were asked for
+        print(f"error: API keys: {exc}", file=sys.stderr)
+        return 2
+    server = DrainingServer(server_config(app, settings), app.state.runtime)
     server.run()
     return 1 if server.fatal else 0
 
