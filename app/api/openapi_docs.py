@@ -40,6 +40,8 @@ _COMMON = {
                  "(Retry-After)", **{"Retry-After": RETRY_AFTER}),
 }
 
+INVALID_HOST = "invalid-host: the Host header names none of BTD_ALLOWED_HOSTS (IP addresses are always served)"
+_HOST = {400: problem(INVALID_HOST)}
 _ACCESS = {
     401: problem("unauthorized: no API key, or not a valid one (when the server has keys configured)",
                  **{"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}}),
@@ -58,7 +60,7 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
         "Server-Timing": {"description": "decode, preprocess, queue, infer, cam, total (ms)",
                           "schema": {"type": "string"}}}},
     400: problem("invalid-image: empty, truncated or corrupt image data, or a DICOM frame whose own header "
-                 "contradicts Rows / Columns; bad-request: malformed multipart body"),
+                 "contradicts Rows / Columns; bad-request: malformed multipart body; " + INVALID_HOST),
     **_ACCESS,
     **_UPLOAD,
     **_COMMON,
@@ -68,7 +70,7 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
 BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "one result per file, in request order; a bad file has ok=false and its problem",
           "headers": REQUEST_ID_HEADER},
-    400: problem("bad-request: malformed multipart body"),
+    400: problem("bad-request: malformed multipart body; " + INVALID_HOST),
     **_ACCESS,
     **_UPLOAD,
     413: _COMMON[413],
@@ -78,6 +80,7 @@ BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 NOT_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_HOST,
     503: problem("model-not-ready: the model is not loaded, checked and warmed up yet, or the server is draining"),
 }
 MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -87,12 +90,17 @@ MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 LIVEZ_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_HOST,
     503: problem("model-not-ready: the model failed to load; restart the process"),
 }
 
 METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Prometheus text exposition format",
           "content": {"text/plain": {"schema": {"type": "string"}}}},
+    **_HOST,
+    401: problem("unauthorized: with BTD_AUTH_METRICS and API keys, no valid key",
+                 **{"WWW-Authenticate": {"description": "Basic", "schema": {"type": "string"}}}),
+    403: problem("forbidden: with BTD_AUTH_METRICS, the API key lacks the metrics scope"),
 }
 
 PREDICT_BODY = {**KEY_SECURITY, "requestBody": {"required": True, "content": {
