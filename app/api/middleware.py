@@ -20,7 +20,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import metrics
 from app.api.headers import security_headers
 from app.api.problems import internal_error_response, log_service_error, problem_of, problem_response
-from app.errors import BadRequest, ClientDisconnected, Overloaded, PayloadTooLarge, RequestTimeout, ServiceError
+from app.errors import (
+    BadRequest,
+    ClientDisconnected,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceError,
+)
 from app.settings import Settings
 
 access_log = logging.getLogger("app.access")

@@ -14,10 +14,10 @@ from app import metrics
 from app.api import openapi_docs as docs
 from app.api.problems import problem_of, request_id_of
 from app.api.schemas import BatchResponse, Health, ModelDescription, PredictResponse
+from app.audit import AuditLog
 from app.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.inference.decode import MEDIA_TYPES, normalise_media_type
 from app.inference.pipeline import CamMode
-from app.audit import AuditLog
 from app.inference.service import InferenceService
 from app.settings import Settings
 

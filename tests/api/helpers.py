@@ -14,7 +14,6 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 
-
 TEST_HOST = "testserver"  # starlette's TestClient's Host
 
 
