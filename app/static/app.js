@@ -18,6 +18,26 @@ const SUFFIX_TYPES = { png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", 
 
 const $ = (id) => document.getElementById(id);
 
+// An API key, when the service asks for one (401): kept for this tab only, sent as X-API-Key.
+const KEY_STORAGE = "btd-api-key";
+let pendingFile = null; // the file to analyse once a key has been given
+
+function apiKey() {
+  return sessionStorage.getItem(KEY_STORAGE) || "";
+}
+
+function withKey(headers) {
+  const key = apiKey();
+  return key ? { ...headers, "X-API-Key": key } : headers;
+}
+
+function askForKey(message) {
+  const form = $("key-form");
+  $("key-help").textContent = message;
+  form.hidden = false;
+  $("api-key").focus();
+}
+
 function displayName(label) {
   return DISPLAY_NAMES[label] || label;
 }
@@ -55,9 +75,12 @@ async function problemText(response) {
   const what = (body && (body.detail || body.title)) || response.statusText || "unknown error";
   const advice = {
     400: "Check that the file is an intact PNG, JPEG or DICOM image.",
+    401: "Enter a valid API key.",
+    403: "This API key may not do this, or the page was opened from another site.",
     413: "Choose a smaller image.",
     415: "Choose a PNG, JPEG or DICOM file.",
     422: "Choose a file that contains an image.",
+    429: "Too many requests from this key or computer; wait a moment.",
     503: "The service is busy or starting; try again in a moment.",
     504: "The service took too long; try again.",
   }[response.status];
@@ -85,7 +108,16 @@ function modelLine(model) {
 
 async function loadModelInfo() {
   try {
-    const response = await fetch(API_MODEL, { headers: { Accept: "application/json" } });
+    const response = await fetch(API_MODEL, { headers: withKey({ Accept: "application/json" }) });
+    if (response.status === 401) {
+      askForKey(
+        apiKey()
+          ? "That API key was not accepted. Check it, or ask whoever runs the service for a new one."
+          : "This service asks for an API key. Ask whoever runs it for yours; the page keeps it in this browser tab only.",
+      );
+      $("model-info").textContent = "waiting for an API key";
+      return;
+    }
     if (!response.ok) throw new Error(await problemText(response));
     const model = await response.json();
     const providers = (model.providers || []).map((p) => p.replace("ExecutionProvider", "")).join(", ");
@@ -201,9 +233,15 @@ async function analyse(file) {
   try {
     const response = await fetch(API_PREDICT, {
       method: "POST",
-      headers: { "Content-Type": await mediaTypeOf(file), Accept: "application/json" },
+      headers: withKey({ "Content-Type": await mediaTypeOf(file), Accept: "application/json" }),
       body: file,
     });
+    if (response.status === 401) {
+      pendingFile = file;
+      showError(`${file.name} was not analysed: the service needs a valid API key. ${await problemText(response)}`);
+      askForKey("Enter your API key; the file is analysed as soon as it is accepted.");
+      return;
+    }
     if (!response.ok) {
       showError(`${file.name} could not be analysed. ${await problemText(response)}`);
       return;
@@ -245,7 +283,23 @@ function setUpDropZone() {
   window.addEventListener("drop", (event) => event.preventDefault());
 }
 
+async function useKey(event) {
+  event.preventDefault();
+  const key = $("api-key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY_STORAGE, key);
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  await loadModelInfo();
+  if (pendingFile && $("key-form").hidden) {
+    const file = pendingFile;
+    pendingFile = null;
+    analyse(file);
+  }
+}
+
 function init() {
+  $("key-form").addEventListener("submit", useKey);
   $("file-input").addEventListener("change", (event) => {
     const file = event.target.files && event.target.files[0];
     if (file) analyse(file);

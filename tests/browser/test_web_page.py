@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 import pytest
 
+from app.api_keys import key_line, new_key
 from tests.api.helpers import ServerProcess
 from tests.model_factory import build_model
 
@@ -87,11 +88,14 @@ def browser_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for old in ARTIFACTS.glob("*.png"):  # so a stale screenshot cannot pass for a new one
         old.unlink()
 
-    with ServerProcess(model, ready_timeout_s=120, BTD_INTRA_OP_THREADS="1") as server:
+    key = new_key()
+    with ServerProcess(model, ready_timeout_s=120, BTD_INTRA_OP_THREADS="1") as server, \
+            ServerProcess(model, ready_timeout_s=120, BTD_INTRA_OP_THREADS="1",
+                          BTD_API_KEYS=key_line("clinician", key)) as keyed:
         base_url = server.url
         env = {**os.environ, "BASE_URL": base_url, "IMAGE": str(image), "DICOM": str(dicom),
                "BROKEN": str(broken), "ARTIFACTS": str(ARTIFACTS), "PROFILE": str(work / "profile"),
-               "CHROMIUM": str(CHROMIUM)}
+               "CHROMIUM": str(CHROMIUM), "KEYED_URL": keyed.url, "API_KEY": key}
         done = subprocess.run([NODE, str(SCRIPT)], cwd=BROWSER_DIR, env=env, capture_output=True, text=True,
                               timeout=SCRIPT_TIMEOUT_S, check=False)
         assert done.returncode == 0, f"browser script failed:\n{done.stderr[-4000:]}"
@@ -182,3 +186,13 @@ def test_screenshots_are_saved_as_artifacts(browser_run: dict) -> None:
     for name in ("web-page-result", "web-page-dicom", "web-page-error", "docs"):
         shot = cv2.imread(str(ARTIFACTS / f"{name}.png"))
         assert shot is not None and shot.shape[1] == 1280 and shot.std() > 5  # a real, non-blank page
+
+
+def test_page_asks_for_an_api_key_when_the_service_needs_one(browser_run: dict) -> None:
+    keyed, model = browser_run["report"]["keyed"], browser_run["model"]
+    assert "asks for an API key" in keyed["askedFirst"] and "waiting for an API key" in keyed["header"]
+    assert "not accepted" in keyed["wrongKey"]
+    assert keyed["formHiddenAfter"] and f"{model['name']} {model['version']}" in keyed["modelHeader"]
+    assert keyed["state"] == "done" and keyed["label"]
+    assert keyed["unlabelled"] == []
+    assert keyed["keyInStorage"] and not keyed["keyInLocalStorage"]  # this tab only, never persisted

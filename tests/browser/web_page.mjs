@@ -4,6 +4,7 @@
 //   IMAGE         an MRI slice to upload (PNG/JPEG); DICOM  a DICOM slice; BROKEN  a corrupt file
 //   ARTIFACTS     folder for screenshots; PROFILE  a fresh, empty user-data-dir
 //   CHROMIUM      the browser binary (default /usr/bin/chromium)
+//   KEYED_URL     optional: the same service with API keys; API_KEY  a valid key for it
 // Prints one JSON object with what it saw; exits non-zero (with the reason on stderr) on any failure.
 import { chromium } from "playwright-core";
 import { readFile } from "node:fs/promises";
@@ -84,11 +85,12 @@ async function readResult(page) {
   });
 }
 
-// Every form control has a name a screen reader can announce.
+// Every form control has a name a screen reader can announce (a button's own text names it).
 async function unlabelledControls(page) {
   return page.evaluate(() =>
     [...document.querySelectorAll("input, button, select, textarea")]
       .filter((el) => !(el.labels && el.labels.length) && !el.getAttribute("aria-label") && !el.getAttribute("aria-labelledby"))
+      .filter((el) => !(el.tagName === "BUTTON" && el.textContent.trim()))
       .map((el) => el.id || el.outerHTML.slice(0, 60)),
   );
 }
@@ -144,10 +146,10 @@ async function main() {
   const report = { offsite: [], consoleErrors: [] };
   try {
     // The page and /docs must work offline: anything not from the service itself is refused and recorded.
-    const origin = new URL(BASE_URL).origin;
+    const origins = [BASE_URL, process.env.KEYED_URL].filter(Boolean).map((u) => new URL(u).origin);
     await context.route("**/*", (route) => {
       const url = route.request().url();
-      if (url.startsWith(origin) || url.startsWith("data:")) return route.continue();
+      if (origins.some((o) => url.startsWith(o)) || url.startsWith("data:")) return route.continue();
       report.offsite.push(url);
       return route.abort();
     });
@@ -220,6 +222,27 @@ async function main() {
       operations: await page.$$eval(".opblock-summary-path", (els) => els.map((e) => e.textContent.trim())),
     };
     await screenshot(page, "docs");
+
+    // 5. A service with API keys: the page asks for one, a wrong one is refused, the right one works.
+    if (process.env.KEYED_URL) {
+      await page.goto(`${process.env.KEYED_URL}/`);
+      await page.waitForSelector("#key-form:not([hidden])");
+      report.keyed = { askedFirst: await page.textContent("#key-help"), header: await page.textContent("#model-info") };
+      await page.fill("#api-key", "btd_not-a-key");
+      await page.click("#key-submit");
+      await page.waitForFunction(() => document.getElementById("key-help").textContent.includes("not accepted"));
+      report.keyed.wrongKey = await page.textContent("#key-help");
+      await page.fill("#api-key", env("API_KEY"));
+      await page.click("#key-submit");
+      await page.waitForFunction(() => !document.getElementById("model-info").textContent.includes("API key"));
+      report.keyed.formHiddenAfter = await page.isHidden("#key-form");
+      report.keyed.modelHeader = await page.textContent("#model-info");
+      report.keyed.state = await upload(page, env("IMAGE"));
+      report.keyed.label = await page.textContent("#result-label");
+      report.keyed.unlabelled = await unlabelledControls(page);
+      report.keyed.keyInStorage = await page.evaluate(() => sessionStorage.getItem("btd-api-key") !== null);
+      report.keyed.keyInLocalStorage = await page.evaluate(() => JSON.stringify(localStorage).includes("btd_"));
+    }
   } catch (err) {
     const page = context.pages()[0];
     if (page) await screenshot(page, "failure").catch(() => {});
