@@ -6,8 +6,9 @@
 
 PATHs are files, folders (searched recursively) or glob patterns. In folders, files count as
 images by extension (.png .jpg .jpeg .dcm .dicom) or by signature (DICOM often has no extension);
-a file named explicitly is always sent. Exit status: 0 all files classified, 1 some file failed
-(each with its reason in the output), 2 nothing could be done (no model, no service, no input).
+a file named explicitly is always sent. A service with API keys needs ``--api-key`` or
+``BTD_API_KEY``. Exit status: 0 all files classified, 1 some file failed (each with its reason in
+the output), 2 nothing could be done (no model, no service, no input, no valid API key).
 
 Local mode uses ``app.inference.predictor.Predictor`` (ONNX Runtime, no torch, no server); URL
 mode uses httpx and sends each file's bytes with its media type. Registered as a subcommand by
@@ -21,6 +22,7 @@ import base64
 import csv
 import glob
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +37,7 @@ SIGNATURE_BYTES = 132  # enough for the DICOM preamble + "DICM"
 GLOB_CHARS = set("*?[")
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_UNUSABLE = 0, 1, 2
+API_KEY_ENV = "BTD_API_KEY"
 
 
 class Unusable(Exception):
@@ -156,17 +159,24 @@ def problem_reason(response: Any) -> str:
 
 
 def remote_classifier(
-    url: str, cam: str, timeout: float
+    url: str, cam: str, timeout: float, api_key: str | None = None
 ) -> tuple[Classify, dict[str, Any], Callable[[], None]]:
-    """Classify through a running service. Returns the function, the model's identity and a closer."""
+    """Classify through a running service (with ``api_key`` as X-API-Key when given). Returns the
+    function, the model's identity and a closer."""
     import httpx
 
-    client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers={"Accept": "application/json"})
+    headers = {"Accept": "application/json", **({"X-API-Key": api_key} if api_key else {})}
+    client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
     try:
         response = client.get("/v1/model")
     except httpx.HTTPError as exc:
         client.close()
         raise Unusable(f"cannot reach the service at {url}: {exc}") from None
+    if response.status_code in (401, 403):
+        client.close()
+        advice = ("the service needs an API key: pass --api-key or set BTD_API_KEY" if not api_key
+                  else "the API key was refused")
+        raise Unusable(f"{advice} ({problem_reason(response)})")
     if response.status_code != 200:
         client.close()
         raise Unusable(f"the service at {url} is not ready: {problem_reason(response)}")
@@ -328,7 +338,7 @@ def predict_files(args: argparse.Namespace) -> list[Outcome]:
         raise Unusable("no image files found in the given paths")
     cam = "png" if args.cam_dir else "none"
     if args.url:
-        classify, model, close = remote_classifier(args.url, cam, args.timeout)
+        classify, model, close = remote_classifier(args.url, cam, args.timeout, args.api_key)
         jobs, where = args.jobs, args.url
     else:
         from app.settings import Settings
@@ -392,6 +402,9 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     add("--cam-dir", metavar="DIR", help="write each image's CAM overlay as DIR/<name>.cam.png")
     add("--jobs", type=positive_int, default=4, help="parallel requests in --url mode (default: 4)")
     add("--timeout", type=float, default=60.0, help="seconds per request in --url mode (default: 60)")
+    add("--api-key", default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
+        help=f"API key for a service that asks for one, sent as X-API-Key (default: ${API_KEY_ENV}; the "
+             "variable keeps the key out of the process list)")
     add("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(func=run_predict)
     return parser

@@ -237,3 +237,35 @@ def test_predict_url_exits_2_when_the_service_is_unreachable(
 def test_parser_refuses_model_and_url_together() -> None:
     with pytest.raises(SystemExit):
         parse(["--model", "m.onnx", "--url", "http://127.0.0.1:1", "a.png"])
+
+
+def test_predict_url_sends_the_api_key_from_the_option_or_the_environment(
+    tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a keyed service (in process, through httpx's ASGI transport): no key exits 2 and says
+    how to give one; a wrong one exits 2; the right one, as --api-key or BTD_API_KEY, classifies."""
+    import httpx
+
+    from app.api_keys import key_line, new_key
+    from tests.api.helpers import running_app
+
+    key = new_key()
+    image = write_png(tmp_path / "a.png")
+    with running_app(model_path, api_keys=key_line("cli", key), audit_log="off") as service:
+        real_client = httpx.Client
+
+        def in_process(*args, **kwargs):  # the CLI's httpx client, talking to the app in this process
+            return real_client(*args, **{**kwargs, "transport": service._transport})
+
+        monkeypatch.setattr(httpx, "Client", in_process)
+        url = "http://testserver"
+        args = parse(["--url", url, str(image), "--no-progress"])
+        assert args.func(args) == EXIT_UNUSABLE
+        assert "--api-key or set BTD_API_KEY" in capsys.readouterr().err
+        args = parse(["--url", url, str(image), "--no-progress", "--api-key", "btd_wrong"])
+        assert args.func(args) == EXIT_UNUSABLE and "refused" in capsys.readouterr().err
+        args = parse(["--url", url, str(image), "--no-progress", "--format", "json", "--api-key", key])
+        assert args.func(args) == EXIT_OK and json.loads(capsys.readouterr().out)[0]["ok"]
+        monkeypatch.setenv("BTD_API_KEY", key)
+        args = parse(["--url", url, str(image), "--no-progress", "--format", "json"])
+        assert args.func(args) == EXIT_OK and json.loads(capsys.readouterr().out)[0]["ok"]
