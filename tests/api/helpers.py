@@ -108,9 +108,11 @@ class ServerProcess:
         httpx.get(server.url + "/readyz")
     """
 
-    def __init__(self, model_path: Path, ready_timeout_s: float = 60.0, **env: str) -> None:
+    def __init__(self, model_path: Path, ready_timeout_s: float = 60.0, *, scheme: str = "http",
+                 verify: object = True, **env: str) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.verify = verify  # for HTTPS: an ssl.SSLContext that trusts the server's certificate
         self.model_path = model_path
         self.env = env
         self.ready_timeout_s = ready_timeout_s
@@ -138,7 +140,7 @@ class ServerProcess:
                 self.__exit__(None, None, None)
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                if httpx.get(self.url + "/readyz", timeout=2, verify=self.verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from app.api_keys import key_line, new_key
 from tests.api.helpers import ServerProcess, png_bytes
 from tests.deploy.manifests import container_env, one, render
 from tests.model_factory import build_model
@@ -45,6 +46,12 @@ def test_sigterm_mid_flight_loses_no_request_and_exits_within_grace(tmp_path):
     # flight when the signal lands.
     env.update(BTD_MAX_BATCH_SIZE=str(2 * REQUESTS), BTD_MAX_WAIT_MS="1000", BTD_INTRA_OP_THREADS="1",
                BTD_LOG_LEVEL="info")
+    # The overlay reads its API keys from the Secret mounted at BTD_API_KEYS_FILE: here, a file of our own.
+    key = new_key()
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text(key_line("shutdown-test", key) + "\n")
+    assert env["BTD_API_KEYS_FILE"]
+    env["BTD_API_KEYS_FILE"] = str(keys_file)
     model = build_model(tmp_path / "model.onnx")
     images = [png_bytes(seed=i) for i in range(REQUESTS)]
     statuses: dict[int, int | str] = {}
@@ -54,7 +61,8 @@ def test_sigterm_mid_flight_loses_no_request_and_exits_within_grace(tmp_path):
         with httpx.Client(base_url=url, timeout=60) as client:
             start.wait(30)  # all clients made first, so the requests go out together
             try:
-                response = client.post("/v1/predict", content=images[i], headers={"Content-Type": "image/png"})
+                response = client.post("/v1/predict", content=images[i],
+                                       headers={"Content-Type": "image/png", "X-API-Key": key})
                 statuses[i] = response.status_code
             except httpx.HTTPError as exc:  # a lost request
                 statuses[i] = type(exc).__name__

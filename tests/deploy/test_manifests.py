@@ -240,13 +240,66 @@ def test_hpa_scales_on_a_metric_the_service_exports_through_the_adapter(overlay)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policy_admits_only_the_service_port(overlay):
+def test_network_policy_admits_only_named_clients_on_the_service_port(overlay):
     docs = render(overlay)
     policy = one(docs, "NetworkPolicy")
-    assert policy["spec"]["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    peers = rule["from"]
+    assert peers and all(peer.get("podSelector", {}).get("matchLabels") for peer in peers)  # never "any pod"
+    named = {"btd-client": "true"}
+    assert {"podSelector": {"matchLabels": named}} in peers  # clients in this namespace
+    assert {"namespaceSelector": {"matchLabels": named}, "podSelector": {"matchLabels": named}} in peers
+    # Prometheus where README step 3 installs it, so the /metrics scrape (servicemonitor.yaml) gets through.
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}} in peers
+    # The ingress controller of k8s/ingress/ingress.yaml (TLS termination).
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}}} in peers
     assert policy["spec"]["egress"] == [] and set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("where, pod", list(pod_specs()))
+def test_api_keys_come_from_a_secret_mounted_where_the_setting_points(where, pod):
+    docs = render(where.split("/")[1]) if where.startswith("overlays/") else []
+    container = pod["containers"][0]
+    env = container_env(docs, container) if docs else {v["name"]: v["value"] for v in container["env"]}
+    keys_file = Path(env["BTD_API_KEYS_FILE"])
+    (mount,) = [m for m in container["volumeMounts"] if keys_file.parent == Path(m["mountPath"])]
+    assert mount["readOnly"] is True and "subPath" not in mount  # a subPath mount would never see a rotation
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "btd-api-keys" and not volume["secret"].get("optional", False)
+    assert volume["secret"]["defaultMode"] == 0o440  # readable by the pod's group (fsGroup) only
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_allowed_hosts_are_the_services_cluster_names(overlay):
+    docs = render(overlay)
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    hosts = container_env(docs, container)["BTD_ALLOWED_HOSTS"].split(",")
+    service = one(docs, "Service")["metadata"]
+    name, namespace = service["name"], service["namespace"]
+    assert hosts == [name, f"{name}.{namespace}", f"{name}.{namespace}.svc", f"{name}.{namespace}.svc.cluster.local"]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_ingress_example_terminates_tls_in_front_of_the_service(version):
+    ingress = yaml.safe_load((K8S / "ingress" / "ingress.yaml").read_text())
+    assert validation_error(ingress, version) is None
+    service = one(render("cpu"), "Service")
+    (rule,) = ingress["spec"]["rules"]
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": service["metadata"]["name"], "port": {"name": service["spec"]["ports"][0]["name"]}}
+    assert ingress["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert ingress["spec"]["tls"] == [{"hosts": [rule["host"]], "secretName": "btd-tls"}]
+    annotations = ingress["metadata"]["annotations"]
+    assert annotations["cert-manager.io/cluster-issuer"]
+    body_mb = int(annotations["nginx.ingress.kubernetes.io/proxy-body-size"].rstrip("m"))
+    assert body_mb * 2**20 >= Settings().max_body_bytes  # the controller never refuses what the service takes
+    assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > Settings().request_timeout_s
 
 
 def test_kserve_example_is_next_to_the_overlays():
