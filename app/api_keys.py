@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import hmac
 import logging
+import os
 import re
 import secrets
 import sys
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     new = commands.add_parser("new", help="make a key: print it once, and its line for the keys file")
     new.add_argument("name", help="who holds the key, e.g. pacs-router (letters, digits, . _ -)")
     new.add_argument("--scopes", default="", help=f"comma list of {', '.join(SCOPES)} (default: all)")
+    new.add_argument("--key-out", type=Path, metavar="FILE",
+                     help="write the key to FILE (created, mode 0600) instead of printing it")
     hash_cmd = commands.add_parser("hash", help="the keys-file line for an existing key read from stdin")
     hash_cmd.add_argument("name")
     hash_cmd.add_argument("--scopes", default="")
@@ -153,8 +156,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"the name must be 1-64 of [A-Za-z0-9._-]; scopes are {', '.join(SCOPES)}")
     if args.command == "new":
         key = new_key()
-        # The line (a hash) on stdout, to append to the keys file; the key itself once, on stderr.
-        print(f"API key for {args.name} (shown once, stored nowhere): {key}", file=sys.stderr)
+        # The line (a hash) on stdout, to append to the keys file; the key itself once, on stderr or to a file.
+        if args.key_out is not None:
+            try:
+                fd = os.open(args.key_out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except OSError as exc:
+                parser.error(f"cannot create {args.key_out}: {exc.strerror}")
+            with os.fdopen(fd, "w") as out:
+                out.write(key + "\n")
+            print(f"API key for {args.name} written to {args.key_out}", file=sys.stderr)
+        else:
+            print(f"API key for {args.name} (shown once, stored nowhere): {key}", file=sys.stderr)
         print(key_line(args.name, key, scopes))
         return 0
     key = sys.stdin.readline().strip()

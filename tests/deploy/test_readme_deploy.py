@@ -75,6 +75,11 @@ def test_readme_load_pod_pulls_the_image_as_the_deployment_does():
     assert run.group(1) == "btd"
     assert overrides["spec"]["serviceAccountName"] == deployment["spec"]["template"]["spec"]["serviceAccountName"]
     assert "--image=REGISTRY/btd:0.1.0-gpu" in run.group(2)
+    # The NetworkPolicy admits only named clients: the load pod carries the label it names, and a key.
+    policy = yaml.safe_load((K8S / "base" / "networkpolicy.yaml").read_text())
+    named = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert "--labels=" + ",".join(f"{k}={v}" for k, v in named.items()) in run.group(2)
+    assert '--env="BTD_API_KEY=$(cat load-test.key)"' in run.group(2)
 
 
 def load_script() -> str:
@@ -83,17 +88,28 @@ def load_script() -> str:
     return match.group(1)
 
 
+def make_readme_keys(folder) -> None:
+    """Step 6's key commands, as written (minus kubectl): the keys file and the load test's key."""
+    script = without_cluster_commands(code_lines(step(6))).replace(".venv/bin/python", sys.executable)
+    assert "app.api_keys new" in script
+    subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=folder, check=True, timeout=60,
+                   capture_output=True)
+
+
 @pytest.mark.slow
 def test_readme_load_script_gets_every_prediction_answered(tmp_path):
     script = load_script()
     assert "http://btd:8000" in script and "$(seq 300)" in script
     rounds = 2
-    with ServerProcess(build_model(tmp_path / "model.onnx"), BTD_INTRA_OP_THREADS="1") as server:
+    make_readme_keys(tmp_path)  # the service checks keys, as the deployed one does
+    with ServerProcess(build_model(tmp_path / "model.onnx"), BTD_INTRA_OP_THREADS="1",
+                       BTD_API_KEYS_FILE=str(tmp_path / "api-keys")) as server:
         script = (script.replace("http://btd:8000", server.url).replace("$(seq 300)", f"$(seq {rounds})")
                   .replace("/tmp/load", str(tmp_path / "load")))
-        # The image's environment: its virtualenv first on PATH, the service code on PYTHONPATH.
+        # The image's environment: its virtualenv first on PATH, the service code on PYTHONPATH, and
+        # the key step 8's kubectl run passes in.
         env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-               "PYTHONPATH": str(REPO)}
+               "PYTHONPATH": str(REPO), "BTD_API_KEY": (tmp_path / "load-test.key").read_text().strip()}
         done = subprocess.run(["sh", "-e", "-c", script], env=env, capture_output=True, text=True,
                               timeout=300, check=False)
         assert done.returncode == 0, done.stderr[-3000:]
