@@ -108,17 +108,25 @@ def test_sigterm_drains_in_flight_requests(model_path):
         assert "draining" in server.log()
 
 
-def test_schemathesis_cli_against_the_running_server(server, tmp_path):
+def test_schemathesis_cli_against_the_running_server(model_path, tmp_path):
+    """The running server with API keys, as deployed: the documented security schemes are checked too
+    (schemathesis' ignored_auth sends requests without the key and expects them refused)."""
+    from app.api_keys import key_line, new_key
+
+    key = new_key()
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.api.schemathesis_hooks", "PYTHONPATH": str(REPO)}
     cli = Path(sys.executable).with_name("schemathesis")
     # positive_data_acceptance is off here: for binary bodies schemathesis makes up bytes that are
     # schema-valid but not images (the in-process test keeps that check for real sample files).
-    proc = subprocess.run(
-        [str(cli), "run", server.url + "/openapi.json", "--max-examples", "25", "--phases", "examples,coverage,fuzzing",
-         "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--seed", "1",
-         "--report-dir", str(tmp_path), "--workers", "1", "--generation-database", "none"],
-        check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,  # its cache stays there
-    )
+    with ServerProcess(model_path, BTD_MAX_WAIT_MS="20", BTD_API_KEYS=key_line("schemathesis", key),
+                       BTD_AUDIT_LOG="off") as server:
+        proc = subprocess.run(
+            [str(cli), "run", server.url + "/openapi.json", "--max-examples", "25", "--phases",
+             "examples,coverage,fuzzing", "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+             "--header", f"X-API-Key: {key}", "--seed", "1",
+             "--report-dir", str(tmp_path), "--workers", "1", "--generation-database", "none"],
+            check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,  # its cache stays there
+        )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
