@@ -4,7 +4,8 @@ saying who asked what and what was answered, to stdout or a file (``BTD_AUDIT_LO
 A line holds time, request id, API key name (never the key), client address, route, model name,
 version and sha256, label, tumour probability and decision, status and problem type, and timings.
 Never patient data: no file names, no DICOM tags, no pixels, no warnings text. A file is opened in
-append mode and reopened when log rotation moves it (``WatchedFileHandler``).
+append mode and reopened when log rotation moves it (``WatchedFileHandler``); the handler is the
+app's own, not a shared logger, so it never mixes with the service log.
 """
 
 from __future__ import annotations
@@ -16,29 +17,29 @@ from datetime import datetime, timezone
 from logging.handlers import WatchedFileHandler
 from typing import Any
 
-AUDIT_LOGGER = "btd.audit"
-
 
 class AuditLog:
     def __init__(self, target: str) -> None:
-        self.enabled = target.strip().lower() != "off"
-        self.logger = logging.getLogger(AUDIT_LOGGER)
-        self.logger.propagate = False  # its own stream, never mixed into the service log's format
-        self.logger.setLevel(logging.INFO)
-        for handler in list(self.logger.handlers):
-            self.logger.removeHandler(handler)
-            handler.close()
-        if self.enabled:
-            where = target.strip()
-            handler = logging.StreamHandler(sys.stdout) if where.lower() == "stdout" else WatchedFileHandler(where)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            self.logger.addHandler(handler)
+        where = target.strip()
+        self.handler: logging.Handler | None = None
+        if where.lower() == "stdout":
+            self.handler = logging.StreamHandler(sys.stdout)
+        elif where.lower() != "off":
+            self.handler = WatchedFileHandler(where)
+        if self.handler is not None:
+            self.handler.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.handler is not None
 
     def write(self, event: str, **fields: Any) -> None:
-        if not self.enabled:
+        if self.handler is None:
             return
         now = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        self.logger.info(json.dumps({"time": now, "event": event, **fields}, separators=(",", ":")))
+        line = json.dumps({"time": now, "event": event, **fields}, separators=(",", ":"))
+        self.handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO",
+                                                   "name": "btd.audit"}))
 
     def prediction(self, *, request_id: str, key: str | None, client: str | None, route: str,
                    index: int | None, status: int, result: dict[str, Any] | None = None,
@@ -54,6 +55,6 @@ class AuditLog:
         )
 
     def close(self) -> None:
-        for handler in list(self.logger.handlers):
-            self.logger.removeHandler(handler)
-            handler.close()
+        if self.handler is not None:
+            self.handler.close()
+            self.handler = None

@@ -97,11 +97,11 @@ class _Body:
         self.budget = budget
         self.deadline = time.monotonic() + settings.body_timeout_s
         self.timeout_s = settings.body_timeout_s
+        self.declared = declared or 0
         self.received = 0
         self.reserved = 0
+        self.started = False
         self.complete = False
-        if declared:  # reserve what the client announced, so an over-budget upload is refused before it arrives
-            self._reserve(declared)
 
     def _reserve(self, total: int) -> None:
         if total > self.reserved:
@@ -117,6 +117,12 @@ class _Body:
     async def receive(self) -> Message:
         if self.complete:  # the body is in: later receives wait for a disconnect, untimed
             return await self._receive()
+        if not self.started:
+            # Reserve what the client announced when a route first reads the body (after the guard
+            # let it through, so a client without a key cannot hold budget by announcing sizes), and
+            # refuse an upload that does not fit before it arrives.
+            self.started = True
+            self._reserve(self.declared)
         remaining = self.deadline - time.monotonic()
         try:
             message = await asyncio.wait_for(self._receive(), max(remaining, 0.001))
@@ -176,11 +182,7 @@ class RequestContextMiddleware:
             if declared is not None and declared > limit:
                 await refuse(PayloadTooLarge(f"the request body ({declared} bytes) exceeds the limit of {limit} bytes"))
                 return
-            try:
-                body = _Body(receive, self.settings, self.uploads, declared)
-            except Overloaded as error:
-                await refuse(error)
-                return
+            body = _Body(receive, self.settings, self.uploads, declared)
             await self.app(scope, body.receive, send_with_headers)
         except ClientDisconnected as error:  # raised outside a route (e.g. by the multipart parser's caller)
             log_service_error(error, request_id)

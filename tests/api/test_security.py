@@ -392,3 +392,18 @@ def _middlewares(app):
     while layer is not None:
         yield layer
         layer = getattr(layer, "app", None)
+
+
+def test_budget_is_reserved_only_after_the_guard_admits_the_request(model_path):
+    """A client without a key cannot hold upload budget by announcing sizes: it meets the 401 first."""
+    with running_app(model_path, api_keys=KEYS, max_body_bytes=2048, max_upload_bytes=2048) as client:
+        budget = next(m for m in _middlewares(client.app) if hasattr(m, "uploads")).uploads
+        assert budget.take(budget.limit - 10)
+        try:
+            image = png_bytes((16, 16))
+            assert_problem(client.post("/v1/predict", content=image, headers=PNG), 401, "unauthorized")
+            assert_problem(client.post("/v1/predict", content=image, headers={**PNG, "X-API-Key": KEY}), 503,
+                           "overloaded")
+        finally:
+            budget.give_back(budget.limit - 10)
+        assert budget.held == 0
