@@ -5,7 +5,7 @@ header fields overwritten by extreme values (sizes, lengths, counts; near the fr
 DICOM size tags), truncation, inserted bytes and fill bytes, and segments repeated.
 
 The property: decode returns a finite 2-D float32 image within the pixel limit, or raises a typed
-4xx error; never another exception (a 500), never a crash, never more than a few seconds. A few
+4xx error; never another exception (a 500), never a crash, never more than a few seconds of CPU. A few
 hundred more go through the HTTP app: no 5xx. Derandomized, so CI runs the same inputs each time;
 the counts are written to test-artifacts/hostile/fuzz.json.
 """
@@ -114,7 +114,9 @@ def mutated(draw, seed: bytes, hot: list[int]) -> bytes:
 
 
 def check_decode(data: bytes) -> None:
-    started = time.perf_counter()
+    # The decoder's own work, in CPU time of this thread: what a CPU bomb costs, whatever else the
+    # (shared) machine is doing meanwhile.
+    started = time.thread_time()
     try:
         out = decode(data, max_pixels=MAX_PIXELS)
     except ServiceError as error:
@@ -122,7 +124,7 @@ def check_decode(data: bytes) -> None:
     else:
         assert out.pixels.ndim == 2 and out.pixels.dtype == np.float32
         assert out.pixels.size <= MAX_PIXELS and np.isfinite(out.pixels).all()
-    assert time.perf_counter() - started < MAX_SECONDS_PER_INPUT
+    assert time.thread_time() - started < MAX_SECONDS_PER_INPUT
 
 
 @pytest.mark.parametrize("name", SEEDS)
