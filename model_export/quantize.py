@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from app.contract import INPUT_NAME, LOGITS_NAME, META_METRICS, ModelMetadata, preprocess
+from app.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, META_METRICS, OOD_NAME, ModelMetadata, preprocess
 from model_export.data import Sample, limit_per_class, load_samples, read_gray, select
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,27 @@ def weights_to_fp32(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def classifier_node_names(graph: onnx.GraphProto) -> list[str]:
-    """Names of the nodes producing ``logits`` (kept float so the CAM weights stay readable)."""
-    return [n.name for n in graph.node if LOGITS_NAME in n.output]
+def _ancestors(graph: onnx.GraphProto, output: str) -> set[str]:
+    """Names of the nodes ``output`` depends on (itself included)."""
+    producer = {out: node for node in graph.node for out in node.output}
+    seen: set[str] = set()
+    stack = [output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        stack.extend(node.input)
+    return seen
+
+
+def head_node_names(graph: onnx.GraphProto) -> list[str]:
+    """The nodes after ``features``: the classifier producing ``logits`` (kept float so the CAM
+    weights stay readable) and the optional ``ood_score`` head (kept float: its whitening amplifies
+    small directions, where 8-bit rounding would move the score)."""
+    trunk = _ancestors(graph, FEATURES_NAME)
+    heads = set().union(*(_ancestors(graph, name) for name in (LOGITS_NAME, OOD_NAME)))
+    return sorted(heads - trunk)
 
 
 class _Reader(CalibrationDataReader):
@@ -95,7 +113,7 @@ def quantize_model(source: Path, out: Path, calibration: Sequence[Sample]) -> Pa
     props = {p.key: p.value for p in proto.metadata_props}
     metadata = ModelMetadata.from_props(props)
     proto = weights_to_fp32(proto)
-    exclude = classifier_node_names(proto.graph)
+    exclude = head_node_names(proto.graph)
     reader = _Reader(calibration, metadata)
     with tempfile.TemporaryDirectory() as tmp:
         fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
