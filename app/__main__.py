@@ -65,8 +65,8 @@ def main() -> int:
     try:
         settings = load_settings()
     except InvalidSettings as exc:
-        print(f"error: invalid settings (see the README, \"Configuration\"):\n{textwrap.indent(str(exc), '  ')}",
-              file=sys.stderr)
+        reasons = textwrap.indent(str(exc), "  ")
+        print(f'error: invalid settings (see the README, "Configuration"):\n{reasons}', file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.model_path.is_file():

@@ -30,7 +30,7 @@ README = REPO / "README.md"
 SHIPPED_MODEL = REPO / "models" / "btd-resnet50.onnx"
 DIGITS = 3  # probabilities, CAM values: printed to 3 decimals, compared to +-1 in the last one
 TOLERANCE = 1.5 * 10 ** -DIGITS
-VOLATILE_KEYS = ("timings_ms",)  # shown as measured, compared by their keys only
+VOLATILE_KEYS = ("timings_ms", "request_id")  # shown as they came, compared by their keys (or not at all)
 REQUEST_ID = "pacs-0001"  # the X-Request-ID of the README's DICOM example
 CAM_VALUES_SHOWN = 3  # first values of the CAM grid's first row; the rest is elided
 MARKER = re.compile(r"^<!-- sample: ([a-z0-9-]+) -->\n```[a-z]*\n(.*?)^```$", re.MULTILINE | re.DOTALL)
@@ -80,11 +80,11 @@ def render_prediction(body: dict[str, Any]) -> str:
     return "{" + ",\n ".join(lines) + "}\n"
 
 
-def predict_dicom_grid(model_path: Path, inputs: dict[str, Path]) -> str:
-    """``curl ... -H 'X-Request-ID: pacs-0001' '.../v1/predict?cam=grid'`` with the DICOM."""
+def post(model_path: Path, url: str, body: bytes, headers: dict[str, str]):
+    """The service's answer to one request, from the app in this process."""
     import warnings
 
-    with warnings.catch_warnings():  # starlette's advice to move its test client to httpx2: not ours to act on
+    with warnings.catch_warnings():  # starlette's advice to move its test client to httpx2: not ours
         warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
         from fastapi.testclient import TestClient
 
@@ -92,9 +92,21 @@ def predict_dicom_grid(model_path: Path, inputs: dict[str, Path]) -> str:
 
     app = create_app(default_settings(model_path), background_load=False)
     with TestClient(app) as client:
-        response = client.post("/v1/predict?cam=grid", content=inputs["dicom"].read_bytes(),
-                               headers={"Content-Type": "application/dicom", "X-Request-ID": REQUEST_ID})
+        return client.post(url, content=body, headers=headers)
+
+
+def predict_dicom_grid(model_path: Path, inputs: dict[str, Path]) -> str:
+    """``curl ... -H 'X-Request-ID: pacs-0001' '.../v1/predict?cam=grid'`` with the DICOM."""
+    response = post(model_path, "/v1/predict?cam=grid", inputs["dicom"].read_bytes(),
+                    {"Content-Type": "application/dicom", "X-Request-ID": REQUEST_ID})
     response.raise_for_status()
+    return render_prediction(response.json())
+
+
+def problem_not_an_image(model_path: Path, inputs: dict[str, Path]) -> str:
+    """``curl -s -i --data-binary 'hello' -H 'Content-Type: text/plain' .../v1/predict``: the body."""
+    response = post(model_path, "/v1/predict", b"hello", {"Content-Type": "text/plain"})
+    assert response.status_code == 415, response.text
     return render_prediction(response.json())
 
 
@@ -117,6 +129,7 @@ def btd_predict_table(model_path: Path, inputs: dict[str, Path]) -> str:
 SAMPLES: dict[str, Callable[[Path, dict[str, Path]], str]] = {
     "predict-dicom-grid": predict_dicom_grid,
     "btd-predict-table": btd_predict_table,
+    "problem-not-an-image": problem_not_an_image,
 }
 
 
@@ -124,7 +137,8 @@ def default_settings(model_path: Path):
     """The default settings for this model, whatever BTD_* variables the shell has (arguments win)."""
     from app.settings import Settings
 
-    defaults = {name: field.get_default(call_default_factory=True) for name, field in Settings.model_fields.items()}
+    fields = Settings.model_fields.items()
+    defaults = {name: field.get_default(call_default_factory=True) for name, field in fields}
     return Settings(**{**defaults, "model_path": model_path})
 
 
@@ -173,15 +187,17 @@ def differences(shown: Any, fresh: Any, where: str = "") -> list[str]:
             return [f"{where or 'top'}: keys {sorted(shown)} != {sorted(fresh)}"]
         found = []
         for key in fresh:
-            if key in VOLATILE_KEYS:  # the same measurements, whatever they measured this time
-                found += differences(sorted(shown[key] or ()), sorted(fresh[key] or ()), f"{where}.{key}")
+            if key in VOLATILE_KEYS:  # the same kind of value (the same timings), whatever it is this time
+                a, b = shown[key], fresh[key]
+                if type(a) is not type(b) or (isinstance(a, dict) and a.keys() != b.keys()):
+                    found.append(f"{where}.{key}: {a!r} != {b!r}")
             else:
                 found += differences(shown[key], fresh[key], f"{where}.{key}")
         return found
     if isinstance(shown, list) and isinstance(fresh, list):
         if len(shown) != len(fresh):
             return [f"{where}: {len(shown)} items != {len(fresh)}"]
-        return [d for i, (a, b) in enumerate(zip(shown, fresh)) for d in differences(a, b, f"{where}[{i}]")]
+        return [d for i, (a, b) in enumerate(zip(shown, fresh, strict=True)) for d in differences(a, b, f"{where}[{i}]")]
     a, b = number(shown), number(fresh)
     if a is not None and b is not None:
         return [] if abs(a - b) <= TOLERANCE else [f"{where}: {shown} != {fresh}"]
@@ -218,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--inputs", type=Path, metavar="DIR", help="only write the sample inputs into DIR")
     parser.add_argument("--write", action="store_true", help="rewrite the README's samples")
-    parser.add_argument("--model", type=Path, default=SHIPPED_MODEL, help="model file (default: the shipped one)")
+    parser.add_argument("--model", type=Path, default=SHIPPED_MODEL,
+                        help="model file (default: the shipped one)")
     args = parser.parse_args(argv)
     if args.inputs:
         for path in write_inputs(args.inputs).values():

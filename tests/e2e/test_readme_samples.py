@@ -37,6 +37,7 @@ def _edited(fresh: dict[str, str], name: str, old: str, new: str) -> str:
 
 @pytest.mark.parametrize("name,field", [("predict-dicom-grid", "version"), ("predict-dicom-grid", "label"),
                                         ("predict-dicom-grid", "probability"), ("predict-dicom-grid", "warnings"),
+                                        ("predict-dicom-grid", "timings"),
                                         ("btd-predict-table", "label"), ("btd-predict-table", "probability")])
 def test_check_catches_a_stale_sample(fresh: dict[str, str], name: str, field: str) -> None:
     if name == "predict-dicom-grid":
@@ -45,7 +46,8 @@ def test_check_catches_a_stale_sample(fresh: dict[str, str], name: str, field: s
         old, new = {"version": (f'"{body["model"]["version"]}"', '"0.9.0"'),
                     "label": (f'"label": "{label}"', '"label": "other"'),
                     "probability": (f'"{label}": {p}', f'"{label}": {round(p - 0.01, 3)}'),
-                    "warnings": ('"warnings": []', '"warnings": ["the image is small"]')}[field]
+                    "warnings": ('"warnings": []', '"warnings": ["the image is small"]'),
+                    "timings": ('"total": ', '"all": ')}[field]
     else:
         row = fresh[name].splitlines()[1].split()
         old, new = {"label": (f"  {row[1]}  ", "  other  "),
