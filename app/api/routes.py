@@ -127,7 +127,8 @@ async def get_model(service: InferenceService = Depends(get_service)) -> dict[st
 
 def probe_failed(request: Request) -> JSONResponse:
     """A health probe's 503: a state (loading, draining, failed), not an error. Probes come every few
-    seconds, so it is neither logged nor counted in ``btd_errors_total``; ``btd_ready`` shows it."""
+    seconds, so it is neither logged as a warning nor counted in ``btd_errors_total``; ``btd_ready``
+    shows it."""
     reason = request.app.state.runtime.not_ready_reason()
     body = problem_of(ModelNotReady(reason), request.url.path, request_id_of(request))
     return problem_response(body, is_error=False)
