@@ -241,11 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The pipeline's loggers say what it does at INFO; everything else (httpx logs every request at
+# INFO, the service's own modules log for a server's operators) speaks only at WARNING unless -v.
+OWN_LOGGERS = ("btd", "model_export")
+
+
 def setup_logging(verbose: bool) -> None:
     rank = int(os.environ.get("RANK", "0"))
-    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    own_level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(own_level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -255,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0) if hasattr(args, "func") else 2
     try:
         return int(args.run(args) or 0)
+    except ModuleNotFoundError as exc:  # e.g. torch on the service-only install of scripts/serve.sh
+        log.error("btd %s needs the Python module %s, which comes with the train extra: "
+                  ".venv/bin/python -m pip install -e '.[cpu,train]'", args.command, exc.name)
+        return 2
     except (FileNotFoundError, ValueError) as exc:
         if args.verbose:  # with -v, show where it came from
             raise
