@@ -90,8 +90,9 @@ def post(model_path: Path, url: str, body: bytes, headers: dict[str, str]):
 
     from app.main import create_app
 
-    app = create_app(default_settings(model_path), background_load=False)
-    with TestClient(app) as client:
+    # As the README's curl sends it (Host 127.0.0.1:8000); not a served prediction, so no audit line.
+    app = create_app(default_settings(model_path).model_copy(update={"audit_log": "off"}), background_load=False)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
         return client.post(url, content=body, headers=headers)
 
 
