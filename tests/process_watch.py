@@ -50,27 +50,31 @@ def status_kb(pid: int, field: str) -> int:
 
 
 class Memory:
-    """Resident memory of a process and its children, in MiB."""
+    """Resident memory of a process and (``children=True``) its child processes, in MiB."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, *, children: bool = True) -> None:
         self.pid = pid
+        self.children = children
+
+    def _pids(self) -> list[int]:
+        return process_tree(self.pid) if self.children else [self.pid]
 
     @staticmethod
     def supported() -> bool:
         return (PROC / "self" / "clear_refs").exists()
 
     def reset_peak(self) -> None:
-        for pid in process_tree(self.pid):
+        for pid in self._pids():
             try:
                 (PROC / str(pid) / "clear_refs").write_text("5")
             except OSError:
                 pass
 
     def peak_mb(self) -> float:
-        return sum(status_kb(pid, "VmHWM") for pid in process_tree(self.pid)) / 1024
+        return sum(status_kb(pid, "VmHWM") for pid in self._pids()) / 1024
 
     def rss_mb(self) -> float:
-        return sum(status_kb(pid, "VmRSS") for pid in process_tree(self.pid)) / 1024
+        return sum(status_kb(pid, "VmRSS") for pid in self._pids()) / 1024
 
 
 class LivezWatch:

@@ -75,8 +75,9 @@ _MARKS = (b"IHDR", b"fcTL", b"acTL", b"IDAT", b"\xff\xc0", b"\xff\xc2", b"\xff\x
           b"\xfe\xff\x00\xe0", b"\x02\x00\x10\x00")
 EXTREMES = (0, 1, 2, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF)
 COUNTS: dict[str, int] = {}
-MEMORY = Memory(os.getpid())
+MEMORY = Memory(os.getpid(), children=False)  # the decoders run here; other tests' helpers may be children
 START: dict[str, float] = {}
+PEAKS: dict[str, int] = {}  # the growth reached by the end of each seed's inputs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -154,6 +155,8 @@ def test_decode_of_mutated_inputs_gives_an_image_or_a_4xx(name):
 
     fuzz()
     assert COUNTS[name] >= EXAMPLES_PER_SEED
+    if START:
+        PEAKS[name] = round(MEMORY.peak_mb() - START["rss_mb"])
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +202,8 @@ def test_fuzzing_tried_over_ten_thousand_inputs_within_bounded_memory():
     growth_mb = MEMORY.peak_mb() - START["rss_mb"] if START else None
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(json.dumps({"decode_inputs": decode_inputs, "http_inputs": sum(COUNTS.values()) - decode_inputs,
-                                  "per_seed": COUNTS, "peak_growth_mb": growth_mb and round(growth_mb)}, indent=1) + "\n")
+                                  "per_seed": COUNTS, "peak_growth_mb": growth_mb and round(growth_mb),
+                                  "growth_by_seed_mb": PEAKS}, indent=1) + "\n")
     assert decode_inputs >= 10_000
     if growth_mb is not None:  # no mutated input made the decoders take more than the pod's limit
         assert growth_mb < 1024
