@@ -49,6 +49,16 @@ def apng_with_frame_outside(width: int = 32, height: int = 32) -> bytes:
             + png_chunk(b"fcTL", fctl) + png_chunk(b"IDAT", pixels) + png_chunk(b"IEND", b""))
 
 
+def png_chunk_length_bomb(claimed: int = 0x7FFFFFFF) -> bytes:
+    """A small valid PNG whose IDAT chunk claims ``claimed`` bytes: OpenCV allocated (and zeroed)
+    that much before finding the data missing (found by the fuzzing: 2 GiB for a 100-byte file)."""
+    img = np.random.default_rng(1).integers(0, 65535, (12, 10, 3), dtype=np.uint16)
+    data = bytearray(cv2.imencode(".png", img)[1].tobytes())
+    at = data.index(b"IDAT") - 4
+    data[at : at + 4] = struct.pack(">I", claimed)
+    return bytes(data)
+
+
 def small_jpeg(shape: tuple[int, ...] = (16, 16), progressive: bool = False) -> bytes:
     img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     params = [cv2.IMWRITE_JPEG_PROGRESSIVE, 1] if progressive else []

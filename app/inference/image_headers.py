@@ -1,7 +1,7 @@
 """The real size of an image, read from its container's own header before any pixel is decoded.
 
 A decoder allocates what the header it reads says, so these parsers read the same header the
-decoder will: the PNG IHDR (and every APNG frame control), every JPEG / JPEG-LS frame header
+decoder will: the PNG IHDR (and every APNG frame control, and every chunk's length), every JPEG / JPEG-LS frame header
 (SOF0-15, SOF55, DHP) after any fill bytes, segments and scans, and the JPEG 2000 SIZ (raw
 codestream or JP2 file). Pure functions on bytes; a malformed header is a :class:`HeaderError`.
 """
@@ -56,6 +56,10 @@ def png_header(data: bytes) -> FrameHeader:
     pos = 33
     while pos + 8 <= len(data):
         length, kind = _u32(data, pos), data[pos + 4 : pos + 8]
+        # OpenCV allocates a chunk's declared length before reading it: an IDAT that claims 2 GiB in
+        # a 100-byte file is a memory bomb. The whole file is here, so a longer claim is a lie.
+        if pos + 12 + length > len(data):
+            raise HeaderError("a PNG chunk claims more bytes than the file has (truncated or corrupt)")
         if kind == b"fcTL" and pos + 8 + 20 <= len(data):
             w, h, x, y = struct.unpack_from(">IIII", data, pos + 12)
             if w == 0 or h == 0 or x + w > width or y + h > height:

@@ -30,6 +30,7 @@ from tests.hostile_inputs import (
     jpeg_scan_bomb,
     jpeg_with_second_frame,
     png_bomb,
+    png_chunk_length_bomb,
 )
 from tests.model_factory import build_model
 from tests.process_watch import LivezWatch, Memory
@@ -108,6 +109,7 @@ BOMBS = {
     "JPEG second frame header": (jpeg_with_second_frame, "image/jpeg", 413),
     "JPEG 501 scans": (jpeg_scan_bomb, "image/jpeg", 400),
     "APNG frame outside canvas": (apng_with_frame_outside, "image/png", 400),
+    "PNG chunk claiming 2 GiB": (png_chunk_length_bomb, "image/png", 400),
     "deflated DICOM 1 GiB": (deflated_dicom_bomb, "application/dicom", 413),
     **{f"DICOM {codec} frame 20000x20000": (lambda c=codec: dicom_frame_bomb(c), "application/dicom", 400)
        for codec in DICOM_CODECS},

@@ -94,7 +94,7 @@ def hot_positions(data: bytes) -> list[int]:
     for mark in _MARKS:
         start = data.find(mark)
         while start != -1 and len(spots) < 4000:
-            spots.update(range(start, min(len(data), start + 24)))
+            spots.update(range(max(0, start - 4), min(len(data), start + 24)))  # a PNG chunk's length comes first
             start = data.find(mark, start + 1)
     return sorted(spots) or [0]
 

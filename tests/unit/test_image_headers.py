@@ -33,6 +33,7 @@ from tests.hostile_inputs import (
     jpeg_scan_bomb,
     jpeg_with_second_frame,
     png_bomb,
+    png_chunk_length_bomb,
     rewrite_j2k_size,
     rewrite_jpeg_size,
     small_jpeg,
@@ -77,6 +78,15 @@ def test_png_header_refuses_ihdr_that_is_not_first_or_malformed():
         png_header(bytes(zero_width))
     with pytest.raises(HeaderError):
         png_header(data[:20])
+
+
+def test_png_header_refuses_a_chunk_longer_than_the_file():
+    with pytest.raises(HeaderError, match="claims more bytes"):
+        png_header(png_chunk_length_bomb())
+    data = cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes()
+    assert png_header(data).width == 8  # every chunk of a whole file fits
+    with pytest.raises(HeaderError, match="claims more bytes"):
+        png_header(data[:-20])  # truncated: the last chunks are cut
 
 
 def test_png_header_refuses_an_animated_frame_outside_the_canvas():
@@ -183,6 +193,7 @@ BOMBS = {
     "jpeg second frame header": (jpeg_with_second_frame, PayloadTooLarge),
     "jpeg scans": (jpeg_scan_bomb, InvalidImage),
     "apng frame": (apng_with_frame_outside, InvalidImage),
+    "png chunk length": (png_chunk_length_bomb, InvalidImage),
     "deflated dicom": (deflated_dicom_bomb, PayloadTooLarge),
     **{f"dicom {codec}": (lambda codec=codec: dicom_frame_bomb(codec), InvalidImage) for codec in DICOM_CODECS},
 }
