@@ -47,3 +47,9 @@ class InvalidRequest(ServiceError):
     """The request is well-formed HTTP but not what the operation expects (e.g. no ``file`` field)."""
 
     status, title, slug = 422, "Validation error", "validation-error"
+
+
+class NotAcceptable(ServiceError):
+    """The client asked for a representation this input cannot have (DICOM results of a PNG)."""
+
+    status, title, slug = 406, "Not acceptable", "not-acceptable"

@@ -32,11 +32,20 @@ _COMMON = {
 }
 
 PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "the prediction", "headers": {
-        **REQUEST_ID_HEADER,
-        "Server-Timing": {"description": "decode, preprocess, queue, infer, cam, total (ms)",
-                          "schema": {"type": "string"}}}},
-    400: problem("invalid-image: empty, truncated or corrupt image data; bad-request: malformed multipart body"),
+    200: {"description": "the prediction: JSON; or, for a DICOM input with format=dicom or a DICOM Accept header, "
+                         "its result objects (DICOM Part 10): a Comprehensive SR (TID 1500) and the CAM overlay "
+                         "(Secondary Capture) as multipart/related, or the SR alone as application/dicom",
+          "headers": {
+              **REQUEST_ID_HEADER,
+              "Server-Timing": {"description": "decode, preprocess, queue, infer, cam, total (ms)",
+                                "schema": {"type": "string"}}},
+          "content": {
+              "multipart/related": {"schema": {**BINARY, "description": 'type="application/dicom": one part per '
+                                                                      "object, the SR first"}},
+              "application/dicom": {"schema": {**BINARY, "description": "the SR"}}}},
+    400: problem("invalid-image: empty, truncated or corrupt image data, or a DICOM without the UIDs its results "
+                 "must reference; bad-request: malformed multipart body"),
+    406: problem("not-acceptable: DICOM results asked for a PNG or JPEG input (they need a DICOM source)"),
     **_COMMON,
     504: problem("timeout: processing took longer than BTD_REQUEST_TIMEOUT_S"),
 }
