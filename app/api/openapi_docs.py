@@ -93,6 +93,7 @@ BATCH_BODY = {"requestBody": {"required": True, "content": {
 _V2_ERROR = " (problem+json; its 'error' member is the protocol's error message)"
 V2_MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: problem("model-not-found: this server serves another model or version" + _V2_ERROR),
+    422: problem("validation-error: a malformed path parameter" + _V2_ERROR),
     503: problem("model-not-ready: the model is not loaded, checked and warmed up yet, or the server is draining"
                  + _V2_ERROR),
 }
