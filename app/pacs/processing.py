@@ -216,8 +216,12 @@ class CStoreSender:
         datasets = [read_dataset(data) for data in objects]
         ae = AE(ae_title=self.calling_ae_title)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = self.timeout_s
-        for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
-            ae.add_requested_context(sop_class, [str(datasets[0].file_meta.TransferSyntaxUID)])
+        syntaxes: dict[str, set[str]] = {}
+        for ds in datasets:  # each object travels in its own transfer syntax
+            syntaxes.setdefault(str(ds.SOPClassUID), set()).add(str(ds.file_meta.TransferSyntaxUID))
+        for sop_class, transfer_syntaxes in sorted(syntaxes.items()):
+            for syntax in sorted(transfer_syntaxes):  # one context each: the peer accepts one syntax per context
+                ae.add_requested_context(sop_class, [syntax])
         assoc = ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title)
         if not assoc.is_established:
             raise Unavailable(f"no association with {self.node}")

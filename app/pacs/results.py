@@ -278,7 +278,7 @@ def build_overlay(source: Dataset, finding: Finding) -> hd.sc.SCImage | None:
     key = (finding.model.sha256, f"{finding.threshold:g}")
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=_evidence(source), pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
-        coordinate_system="PATIENT", patient_orientation=orientation or ("L", "P"),
+        coordinate_system="PATIENT", patient_orientation=("L", "P"),  # highdicom takes single letters: set below
         series_instance_uid=result_uid("overlay-series", source.SeriesInstanceUID, *key),
         series_number=OVERLAY_SERIES_NUMBER,
         sop_instance_uid=result_uid("overlay", source.SOPInstanceUID, *key),
@@ -286,8 +286,7 @@ def build_overlay(source: Dataset, finding: Finding) -> hd.sc.SCImage | None:
         transfer_syntax_uid=ExplicitVRLittleEndian, series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=finding.model.name[:64], software_versions=finding.model.version[:64],
     )
-    if orientation is None:  # type 2: unknown
-        sc.PatientOrientation = None
+    sc.PatientOrientation = list(orientation) if orientation else None  # oblique: "PL"; unknown: empty (type 2)
     sc.Laterality = source.get("Laterality") or None  # type 2C: the source's, else empty (a brain is not paired)
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = (f"class activation map of {finding.model.name} {finding.model.version} "

@@ -82,14 +82,17 @@ def test_sr_holds_finding_probabilities_decision_model_and_wording(slice_and_res
     assert any("not a diagnosis" in t for t in texts)
 
 
-def test_results_pass_dciodvfy_and_read_back(slice_and_result):
-    data, result = slice_and_result
+@pytest.mark.parametrize("name", ["MR_small.dcm", "MR2_UNCR.dcm"])  # axial; oblique (orientation "PL")
+def test_results_pass_dciodvfy_and_read_back(predictor, name):
+    data = mr_slice(name)
+    result = predictor.predict(data, cam="png")
     for ds in build_results(read_source(data), finding_from_result(result)):
         encoded = encode(ds)
         assert dciodvfy_errors(encoded) == [], ds.SOPClassUID.name
         back = read(encoded)
         assert back.SOPInstanceUID == ds.SOPInstanceUID
     sc = read(encode(build_results(read_source(data), finding_from_result(result))[1]))
+    assert list(sc.PatientOrientation) == list(patient_orientation(read(data)))
     pixels = sc.pixel_array
     assert pixels.ndim == 3 and pixels.shape[2] == 3 and max(pixels.shape[:2]) >= 512  # legible caption
     assert "not a diagnosis" in str(sc.ImageComments)
