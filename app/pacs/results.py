@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import io
+import logging
 import uuid
 from collections.abc import Sequence
 
@@ -46,6 +47,9 @@ REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOP
 # Patient and study attributes highdicom reads directly (type 2: present, possibly empty).
 TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                 "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+# highdicom logs the source's SOP Instance UID at INFO while copying modules: keep tag values out of our logs.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 _UID_NAMESPACE = uuid.UUID("5b0e8f6c-3c1e-4c2a-9d7e-6a1f0d2b7c41")
 

@@ -51,9 +51,12 @@ def test_dicom_results_of_a_png_are_406(client):
 
 
 def test_dicom_answers_keep_patient_data_out_of_logs(client, caplog):
+    data = mr_slice()
     with caplog.at_level(logging.DEBUG):
-        client.post("/v1/predict?format=dicom", content=mr_slice(), headers={"Content-Type": "application/dicom"})
+        response = client.post("/v1/predict?format=dicom", content=data, headers={"Content-Type": "application/dicom"})
+    assert response.status_code == 200
     assert SENTINEL_NAME not in caplog.text and "SENTINEL" not in caplog.text
+    assert str(read(data).SOPInstanceUID) not in caplog.text and str(read(data).StudyInstanceUID) not in caplog.text
 
 
 # ---------------------------------------------------------------- Open Inference Protocol

@@ -130,6 +130,7 @@ def test_orthanc_routes_a_study_through_the_listener_and_gets_sr_and_overlay_bac
                     "the study's log line")
     assert len(line) == 1 and "3 received" in line[0] and "3 classified" in line[0] and "6 objects sent" in line[0]
     assert_no_sentinel(log_text(pacs["log"]), pacs["service"].log())
+    assert not any(uid in log_text(pacs["log"]) + pacs["service"].log() for uid in (STUDY, SERIES, *sources))
 
 
 def test_dicomweb_fetch_predict_and_stow(pacs):

@@ -104,6 +104,7 @@ def test_slices_are_classified_sent_and_reported_once_per_study(classifier, capl
     assert len(lines) == 1 and lines[0].startswith(f"study {key}: 3 received, 1 not MR slices skipped, 2 classified")
     assert "4 objects sent" in lines[0]
     assert SENTINEL_NAME not in caplog.text and "SENTINEL" not in caplog.text
+    assert not any(uid in caplog.text for uid in ("1.2.3.4.1", "1.2.3.4.2", str(slices[0].StudyInstanceUID)))
 
 
 def test_a_full_queue_answers_out_of_resources(classifier):
