@@ -8,7 +8,7 @@ import logging
 
 from pydicom.dataset import Dataset
 
-from app.pacs.processing import CLASSIFIED_SOP_CLASSES, Processor, study_key
+from app.pacs.processing import CLASSIFIED_SOP_CLASSES, Processor, dicomweb_client, study_key
 
 log = logging.getLogger("btd.pacs")
 
@@ -28,9 +28,7 @@ def _part10(dataset: Dataset) -> bytes:
 def process_study(wado_url: str, study_uid: str, processor: Processor, series_uid: str | None = None) -> int:
     """Classify every MR slice of the study (or one series) at ``wado_url``; returns how many results
     reached the destination. One log line for the study."""
-    from dicomweb_client.api import DICOMwebClient
-
-    client = DICOMwebClient(wado_url.rstrip("/"))
+    client = dicomweb_client(wado_url)
     key = study_key(study_uid)
     instances = client.search_for_instances(study_instance_uid=study_uid, series_instance_uid=series_uid,
                                             fields=[SOP_CLASS_TAG])

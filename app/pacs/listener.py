@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import pydicom
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    UID,
 )
 
 from app.inference.decode import quiet_pydicom

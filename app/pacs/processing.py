@@ -237,16 +237,28 @@ class CStoreSender:
             assoc.release()
 
 
+def dicomweb_client(url: str, timeout_s: float = 30.0):
+    """A dicomweb-client for ``url``; HTTP basic credentials from ``BTD_DICOMWEB_USER`` and
+    ``BTD_DICOMWEB_PASSWORD`` when set (kept off the command line)."""
+    import os
+
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    session = requests.Session()
+    user = os.environ.get("BTD_DICOMWEB_USER")
+    if user:
+        session.auth = (user, os.environ.get("BTD_DICOMWEB_PASSWORD", ""))
+    return DICOMwebClient(url.rstrip("/"), session=session, timeout=timeout_s)
+
+
 class StowSender:
     """DICOMweb STOW-RS (``POST {url}/studies``) with dicomweb-client."""
 
     def __init__(self, url: str, timeout_s: float = 30.0) -> None:
-        from dicomweb_client.api import DICOMwebClient
-
         self.url = url.rstrip("/")
         self.description = f"STOW-RS {self.url}"
-        self.client = DICOMwebClient(self.url)
-        self.timeout_s = timeout_s
+        self.client = dicomweb_client(self.url, timeout_s)
 
     def send(self, objects: Sequence[bytes]) -> None:
         import requests

@@ -84,7 +84,7 @@ def test_v2_health_and_metadata(client):
 
 
 def test_v2_infer_tensor_gives_logits_and_calibrated_probabilities(client):
-    x, item = _input(client)
+    _, item = _input(client)
     response = client.post(f"/v2/models/{MODEL}/infer", json={"id": "req-1", "inputs": [item]})
     assert response.status_code == 200, response.text
     assert_matches_spec(response)

@@ -141,7 +141,7 @@ def test_dicomweb_fetch_predict_and_stow(pacs):
     other_model = build_model(pacs["folder"] / "other.onnx", seed=7, version="0.0.2-test")
     run = subprocess.run([*BTD, "dicomweb", "--wado-url", server.dicomweb_url, "--study", STUDY,
                           "--model", str(other_model), "--retries", "2", "--backoff", "0.2"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+                         cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     new_srs = [i for i in _results(server, SR) if i["SOPInstanceUID"] not in before]
     assert len(new_srs) == len(SLICES)
