@@ -108,8 +108,9 @@ def _ae_title(text: str) -> str:
 def add_pacs_parsers(subparsers: Any) -> None:
     listen = subparsers.add_parser(
         "dicom-listen", help="DICOM C-STORE SCP: classify received MR slices, send SR + CAM overlay back",
-        description=__doc__.split("\n\n")[0] + " A C-STORE SCP (pynetdicom) that a PACS routing rule sends MR "
-        "slices to; each is classified and its SR and CAM overlay are sent to the destination.")
+        description="A DICOM C-STORE SCP (pynetdicom) that a PACS routing rule sends MR slices to: each is "
+        "classified (in process or by a running service) and its SR and CAM overlay are sent to the destination "
+        "(C-STORE or STOW-RS), with retries and back-off. One log line per study; no patient data in logs.")
     listen.add_argument("--ae-title", type=_ae_title, default="BTD", help="our AE title (BTD)")
     listen.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for all)")
     listen.add_argument("--port", type=int, default=11112, help="port to listen on (11112)")
