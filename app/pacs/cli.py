@@ -87,6 +87,9 @@ def run_listen(args: argparse.Namespace) -> int:
     stop.wait()
     log.info("dicom-listen: stopping; finishing the queued slices")
     listener.stop(args.drain_timeout)
+    close = getattr(listener.processor.classifier, "close", None)
+    if close is not None:
+        close()
     return 0
 
 

@@ -13,7 +13,7 @@ import io
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pydicom
 from pydicom.uid import (
@@ -45,7 +45,6 @@ class ListenerOptions:
     queue_size: int = 256
     workers: int = 1
     study_idle_s: float = 5.0
-    extra_transfer_syntaxes: tuple[str, ...] = field(default_factory=tuple)
 
 
 def decodable_transfer_syntaxes() -> list[str]:
@@ -93,7 +92,7 @@ class Listener:
         ae.require_called_aet = True
         if self.options.allowed_calling_aets:
             ae.require_calling_aet = list(self.options.allowed_calling_aets)
-        syntaxes = decodable_transfer_syntaxes() + list(self.options.extra_transfer_syntaxes)
+        syntaxes = decodable_transfer_syntaxes()
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, syntaxes)
         ae.add_supported_context(Verification)
