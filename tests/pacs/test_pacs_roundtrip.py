@@ -61,8 +61,9 @@ def network() -> Iterator[bool]:
         if private:
             assert in_private_network()
         else:
-            warnings.warn("no private network namespace here (unshare needs root): Orthanc, the listener and "
-                          "the service bind 127.0.0.1 only", stacklevel=1)
+            warnings.warn("no private network namespace here (unshare needs root): the listener and the service "
+                          "bind 127.0.0.1 only; Orthanc 1.10 has no bind address setting, so its ports listen on "
+                          "every interface meanwhile (its HTTP refuses remote clients)", stacklevel=1)
         yield private
 
 
