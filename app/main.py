@@ -62,6 +62,7 @@ class RuntimeState:
 async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None:
     state: RuntimeState = app.state.runtime
     settings: Settings = app.state.settings
+    log.info("loading %s (/readyz answers 503 until it is loaded, checked and warmed up)", settings.model_path)
     try:
         service = await asyncio.to_thread(InferenceService.load, settings)
     except Exception as exc:  # any load failure: report it on /livez, /readyz and in the log, then stop

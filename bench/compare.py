@@ -56,7 +56,7 @@ def _session(path_or_bytes, threads: int):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    # Several sessions share the cores: idle threads must sleep, not spin (PERFORMANCE.md).
+    # Several sessions share the cores: idle threads must sleep, not spin (as app/inference/runner.py).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path_or_bytes, sess_options=so, providers=["CPUExecutionProvider"])
 

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from app.api import openapi_docs as docs
 from app.api.problems import request_id_of
-from app.api.routes import get_service, get_settings, livez, readyz
+from app.api.routes import get_service, get_settings, probe_failed
 from app.api.v2_schemas import (
     InferRequest,
     InferResponse,
@@ -81,15 +81,17 @@ async def server_metadata() -> dict[str, Any]:
 
 @router.get("/health/live", operation_id="v2Live", summary="The server is live", response_model=LiveResponse,
             responses=docs.LIVEZ_RESPONSES)
-async def live(request: Request) -> dict[str, bool]:
-    await livez(request)
+async def live(request: Request) -> Any:
+    if request.app.state.runtime.load_error is not None:
+        return probe_failed(request)
     return {"live": True}
 
 
 @router.get("/health/ready", operation_id="v2Ready", summary="The server is ready (its model is)",
             response_model=ReadyResponse, responses=docs.NOT_READY_RESPONSES)
-async def ready(request: Request) -> dict[str, bool]:
-    await readyz(request)
+async def ready(request: Request) -> Any:
+    if not request.app.state.runtime.ready:
+        return probe_failed(request)
     return {"ready": True}
 
 
