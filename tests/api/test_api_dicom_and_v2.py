@@ -184,3 +184,17 @@ def test_triton_http_client_works_unchanged(model_path):
                 triton.infer("other", [binary])
         finally:
             triton.close()
+
+
+def test_v2_health_follows_the_native_probes(client):
+    state = client.app.state.runtime
+    state.draining = True  # what SIGTERM sets
+    try:
+        body = assert_problem(client.get("/v2/health/ready"), 503, "model-not-ready")
+        assert body["error"] == body["detail"] and "shutting down" in body["detail"]
+        assert client.get("/v2/health/live").json() == {"live": True}
+        state.load_error = "broken model"
+        assert_problem(client.get("/v2/health/live"), 503, "model-not-ready")
+    finally:
+        state.draining, state.load_error = False, None
+    assert client.get("/v2/health/ready").json() == {"ready": True}
