@@ -6,8 +6,8 @@
 2. **Cross-site browser requests**: a POST (or any unsafe method) that a browser marks as coming
    from another site (``Sec-Fetch-Site``, else ``Origin`` against ``Host``) is refused (403) unless
    its origin is in ``BTD_ALLOWED_ORIGINS``. Clients that are not browsers send neither header.
-3. **API keys** (``BTD_API_KEYS_FILE`` / ``BTD_API_KEYS``): ``/v1/*`` needs a key with the
-   ``predict`` scope; ``/metrics`` (``BTD_AUTH_METRICS``) and ``/docs``, ``/openapi.json``
+3. **API keys** (``BTD_API_KEYS_FILE`` / ``BTD_API_KEYS``): ``/v1/*`` and ``/v2/models/*`` need a
+   key with the ``predict`` scope; ``/metrics`` (``BTD_AUTH_METRICS``) and ``/docs``, ``/openapi.json``
    (``BTD_AUTH_DOCS``) when configured; probes and the page's static files never. The key comes in
    ``X-API-Key``, ``Authorization: Bearer`` or as the password of ``Authorization: Basic`` (so a
    browser can open a protected /docs). Missing or unknown: 401; known without the scope: 403.
@@ -33,8 +33,18 @@ from app.audit import AuditLog
 from app.errors import CrossSiteRequest, Forbidden, InvalidHost, RateLimited, ServiceError, Unauthorized
 from app.settings import Settings
 
-OPEN_PATHS = ("/livez", "/readyz")
-PREDICT_PREFIX = "/v1/predict"
+OPEN_PATHS = ("/livez", "/readyz", "/v2/health/live", "/v2/health/ready")
+# The model and its answers (the Open Inference Protocol's too); /v2's server metadata stays open.
+PREDICT_SCOPE_PREFIXES = ("/v1/", "/v2/models/")
+
+
+def is_probe(path: str) -> bool:
+    """Health endpoints: open whatever the keys (a model's readiness under /v2/models too)."""
+    return path in OPEN_PATHS or (path.startswith("/v2/models/") and path.endswith("/ready"))
+
+
+def is_prediction(path: str) -> bool:
+    return path.startswith("/v1/predict") or (path.startswith("/v2/models/") and path.endswith("/infer"))
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 MAX_RATE_CLIENTS = 10_000  # buckets kept (least recently used dropped): memory stays bounded
 
@@ -133,7 +143,7 @@ class GuardMiddleware:
                         if settings.rate_limit_per_minute else None)
 
     def required_scope(self, path: str) -> str | None:
-        if path.startswith("/v1/"):
+        if path.startswith(PREDICT_SCOPE_PREFIXES):
             return "predict"
         if path == "/metrics" and self.settings.auth_metrics:
             return "metrics"
@@ -167,7 +177,7 @@ class GuardMiddleware:
         if scope["method"] not in SAFE_METHODS and cross_site(scope, self.settings.origins):
             raise CrossSiteRequest("a browser request from another site was refused; the service's own page "
                                    "and non-browser clients may post (BTD_ALLOWED_ORIGINS admits other sites)")
-        scope_needed = self.required_scope(path) if self.keys is not None and path not in OPEN_PATHS else None
+        scope_needed = self.required_scope(path) if self.keys is not None and not is_probe(path) else None
         if scope_needed is not None:
             presented = presented_key(scope)
             key = self.keys.verify(presented) if presented else None
@@ -179,7 +189,7 @@ class GuardMiddleware:
             state["api_key"] = key.name
             if scope_needed not in key.scopes:
                 raise Forbidden(f"the API key {key.name!r} does not have the {scope_needed!r} scope")
-        if self.buckets is not None and path.startswith(PREDICT_PREFIX):
+        if self.buckets is not None and is_prediction(path):
             client = state.get("api_key") or (scope.get("client") or ("-",))[0]
             wait = self.buckets.take(client)
             if wait > 0:

@@ -18,7 +18,7 @@ DOCS_CSP = (
 )
 NONE_CSP = "default-src 'none'; frame-ancestors 'none'"
 DOCS_PREFIX = "/docs"
-NO_STORE_PREFIX = "/v1/"
+NO_STORE_PREFIXES = ("/v1/", "/v2/models/")  # predictions, derived from patient images
 HSTS = "max-age=31536000"
 
 _ALWAYS = (
@@ -44,7 +44,7 @@ def security_headers(path: str, scheme: str, headers: list[tuple[bytes, bytes]])
     extra = [(name, value) for name, value in _ALWAYS if name not in present]
     if b"content-security-policy" not in present:
         extra.append((b"content-security-policy", content_security_policy(path, content_type).encode()))
-    if path.startswith(NO_STORE_PREFIX):
+    if path.startswith(NO_STORE_PREFIXES):
         extra = [*extra, (b"cache-control", b"no-store")]
         headers = [(n, v) for n, v in headers if n.lower() != b"cache-control"]
     if scheme == "https" and b"strict-transport-security" not in present:

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import metrics
 from app.api import openapi_docs as docs
+from app.api.dicom import ResultFormat, dicom_objects_wanted, dicom_response
 from app.api.problems import problem_of, problem_response, request_id_of
 from app.api.schemas import BatchResponse, Health, ModelDescription, PredictResponse
 from app.audit import AuditLog
@@ -25,6 +26,10 @@ from app.settings import Settings
 router = APIRouter()
 
 CAM_QUERY = Query("none", description="class activation map: none, png (images, base64) or grid (numbers)")
+FORMAT_QUERY = Query("json", alias="format", description="json, or dicom: a DICOM input's result objects (a Comprehensive SR and "
+                     "the CAM overlay as Secondary Capture) as multipart/related; the same as "
+                     'Accept: multipart/related; type="application/dicom". Accept: application/dicom gives the SR '
+                     "alone")
 SERVER_TIMING = (*metrics.STAGES.items(), ("total", "total"))  # (metric name, timings_ms key)
 
 
@@ -96,14 +101,22 @@ def audit_prediction(request: Request, service: InferenceService, *, index: int 
 @router.post("/v1/predict", operation_id="predict", summary="Classify one slice (PNG, JPEG or DICOM)",
              response_model=PredictResponse, responses=docs.PREDICT_RESPONSES, openapi_extra=docs.PREDICT_BODY)
 async def predict(request: Request, response: Response, cam: CamMode = CAM_QUERY,
-                  service: InferenceService = Depends(get_service)) -> dict[str, Any]:
+                  result_format: ResultFormat = FORMAT_QUERY,
+                  service: InferenceService = Depends(get_service)) -> Any:
     try:
         data, media_type = await read_single_image(request)
-        result = await service.predict(data, media_type, cam)
+        objects = dicom_objects_wanted(result_format, request.headers.get("accept"))
+        if objects is not None:
+            dicom, result = await dicom_response(service, data, media_type, objects)
+        else:
+            result = await service.predict(data, media_type, cam)
     except ServiceError as error:
         audit_prediction(request, service, error=error)
         raise
     audit_prediction(request, service, result=result)
+    if objects is not None:
+        dicom.headers["Server-Timing"] = _server_timing(result["timings_ms"])
+        return dicom
     response.headers["Server-Timing"] = _server_timing(result["timings_ms"])
     return {"request_id": request_id_of(request), **result}
 

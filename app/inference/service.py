@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from functools import partial
 from typing import Any
+
+import numpy as np
 
 from app import metrics
 from app.errors import InferenceTimeout
@@ -68,6 +71,27 @@ class InferenceService:
         return await loop.run_in_executor(self._cpu, partial(
             self.builder.build, prepared, out.logits, out.features, cam, started=started,
             queue_ms=out.queue_ms, inference_ms=out.inference_ms))
+
+    async def infer_logits(self, inputs: Sequence[np.ndarray | bytes]) -> np.ndarray:
+        """Model inputs ``[channels, size, size]`` (or image bytes, prepared as ``predict`` does) -> raw
+        logits ``[N, C]``, through the micro-batcher: the same queue, limits and timeout as ``predict``."""
+        timeout = self.settings.request_timeout_s
+        metrics.IN_FLIGHT.inc(len(inputs))  # admitted work: one per image, as predict counts
+        try:
+            return await asyncio.wait_for(self._infer_logits(inputs), timeout)
+        except asyncio.TimeoutError:
+            raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
+        finally:
+            metrics.IN_FLIGHT.dec(len(inputs))
+
+    async def _infer_logits(self, inputs: Sequence[np.ndarray | bytes]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        spec = self.runner.metadata.preprocess
+        tensors = [item if isinstance(item, np.ndarray) else (await loop.run_in_executor(
+            self._cpu, partial(prepare, item, None, spec, max_pixels=self.settings.max_pixels,
+                               multiframe=self.settings.multiframe))).tensor for item in inputs]
+        outs = await asyncio.gather(*(self.batcher.submit(tensor) for tensor in tensors))
+        return np.stack([out.logits for out in outs])
 
     def refuse_if_full(self) -> None:
         """``Overloaded`` (503 with Retry-After) at once while the model's queue is full: for a

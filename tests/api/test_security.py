@@ -407,3 +407,28 @@ def test_budget_is_reserved_only_after_the_guard_admits_the_request(model_path):
         finally:
             budget.give_back(budget.limit - 10)
         assert budget.held == 0
+
+
+def test_open_inference_protocol_needs_the_key_but_not_its_probes(keyed, tmp_path, model_path):
+    """/v2/models/* (metadata and infer) is the model, as /v1 is; /v2/health/* and a model's /ready
+    are probes. Each inferred image is an audit line."""
+    model = keyed.get("/v1/model", headers={"X-API-Key": KEY}).json()
+    name = model["name"]
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{name}/ready", "/v2"):
+        assert keyed.get(path).status_code == 200, path
+    body = assert_problem(keyed.get(f"/v2/models/{name}"), 401, "unauthorized")
+    assert body["error"] == body["detail"]  # the protocol's clients read "error"
+    request = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [2],
+                           "data": [base64.b64encode(png_bytes(seed=i)).decode() for i in range(2)]}]}
+    assert_problem(keyed.post(f"/v2/models/{name}/infer", json=request), 401, "unauthorized")
+    response = keyed.post(f"/v2/models/{name}/infer", json=request, headers={"X-API-Key": KEY})
+    assert response.status_code == 200 and response.headers["cache-control"] == "no-store"
+    audit = tmp_path / "audit.jsonl"
+    with running_app(model_path, api_keys=KEYS, audit_log=str(audit)) as client:
+        answer = client.post(f"/v2/models/{name}/infer", json=request, headers={"X-API-Key": KEY}).json()
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    probabilities = next(o for o in answer["outputs"] if o["name"] == "probabilities")["data"]
+    labels = model["labels"]
+    expected = [labels[max(range(len(labels)), key=lambda c: probabilities[i * len(labels) + c])] for i in range(2)]
+    assert [(x["index"], x["key"], x["label"], x["status"]) for x in lines] == [
+        (0, "pacs", expected[0], 200), (1, "pacs", expected[1], 200)]
