@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+from app.client import API_KEY_ENV
+
 log = logging.getLogger("btd.pacs")
+
 
 
 def _add_common(parser: argparse.ArgumentParser, *, stow_default_help: str = "") -> None:
@@ -27,6 +31,8 @@ def _add_common(parser: argparse.ArgumentParser, *, stow_default_help: str = "")
     where.add_argument("--model", metavar="FILE", help="classify in this process with this ONNX model "
                        "(default: $BTD_MODEL_PATH or the shipped model)")
     where.add_argument("--url", metavar="URL", help="classify with a running service, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
+                        help=f"with --url, for a service with API keys (default: ${API_KEY_ENV})")
     dest = parser.add_argument_group("where the results go")
     dest.add_argument("--dest", metavar="AET@HOST:PORT", help="DICOM node to C-STORE the SR and overlay to")
     dest.add_argument("--stow-url", metavar="URL", help="DICOMweb base URL to STOW-RS them to" + stow_default_help)
@@ -59,7 +65,7 @@ def _processor(args: argparse.Namespace, *, study_idle_s: float, default_stow: s
     sender = (CStoreSender(DicomNode.parse(args.dest), calling, args.timeout) if args.dest
               else StowSender(stow_url, args.timeout))
     if args.url:
-        classifier: Any = ServiceClassifier(args.url, args.timeout)
+        classifier: Any = ServiceClassifier(args.url, args.timeout, args.api_key)
     else:
         from app.settings import Settings
 

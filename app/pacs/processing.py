@@ -141,12 +141,13 @@ class LocalClassifier:
 class ServiceClassifier:
     """A running btd service: ``POST /v1/predict?format=dicom``."""
 
-    def __init__(self, url: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 60.0, api_key: str | None = None) -> None:
         import httpx
 
         self.url = url.rstrip("/")
         self.description = f"service {self.url}"
-        self.client = httpx.Client(base_url=self.url, timeout=timeout_s)
+        headers = {"X-API-Key": api_key} if api_key else {}  # a service with API keys (README, Security)
+        self.client = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
 
     def classify(self, data: bytes) -> list[bytes]:
         import httpx
@@ -160,6 +161,9 @@ class ServiceClassifier:
             retry_after = response.headers.get("retry-after", "")
             raise Unavailable(f"service answered {response.status_code}",
                               float(retry_after) if retry_after.isdigit() else None)
+        if response.status_code in (401, 403):  # every slice would fail alike: say what to do
+            raise SliceFailed(f"the service refused the API key (HTTP {response.status_code}): pass --api-key or "
+                              "set BTD_API_KEY to a key with the predict scope")
         if response.status_code != 200:
             try:
                 reason = f"{response.json().get('title')}: {response.json().get('detail')}"

@@ -11,6 +11,7 @@ Everything is started here and stopped here; the sentinel patient never reaches 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from app.api_keys import key_line, new_key
 from app.pacs.processing import CStoreSender, DicomNode, study_key
 from app.pacs.results import result_uid
 from tests.api.helpers import ServerProcess, free_port
@@ -72,14 +74,16 @@ def pacs(network, tmp_path_factory) -> Iterator[dict]:
     folder = tmp_path_factory.mktemp("pacs")
     model = build_model(folder / "model.onnx")
     listen_port = free_port()
-    with orthanc.Orthanc(folder / "orthanc", btd_port=listen_port) as server, ServerProcess(model) as service:
+    key = new_key()  # the service has API keys, as a hospital runs it; the listener holds one
+    with orthanc.Orthanc(folder / "orthanc", btd_port=listen_port) as server, \
+            ServerProcess(model, BTD_API_KEYS=key_line("pacs-router", key, ("predict",))) as service:
         log_path = folder / "listen.log"
         with open(log_path, "wb") as log:
             listener = subprocess.Popen(
                 [*BTD, "dicom-listen", "--ae-title", "BTD", "--port", str(listen_port), "--url", service.url,
                  "--dest", f"{server.ae_title}@127.0.0.1:{server.dicom_port}", "--allow-aet", server.ae_title,
                  "--study-idle", "2", "--retries", "3", "--backoff", "0.2"],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "BTD_API_KEY": key})
             try:
                 wait_for(lambda: "dicom-listen: AE BTD" in log_text(log_path) or listener.poll() is not None, 60,
                          "the listener")
