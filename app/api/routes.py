@@ -17,6 +17,7 @@ from app.api.schemas import BatchResponse, Health, ModelDescription, PredictResp
 from app.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.inference.decode import MEDIA_TYPES, normalise_media_type
 from app.inference.pipeline import CamMode
+from app.inference.result import Timings
 from app.inference.service import InferenceService
 from app.settings import Settings
 
@@ -76,8 +77,8 @@ async def read_single_image(request: Request) -> tuple[bytes, str | None]:
     )
 
 
-def _server_timing(timings: dict[str, float]) -> str:
-    return ", ".join(f"{name};dur={timings[key]:.3f}" for name, key in SERVER_TIMING)
+def _server_timing(timings: Timings) -> str:
+    return ", ".join(f"{name};dur={getattr(timings, key):.3f}" for name, key in SERVER_TIMING)
 
 
 @router.post("/v1/predict", operation_id="predict", summary="Classify one slice (PNG, JPEG or DICOM)",
@@ -86,8 +87,8 @@ async def predict(request: Request, response: Response, cam: CamMode = CAM_QUERY
                   service: InferenceService = Depends(get_service)) -> dict[str, Any]:
     data, media_type = await read_single_image(request)
     result = await service.predict(data, media_type, cam)
-    response.headers["Server-Timing"] = _server_timing(result["timings_ms"])
-    return {"request_id": request_id_of(request), **result}
+    response.headers["Server-Timing"] = _server_timing(result.timings_ms)
+    return {"request_id": request_id_of(request), **result.to_dict()}
 
 
 @router.post("/v1/predict/batch", operation_id="predictBatch", summary="Classify several slices in one request",
@@ -112,7 +113,7 @@ async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
         except ServiceError as error:  # one bad file does not fail the others
             metrics.ERRORS.labels(error.slug).inc()
             return {"filename": filename, "ok": False, "problem": problem_of(error, request.url.path, request_id)}
-        return {"filename": filename, "ok": True, "result": {"request_id": request_id, **result}}
+        return {"filename": filename, "ok": True, "result": {"request_id": request_id, **result.to_dict()}}
 
     # All at once, so they meet in the micro-batcher; gather keeps request order.
     return {"results": await asyncio.gather(*(one(i, u) for i, u in enumerate(uploads)))}
