@@ -121,6 +121,9 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report folder")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = default")
+    p.add_argument("--providers", default="CPUExecutionProvider",
+                   help="ONNX Runtime execution providers for .onnx models, comma list (e.g. "
+                        "CUDAExecutionProvider,CPUExecutionProvider to measure an fp16 model on a GPU)")
     p.set_defaults(run=_run_evaluate)
 
 
@@ -131,7 +134,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, split_file=args.split_file, split=args.split,
         calibration_split=args.calibration_split, baseline=args.baseline, threshold=args.threshold, out=args.out,
         batch_size=args.batch_size, threads=args.threads, limit_per_class=args.limit_per_class, seed=args.seed,
-        columns=_columns(args),
+        columns=_columns(args), providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
     ))
     log.info("accuracy %.4f, macro-F1 %.4f on %d images; report in %s", report["accuracy"], report["macro_f1"],
              report["images"], args.out)

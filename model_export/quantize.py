@@ -23,7 +23,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from app.contract import INPUT_NAME, LOGITS_NAME, META_METRICS, ModelMetadata, preprocess
+from app.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, META_METRICS, OOD_NAME, ModelMetadata, preprocess
+from app.inference.model import ModelFile, metadata_of, read_proto
 from model_export.data import Sample, limit_per_class, load_samples, read_gray, select
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,20 @@ def classifier_node_names(graph: onnx.GraphProto) -> list[str]:
     return [n.name for n in graph.node if LOGITS_NAME in n.output]
 
 
+def ood_head_node_names(graph: onnx.GraphProto) -> list[str]:
+    """Names of the nodes that only feed the optional ``ood_score`` output (kept float: a distance
+    in feature space loses its threshold's meaning when quantized)."""
+    producer = {out: node for node in graph.node for out in node.output}
+    needed: set[str] = set()
+    stack = [LOGITS_NAME, FEATURES_NAME]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and node.name not in needed:
+            needed.add(node.name)
+            stack.extend(node.input)
+    return [n.name for n in graph.node if n.name not in needed] if OOD_NAME in producer else []
+
+
 class _Reader(CalibrationDataReader):
     """Calibration batches: preprocessed images, one at a time."""
 
@@ -91,11 +106,11 @@ def quantize_model(source: Path, out: Path, calibration: Sequence[Sample]) -> Pa
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    proto = onnx.load(str(source))
+    proto = read_proto(source)
     props = {p.key: p.value for p in proto.metadata_props}
-    metadata = ModelMetadata.from_props(props)
+    metadata = metadata_of(proto)
     proto = weights_to_fp32(proto)
-    exclude = classifier_node_names(proto.graph)
+    exclude = classifier_node_names(proto.graph) + ood_head_node_names(proto.graph)
     reader = _Reader(calibration, metadata)
     with tempfile.TemporaryDirectory() as tmp:
         fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
@@ -117,6 +132,7 @@ def quantize_model(source: Path, out: Path, calibration: Sequence[Sample]) -> Pa
                                            "source": Path(source).name})
     helper.set_model_props(quantized, props)
     onnx.save(quantized, str(out))
+    ModelFile.load(out)  # the variant must follow the contract as the service reads it
     return out
 
 

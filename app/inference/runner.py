@@ -127,9 +127,10 @@ def _provider_options(provider: str, options: RuntimeOptions, channels: int = 3,
     return opts
 
 
-def open_session(path: Path, options: RuntimeOptions, *, channels: int = 3, size: int = 224,
+def open_session(path: Path | bytes, options: RuntimeOptions, *, channels: int = 3, size: int = 224,
                  bucket: int | None = None) -> Any:
-    """An ORT InferenceSession with the service's thread policy and provider choice."""
+    """An ORT InferenceSession with the service's thread policy and provider choice (``path``: a
+    file, or a serialized model)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -143,9 +144,11 @@ def open_session(path: Path, options: RuntimeOptions, *, channels: int = 3, size
     chosen = choose_providers(options.providers, ort.get_available_providers())
     providers = [(p, _provider_options(p, options, channels, size, bucket)) for p in chosen]
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        source = path if isinstance(path, bytes) else str(path)
+        return ort.InferenceSession(source, sess_options=so, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for invalid graphs
-        raise ModelContractError(f"ONNX Runtime cannot load {path}: {exc}") from None
+        shown = "the model" if isinstance(path, bytes) else path
+        raise ModelContractError(f"ONNX Runtime cannot load {shown}: {exc}") from None
 
 
 class Session(Protocol):
