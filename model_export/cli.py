@@ -146,12 +146,16 @@ def _export_parser(sub) -> None:
                        description="Export to ONNX per the model contract (input 'image' [N,3,H,W], outputs "
                                    "'logits' and 'features'), write the metadata, and check torch vs ONNX "
                                    "Runtime parity at batch 1 and 5; a failed check fails the export.")
-    p.add_argument("checkpoint", type=Path, help="training checkpoint (best.pt)")
+    p.add_argument("checkpoint", type=Path, help="training checkpoint (best.pt); or an exported .onnx with --fp16 "
+                   "to write only its float16 variant")
     p.add_argument("--out", type=Path, default=Path("models/btd-resnet50.onnx"))
     p.add_argument("--report", type=Path,
                    help="evaluate's report.json: its test metrics and temperature go into the metadata")
     p.add_argument("--fp16-weights", action="store_true",
                    help="store weights as float16 initializers + Cast (half the file; float32 compute)")
+    p.add_argument("--fp16", action="store_true",
+                   help="also write <out>-fp16.onnx, the float16-compute variant the service serves on GPUs "
+                        "(BTD_MODEL_VARIANT); measure it with btd evaluate --baseline on a GPU")
     p.add_argument("--name", default="btd-resnet50")
     p.add_argument("--version", default="0.0.0")
     p.add_argument("--threshold", type=float, default=0.5, help="recommended tumour decision threshold")
@@ -164,7 +168,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from model_export.export import ExportConfig, main
 
     path = main(ExportConfig(
-        checkpoint=args.checkpoint, out=args.out, report=args.report, fp16_weights=args.fp16_weights,
+        checkpoint=args.checkpoint, out=args.out, report=args.report, fp16_weights=args.fp16_weights, fp16=args.fp16,
         name=args.name, version=args.version, threshold=args.threshold, temperature=args.temperature,
         opset=args.opset,
     ))

@@ -152,3 +152,34 @@ def test_quantized_model_keeps_outputs_metadata_and_cam_weights(exported, tmp_pa
     reference = session(exported["fp32"]).run([LOGITS_NAME], {INPUT_NAME: x})[0]
     assert logits.shape == reference.shape and features.shape == (2, 2048, 2, 2)
     assert np.isfinite(logits).all()
+
+
+def test_fp16_variant_computes_in_float16_with_float32_inputs_and_outputs(exported) -> None:
+    from app.inference.model import ModelFile, variant_path
+
+    out = exporter.float16_variant(exported["fp32"])
+    assert out == variant_path(exported["fp32"], "fp16") and out.name == "fp32-fp16.onnx"
+    proto = onnx.load(str(out))
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    inits = {i.name: i for i in proto.graph.initializer}
+    assert convs and all(inits[c.input[1]].data_type == onnx.TensorProto.FLOAT16 for c in convs)
+    for value in (*proto.graph.input, *proto.graph.output):
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT, value.name
+    model = ModelFile.load(out)  # the service reads it: metadata and CAM weights kept
+    assert model.metadata.labels == LABELS and model.cam_weights.dtype == np.float32
+    x = exporter.parity_inputs(SIZE, 2, seed=5)
+    half = session(out).run([LOGITS_NAME, "features"], {INPUT_NAME: x})
+    full = session(exported["fp32"]).run([LOGITS_NAME, "features"], {INPUT_NAME: x})
+    for h, f in zip(half, full):
+        assert h.shape == f.shape and np.allclose(h, f, rtol=2e-2, atol=2e-2)
+
+
+def test_btd_export_fp16_of_an_onnx_file_writes_only_the_variant(exported, tmp_path: Path) -> None:
+    import shutil
+
+    from model_export.cli import main as btd
+
+    source = Path(shutil.copy(exported["fp32"], tmp_path / "m.onnx"))
+    assert btd(["export", str(source), "--fp16"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-fp16.onnx", "m.onnx"]
+    assert btd(["export", str(source)]) == 2  # an .onnx input without --fp16 is refused with a message
