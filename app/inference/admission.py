@@ -3,9 +3,11 @@ queueing for seconds (128 clients on one GPU gave a p95 of 3.9 s before this exi
 
 A request *waits* from admission until its batch is taken by the model, decoding included (a
 backlog in front of the host workers is as much a queue as the batcher's). A new request is
-refused when ``max_waiting`` requests already wait, or when the oldest one has waited longer than
-``max_wait_s`` (the queue is not draining fast enough, whatever the provider's speed). Retry-After
-is the time the waiting requests need at the measured model speed, at least 1 s.
+refused when ``max_waiting`` requests already wait, when the waiting requests need longer than
+``max_wait_s`` at the measured model speed (so a burst cannot queue for seconds), or when the
+oldest one has waited longer than ``max_wait_s`` (the queue is not draining, whatever the reason:
+a slow model or busy host workers). Retry-After is the time the waiting requests need at the
+measured model speed, at least 1 s.
 """
 
 from __future__ import annotations
@@ -37,14 +39,20 @@ class Admission:
         first = next(iter(self._waiting.values()), None)
         return 0.0 if first is None else (now or time.perf_counter()) - first
 
+    def expected_wait_s(self) -> float:
+        """How long a request admitted now would wait for the model, at the measured speed."""
+        return (len(self._waiting) + 1) * self._per_image_s
+
     def retry_after_s(self) -> int:
-        drain = (len(self._waiting) + 1) * self._per_image_s
-        return min(RETRY_AFTER_MAX_S, max(1, math.ceil(drain)))
+        return min(RETRY_AFTER_MAX_S, max(1, math.ceil(self.expected_wait_s())))
 
     def check(self) -> None:
         """``Overloaded`` (503 with Retry-After) when a new request would not be admitted."""
         if len(self._waiting) >= self.max_waiting:
             reason = f"the inference queue is full ({len(self._waiting)} waiting)"
+        elif (expected := self.expected_wait_s()) > self.max_wait_s:
+            reason = (f"the inference queue is full: {len(self._waiting)} waiting need about {expected * 1000:.0f} ms "
+                      f"(limit {self.max_wait_s * 1000:.0f} ms)")
         elif (waited := self.oldest_wait_s()) > self.max_wait_s:
             reason = (f"the inference queue is not draining: the oldest request has waited {waited * 1000:.0f} ms "
                       f"(limit {self.max_wait_s * 1000:.0f} ms)")

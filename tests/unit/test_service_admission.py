@@ -33,8 +33,20 @@ def test_a_queue_that_does_not_drain_is_refused_until_it_does():
     admission.admit()
 
 
+def test_a_burst_is_admitted_only_as_far_as_the_model_can_serve_it_in_time():
+    admission = Admission(max_waiting=1000, max_wait_s=0.5)
+    admission.observe_batch(4, 0.2)  # 50 ms an image
+    admitted = 0
+    with pytest.raises(Overloaded, match="need about") as refused:
+        for _ in range(100):
+            admission.admit()
+            admitted += 1
+    assert admitted == 10  # the tenth waits 10 x 50 ms = the limit; the eleventh would wait longer
+    assert int(refused.value.headers["Retry-After"]) == 1
+
+
 def test_retry_after_follows_the_measured_model_speed():
-    admission = Admission(max_waiting=1000, max_wait_s=10.0)
+    admission = Admission(max_waiting=1000, max_wait_s=1000.0)
     assert admission.retry_after_s() == 1  # nothing measured yet
     admission.observe_batch(8, 0.8)  # 0.1 s an image
     for _ in range(49):

@@ -1,0 +1,284 @@
+"""The inference engine against ONNX Runtime alone, on this machine's GPU (or its CPU), in one run.
+
+For each configuration (batch policy, model variant) it measures, with the same model file:
+ONNX Runtime alone (numpy in and out, ``logits`` only: the ceiling) at batch 1 and at the largest
+bucket, then the service (``python -m app`` on 127.0.0.1) with 1, 16, 64 and 128 closed-loop
+clients posting a 512x512 JPEG slice, and the cost of ``cam=grid`` / ``cam=png`` at 16 clients.
+It prints the ratios and writes everything as JSON. Needs only the project installed (``gpu``
+extra on a GPU node); finishes in under 5 minutes.
+
+    .venv/bin/python bench/bench_gpu.py                                 # shipped model, JSON to runs/
+    .venv/bin/python bench/bench_gpu.py --model models/btd-resnet50.onnx --json runs/bench-gpu.json
+
+Clients are plain asyncio HTTP/1.1 connections (keep-alive) spread over several processes, so the
+load generator is not what limits a fast GPU. A refused request (503 + Retry-After) is counted and
+retried after 20 ms; throughput counts answered predictions only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# The load processes re-import this module (spawn): the service's modules are imported where used.
+
+DEFAULT_MODEL = REPO / "models" / "btd-resnet50.onnx"
+DATA_DIR = REPO.parent / "shared" / "data"
+CLIENT_LEVELS = (1, 16, 64, 128)
+REFUSED_PAUSE_S = 0.02
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    env: dict[str, str]
+    max_batch: int
+    variant: str = "auto"
+
+
+def configs(on_gpu: bool, quick: bool) -> list[Config]:
+    if on_gpu:
+        found = [Config("batch 1", {"BTD_MAX_BATCH_SIZE": "1", "BTD_MAX_WAIT_MS": "0"}, 1),
+                 Config("buckets 1-32, wait 2 ms", {"BTD_MAX_BATCH_SIZE": "32", "BTD_MAX_WAIT_MS": "2"}, 32),
+                 Config("buckets 1-32, wait 2 ms, CUDA graphs",
+                        {"BTD_MAX_BATCH_SIZE": "32", "BTD_MAX_WAIT_MS": "2", "BTD_CUDA_GRAPH": "true"}, 32)]
+    else:
+        found = [Config("batch 1", {"BTD_MAX_BATCH_SIZE": "1", "BTD_MAX_WAIT_MS": "0"}, 1),
+                 Config("buckets 1-8, wait 5 ms", {"BTD_MAX_BATCH_SIZE": "8", "BTD_MAX_WAIT_MS": "5"}, 8),
+                 Config("batch 1, 1 host worker process",
+                        {"BTD_MAX_BATCH_SIZE": "1", "BTD_MAX_WAIT_MS": "0", "BTD_HOST_WORKERS": "1"}, 1)]
+    return found[:1] if quick else found
+
+
+def sample_image() -> tuple[bytes, str]:
+    real = sorted((DATA_DIR / "figshare-cheng" / "images" / "glioma").glob("*.jpg"))[:1]
+    if real:
+        return real[0].read_bytes(), f"{real[0].name} (512x512 JPEG, ../shared/data)"
+    import cv2
+
+    rng = np.random.default_rng(0)
+    img = np.zeros((512, 512), np.uint8)
+    cv2.ellipse(img, (256, 256), (170, 210), 0, 0, 360, 150, -1)
+    img = cv2.add(img, rng.integers(0, 40, img.shape, dtype=np.uint8))
+    return cv2.imencode(".jpg", img)[1].tobytes(), "synthetic 512x512 JPEG"
+
+
+# ---------------------------------------------------------------- ONNX Runtime alone
+
+
+def ort_alone(model_path: Path, providers: list[str] | None, batch: int, seconds: float) -> dict:
+    """images/s and per-call latency of session.run at a constant batch (numpy in/out, logits only)."""
+    from app.contract import INPUT_NAME, LOGITS_NAME
+    from app.inference.model import ModelFile
+    from app.inference.runner import RuntimeOptions, open_session
+
+    model = ModelFile.load(model_path)
+    spec = model.metadata.preprocess
+    session = open_session(model_path, RuntimeOptions(providers=providers), channels=spec.channels, size=spec.size,
+                           bucket=batch)
+    x = np.random.default_rng(0).normal(size=(batch, spec.channels, spec.size, spec.size)).astype(np.float32)
+    for _ in range(3):
+        session.run([LOGITS_NAME], {INPUT_NAME: x})
+    latencies = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or len(latencies) < 5:
+        t = time.perf_counter()
+        session.run([LOGITS_NAME], {INPUT_NAME: x})
+        latencies.append((time.perf_counter() - t) * 1000)
+    elapsed = time.perf_counter() - started
+    return {"batch": batch, "images_per_s": batch * len(latencies) / elapsed,
+            "p50_ms": statistics.median(latencies), "calls": len(latencies)}
+
+
+# ---------------------------------------------------------------- the load generator
+
+
+async def _client(port: int, request: bytes, deadline: float, stats: dict) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            writer.write(request)
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            if status == 200:
+                stats["latencies"].append((time.perf_counter() - started) * 1000)
+            elif status == 503:
+                stats["refused"] += 1
+                await asyncio.sleep(REFUSED_PAUSE_S)
+            else:
+                stats["errors"] += 1
+    finally:
+        writer.close()
+
+
+def _load_process(port: int, request: bytes, clients: int, seconds: float, queue) -> None:
+    async def main() -> dict:
+        stats = {"latencies": [], "refused": 0, "errors": 0}
+        deadline = time.perf_counter() + seconds
+        await asyncio.gather(*(_client(port, request, deadline, stats) for _ in range(clients)))
+        return stats
+
+    queue.put(asyncio.run(main()))
+
+
+def load(port: int, image: bytes, cam: str, clients: int, seconds: float, processes: int) -> dict:
+    """``clients`` closed-loop clients for ``seconds``: answered predictions/s, latency percentiles."""
+    request = (f"POST /v1/predict?cam={cam} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
+               f"Content-Length: {len(image)}\r\n\r\n").encode() + image
+    processes = max(1, min(processes, clients))
+    shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_load_process, args=(port, request, n, seconds, queue)) for n in shares]
+    for w in workers:
+        w.start()
+    results = [queue.get(timeout=seconds + 120) for _ in workers]
+    for w in workers:
+        w.join(30)
+    latencies = sorted(x for r in results for x in r["latencies"])
+    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None  # noqa: E731
+    return {"clients": clients, "images_per_s": len(latencies) / seconds, "p50_ms": pick(0.5), "p95_ms": pick(0.95),
+            "refused_503": sum(r["refused"] for r in results), "errors": sum(r["errors"] for r in results)}
+
+
+def metric_mean(url: str, name: str) -> float | None:
+    import httpx
+
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith((f"{name}_sum", f"{name}_count")):
+            key, value = line.split()
+            values[key] = float(value)
+    count = values.get(f"{name}_count", 0)
+    return values.get(f"{name}_sum", 0) / count if count else None
+
+
+# ---------------------------------------------------------------- one configuration
+
+
+def measure(config: Config, model: Path, providers: list[str] | None, image: bytes, seconds: float,
+            processes: int, cam: bool) -> dict:
+    env = {"BTD_LOG_LEVEL": "warning", "BTD_MODEL_VARIANT": config.variant, "BTD_QUEUE_SIZE": "256", **config.env}
+    if providers:
+        env["BTD_PROVIDERS"] = ",".join(providers)
+    from tests.api.helpers import ServerProcess
+
+    result: dict = {"settings": env, "service": {}}
+    with ServerProcess(model, ready_timeout_s=900, **env) as server:
+        import httpx
+
+        served = httpx.get(server.url + "/v1/model", timeout=10).json()
+        result["served"] = {k: served.get(k) for k in ("variant", "provider", "batch_buckets", "host_work",
+                                                        "host_workers", "version", "sha256")}
+        port = int(server.url.rsplit(":", 1)[1])
+        load(port, image, "none", 4, 2.0, 1)  # warm-up, not counted
+        for clients in CLIENT_LEVELS:
+            result["service"][str(clients)] = load(port, image, "none", clients, seconds, processes)
+            print(f"  {config.name}: {clients:>3} clients {result['service'][str(clients)]}", flush=True)
+        if cam:
+            result["cam"] = {mode: load(port, image, mode, 16, seconds, processes) for mode in ("grid", "png")}
+            result["cam"]["none"] = load(port, image, "none", 16, seconds, processes)
+        result["mean_batch"] = metric_mean(server.url, "btd_batch_size")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the model file (its variants beside it)")
+    parser.add_argument("--variant", default="auto", choices=("auto", "fp32", "fp16", "int8"),
+                        help="which file of the model to serve (as BTD_MODEL_VARIANT)")
+    parser.add_argument("--providers", default=None, help="comma list (default: as the service chooses)")
+    parser.add_argument("--seconds", type=float, default=None, help="per measurement (default 6 on GPU, 8 on CPU)")
+    parser.add_argument("--load-processes", type=int, default=None,
+                        help="client processes (default: a quarter of the CPUs, at least 1)")
+    parser.add_argument("--quick", action="store_true", help="the first configuration only")
+    parser.add_argument("--json", type=Path, default=REPO / "runs" / "bench-gpu.json")
+    args = parser.parse_args(argv)
+    import onnxruntime as ort
+
+    from app.inference.engine import choose_model_file
+    from app.inference.runner import GPU_PROVIDERS, available_cpus, choose_providers
+
+    providers = args.providers.split(",") if args.providers else None
+    on_gpu = choose_providers(providers, ort.get_available_providers())[0] in GPU_PROVIDERS
+    seconds = args.seconds or (6.0 if on_gpu else 8.0)
+    processes = args.load_processes or max(1, available_cpus() // 4)
+    image, image_note = sample_image()
+    served_file, variant = choose_model_file(args.model, args.variant, on_gpu)
+    started = time.perf_counter()
+    report: dict = {"machine": {"cpus": available_cpus(), "platform": platform.platform(), "gpu": on_gpu,
+                                "onnxruntime": ort.__version__, "providers": ort.get_available_providers()},
+                    "model": str(args.model), "served_file": str(served_file), "variant": variant,
+                    "image": image_note, "seconds_per_measurement": seconds, "configs": {}}
+    print(f"model {served_file} ({variant}), image {image_note}, {'GPU' if on_gpu else 'CPU'}, "
+          f"{seconds:g} s per measurement, {processes} load process(es)", flush=True)
+    for i, config in enumerate(configs(on_gpu, args.quick)):
+        config = Config(config.name, config.env, config.max_batch, args.variant)
+        batches = sorted({1, config.max_batch})
+        before = {str(b): ort_alone(served_file, providers, b, min(seconds, 5) / 2) for b in batches}
+        entry = measure(config, args.model, providers, image, seconds, processes, cam=i == 0)
+        after = {str(b): ort_alone(served_file, providers, b, min(seconds, 5) / 2) for b in batches}
+        # ONNX Runtime alone runs half before and half after the service, so a drifting machine load
+        # (other processes) weighs on both sides of the ratio alike.
+        entry["ort_alone"] = {b: {"batch": before[b]["batch"],
+                                  "images_per_s": (before[b]["images_per_s"] + after[b]["images_per_s"]) / 2,
+                                  "p50_ms": (before[b]["p50_ms"] + after[b]["p50_ms"]) / 2,
+                                  "before": before[b], "after": after[b]} for b in before}
+        print(f"  {config.name}: ONNX Runtime alone, before {before}, after {after}", flush=True)
+        report["configs"][config.name] = entry
+    report["ratios"] = ratios(report)
+    report["elapsed_s"] = time.perf_counter() - started
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["ratios"], indent=2))
+    print(f"written {args.json} in {report['elapsed_s']:.0f} s")
+    return 0
+
+
+def ratios(report: dict) -> dict:
+    """The figures the issue's goals are stated in."""
+    out: dict = {}
+    names = list(report["configs"])
+    batch1 = report["configs"][names[0]]
+    for name, entry in report["configs"].items():
+        ceiling = max(a["images_per_s"] for a in entry["ort_alone"].values())
+        service = entry["service"]
+        out[name] = {
+            "service_16_clients_vs_ort_alone": service["16"]["images_per_s"] / ceiling,
+            "p50_1_client_minus_ort_alone_batch1_ms": service["1"]["p50_ms"] - entry["ort_alone"]["1"]["p50_ms"],
+            "images_per_s": {c: s["images_per_s"] for c, s in service.items()},
+            "p95_ms": {c: s["p95_ms"] for c, s in service.items()},
+            "refused_503": {c: s["refused_503"] for c, s in service.items()},
+            "vs_batch_1": {c: s["images_per_s"] / max(batch1["service"][c]["images_per_s"], 1e-9)
+                           for c, s in service.items()},
+        }
+        if "cam" in entry:
+            none = entry["cam"]["none"]["images_per_s"]
+            out[name]["cam_cost"] = {m: 1 - entry["cam"][m]["images_per_s"] / none for m in ("grid", "png")}
+    return out
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    with tempfile.TemporaryDirectory():
+        sys.exit(main())
