@@ -11,8 +11,14 @@ extra on a GPU node); finishes in under 5 minutes.
     .venv/bin/python bench/bench_gpu.py --model models/btd-resnet50.onnx --json runs/bench-gpu.json
 
 Clients are plain asyncio HTTP/1.1 connections (keep-alive) spread over several processes, so the
-load generator is not what limits a fast GPU. A refused request (503 + Retry-After) is counted and
-retried after 20 ms; throughput counts answered predictions only.
+load generator is not what limits a fast GPU. A refused request (503) is counted and its client
+waits the Retry-After the server gave, as a well-behaved client does; throughput counts answered
+predictions only. ONNX Runtime alone runs in this process while the server idles, in a window
+before every service window (and once after the last), and the CAM modes take turns, so a machine
+whose other load drifts (a shared CPU) weighs on both sides of each ratio alike. Beside images/s,
+the CPU time per image is measured on both sides (the server and its host workers; this process
+for ONNX Runtime alone): on a machine shared with other work it says what the service costs even
+when wall-clock figures drift.
 """
 
 from __future__ import annotations
@@ -40,7 +46,6 @@ sys.path.insert(0, str(REPO))
 DEFAULT_MODEL = REPO / "models" / "btd-resnet50.onnx"
 DATA_DIR = REPO.parent / "shared" / "data"
 CLIENT_LEVELS = (1, 16, 64, 128)
-REFUSED_PAUSE_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -95,14 +100,34 @@ def ort_alone(model_path: Path, providers: list[str] | None, batch: int, seconds
     for _ in range(3):
         session.run([LOGITS_NAME], {INPUT_NAME: x})
     latencies = []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     while time.perf_counter() - started < seconds or len(latencies) < 5:
         t = time.perf_counter()
         session.run([LOGITS_NAME], {INPUT_NAME: x})
         latencies.append((time.perf_counter() - t) * 1000)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     return {"batch": batch, "images_per_s": batch * len(latencies) / elapsed,
-            "p50_ms": statistics.median(latencies), "calls": len(latencies)}
+            "p50_ms": statistics.median(latencies), "calls": len(latencies),
+            "cpu_ms_per_image": 1000 * cpu / (batch * len(latencies))}
+
+
+def process_tree_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by a process and its descendants, and by the process
+    alone (Linux /proc)."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    total, stack = 0.0, [pid]
+    while stack:
+        current = stack.pop()
+        total += stats.get(current, (0, 0.0))[1]
+        stack.extend(child for child, (parent, _) in stats.items() if parent == current)
+    return total, stats.get(pid, (0, 0.0))[1]
 
 
 # ---------------------------------------------------------------- the load generator
@@ -115,16 +140,19 @@ async def _client(port: int, request: bytes, deadline: float, stats: dict) -> No
             started = time.perf_counter()
             writer.write(request)
             status = int((await reader.readline()).split()[1])
-            length = 0
+            length, retry_after = 0, 1.0
             while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+                elif name.lower() == b"retry-after":
+                    retry_after = float(value)
             await reader.readexactly(length)
             if status == 200:
                 stats["latencies"].append((time.perf_counter() - started) * 1000)
             elif status == 503:
                 stats["refused"] += 1
-                await asyncio.sleep(REFUSED_PAUSE_S)
+                await asyncio.sleep(max(0.0, min(retry_after, deadline - time.perf_counter())))
             else:
                 stats["errors"] += 1
     finally:
@@ -141,8 +169,10 @@ def _load_process(port: int, request: bytes, clients: int, seconds: float, queue
     queue.put(asyncio.run(main()))
 
 
-def load(port: int, image: bytes, cam: str, clients: int, seconds: float, processes: int) -> dict:
-    """``clients`` closed-loop clients for ``seconds``: answered predictions/s, latency percentiles."""
+def load(port: int, image: bytes, cam: str, clients: int, seconds: float, processes: int,
+         server_pid: int | None = None) -> dict:
+    """``clients`` closed-loop clients for ``seconds``: answered predictions/s, latency percentiles,
+    and the server's CPU time per answered image."""
     request = (f"POST /v1/predict?cam={cam} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\n"
                f"Content-Length: {len(image)}\r\n\r\n").encode() + image
     processes = max(1, min(processes, clients))
@@ -150,15 +180,22 @@ def load(port: int, image: bytes, cam: str, clients: int, seconds: float, proces
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     workers = [context.Process(target=_load_process, args=(port, request, n, seconds, queue)) for n in shares]
+    cpu = process_tree_cpu_s(server_pid) if server_pid else None
     for w in workers:
         w.start()
     results = [queue.get(timeout=seconds + 120) for _ in workers]
+    if server_pid:
+        after = process_tree_cpu_s(server_pid)
+        cpu, main_cpu = after[0] - cpu[0], after[1] - cpu[1]
     for w in workers:
         w.join(30)
     latencies = sorted(x for r in results for x in r["latencies"])
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None  # noqa: E731
     return {"clients": clients, "images_per_s": len(latencies) / seconds, "p50_ms": pick(0.5), "p95_ms": pick(0.95),
-            "refused_503": sum(r["refused"] for r in results), "errors": sum(r["errors"] for r in results)}
+            "refused_503": sum(r["refused"] for r in results), "errors": sum(r["errors"] for r in results),
+            "server_cpu_ms_per_image": 1000 * cpu / len(latencies) if server_pid and latencies else None,
+            # the server process without its host workers: what one event loop spends per image
+            "server_main_cpu_ms_per_image": 1000 * main_cpu / len(latencies) if server_pid and latencies else None}
 
 
 def metric_mean(url: str, name: str) -> float | None:
@@ -176,8 +213,8 @@ def metric_mean(url: str, name: str) -> float | None:
 # ---------------------------------------------------------------- one configuration
 
 
-def measure(config: Config, model: Path, providers: list[str] | None, image: bytes, seconds: float,
-            processes: int, cam: bool) -> dict:
+def measure(config: Config, model: Path, served_file: Path, providers: list[str] | None, image: bytes,
+            seconds: float, processes: int, cam: bool) -> dict:
     env = {"BTD_LOG_LEVEL": "warning", "BTD_MODEL_VARIANT": config.variant, "BTD_QUEUE_SIZE": "256", **config.env}
     if providers:
         env["BTD_PROVIDERS"] = ",".join(providers)
@@ -192,12 +229,34 @@ def measure(config: Config, model: Path, providers: list[str] | None, image: byt
                                                         "host_workers", "version", "sha256")}
         port = int(server.url.rsplit(":", 1)[1])
         load(port, image, "none", 4, 2.0, 1)  # warm-up, not counted
+        batches = sorted({1, config.max_batch})
+        windows = []  # ONNX Runtime alone, while the server idles, between the service windows
+        ort_seconds = min(seconds, 6) / 2
         for clients in CLIENT_LEVELS:
-            result["service"][str(clients)] = load(port, image, "none", clients, seconds, processes)
+            windows.append({str(b): ort_alone(served_file, providers, b, ort_seconds) for b in batches})
+            result["service"][str(clients)] = load(port, image, "none", clients, seconds, processes, server.proc.pid)
             print(f"  {config.name}: {clients:>3} clients {result['service'][str(clients)]}", flush=True)
-        if cam:
-            result["cam"] = {mode: load(port, image, mode, 16, seconds, processes) for mode in ("grid", "png")}
-            result["cam"]["none"] = load(port, image, "none", 16, seconds, processes)
+        windows.append({str(b): ort_alone(served_file, providers, b, ort_seconds) for b in batches})
+        result["ort_alone"] = {b: {"batch": int(b),
+                                   "images_per_s": statistics.mean(w[b]["images_per_s"] for w in windows),
+                                   "p50_ms": statistics.mean(w[b]["p50_ms"] for w in windows),
+                                   "cpu_ms_per_image": statistics.mean(w[b]["cpu_ms_per_image"] for w in windows),
+                                   "windows": [round(w[b]["images_per_s"], 2) for w in windows]} for b in windows[0]}
+        # around the 16-client window: the figure the goal compares with
+        result["ort_alone_around_16"] = {b: statistics.mean(w[b]["images_per_s"] for w in windows[1:3])
+                                         for b in windows[0]}
+        print(f"  {config.name}: ONNX Runtime alone {result['ort_alone']}", flush=True)
+        if cam:  # the CAM modes take turns at 16 clients
+            rounds = {mode: [] for mode in ("none", "grid", "png")}
+            for _ in range(3):
+                for mode in rounds:
+                    rounds[mode].append(load(port, image, mode, 16, seconds / 2, processes, server.proc.pid))
+            result["cam"] = {mode: {"images_per_s": statistics.mean(r["images_per_s"] for r in runs),
+                                    "p50_ms": statistics.mean(r["p50_ms"] or 0 for r in runs),
+                                    "server_cpu_ms_per_image": statistics.mean(
+                                        r["server_cpu_ms_per_image"] or 0 for r in runs),
+                                    "rounds": [r["images_per_s"] for r in runs]} for mode, runs in rounds.items()}
+            print(f"  {config.name}: CAM at 16 clients {result['cam']}", flush=True)
         result["mean_batch"] = metric_mean(server.url, "btd_batch_size")
     return result
 
@@ -208,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="auto", choices=("auto", "fp32", "fp16", "int8"),
                         help="which file of the model to serve (as BTD_MODEL_VARIANT)")
     parser.add_argument("--providers", default=None, help="comma list (default: as the service chooses)")
-    parser.add_argument("--seconds", type=float, default=None, help="per measurement (default 6 on GPU, 8 on CPU)")
+    parser.add_argument("--seconds", type=float, default=None, help="per measurement (default 5 on GPU, 6 on CPU)")
     parser.add_argument("--load-processes", type=int, default=None,
                         help="client processes (default: a quarter of the CPUs, at least 1)")
     parser.add_argument("--quick", action="store_true", help="the first configuration only")
@@ -221,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
     providers = args.providers.split(",") if args.providers else None
     on_gpu = choose_providers(providers, ort.get_available_providers())[0] in GPU_PROVIDERS
-    seconds = args.seconds or (6.0 if on_gpu else 8.0)
+    seconds = args.seconds or (5.0 if on_gpu else 6.0)
     processes = args.load_processes or max(1, available_cpus() // 4)
     image, image_note = sample_image()
     served_file, variant = choose_model_file(args.model, args.variant, on_gpu)
@@ -234,17 +293,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{seconds:g} s per measurement, {processes} load process(es)", flush=True)
     for i, config in enumerate(configs(on_gpu, args.quick)):
         config = Config(config.name, config.env, config.max_batch, args.variant)
-        batches = sorted({1, config.max_batch})
-        before = {str(b): ort_alone(served_file, providers, b, min(seconds, 5) / 2) for b in batches}
-        entry = measure(config, args.model, providers, image, seconds, processes, cam=i == 0)
-        after = {str(b): ort_alone(served_file, providers, b, min(seconds, 5) / 2) for b in batches}
-        # ONNX Runtime alone runs half before and half after the service, so a drifting machine load
-        # (other processes) weighs on both sides of the ratio alike.
-        entry["ort_alone"] = {b: {"batch": before[b]["batch"],
-                                  "images_per_s": (before[b]["images_per_s"] + after[b]["images_per_s"]) / 2,
-                                  "p50_ms": (before[b]["p50_ms"] + after[b]["p50_ms"]) / 2,
-                                  "before": before[b], "after": after[b]} for b in before}
-        print(f"  {config.name}: ONNX Runtime alone, before {before}, after {after}", flush=True)
+        entry = measure(config, args.model, served_file, providers, image, seconds, processes, cam=i == 0)
         report["configs"][config.name] = entry
     report["ratios"] = ratios(report)
     report["elapsed_s"] = time.perf_counter() - started
@@ -261,10 +310,12 @@ def ratios(report: dict) -> dict:
     names = list(report["configs"])
     batch1 = report["configs"][names[0]]
     for name, entry in report["configs"].items():
-        ceiling = max(a["images_per_s"] for a in entry["ort_alone"].values())
+        ceiling = max(entry["ort_alone_around_16"].values())
         service = entry["service"]
+        best = max(entry["ort_alone"].values(), key=lambda a: a["images_per_s"])
         out[name] = {
             "service_16_clients_vs_ort_alone": service["16"]["images_per_s"] / ceiling,
+            "cpu_per_image_ort_alone_vs_service_16": best["cpu_ms_per_image"] / service["16"]["server_cpu_ms_per_image"],
             "p50_1_client_minus_ort_alone_batch1_ms": service["1"]["p50_ms"] - entry["ort_alone"]["1"]["p50_ms"],
             "images_per_s": {c: s["images_per_s"] for c, s in service.items()},
             "p95_ms": {c: s["p95_ms"] for c, s in service.items()},
@@ -275,6 +326,9 @@ def ratios(report: dict) -> dict:
         if "cam" in entry:
             none = entry["cam"]["none"]["images_per_s"]
             out[name]["cam_cost"] = {m: 1 - entry["cam"][m]["images_per_s"] / none for m in ("grid", "png")}
+            none_cpu = entry["cam"]["none"]["server_cpu_ms_per_image"]
+            out[name]["cam_cpu_cost"] = {m: entry["cam"][m]["server_cpu_ms_per_image"] / none_cpu - 1
+                                         for m in ("grid", "png")}
     return out
 
 

@@ -96,13 +96,12 @@ def cam_images(view: np.ndarray, cam: np.ndarray, framing: Framing | None = None
     height, width = view.shape
     if framing is None or image_size is None:
         framing, image_size = Framing(0.0, 0.0, float(width), height=float(height)), (width, height)
-    up = place_cam(cam, framing, image_size, (width, height))
-    up = np.clip(up, 0.0, 1.0)
+    up = np.clip(place_cam(cam, framing, image_size, (width, height)), 0.0, 1.0)
     colours = cv2.applyColorMap(np.rint(up * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR
-    alpha = (up * HEATMAP_MAX_ALPHA)[:, :, None]
-    heatmap = np.dstack([colours, np.rint(alpha[:, :, 0] * 255).astype(np.uint8)])  # BGRA
-    base = cv2.cvtColor(view, cv2.COLOR_GRAY2BGR).astype(np.float32)
-    overlay = np.rint(base * (1 - alpha) + colours.astype(np.float32) * alpha).astype(np.uint8)
+    alpha = up * np.float32(HEATMAP_MAX_ALPHA)
+    heatmap = cv2.merge([*cv2.split(colours), np.rint(alpha * 255).astype(np.uint8)])  # BGRA
+    # One per-pixel blend in OpenCV (rounded like np.rint), not float copies of three channels.
+    overlay = cv2.blendLinear(cv2.cvtColor(view, cv2.COLOR_GRAY2BGR), colours, 1.0 - alpha, alpha)
     return {
         "format": "png",
         "width": int(width),
