@@ -8,6 +8,9 @@ refused when ``max_waiting`` requests already wait, when the waiting requests ne
 oldest one has waited longer than ``max_wait_s`` (the queue is not draining, whatever the reason:
 a slow model or busy host workers). Retry-After is the time the waiting requests need at the
 measured model speed, at least 1 s.
+
+The speed is the time between batches while requests wait (what the whole pipeline delivers, host
+work and contention included), or the model call's own time after an idle spell.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class Admission:
         self._waiting: dict[int, float] = {}  # ticket -> admitted at; insertion order = arrival order
         self._next_ticket = 0
         self._per_image_s = 0.0
+        self._last_batch_end: float | None = None
+        self._backlog_at_last_end = 0
 
     @property
     def depth(self) -> int:
@@ -75,6 +80,11 @@ class Admission:
             self._on_depth(len(self._waiting))
 
     def observe_batch(self, images: int, seconds: float) -> None:
-        """The model ran a batch: refresh the per-image time Retry-After is estimated with."""
-        per_image = seconds / max(images, 1)
+        """The model ran a batch of ``images`` in ``seconds``: refresh the per-image time the
+        expected wait is estimated with. Called from the inference thread."""
+        now = time.perf_counter()
+        # Requests were already waiting when the last batch ended: the pipeline has not idled since.
+        busy = self._last_batch_end is not None and self._backlog_at_last_end > 0
+        per_image = ((now - self._last_batch_end) if busy else seconds) / max(images, 1)
+        self._last_batch_end, self._backlog_at_last_end = now, len(self._waiting)
         self._per_image_s = per_image if self._per_image_s == 0 else (1 - _EWMA) * self._per_image_s + _EWMA * per_image

@@ -55,3 +55,15 @@ def test_retry_after_follows_the_measured_model_speed():
     for _ in range(900):
         admission.admit()
     assert admission.retry_after_s() == RETRY_AFTER_MAX_S
+
+
+def test_while_requests_wait_the_speed_is_the_time_between_batches():
+    admission = Admission(max_waiting=1000, max_wait_s=1000.0)
+    admission.observe_batch(1, 0.01)  # nothing waits after it
+    time.sleep(0.2)  # idle
+    admission.admit()
+    admission.observe_batch(1, 0.01)  # after an idle spell: the model's own 10 ms, not the idle time
+    assert admission.expected_wait_s() == pytest.approx(2 * 0.01)
+    time.sleep(0.1)
+    admission.observe_batch(1, 0.01)  # busy since: the pipeline delivered one image in ~100 ms, not 10
+    assert admission.expected_wait_s() > 2 * 0.02
