@@ -215,6 +215,7 @@ class Runner:
     sessions: dict[int, Session]  # bucket -> session (the same object for every bucket when shared)
     buckets: tuple[int, ...]
     io_binding: bool = False
+    cuda_graph: bool = False
     _executors: dict[int, Any] = field(default_factory=dict, repr=False)
     _inputs: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -241,7 +242,8 @@ class Runner:
         else:  # one session for every bucket (also when a GPU provider fell back to the CPU)
             sessions = {b: first for b in options.buckets}
         io_binding = on_gpu if options.io_binding is None else options.io_binding
-        runner = cls(model, sessions, options.buckets, io_binding=io_binding or (on_gpu and options.cuda_graph))
+        cuda_graph = options.cuda_graph and on_gpu and first.get_providers()[0] == "CUDAExecutionProvider"
+        runner = cls(model, sessions, options.buckets, io_binding=io_binding or cuda_graph, cuda_graph=cuda_graph)
         wanted_gpu = [p for p in (options.providers or chosen) if p in GPU_PROVIDERS]
         if wanted_gpu and not on_gpu:  # one warning, whatever the cause
             log.warning(
@@ -310,32 +312,56 @@ class Runner:
         return out
 
     def warm_up(self) -> None:
-        """Run every bucket once (cuDNN's algorithm search, TensorRT engine builds happen here), check
-        the output shapes against the contract, then bind each bucket's buffers when asked to."""
+        """Run every bucket once (cuDNN's algorithm search, TensorRT engine builds happen here) and
+        check the output shapes against the contract. With I/O binding the buckets' buffers are
+        bound first and this first run goes through them: a CUDA graph is captured on it, so no
+        run with other addresses may come before."""
         spec = self.model.metadata.preprocess
-        num_classes, channels = len(self.model.metadata.labels), self.model.cam_weights.shape[1]
+        names = self._names(True)
         for bucket in self.buckets:
             zeros = self._input(bucket)
+            session = self.sessions[bucket]
             try:
-                values = dict(zip(self._names(True), _PlainExecutor(self.sessions[bucket])(zeros, self._names(True))))
+                if self.io_binding:
+                    shapes = _declared_shapes(session, bucket)
+                    if shapes is None:
+                        if self.cuda_graph:
+                            raise ModelContractError("CUDA graphs need a model whose outputs have fixed shapes "
+                                                     "(but for the batch); set BTD_CUDA_GRAPH=false")
+                        shapes = {n: np.shape(v) for n, v in zip(names, _PlainExecutor(session)(zeros, names))}
+                    self._executors[bucket] = _BoundExecutor(session, zeros.shape, shapes,
+                                                             _device_of(session.get_providers()[0]))
+                    values = dict(zip(names, self._executors[bucket](zeros, names)))
+                else:
+                    values = dict(zip(names, _PlainExecutor(session)(zeros, names)))
+            except ModelContractError:
+                raise
             except Exception as exc:  # ORT's own error types: a fixed batch or input size, a broken graph
                 raise ModelContractError(
                     f"the model cannot run a batch of {bucket} at {spec.size}x{spec.size} (from its metadata): {exc}; "
                     "a model exported with a fixed batch size needs BTD_MAX_BATCH_SIZE=1"
                 ) from None
-            logits, features = values[LOGITS_NAME], values[FEATURES_NAME]
-            if logits.shape != (bucket, num_classes):
-                raise ModelContractError(
-                    f"logits shape {logits.shape}, expected ({bucket}, {num_classes}) for the labels")
-            if features.ndim != 4 or features.shape[:2] != (bucket, channels):
-                raise ModelContractError(
-                    f"features shape {features.shape}, expected ({bucket}, {channels}, h, w) to match the CAM weight")
-            if OOD_NAME in values and np.shape(values[OOD_NAME]) not in ((bucket,), (bucket, 1)):
-                raise ModelContractError(f"{OOD_NAME} shape {np.shape(values[OOD_NAME])}, expected ({bucket},)")
-            if self.io_binding:
-                shapes = {name: tuple(np.shape(v)) for name, v in values.items()}
-                session = self.sessions[bucket]
-                self._executors[bucket] = _BoundExecutor(session, zeros.shape, shapes,
-                                                         _device_of(session.get_providers()[0]))
-                self._executors[bucket](zeros, [LOGITS_NAME])  # a CUDA graph is captured on this first run
+            self._check_outputs(bucket, values)
 
+    def _check_outputs(self, bucket: int, values: dict[str, np.ndarray]) -> None:
+        num_classes, channels = len(self.model.metadata.labels), self.model.cam_weights.shape[1]
+        logits, features = values[LOGITS_NAME], values[FEATURES_NAME]
+        if logits.shape != (bucket, num_classes):
+            raise ModelContractError(f"logits shape {logits.shape}, expected ({bucket}, {num_classes}) for the labels")
+        if features.ndim != 4 or features.shape[:2] != (bucket, channels):
+            raise ModelContractError(
+                f"features shape {features.shape}, expected ({bucket}, {channels}, h, w) to match the CAM weight")
+        if OOD_NAME in values and np.shape(values[OOD_NAME]) not in ((bucket,), (bucket, 1)):
+            raise ModelContractError(f"{OOD_NAME} shape {np.shape(values[OOD_NAME])}, expected ({bucket},)")
+
+
+def _declared_shapes(session: Any, bucket: int) -> dict[str, tuple[int, ...]] | None:
+    """The outputs' shapes as the graph declares them, the batch dimension set to ``bucket``; None
+    when another dimension is not a fixed number."""
+    shapes = {}
+    for output in session.get_outputs():
+        rest = output.shape[1:]
+        if not all(isinstance(d, int) for d in rest):
+            return None
+        shapes[output.name] = (bucket, *rest)
+    return shapes

@@ -211,3 +211,20 @@ def test_load_rejects_an_ood_output_without_its_metadata(tmp_path):
     helper.set_model_props(model, props)
     with pytest.raises(ModelContractError, match="ood_score"):
         ModelFile.load(_save(model, tmp_path / "m.onnx"))
+
+
+def test_bound_buffers_take_their_shapes_from_the_graph_or_refuse_a_cuda_graph(tmp_path):
+    from types import SimpleNamespace
+
+    from app.inference.runner import _declared_shapes
+
+    fixed = SimpleNamespace(get_outputs=lambda: [SimpleNamespace(name="logits", shape=["N", 4]),
+                                                 SimpleNamespace(name="features", shape=["N", 8, 7, 7])])
+    assert _declared_shapes(fixed, 16) == {"logits": (16, 4), "features": (16, 8, 7, 7)}
+    loose = SimpleNamespace(get_outputs=lambda: [SimpleNamespace(name="features", shape=["N", 8, "h", "w"])])
+    assert _declared_shapes(loose, 2) is None
+    runner = load_runner(build_model(tmp_path / "m.onnx"), RuntimeOptions(buckets=(1, 2), io_binding=True))
+    runner.sessions = {b: loose for b in runner.buckets}
+    runner.cuda_graph = True
+    with pytest.raises(ModelContractError, match="BTD_CUDA_GRAPH=false"):
+        runner.warm_up()
