@@ -78,3 +78,16 @@ def test_requests_are_refused_while_the_oldest_has_waited_too_long(model_path):
         assert [r.status_code for r in results] == [200, 200]
         assert_matches_spec(client.get("/v1/model"))
         assert post(client, head_png()).status_code == 200  # drained: admitted again
+
+
+def test_host_worker_processes_serve_every_cam_mode_like_threads(model_path):
+    with running_app(model_path, host_workers=1) as client:
+        assert client.get("/v1/model").json()["host_work"] == "processes"
+        answers = {cam: assert_prediction(post(client, head_png(), cam)) for cam in ("none", "grid", "png")}
+        bad = client.post("/v1/predict", content=b"\x89PNG\r\n\x1a\n" + b"\0" * 40, headers={"Content-Type": "image/png"})
+    with running_app(model_path, host_workers=0) as client:
+        threads = {cam: assert_prediction(post(client, head_png(), cam)) for cam in ("none", "grid", "png")}
+    assert_problem(bad, 400, "invalid-image")  # a typed error raised in a worker keeps its status
+    for cam in answers:
+        assert answers[cam]["probabilities"] == threads[cam]["probabilities"]
+        assert answers[cam]["cam"] == threads[cam]["cam"]
