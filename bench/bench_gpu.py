@@ -190,7 +190,10 @@ def load(port: int, image: bytes, cam: str, clients: int, seconds: float, proces
     for w in workers:
         w.join(30)
     latencies = sorted(x for r in results for x in r["latencies"])
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None  # noqa: E731
+
+    def pick(q: float) -> float | None:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None
+
     return {"clients": clients, "images_per_s": len(latencies) / seconds, "p50_ms": pick(0.5), "p95_ms": pick(0.95),
             "refused_503": sum(r["refused"] for r in results), "errors": sum(r["errors"] for r in results),
             "server_cpu_ms_per_image": 1000 * cpu / len(latencies) if server_pid and latencies else None,

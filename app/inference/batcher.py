@@ -15,21 +15,21 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-
-import numpy as np
+from typing import Any
 
 from app.errors import ModelNotReady
 from app.inference.result import ModelOutput
 
 log = logging.getLogger(__name__)
 
-# (tensors, which want features) -> one ModelOutput per tensor, in order. Blocking.
-RunBatch = Callable[[Sequence[np.ndarray], Sequence[bool]], "list[ModelOutput]"]
+# (inputs, which want features) -> one ModelOutput per input, in order. Blocking. An input is
+# whatever the model call takes (a tensor, or a prepared request whose tensor it makes).
+RunBatch = Callable[[Sequence[Any], Sequence[bool]], "list[ModelOutput]"]
 
 
 @dataclass
 class _Item:
-    tensor: np.ndarray
+    tensor: Any
     features: bool
     future: asyncio.Future
     enqueued: float
@@ -57,7 +57,7 @@ class MicroBatcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._worker(), name="btd-batcher")
 
-    async def submit(self, tensor: np.ndarray, features: bool = True,
+    async def submit(self, tensor: Any, features: bool = True,
                      on_start: Callable[[], None] | None = None) -> ModelOutput:
         """Queue one preprocessed image; resolves when its batch has run. ``features``: fetch the
         features output for it (a CAM); ``on_start`` is called when its batch is taken."""

@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from app.contract import Framing, ModelMetadata, PreprocessSpec, preprocess_framed
+from app.contract import Framing, ModelMetadata, PreprocessSpec, frame, normalise
 from app.errors import InvalidImage
 from app.inference.decode import DEFAULT_MAX_PIXELS, MultiframePolicy, decode
 from app.inference.postprocess import (
@@ -23,7 +23,16 @@ from app.inference.postprocess import (
     softmax,
     tumour_probability,
 )
-from app.inference.result import OOD_PHRASE, CamBox, CamGrid, CamPng, ModelIdentity, ModelOutput, Prediction, Timings
+from app.inference.result import (
+    OOD_PHRASE,
+    CamBox,
+    CamGrid,
+    CamPng,
+    ModelIdentity,
+    ModelOutput,
+    Prediction,
+    Timings,
+)
 
 CamMode = Literal["none", "png", "grid"]
 CAM_MODES: tuple[str, ...] = get_args(CamMode)
@@ -51,15 +60,23 @@ class PrepareOptions:
 
 @dataclass
 class Prepared:
-    """A request after decode and preprocess, ready for the model."""
+    """A request after decode and preprocess, ready for the model. It carries the model-size
+    intensity image (``unit``, a third of the input tensor's bytes: what a host worker sends back),
+    normalised into the input tensor where the batch is assembled."""
 
-    tensor: np.ndarray  # float32 [channels, size, size]
+    unit: np.ndarray  # float32 [size, size], the contract's ``frame`` output
+    spec: PreprocessSpec
     framing: Framing  # where the model's input lies in the decoded image
     image_size: tuple[int, int]  # (width, height) of the decoded image
     media_type: str
     warnings: list[str]
     view: np.ndarray | None = None  # uint8 view of the slice for the CAM images (cam=png only)
     timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tensor(self) -> np.ndarray:
+        """The model input, float32 ``[channels, size, size]`` (the contract's ``preprocess``)."""
+        return normalise(self.unit, self.spec)
 
     @property
     def image_reasons(self) -> list[str]:
@@ -78,9 +95,9 @@ def prepare(data: bytes, media_type: str | None, options: PrepareOptions, view: 
     start = time.perf_counter()
     if not np.isfinite(decoded.pixels).all():
         raise InvalidImage("the image contains non-finite values")
-    tensor, framing = preprocess_framed(decoded.pixels, options.spec)
+    unit, framing = frame(decoded.pixels, options.spec)
     height, width = decoded.pixels.shape
-    prepared = Prepared(tensor, framing, (width, height), decoded.media_type, list(decoded.warnings),
+    prepared = Prepared(unit, options.spec, framing, (width, height), decoded.media_type, list(decoded.warnings),
                         gray_view(decoded.pixels) if view else None)
     prepared.timings_ms = {"decode": decode_ms, "preprocess": ms_since(start)}
     return prepared

@@ -62,10 +62,10 @@ class InferenceService:
         service.host.warm_up()
         return service
 
-    def _run_batch(self, tensors, features):
+    def _run_batch(self, prepared, features):
         started = time.perf_counter()
-        outputs = self.engine.infer(tensors, features)
-        self.admission.observe_batch(len(tensors), time.perf_counter() - started)
+        outputs = self.engine.infer_prepared(prepared, features)
+        self.admission.observe_batch(len(prepared), time.perf_counter() - started)
         return outputs
 
     def start(self) -> None:
@@ -93,7 +93,7 @@ class InferenceService:
                        ticket: int) -> Prediction:
         engine = self.engine
         prepared = await self.host.run(prepare, data, media_type, engine.prepare_options, cam == "png")
-        output = await self.batcher.submit(prepared.tensor, cam != "none",
+        output = await self.batcher.submit(prepared, cam != "none",
                                            on_start=lambda: self.admission.stop_waiting(ticket))
         cam_result, cam_ms = None, 0.0
         if cam == "png":  # the images are encoded by the host workers too
