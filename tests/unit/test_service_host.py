@@ -40,6 +40,28 @@ def _pid() -> int:
     return os.getpid()
 
 
+def _burn(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def parallel_speedup() -> float:
+    """How much faster two processes burn CPU than one, on this machine, now (2.0 on two idle cores;
+    about 1.0 while other work holds a core)."""
+    import multiprocessing
+
+    rates = []
+    for processes in (1, 2):
+        with multiprocessing.get_context("forkserver").Pool(processes) as pool:
+            pool.map(_burn, [1000] * processes)  # started
+            started = time.perf_counter()
+            pool.map(_burn, [1_000_000] * 8)
+            rates.append(8 / (time.perf_counter() - started))
+    return rates[1] / rates[0]
+
+
 def slice_jpeg(size: int = 512, seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     img = np.zeros((size, size), np.uint8)
@@ -104,7 +126,12 @@ def test_a_decode_error_in_a_worker_is_the_same_typed_error(host):
 
 @pytest.mark.slow
 def test_throughput_grows_from_one_to_two_worker_processes(tmp_path):
-    """decode + preprocess of 512x512 JPEG slices dominate with a fast stand-in model."""
+    """decode + preprocess of 512x512 JPEG slices dominate with a fast stand-in model. Needs a
+    second core to grow onto: skipped while the machine cannot run two processes in parallel."""
+    speedup = parallel_speedup()
+    if speedup < 1.4:
+        pytest.skip(f"two CPU-bound processes run only {speedup:.2f}x as fast as one here now (other work "
+                    "holds the cores): there is no second core for a second worker to use")
     model = build_model(tmp_path / "fast.onnx", size=224, channels=8, stride=32)
     engine = Engine.load(model, EngineOptions(runtime=RuntimeOptions(buckets=(1, 2, 4, 8), intra_op_threads=1)))
     images = [slice_jpeg(seed=i) for i in range(8)]
