@@ -11,23 +11,25 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import textwrap
 
 import uvicorn
-from pydantic import ValidationError
 
 from app import metrics
 from app.main import create_app
-from app.settings import Settings
+from app.settings import InvalidSettings, load_settings
 
 log = logging.getLogger("app")
 
 MISSING_MODEL_HELP = """\
 error: no model file at {path}
 The service needs an ONNX model that follows the model contract. Either:
-  - get the released model: save it as models/btd-resnet50.onnx (see the README, "Model"), or
+  - restore the shipped model, which the repository holds (README, "The shipped model"):
+      git checkout -- models/btd-resnet50.onnx
   - rebuild it from the data (needs the train extra and ../shared/data):
-      .venv/bin/python models/release.py
-  - or train and export your own with `btd train ...` then `btd export ...` (README, "Training"), or
+      .venv/bin/python models/release.py --data ../shared/data
+  - train and export your own with `.venv/bin/btd train ...` then `.venv/bin/btd export ...`
+    (README, "Training on your own data"), or
   - point BTD_MODEL_PATH at an existing model file, e.g. BTD_MODEL_PATH=/path/to/model.onnx bash scripts/serve.sh
   - to try the API only, make an untrained demo model (random weights, meaningless answers):
       .venv/bin/python -m tests.model_factory /tmp/btd-demo.onnx
@@ -61,9 +63,10 @@ class DrainingServer(uvicorn.Server):
 
 def main() -> int:
     try:
-        settings = Settings()
-    except ValidationError as exc:
-        print(f"error: invalid BTD_* settings\n{exc}", file=sys.stderr)
+        settings = load_settings()
+    except InvalidSettings as exc:
+        reasons = textwrap.indent(str(exc), "  ")
+        print(f'error: invalid settings (see the README, "Configuration"):\n{reasons}', file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.model_path.is_file():

@@ -7,7 +7,8 @@
 PATHs are files, folders (searched recursively) or glob patterns. In folders, files count as
 images by extension (.png .jpg .jpeg .dcm .dicom) or by signature (DICOM often has no extension);
 a file named explicitly is always sent. Exit status: 0 all files classified, 1 some file failed
-(each with its reason in the output), 2 nothing could be done (no model, no service, no input).
+(each with its reason in the output), 2 nothing could be done (no model, no service, no input),
+141 the reader closed the output early (``| head``), as for any Unix tool killed by SIGPIPE.
 
 Local mode uses ``app.inference.predictor.Predictor`` (ONNX Runtime, no torch, no server); URL
 mode uses httpx and sends each file's bytes with its media type. Registered as a subcommand by
@@ -21,7 +22,9 @@ import base64
 import csv
 import glob
 import json
+import os
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -36,6 +39,7 @@ SIGNATURE_BYTES = 132  # enough for the DICOM preamble + "DICM"
 GLOB_CHARS = set("*?[")
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_UNUSABLE = 0, 1, 2
+EXIT_OUTPUT_CLOSED = 128 + 13  # what a shell reports for a tool killed by SIGPIPE
 
 
 class Unusable(Exception):
@@ -359,9 +363,12 @@ def predict_files(args: argparse.Namespace) -> list[Outcome]:
         classify, model, close = remote_classifier(args.url, cam, args.timeout)
         jobs, where = args.jobs, args.url
     else:
-        from app.settings import Settings
+        from app.settings import InvalidSettings, load_settings
 
-        model_path = Path(args.model) if args.model else Settings().model_path
+        try:
+            model_path = Path(args.model) if args.model else load_settings().model_path
+        except InvalidSettings as exc:
+            raise Unusable(f"invalid settings:\n{textwrap.indent(str(exc), '  ')}") from None
         classify, model, close = local_classifier(model_path, cam)
         jobs, where = 1, "this machine"  # one ONNX Runtime session already uses the cores
     if not args.no_progress:
@@ -385,13 +392,27 @@ def run_predict(args: argparse.Namespace) -> int:
         with open(args.output, "w", encoding="utf-8", newline="") as out:
             write_output(outcomes, args.format, out)
     else:
-        write_output(outcomes, args.format, sys.stdout)
+        try:
+            write_output(outcomes, args.format, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # e.g. `btd predict ... | head`: the reader has what it wanted
+            silence_stdout()
+            return EXIT_OUTPUT_CLOSED
     failed = [o for o in outcomes if not o.ok]
     if failed:
         lines = "".join(f"\n  {o.path}: {o.error}" for o in failed)
         print(f"btd predict: {len(failed)} of {len(outcomes)} files failed:{lines}", file=sys.stderr)
         return EXIT_SOME_FAILED
     return EXIT_OK
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of a closed pipe raises nothing
+    (what the Python docs advise for SIGPIPE; restoring SIGPIPE's default would also kill the
+    process on a closed socket)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def positive_int(text: str) -> int:

@@ -60,6 +60,7 @@ class RuntimeState:
 async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None:
     state: RuntimeState = app.state.runtime
     settings: Settings = app.state.settings
+    log.info("loading %s (/readyz answers 503 until it is loaded, checked and warmed up)", settings.model_path)
     try:
         service = await asyncio.to_thread(InferenceService.load, settings.model_path, settings.engine_options(),
                                           settings.service_options())

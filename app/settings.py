@@ -1,5 +1,8 @@
 """Service settings: environment variables with the prefix ``BTD_``, validated at start.
 
+``load_settings()`` reads them and, when one is wrong, raises ``InvalidSettings`` whose message names
+each variable as the user set it (``BTD_MAX_BATCH_SIZE``), not by its Python field name.
+
 Routes read them through the ``get_settings`` dependency, so tests can override them with
 ``app.dependency_overrides[get_settings]`` or pass a ``Settings`` object to ``create_app``.
 The inference core never reads them: ``engine_options()`` and ``service_options()`` turn them into
@@ -11,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretBytes, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.inference.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
@@ -141,3 +144,37 @@ class Settings(BaseSettings):
             host_workers=None if self.host_workers == "auto" else self.host_workers,
             host_task_timeout_s=self.request_timeout_s,
         )
+
+class InvalidSettings(ValueError):
+    """Some ``BTD_*`` variable does not validate; the message has one line per wrong variable."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets a settings field: ``max_batch_size`` -> ``BTD_MAX_BATCH_SIZE``."""
+    return f"{Settings.model_config['env_prefix']}{field.upper()}"
+
+
+def _is_secret(field: str) -> bool:
+    info = Settings.model_fields.get(field)
+    return info is not None and any(
+        t in (SecretStr, SecretBytes) for t in (info.annotation, *getattr(info.annotation, "__args__", ())))
+
+
+def describe_invalid(error: ValidationError) -> str:
+    """One line per problem: the variable, the value it had (unless secret) and what is wrong."""
+    lines = []
+    for problem in error.errors():
+        field = str(problem["loc"][0]) if problem.get("loc") else ""
+        name = env_name(field) if field else "BTD_* settings"
+        value = "" if not field or _is_secret(field) or "input" not in problem else f"={problem['input']!r}"
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"{name}{value}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings() -> Settings:
+    """The settings from the environment; raises ``InvalidSettings`` naming each wrong variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise InvalidSettings(describe_invalid(exc)) from None

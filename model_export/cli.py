@@ -176,6 +176,34 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_ood_parser(sub) -> None:
+    p = sub.add_parser("fit-ood", help="fit the out-of-distribution score and store it in a checkpoint",
+                       description="Fit the Mahalanobis out-of-distribution score on the checkpoint's pooled "
+                                   "layer4 features of the train split, set its threshold at a quantile of the "
+                                   "val split's scores, and store both in the checkpoint; 'btd export' then adds "
+                                   "the 'ood_score' output to the graph and the threshold to the metadata.")
+    p.add_argument("checkpoint", type=Path, help="training checkpoint (best.pt); updated in place")
+    _add_data_args(p)
+    p.add_argument("--components", type=int, default=256, help="principal directions of the within-class "
+                   "covariance kept (whitened)")
+    p.add_argument("--quantile", type=float, default=0.995,
+                   help="share of validation images the threshold keeps in distribution")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    p.set_defaults(run=_run_fit_ood)
+
+
+def _run_fit_ood(args: argparse.Namespace) -> int:
+    from model_export.fit_ood import FitOodConfig, main
+
+    main(FitOodConfig(
+        checkpoint=args.checkpoint, data=args.data, split_file=args.split_file, components=args.components,
+        quantile=args.quantile, batch_size=args.batch_size, threads=args.threads,
+        limit_per_class=args.limit_per_class, seed=args.seed, columns=_columns(args),
+    ))
+    return 0
+
+
 def _quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="INT8 static QDQ variant of an exported ONNX model",
                        description="Static QDQ quantization: uint8 activations, int8 per-channel weights, "
@@ -213,18 +241,26 @@ def build_parser() -> argparse.ArgumentParser:
                                      "evaluate, export and quantize a ResNet-50, and run predictions.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    builders: Sequence[Callable] = (_train_parser, _evaluate_parser, _export_parser, _quantize_parser,
-                                    _register_predict)
+    builders: Sequence[Callable] = (_train_parser, _evaluate_parser, _fit_ood_parser, _export_parser,
+                                    _quantize_parser, _register_predict)
     for build in builders:
         build(sub)
     return parser
 
 
+# The pipeline's loggers say what it does at INFO; everything else (httpx logs every request at
+# INFO, the service's own modules log for a server's operators) speaks only at WARNING unless -v.
+OWN_LOGGERS = ("btd", "model_export")
+
+
 def setup_logging(verbose: bool) -> None:
     rank = int(os.environ.get("RANK", "0"))
-    level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    own_level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(own_level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -234,6 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0) if hasattr(args, "func") else 2
     try:
         return int(args.run(args) or 0)
+    except ModuleNotFoundError as exc:  # e.g. torch on the service-only install of scripts/serve.sh
+        log.error("btd %s needs the Python module %s, which comes with the train extra: "
+                  ".venv/bin/python -m pip install -e '.[cpu,train]'", args.command, exc.name)
+        return 2
     except (FileNotFoundError, ValueError) as exc:
         if args.verbose:  # with -v, show where it came from
             raise

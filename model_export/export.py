@@ -25,8 +25,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from app.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, ModelMetadata, PreprocessSpec
+from app.contract import (FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OOD_NAME, ModelMetadata, OodSpec,
+                          PreprocessSpec)
 from model_export.checkpoint import model_from_checkpoint, read_checkpoint
+from model_export.ood import OodFit
 from model_export.resnet import Bottleneck, ResNet50
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,41 @@ def check_folding(model: ResNet50, folded: ResNet50, size: int) -> None:
             raise ParityError(f"folding BatchNorm changed {name}: max |diff| = {float((g - w).abs().max()):.3g}")
 
 
+class OodScore(nn.Module):
+    """The out-of-distribution score in the graph (``model_export.ood.score``): pooled layer4
+    features, centred and whitened, smallest squared distance to a class mean. Output [N]."""
+
+    def __init__(self, fit: OodFit) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.from_numpy(np.asarray(fit.mean, np.float32)))
+        self.register_buffer("projection", torch.from_numpy(np.asarray(fit.projection, np.float32)))
+        self.register_buffer("class_means", torch.from_numpy(np.asarray(fit.class_means, np.float32)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        z = (features.mean(dim=(2, 3)) - self.mean) @ self.projection
+        return ((z[:, None, :] - self.class_means[None, :, :]) ** 2).sum(dim=2).amin(dim=1)
+
+
+class _ResNet50WithOod(ResNet50):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        logits, features = super().forward(x)
+        return logits, features, self.ood(features)
+
+
+def with_ood_score(network: ResNet50, fit: OodFit) -> ResNet50:
+    """A copy of ``network`` with the OOD score as a third output. The class is swapped rather than
+    the network wrapped so that every module keeps its name (the classifier stays "fc.weight")."""
+    extended = copy.deepcopy(network)
+    extended.ood = OodScore(fit)
+    extended.__class__ = _ResNet50WithOod
+    return extended
+
+
+def output_names(module: nn.Module) -> list[str]:
+    return [LOGITS_NAME, FEATURES_NAME, OOD_NAME] if isinstance(module, _ResNet50WithOod) else [LOGITS_NAME,
+                                                                                             FEATURES_NAME]
+
+
 def round_to_fp16(model: nn.Module) -> nn.Module:
     """In place: every float parameter/buffer rounded to the nearest float16 (kept as float32)."""
     with torch.no_grad():
@@ -98,12 +135,13 @@ def trace_to_onnx(module: nn.Module, size: int, path: Path, opset: int) -> onnx.
     trace_input = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1234))
     # The TorchScript exporter: the torch.export one needs onnxscript (not a dependency) and renames
     # initializers; this one keeps "fc.weight" / "fc.bias". It warns that it is deprecated.
+    names = output_names(module)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             module, (trace_input,), str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
-            input_names=[INPUT_NAME], output_names=[LOGITS_NAME, FEATURES_NAME],
-            dynamic_axes={INPUT_NAME: {0: "N"}, LOGITS_NAME: {0: "N"}, FEATURES_NAME: {0: "N"}},
+            input_names=[INPUT_NAME], output_names=names,
+            dynamic_axes={INPUT_NAME: {0: "N"}, **{name: {0: "N"} for name in names}},
         )
     return onnx.load(str(path))
 
@@ -160,12 +198,13 @@ def check_parity(module: nn.Module, onnx_path: Path, size: int) -> dict[str, flo
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     worst: dict[str, float] = {}
     module.eval()
+    names = output_names(module)
     for seed, batch in enumerate(PARITY_BATCHES):
         x = parity_inputs(size, batch, seed=100 + seed)
         with torch.inference_mode():
             expected = [t.numpy() for t in module(torch.from_numpy(x))]
-        got = session.run([LOGITS_NAME, FEATURES_NAME], {INPUT_NAME: x})
-        for name, want, have in zip((LOGITS_NAME, FEATURES_NAME), expected, got):
+        got = session.run(names, {INPUT_NAME: x})
+        for name, want, have in zip(names, expected, got):
             if want.shape != have.shape:
                 raise ParityError(f"{name} at batch {batch}: shape {have.shape}, torch gives {want.shape}")
             diff = float(np.abs(want - have).max())
@@ -204,20 +243,26 @@ def export(
     training_data: dict | None = None,
     metrics: dict | None = None,
     opset: int = 17,
+    ood: OodFit | None = None,
 ) -> Path:
-    """Export, write metadata, check parity (raises ParityError and removes the file on failure)."""
+    """Export, write metadata, check parity (raises ParityError and removes the file on failure).
+    With ``ood`` the graph gets the ``ood_score`` output and the metadata its threshold."""
     if opset < 17:
         raise ValueError("opset must be 17 or newer")
     folded = fold_batchnorm(model.cpu().eval())
     check_folding(model, folded, spec.size)
+    # ResNet50.forward is already image -> (logits, features); names stay "fc.weight".
+    module = folded if ood is None else with_ood_score(folded, ood)
     if fp16_weights:
-        round_to_fp16(folded)
-    module = folded  # ResNet50.forward is already image -> (logits, features); names stay "fc.weight"
+        round_to_fp16(module)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
+    ood_spec = None if ood is None else OodSpec(threshold=ood.threshold, method="mahalanobis",
+                                                calibration=ood.calibration)
     meta = ModelMetadata(labels=tuple(labels), preprocess=spec, cam_weight=CAM_WEIGHT, cam_bias=CAM_BIAS,
                          temperature=temperature, tumour_threshold=threshold, model_name=name,
-                         model_version=version, training_data=training_data or {}, metrics=metrics or {})
+                         model_version=version, training_data=training_data or {}, metrics=metrics or {},
+                         ood=ood_spec)
     try:
         proto = trace_to_onnx(module, spec.size, tmp, opset)
         check_classifier_initializers(proto.graph, len(labels))
@@ -242,14 +287,14 @@ def export(
 
 def float16_variant(source: Path, out: Path | None = None) -> Path:
     """``<model>-fp16.onnx`` beside ``source``: the same graph computing in float16 on a GPU (inputs
-    and outputs stay float32, the out-of-distribution head stays float32), metadata kept. The
+    and outputs stay float32, the heads after ``features`` stay float32), metadata kept. The
     service serves it on a GPU by ``BTD_MODEL_VARIANT`` (auto: when present); measure its accuracy
     change on a GPU with ``btd evaluate <fp16 file> --baseline <model> --providers CUDAExecutionProvider``
     (ONNX Runtime's CPU provider computes float16 graphs in float32, so a CPU run shows no change)."""
     from onnxconverter_common import float16
 
     from app.inference.model import ModelFile, read_proto, variant_path
-    from model_export.quantize import ood_head_node_names, weights_to_fp32
+    from model_export.quantize import head_node_names, weights_to_fp32
 
     out = Path(out) if out is not None else variant_path(source, "fp16")
     proto = weights_to_fp32(read_proto(source))
@@ -264,7 +309,7 @@ def float16_variant(source: Path, out: Path | None = None) -> Path:
     with warnings.catch_warnings():  # "the float32 number ... will be truncated": tiny weights, expected
         warnings.simplefilter("ignore", UserWarning)
         half = float16.convert_float_to_float16(proto, keep_io_types=True,
-                                                node_block_list=ood_head_node_names(graph))
+                                                node_block_list=head_node_names(graph))
     helper.set_model_props(half, {**{p.key: p.value for p in proto.metadata_props},
                                   "btd.precision": json.dumps({"compute": "float16", "source": Path(source).name})})
     onnx.checker.check_model(half)
@@ -299,6 +344,7 @@ def main(config: ExportConfig) -> Path:
         model, labels, spec, config.out, fp16_weights=config.fp16_weights, temperature=float(temperature),
         threshold=config.threshold, name=config.name, version=config.version,
         training_data=ckpt.get("training_data", {}), metrics=metrics, opset=config.opset,
+        ood=OodFit.from_state(ckpt["ood"]) if ckpt.get("ood") else None,
     )
     if config.fp16:
         float16_variant(path)

@@ -3,7 +3,7 @@
 With the trunk frozen through layer3, every epoch would recompute the same stem..layer3
 forward (about 60% of a ResNet-50's cost). Computing it once per image and augmented view,
 then training layer4 + head on the cache, makes a CPU epoch minutes instead of hours
-(PERFORMANCE.md: ~22 img/s to cache, ~39 img/s to train at 224). A cache is keyed by
+(``bench/bench_train.py`` measures both rates and the epoch time on your machine). A cache is keyed by
 everything that determines its contents, and is written completely before it is used.
 """
 

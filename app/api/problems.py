@@ -34,8 +34,11 @@ def problem_of(error: ServiceError, instance: str, request_id: str) -> dict:
     return problem_body(error.status, error.slug, error.title, error.detail, instance, request_id)
 
 
-def problem_response(body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
-    metrics.ERRORS.labels(body["type"].rsplit("/", 1)[-1]).inc()
+def problem_response(body: dict, headers: dict[str, str] | None = None, *, is_error: bool = True) -> JSONResponse:
+    """The problem+json response, counted in ``btd_errors_total`` unless it reports a state, not an
+    error (a health probe's 503 while loading)."""
+    if is_error:
+        metrics.ERRORS.labels(body["type"].rsplit("/", 1)[-1]).inc()
     return JSONResponse(body, status_code=body["status"], headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 

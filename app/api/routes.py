@@ -6,13 +6,14 @@ import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import metrics
 from app.api import openapi_docs as docs
-from app.api.problems import problem_of, request_id_of
+from app.api.problems import problem_of, problem_response, request_id_of
 from app.api.schemas import BatchResponse, Health, ModelDescription, PredictResponse
 from app.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.inference.decode import MEDIA_TYPES, normalise_media_type
@@ -127,22 +128,29 @@ async def get_model(service: InferenceService = Depends(get_service)) -> dict[st
     return service.describe()
 
 
+def probe_failed(request: Request) -> JSONResponse:
+    """A health probe's 503: a state (loading, draining, failed), not an error. Probes come every few
+    seconds, so it is neither logged as a warning nor counted in ``btd_errors_total``; ``btd_ready``
+    shows it."""
+    reason = request.app.state.runtime.not_ready_reason()
+    body = problem_of(ModelNotReady(reason), request.url.path, request_id_of(request))
+    return problem_response(body, is_error=False)
+
+
 @router.get("/livez", operation_id="livez", summary="The process is alive", response_model=Health,
             responses=docs.LIVEZ_RESPONSES)
-async def livez(request: Request) -> dict[str, str]:
-    state = request.app.state.runtime
-    if state.load_error is not None:
-        raise ModelNotReady(state.not_ready_reason())
+async def livez(request: Request) -> Any:
+    if request.app.state.runtime.load_error is not None:
+        return probe_failed(request)
     return {"status": "ok"}
 
 
 @router.get("/readyz", operation_id="readyz",
             summary="Ready for traffic: model loaded, contract checked, warmed up, not draining",
             response_model=Health, responses=docs.NOT_READY_RESPONSES)
-async def readyz(request: Request) -> dict[str, str]:
-    state = request.app.state.runtime
-    if not state.ready:
-        raise ModelNotReady(state.not_ready_reason())
+async def readyz(request: Request) -> Any:
+    if not request.app.state.runtime.ready:
+        return probe_failed(request)
     return {"status": "ok"}
 
 

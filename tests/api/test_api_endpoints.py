@@ -1,8 +1,10 @@
 """/v1/predict/batch, /v1/model, /livez, /readyz, /metrics and the generic 404/405 problems."""
 
+import logging
 import threading
 
 import pytest
+from prometheus_client import REGISTRY
 
 from app.api.routes import get_settings
 from app.inference.service import InferenceService
@@ -120,6 +122,35 @@ def test_not_ready_until_model_loaded_checked_and_warmed_up(model_path, monkeypa
         release.set()
         wait_ready(client)
         assert client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png"}).status_code == 200
+
+
+def _not_ready_errors() -> float:
+    return REGISTRY.get_sample_value("btd_errors_total", {"type": "model-not-ready"}) or 0.0
+
+
+def test_probes_while_loading_are_a_state_not_errors(model_path, monkeypatch, caplog):
+    release = threading.Event()
+    original = InferenceService.load
+
+    def slow_load(settings):
+        release.wait(10)
+        return original(settings)
+
+    monkeypatch.setattr(InferenceService, "load", staticmethod(slow_load))
+    with running_app(model_path, ready=False) as client:
+        errors_before = _not_ready_errors()
+        with caplog.at_level(logging.INFO):
+            for _ in range(5):  # what Kubernetes' startup and readiness probes do while the model loads
+                assert_problem(client.get("/readyz"), 503, "model-not-ready")
+        assert _not_ready_errors() == errors_before
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+        assert REGISTRY.get_sample_value("btd_ready") == 0.0  # the state, as a gauge
+        # A client's request refused while loading is still an error response, and counted.
+        client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png"})
+        assert _not_ready_errors() == errors_before + 1
+        release.set()
+        wait_ready(client)
+        assert REGISTRY.get_sample_value("btd_ready") == 1.0
 
 
 def test_broken_model_makes_livez_and_readyz_fail(tmp_path):

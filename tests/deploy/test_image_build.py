@@ -4,7 +4,7 @@ network. The image's own HEALTHCHECK decides readiness; a prediction runs inside
 SIGTERM stops it with exit status 0.
 
 Needs root, podman and debootstrap (scripts/test.sh installs them) and the Debian and PyPI
-registries for the build; about 3 minutes on 2 cores.
+registries for the build; the README ("Build the image") says how long it took when last measured.
 """
 
 from __future__ import annotations

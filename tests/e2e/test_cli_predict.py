@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,11 @@ def test_predict_url_mode_matches_local_mode_and_reports_failures(tmp_path: Path
     local = run("predict", "--model", model_path, pattern, "--format", "csv", "--no-progress")
     with ServerProcess(model_path, BTD_INTRA_OP_THREADS="1") as server:
         remote = run("predict", "--url", server.url, pattern, "--format", "csv", "--cam-dir", tmp_path / "cams")
+        quiet = run("predict", "--url", server.url, slices[0], "--format", "json", "--no-progress")
+
+    # stderr is for the user's failures and the progress bar only: no library's log line per request.
+    assert quiet.returncode == 0 and quiet.stderr == "" and json.loads(quiet.stdout)[0]["ok"]
+    assert "HTTP Request" not in remote.stderr and " INFO " not in remote.stderr, remote.stderr
 
     for done in (local, remote):
         assert done.returncode == 1, done.stderr
@@ -97,3 +103,18 @@ def test_predict_exits_2_with_help_when_the_default_model_is_missing(tmp_path: P
                env={"PATH": "/usr/bin:/bin", "BTD_MODEL_PATH": str(tmp_path / "absent.onnx")})
     assert done.returncode == 2
     assert f"model file not found: {tmp_path / 'absent.onnx'}" in done.stderr and "--url" in done.stderr
+
+
+def test_predict_into_a_closed_pipe_exits_quietly(tmp_path: Path, model_path: Path) -> None:
+    """``btd predict ... | head``: once the reader is gone, no BrokenPipeError traceback."""
+    write_slices(tmp_path / "scans", 2)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte, as after `head -1` has its line
+    try:
+        done = subprocess.run([str(BTD), "predict", "--model", str(model_path), str(tmp_path / "scans"),
+                               "--format", "json", "--no-progress"], stdout=write_end, stderr=subprocess.PIPE,
+                              cwd=REPO_ROOT, text=True, timeout=RUN_TIMEOUT_S, check=False)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr  # 128 + SIGPIPE, what a shell shows for `seq 1e9 | head`
+    assert done.stderr == ""

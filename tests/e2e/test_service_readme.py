@@ -27,7 +27,7 @@ def test_readme_configuration_lists_every_setting():
 def test_readme_curl_examples_work_as_written(tmp_path):
     block = re.search(r"```bash\n(.*?)```", API_SECTION, re.DOTALL).group(1)
     with ServerProcess(build_model(tmp_path / "m.onnx")) as server:
-        script = block.replace("http://127.0.0.1:8000", server.url).replace("/tmp/", f"{tmp_path}/")
+        script = re.sub(r"/tmp\b", str(tmp_path), block.replace("http://127.0.0.1:8000", server.url))
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], check=False, cwd=REPO, capture_output=True, text=True,
                               timeout=120)
     assert proc.returncode == 0, proc.stderr

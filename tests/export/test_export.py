@@ -183,3 +183,81 @@ def test_btd_export_fp16_of_an_onnx_file_writes_only_the_variant(exported, tmp_p
     assert btd(["export", str(source), "--fp16"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m-fp16.onnx", "m.onnx"]
     assert btd(["export", str(source)]) == 2  # an .onnx input without --fp16 is refused with a message
+
+
+def _ood_fit(model: ResNet50, seed: int = 0):
+    """An OOD score fitted on pooled features of random inputs, two pseudo-classes."""
+    from model_export import ood
+
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.normal(0, 1, (24, 3, SIZE, SIZE)).astype(np.float32))
+    with torch.inference_mode():
+        pooled = model(x)[1].mean(dim=(2, 3)).numpy()
+    fit = ood.fit(pooled, np.arange(24) % 2, components=8)
+    return ood.calibrate(fit, pooled, quantile=0.9)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_ood_score_is_a_third_output_equal_to_the_numpy_score(trained_like_model, tmp_path, fp16: bool) -> None:
+    from app.contract import OOD_NAME
+    from model_export import ood
+
+    fit = _ood_fit(trained_like_model)
+    path = exporter.export(trained_like_model, LABELS, PreprocessSpec(size=SIZE), tmp_path / "ood.onnx",
+                           ood=fit, fp16_weights=fp16)
+    proto = onnx.load(str(path))
+    assert [o.name for o in proto.graph.output] == [LOGITS_NAME, FEATURES_NAME, OOD_NAME]
+    meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    assert meta.ood is not None and meta.ood.threshold == pytest.approx(fit.threshold)
+    assert meta.ood.calibration["components"] == 8
+    # The classifier keeps its name, so the service still finds the CAM weights.
+    assert {"fc.weight", "fc.bias"} <= {init.name for init in proto.graph.initializer}
+    x = exporter.parity_inputs(SIZE, 3, seed=5)
+    logits, features, score = session(path).run([LOGITS_NAME, FEATURES_NAME, OOD_NAME], {INPUT_NAME: x})
+    assert score.shape == (3,)
+    expected = ood.score(fit, features.mean(axis=(2, 3)))
+    np.testing.assert_allclose(score, expected, rtol=2e-3 if fp16 else 1e-4)
+
+
+def test_export_without_ood_keeps_two_outputs_and_no_ood_metadata(exported) -> None:
+    proto = onnx.load(str(exported["fp32"]))
+    assert [o.name for o in proto.graph.output] == [LOGITS_NAME, FEATURES_NAME]
+    assert ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props}).ood is None
+
+
+@pytest.mark.slow
+def test_quantization_keeps_the_ood_head_in_float(trained_like_model, tmp_path: Path) -> None:
+    from app.contract import OOD_NAME
+    from model_export.data import scan_image_folder
+    from model_export.quantize import head_node_names, quantize_model
+
+    path = exporter.export(trained_like_model, LABELS, PreprocessSpec(size=SIZE), tmp_path / "ood.onnx",
+                           ood=_ood_fit(trained_like_model))
+    head = set(head_node_names(onnx.load(str(path)).graph))
+    assert head and not any("conv" in name.lower() for name in head)  # the trunk is quantized, the heads not
+    write_image_folder(tmp_path / "imgs", per_class=2, size=SIZE)
+    out = quantize_model(path, tmp_path / "int8.onnx", scan_image_folder(tmp_path / "imgs"))
+    proto = onnx.load(str(out))
+    assert [o.name for o in proto.graph.output] == [LOGITS_NAME, FEATURES_NAME, OOD_NAME]
+    # No quantize/dequantize pair sits between the features and the OOD score's matrix product.
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(not inp.endswith("_DequantizeLinear_Output") for n in matmuls for inp in n.input)
+    score = session(out).run([OOD_NAME], {INPUT_NAME: exporter.parity_inputs(SIZE, 2, seed=4)})[0]
+    assert score.shape == (2,) and np.isfinite(score).all()
+
+
+def test_fp16_variant_of_a_model_with_an_ood_head_keeps_the_head_in_float32(trained_like_model, tmp_path) -> None:
+    from app.contract import OOD_NAME
+    from app.inference.model import ModelFile
+
+    path = exporter.export(trained_like_model, LABELS, PreprocessSpec(size=SIZE), tmp_path / "ood.onnx",
+                           ood=_ood_fit(trained_like_model))
+    half = exporter.float16_variant(path)
+    assert ModelFile.load(half).has_ood
+    proto = onnx.load(str(half))
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
+    inits = {i.name: i for i in proto.graph.initializer}
+    assert matmuls and all(inits[i].data_type == onnx.TensorProto.FLOAT for n in matmuls for i in n.input if i in inits)
+    x = exporter.parity_inputs(SIZE, 2, seed=6)
+    np.testing.assert_allclose(session(half).run([OOD_NAME], {INPUT_NAME: x})[0],
+                               session(path).run([OOD_NAME], {INPUT_NAME: x})[0], rtol=2e-2)

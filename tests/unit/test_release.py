@@ -74,3 +74,27 @@ def test_release_splits_add_figshare_train_and_val_rows_and_lgg_by_patient(tmp_p
     # lgg rows keep their patient split; the patient is the group, so no patient straddles splits.
     assert (rows[4]["split"], rows[4]["group"]) == ("train", "lgg-P1")
     assert (rows[5]["split"], rows[5]["group"]) == ("test", "lgg-P2")
+
+
+def test_threshold_keeps_every_source_at_its_own_sensitivity_floor(tmp_path):
+    from release import source_of
+
+    path = tmp_path / "predictions.csv"
+    rows = [  # (path, label, p_notumor): 4-class tumours are confident, lgg gliomas less so
+        ("../shared/data/brain-mri-4class/a.jpg", "glioma", 0.05),
+        ("../shared/data/brain-mri-4class/b.jpg", "pituitary", 0.10),
+        ("../shared/data/brain-mri-4class/c.jpg", "notumor", 0.97),
+        ("../shared/data/lgg-tcga-flair/images/glioma/d.png", "glioma", 0.60),
+        ("../shared/data/lgg-tcga-flair/images/glioma/e.png", "glioma", 0.20),
+        ("../shared/data/lgg-tcga-flair/images/notumor/f.png", "notumor", 0.90),
+    ]
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "predicted", "p_glioma", "p_meningioma", "p_notumor", "p_pituitary"])
+        for name, label, p_no in rows:
+            w.writerow([name, label, label, 1 - p_no, 0, p_no, 0])
+    floors = {"lgg-tcga-flair/": 0.99, "": 0.998}
+    assert source_of(rows[3][0], floors) == "lgg-tcga-flair/" and source_of(rows[0][0], floors) == ""
+    # 4-class alone allows 0.9 (capped at 0.5); lgg needs 0.4 to keep both of its gliomas.
+    assert threshold_from_predictions(path, floors) == pytest.approx(0.4)
+    assert threshold_from_predictions(path, {"": 0.5}) == pytest.approx(0.5)

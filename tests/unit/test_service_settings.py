@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from app.settings import DEFAULT_MODEL_PATH, Settings
+from app.settings import DEFAULT_MODEL_PATH, InvalidSettings, Settings, env_name, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,9 +57,28 @@ def test_main_explains_a_missing_model(tmp_path):
     assert "no model file" in proc.stderr and "BTD_MODEL_PATH" in proc.stderr and "model_factory" in proc.stderr
 
 
-def test_main_rejects_invalid_settings():
+def test_invalid_settings_are_named_by_their_variables(monkeypatch):
+    monkeypatch.setenv("BTD_MAX_BATCH_SIZE", "eight")
+    monkeypatch.setenv("BTD_PROVIDERS", "cuda")
+    with pytest.raises(InvalidSettings) as caught:
+        load_settings()
+    providers, batch = str(caught.value).splitlines()  # in the order the settings are declared
+    assert batch.startswith("BTD_MAX_BATCH_SIZE='eight': ") and "valid integer" in batch
+    assert providers == "BTD_PROVIDERS='cuda': not an execution provider name: cuda (e.g. " \
+        "TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider)"
+
+
+def test_every_setting_is_named_by_its_variable():
+    assert env_name("max_batch_size") == "BTD_MAX_BATCH_SIZE"
+    for field in Settings.model_fields:
+        assert env_name(field) == f"BTD_{field.upper()}"
+
+
+def test_main_rejects_invalid_settings_naming_the_variable():
     proc = _run_app({"BTD_MAX_WAIT_MS": "-1"})
-    assert proc.returncode == 2 and "max_wait_ms" in proc.stderr
+    assert proc.returncode == 2
+    assert "BTD_MAX_WAIT_MS='-1': Input should be greater than or equal to 0" in proc.stderr
+    assert "max_wait_ms" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_settings_become_the_cores_options_in_one_place(monkeypatch):

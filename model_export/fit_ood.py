@@ -1,0 +1,77 @@
+"""``btd fit-ood``: fit the out-of-distribution score (``model_export.ood``) for a checkpoint and store
+it in the checkpoint, so ``btd export`` puts it into the graph.
+
+Features come from the checkpoint itself in float32, on the images exactly as the service sees
+them (the contract's ``preprocess``, no augmentation): the fit on the training split, the threshold
+on the validation split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from app.contract import PreprocessSpec
+from model_export import ood
+from model_export.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
+from model_export.data import Sample, limit_per_class, load_samples, select
+from model_export.datasets import SliceDataset
+from model_export.resnet import ResNet50
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitOodConfig:
+    checkpoint: Path
+    data: Path
+    split_file: Path | None = None
+    components: int = ood.DEFAULT_COMPONENTS
+    quantile: float = ood.DEFAULT_QUANTILE
+    batch_size: int = 16
+    threads: int = 0
+    limit_per_class: int = 0
+    seed: int = 0
+    columns: dict[str, str] = field(default_factory=dict)
+
+
+def pooled_features(model: ResNet50, samples: Sequence[Sample], labels: Sequence[str], spec: PreprocessSpec,
+                    batch_size: int = 16, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """([N, 2048] global-average-pooled layer4 features, [N] targets), float32, no augmentation."""
+    loader = DataLoader(SliceDataset(samples, labels, spec, None), batch_size=batch_size, shuffle=False)
+    pooled, targets = [], []
+    model.eval()
+    with torch.inference_mode():
+        for x, y in tqdm(loader, desc=desc, unit="batch", leave=False):
+            _, features = model(x)
+            pooled.append(features.mean(dim=(2, 3)).numpy())
+            targets.append(y.numpy())
+    return np.concatenate(pooled), np.concatenate(targets)
+
+
+def main(config: FitOodConfig) -> ood.OodFit:
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    ckpt = read_checkpoint(config.checkpoint)
+    model, labels, spec = model_from_checkpoint(ckpt)
+    samples = load_samples(config.data, config.split_file, seed=config.seed, **config.columns)
+    samples = limit_per_class(samples, config.limit_per_class, config.seed)
+    train, val = select(samples, "train"), select(samples, "val")
+    if not train or not val:
+        raise ValueError("fit-ood needs images in the train and val splits")
+    x_train, y_train = pooled_features(model, train, labels, spec, config.batch_size, "train features")
+    x_val, _ = pooled_features(model, val, labels, spec, config.batch_size, "val features")
+    fitted = ood.calibrate(ood.fit(x_train, y_train, config.components), x_val, config.quantile)
+    ckpt["ood"] = fitted.to_state()
+    save_checkpoint(config.checkpoint, ckpt)
+    log.info("OOD score fitted on %d train images (%d components); threshold %.2f = the %.3f quantile of %d "
+             "val images; stored in %s", len(x_train), fitted.projection.shape[1], fitted.threshold,
+             config.quantile, len(x_val), config.checkpoint)
+    return fitted
