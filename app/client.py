@@ -310,7 +310,7 @@ def write_table(outcomes: Sequence[Outcome], out: TextIO) -> None:
         if not o.ok:
             rows.append([s["file"], "FAILED", "", "", "", "", s["error"]])
         elif s["warning"]:  # out of distribution: the warning instead of a finding
-            rows.append([s["file"], "NOT ASSESSED", "", "", "", fmt_number(s["total_ms"], 1),
+            rows.append([s["file"], "NOT ASSESSED", "-", "-", "-", fmt_number(s["total_ms"], 1),
                          " ".join(filter(None, [s["warning"], s["cam_file"]]))])
         else:
             rows.append([s["file"], s["label"], fmt_number(s["probability"]), fmt_number(s["tumour_probability"]),

@@ -132,9 +132,9 @@ def test_probes_while_loading_are_a_state_not_errors(model_path, monkeypatch, ca
     release = threading.Event()
     original = InferenceService.load
 
-    def slow_load(settings):
+    def slow_load(*args):
         release.wait(10)
-        return original(settings)
+        return original(*args)
 
     monkeypatch.setattr(InferenceService, "load", staticmethod(slow_load))
     with running_app(model_path, ready=False) as client:
