@@ -299,6 +299,7 @@ def float16_variant(source: Path, out: Path | None = None) -> Path:
     out = Path(out) if out is not None else variant_path(source, "fp16")
     proto = weights_to_fp32(read_proto(source))
     graph = proto.graph
+    heads = head_node_names(graph)  # the classifier and the OOD head, kept float32
     # An output that is also read inside the graph (``features`` feeds the pooling) would be cast
     # back to float32 before its readers: give each output its own Identity at the end instead.
     outputs = {o.name for o in graph.output}
@@ -309,7 +310,7 @@ def float16_variant(source: Path, out: Path | None = None) -> Path:
     with warnings.catch_warnings():  # "the float32 number ... will be truncated": tiny weights, expected
         warnings.simplefilter("ignore", UserWarning)
         half = float16.convert_float_to_float16(proto, keep_io_types=True,
-                                                node_block_list=head_node_names(graph))
+                                                node_block_list=heads)
     helper.set_model_props(half, {**{p.key: p.value for p in proto.metadata_props},
                                   "btd.precision": json.dumps({"compute": "float16", "source": Path(source).name})})
     onnx.checker.check_model(half)

@@ -9,7 +9,7 @@ CAM images (``pipeline.render_cam_png``), off the event loop.
 - ``ThreadHost``: threads in the server process (OpenCV releases the GIL while decoding); no
   isolation, no copying of images between processes.
 
-The README's "Host work across cores" says why one server process feeds one model owner.
+The README's "The inference engine" says why one server process feeds one model owner.
 """
 
 from __future__ import annotations

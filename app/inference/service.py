@@ -33,7 +33,7 @@ class ServiceOptions:
 
 def auto_host_workers(on_gpu: bool) -> int:
     """Host worker processes when not set: on a GPU node every core but one (the event loop's);
-    on the CPU none (threads): the model needs the cores there (README, "Host work across cores")."""
+    on the CPU none (threads): the model needs the cores there (README, "The inference engine")."""
     return max(1, available_cpus() - 1) if on_gpu else 0
 
 
