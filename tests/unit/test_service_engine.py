@@ -61,26 +61,37 @@ def tensor(value: float) -> np.ndarray:
 def test_only_bucket_shapes_reach_the_session_under_random_concurrent_load():
     engine, session = fake_engine()
     rng = random.Random(0)
+    real_sizes: list[int] = []
 
-    async def client(batcher: MicroBatcher, i: int):
-        await asyncio.sleep(rng.uniform(0, 0.05))
+    def infer(tensors, features):
+        real_sizes.append(len(tensors))
+        return engine.infer(tensors, features)
+
+    async def client(batcher: MicroBatcher, i: int, delay: float):
+        await asyncio.sleep(delay)
         return i, await batcher.submit(tensor(i + 1), features=rng.random() < 0.5)
 
     async def main():
-        batcher = MicroBatcher(engine.infer, max_batch_size=8, max_wait_s=0.002)
+        batcher = MicroBatcher(infer, max_batch_size=8, max_wait_s=0.002)
         batcher.start()
-        results = await asyncio.gather(*(client(batcher, i) for i in range(300)))
+        # Concurrent clients in random bursts of 1-12 (a burst above 8 spills into the next batch),
+        # the bursts apart by more than the batcher's wait, so batches of every size form.
+        jobs, start, i = [], 0.0, 0
+        while i < 300:
+            burst = rng.randint(1, 12)
+            jobs += [client(batcher, i + k, start + rng.uniform(0, 0.001)) for k in range(burst)]
+            i, start = i + burst, start + 0.03
+        results = await asyncio.gather(*jobs)
         await batcher.close(2)
         return results
 
     results = asyncio.run(main())
-    sizes = {shape[0] for shape in session.shapes}
-    assert sizes <= {1, 2, 4, 8} and len(sizes) > 1  # random load made several bucket sizes, nothing else
+    assert {shape[0] for shape in session.shapes} <= {1, 2, 4, 8}  # nothing but bucket shapes
     assert all(shape[1:] == (3, SIZE, SIZE) for shape in session.shapes)
-    assert sum(r.batch_size for _, r in results) >= len(results)
+    assert set(real_sizes) - {1, 2, 4, 8}, real_sizes  # the load did make batches that needed padding
+    assert sum(real_sizes) == len(results) >= 300
     for i, output in results:  # each result is its own image's, never a padding row's
         np.testing.assert_allclose(output.logits, [(c + 1) * (i + 1) for c in range(len(LABELS))], rtol=1e-6)
-    assert len(results) == 300
 
 
 def test_padding_rows_are_zeros_and_are_dropped():
