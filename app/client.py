@@ -54,6 +54,7 @@ class Outcome:
     result: Prediction | None = None
     error: str | None = None
     cam_file: str | None = None
+    dicom_files: list[str] | None = None
 
     @property
     def ok(self) -> bool:
@@ -223,6 +224,31 @@ class CamWriter:
         return str(target)
 
 
+class DicomWriter:
+    """Writes each DICOM input's result objects (``<name>.sr.dcm``, ``<name>.cam.dcm``: the SR and the CAM
+    overlay, referencing the input) into one folder, named as :class:`CamWriter` names its PNGs."""
+
+    def __init__(self, folder: Path, files: Sequence[Path]) -> None:
+        self.folder = folder
+        self.stems = {path: name.removesuffix(".cam.png") for path, name in CamWriter(folder, files).names.items()}
+
+    def write(self, path: Path, result: Prediction) -> list[str]:
+        from app.pacs.finding import finding_from_result
+        from app.pacs.results import build_results, encode, read_source
+
+        data = path.read_bytes()
+        if sniff(data[:SIGNATURE_BYTES]) != "application/dicom":
+            return []  # DICOM results copy and reference a DICOM source
+        datasets = build_results(read_source(data), finding_from_result(result.to_dict()))  # InvalidImage: the caller's
+        self.folder.mkdir(parents=True, exist_ok=True)
+        written = []
+        for ds, suffix in zip(datasets, (".sr.dcm", ".cam.dcm")):
+            target = self.folder / f"{self.stems[path]}{suffix}"
+            target.write_bytes(encode(ds))
+            written.append(str(target))
+        return written
+
+
 def without_images(result: Prediction) -> Prediction:
     """The result without its (large) base64 PNGs, so thousands of results fit in memory."""
     if not isinstance(result.cam, CamPng):
@@ -241,20 +267,25 @@ def result_record(result: Prediction | None) -> dict[str, Any] | None:
 
 
 def classify_all(files: Sequence[Path], classify: Classify, *, jobs: int, progress: bool,
-                 cams: CamWriter | None = None) -> list[Outcome]:
-    """Classify every file (in parallel threads when jobs > 1), writing CAM overlays as results
-    arrive; outcomes in input order."""
+                 cams: CamWriter | None = None, dicoms: DicomWriter | None = None) -> list[Outcome]:
+    """Classify every file (in parallel threads when jobs > 1), writing CAM overlays (and DICOM results)
+    as results arrive; outcomes in input order."""
     from tqdm import tqdm
+
+    from app.errors import ServiceError
 
     def one(path: Path) -> Outcome:
         try:
             result = classify(path)
             cam_file = cams.write(path, result.cam) if cams and isinstance(result.cam, CamPng) else None
+            dicom_files = dicoms.write(path, result) if dicoms else None
         except FileFailed as exc:
             return Outcome(str(path), error=str(exc))
+        except ServiceError as exc:
+            return Outcome(str(path), error=f"{exc.title}: {exc.detail}")
         except OSError as exc:
             return Outcome(str(path), error=f"cannot read or write a file: {exc.strerror or exc}")
-        return Outcome(str(path), result=without_images(result), cam_file=cam_file)
+        return Outcome(str(path), result=without_images(result), cam_file=cam_file, dicom_files=dicom_files)
 
     bar = tqdm(total=len(files), unit="image", file=sys.stderr, disable=not progress, desc="btd predict")
     with bar:
@@ -337,7 +368,7 @@ def write_csv(outcomes: Sequence[Outcome], out: TextIO, labels: Sequence[str]) -
 def json_record(outcome: Outcome) -> dict[str, Any]:
     """The response (without base64 images) and where the CAM overlay was written."""
     return {"file": outcome.path, "ok": outcome.ok, "result": result_record(outcome.result), "cam_file": outcome.cam_file,
-            "error": outcome.error}
+            "dicom_files": outcome.dicom_files, "error": outcome.error}
 
 
 def write_output(outcomes: Sequence[Outcome], fmt: str, out: TextIO) -> None:
@@ -358,7 +389,7 @@ def predict_files(args: argparse.Namespace) -> list[Outcome]:
     files, missing = collect_inputs(args.paths)
     if not files and not missing:
         raise Unusable("no image files found in the given paths")
-    cam = "png" if args.cam_dir else "none"
+    cam = "png" if args.cam_dir or args.dicom_dir else "none"
     if args.url:
         classify, model, close = remote_classifier(args.url, cam, args.timeout)
         jobs, where = args.jobs, args.url
@@ -375,8 +406,9 @@ def predict_files(args: argparse.Namespace) -> list[Outcome]:
         about = f"model {model['name']} {model['version']} on {where}"
         print(f"btd predict: {len(files)} files, {about}", file=sys.stderr)
     cams = CamWriter(Path(args.cam_dir), files) if args.cam_dir else None
+    dicoms = DicomWriter(Path(args.dicom_dir), files) if args.dicom_dir else None
     try:
-        outcomes = classify_all(files, classify, jobs=jobs, progress=not args.no_progress, cams=cams)
+        outcomes = classify_all(files, classify, jobs=jobs, progress=not args.no_progress, cams=cams, dicoms=dicoms)
     finally:
         close()
     return missing + outcomes
@@ -439,6 +471,8 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     add("--format", choices=FORMATS, default="table", help="output format (default: table)")
     add("-o", "--output", metavar="FILE", help="write the output to FILE instead of stdout")
     add("--cam-dir", metavar="DIR", help="write each image's CAM overlay as DIR/<name>.cam.png")
+    add("--dicom-dir", metavar="DIR", help="for each DICOM input, write its DICOM results: DIR/<name>.sr.dcm "
+        "(Comprehensive SR) and DIR/<name>.cam.dcm (CAM overlay, Secondary Capture), referencing the input")
     add("--jobs", type=positive_int, default=4, help="parallel requests in --url mode (default: 4)")
     add("--timeout", type=float, default=60.0, help="seconds per request in --url mode (default: 60)")
     add("--no-progress", action="store_true", help="no progress bar on stderr")

@@ -47,3 +47,21 @@ class InvalidRequest(ServiceError):
     """The request is well-formed HTTP but not what the operation expects (e.g. no ``file`` field)."""
 
     status, title, slug = 422, "Validation error", "validation-error"
+
+
+class NotAcceptable(ServiceError):
+    """The client asked for a representation this input cannot have (DICOM results of a PNG)."""
+
+    status, title, slug = 406, "Not acceptable", "not-acceptable"
+
+
+class ModelNotFound(ServiceError):
+    """An Open Inference Protocol path names a model (or version) this server does not serve."""
+
+    status, title, slug = 404, "Model not found", "model-not-found"
+
+
+class InvalidTensor(ServiceError):
+    """An Open Inference Protocol request whose tensors do not fit the model (name, type, shape, data)."""
+
+    status, title, slug = 400, "Invalid tensor", "invalid-tensor"

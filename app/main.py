@@ -21,6 +21,8 @@ from app import metrics
 from app.api.middleware import RequestContextMiddleware
 from app.api.problems import install_problem_handlers
 from app.api.routes import router
+from app.api.v2 import router as v2_router
+from app.api.v2_schemas import InferRequest
 from app.api.schemas import Problem
 from app.inference.service import InferenceService
 from app.settings import Settings
@@ -110,6 +112,7 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
     install_problem_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(router)
+    app.include_router(v2_router)
     if importlib.util.find_spec("app.web") is not None:  # the clinician page and /docs (web engineer)
         from app.web import router as web_router
 
@@ -123,7 +126,10 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     if app.openapi_schema is None:
         spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-        problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.setdefault("Problem", problem)
+        for model in (Problem, InferRequest):  # bodies the routes parse by hand, referred to by name
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in schema.pop("$defs", {}).items():
+                schemas.setdefault(name, sub)
+            schemas.setdefault(model.__name__, schema)
         app.openapi_schema = spec
     return app.openapi_schema

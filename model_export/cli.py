@@ -236,13 +236,22 @@ def _register_predict(sub) -> None:
     add_predict_parser(sub)
 
 
+def _register_pacs(sub) -> None:
+    """``btd dicom-listen`` and ``btd dicomweb`` live in app.pacs (service side, no torch)."""
+    try:
+        from app.pacs.cli import add_pacs_parsers
+    except ImportError:
+        return
+    add_pacs_parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="btd", description="Brain-MRI tumour classification: train, "
                                      "evaluate, export and quantize a ResNet-50, and run predictions.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     builders: Sequence[Callable] = (_train_parser, _evaluate_parser, _fit_ood_parser, _export_parser,
-                                    _quantize_parser, _register_predict)
+                                    _quantize_parser, _register_predict, _register_pacs)
     for build in builders:
         build(sub)
     return parser

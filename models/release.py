@@ -44,7 +44,7 @@ SENSITIVITY_FLOORS = {"lgg-tcga-flair/": 0.99, "": MIN_VAL_SENSITIVITY}
 # layer3, layer4 and head trained on freshly augmented images every epoch (no feature cache), in
 # bfloat16 autocast with channels_last: on our CPU that is ~17 img/s, about 7 minutes an epoch.
 TRAIN_ARGS = ["--freeze", "layer3", "--feature-cache", "off", "--amp", "on", "--channels-last", "on",
-              "--epochs", "12", "--patience", "4", "--lr", "5e-4", "--threads", "2", "--workers", "1", "--seed", "0"]
+              "--epochs", "12", "--patience", "8", "--lr", "5e-4", "--threads", "2", "--workers", "1", "--seed", "0"]
 FIGSHARE_COLUMNS = ["--path-column", "image", "--split-column", "in_4class_splits"]
 
 

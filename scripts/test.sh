@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 # System packages the tests drive for real (browser tests, PACS, Prometheus tooling).
 APT_PACKAGES=(chromium
   podman runc debootstrap  # tests/deploy/test_image_build.py builds and runs the CPU image
+  orthanc orthanc-dicomweb dicom3tools  # tests/pacs: a real PACS, and dciodvfy for the DICOM results
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -14,7 +15,13 @@ for pkg in "${APT_PACKAGES[@]}"; do
 done
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
+    # The tests start their own Orthanc; the package's system service must not start (policy-rc.d 101).
+    policy_added=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && policy_added=1
+    fi
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    [ -z "$policy_added" ] || rm -f /usr/sbin/policy-rc.d
   else
     echo "note: missing system packages (${missing[*]}); tests that need them will skip" >&2
   fi

@@ -15,7 +15,7 @@ from app.api.problems import internal_error_response, problem_of, problem_respon
 from app.errors import PayloadTooLarge
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-UNTRACKED_PATHS = ("/metrics", "/livez", "/readyz")  # not counted as in-flight work
+UNTRACKED_PATHS = ("/metrics", "/livez", "/readyz", "/v2/health/live", "/v2/health/ready")  # not in-flight work
 
 
 def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:

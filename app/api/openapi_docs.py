@@ -32,11 +32,20 @@ _COMMON = {
 }
 
 PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "the prediction", "headers": {
-        **REQUEST_ID_HEADER,
-        "Server-Timing": {"description": "decode, preprocess, queue, infer, cam, total (ms)",
-                          "schema": {"type": "string"}}}},
-    400: problem("invalid-image: empty, truncated or corrupt image data; bad-request: malformed multipart body"),
+    200: {"description": "the prediction: JSON; or, for a DICOM input with format=dicom or a DICOM Accept header, "
+                         "its result objects (DICOM Part 10): a Comprehensive SR (TID 1500) and the CAM overlay "
+                         "(Secondary Capture) as multipart/related, or the SR alone as application/dicom",
+          "headers": {
+              **REQUEST_ID_HEADER,
+              "Server-Timing": {"description": "decode, preprocess, queue, infer, cam, total (ms)",
+                                "schema": {"type": "string"}}},
+          "content": {
+              "multipart/related": {"schema": {**BINARY, "description": 'type="application/dicom": one part per '
+                                                                      "object, the SR first"}},
+              "application/dicom": {"schema": {**BINARY, "description": "the SR"}}}},
+    400: problem("invalid-image: empty, truncated or corrupt image data, or a DICOM without the UIDs its results "
+                 "must reference; bad-request: malformed multipart body"),
+    406: problem("not-acceptable: DICOM results asked for a PNG or JPEG input (they need a DICOM source)"),
     **_COMMON,
     504: problem("timeout: processing took longer than BTD_REQUEST_TIMEOUT_S"),
 }
@@ -77,4 +86,40 @@ BATCH_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
         "files": {"type": "array", "items": BINARY, "description": "one part per image (BTD_MAX_BATCH_FILES at most)"},
     }}},
+}}}
+
+# ---------------------------------------------------------------- Open Inference Protocol (KServe v2)
+
+_V2_ERROR = " (problem+json; its 'error' member is the protocol's error message)"
+V2_MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: problem("model-not-found: this server serves another model or version" + _V2_ERROR),
+    422: problem("validation-error: a malformed path parameter" + _V2_ERROR),
+    503: problem("model-not-ready: the model is not loaded, checked and warmed up yet, or the server is draining"
+                 + _V2_ERROR),
+}
+
+V2_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "logits and calibrated probabilities [N, C] (class order: the model metadata's labels); "
+                         "with the binary tensor extension the JSON header is followed by the raw tensors",
+          "headers": {**REQUEST_ID_HEADER,
+                      "Inference-Header-Content-Length": {"description": "binary tensor extension: length of the "
+                                                          "JSON header", "schema": {"type": "integer"}}},
+          "content": {"application/octet-stream": {"schema": {**BINARY, "description": "JSON header, then tensors"}}}},
+    400: problem("invalid-tensor: unknown input or output, wrong datatype or shape, data that does not fill the "
+                 "shape, non-finite values; invalid-image: an image_bytes element is not a readable image"
+                 + _V2_ERROR),
+    404: V2_MODEL_RESPONSES[404],
+    413: problem("payload-too-large: body over BTD_MAX_BODY_BYTES or image over BTD_MAX_PIXELS" + _V2_ERROR),
+    415: problem("unsupported-media-type: an image_bytes element is not PNG, JPEG or DICOM" + _V2_ERROR),
+    422: problem("validation-error: the body is not an inference request; no-pixel-data: a DICOM without pixels"
+                 + _V2_ERROR),
+    503: problem("model-not-ready or overloaded (Retry-After)" + _V2_ERROR, **{"Retry-After": RETRY_AFTER}),
+    504: problem("timeout: processing took longer than BTD_REQUEST_TIMEOUT_S" + _V2_ERROR),
+}
+
+V2_INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}},
+    "application/octet-stream": {"schema": {**BINARY, "description": "binary tensor extension: the JSON request "
+                                            "(Inference-Header-Content-Length bytes), then each input's "
+                                            "parameters.binary_data_size bytes in order"}},
 }}}

@@ -24,8 +24,13 @@ def request_id_of(request: Request) -> str:
     return getattr(request.state, "request_id", "") or ""
 
 
+V2_PREFIX = "/v2"  # Open Inference Protocol clients read the message from an "error" member
+
+
 def problem_body(status: int, slug: str, title: str, detail: str, instance: str, request_id: str,
                  **extra) -> dict:
+    if instance == V2_PREFIX or instance.startswith(V2_PREFIX + "/"):
+        extra.setdefault("error", detail)
     return {"type": f"/problems/{slug}", "title": title, "status": status, "detail": detail,
             "instance": instance, "request_id": request_id, **extra}
 

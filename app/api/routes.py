@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import metrics
 from app.api import openapi_docs as docs
+from app.api.dicom import ResultFormat, dicom_objects_wanted, dicom_response
 from app.api.problems import problem_of, problem_response, request_id_of
 from app.api.schemas import BatchResponse, Health, ModelDescription, PredictResponse
 from app.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
@@ -25,6 +26,10 @@ from app.settings import Settings
 router = APIRouter()
 
 CAM_QUERY = Query("none", description="class activation map: none, png (images, base64) or grid (numbers)")
+FORMAT_QUERY = Query("json", alias="format", description="json, or dicom: a DICOM input's result objects (a Comprehensive SR and "
+                     "the CAM overlay as Secondary Capture) as multipart/related; the same as "
+                     'Accept: multipart/related; type="application/dicom". Accept: application/dicom gives the SR '
+                     "alone")
 SERVER_TIMING = (*metrics.STAGES.items(), ("total", "total"))  # (metric name, timings_ms key)
 
 
@@ -84,9 +89,14 @@ def _server_timing(timings: Timings) -> str:
 
 @router.post("/v1/predict", operation_id="predict", summary="Classify one slice (PNG, JPEG or DICOM)",
              response_model=PredictResponse, responses=docs.PREDICT_RESPONSES, openapi_extra=docs.PREDICT_BODY)
-async def predict(request: Request, cam: CamMode = CAM_QUERY,
+async def predict(request: Request, cam: CamMode = CAM_QUERY, result_format: ResultFormat = FORMAT_QUERY,
                   service: InferenceService = Depends(get_service)) -> Response:
     data, media_type = await read_single_image(request)
+    objects = dicom_objects_wanted(result_format, request.headers.get("accept"))
+    if objects is not None:
+        dicom, timings = await dicom_response(service, data, media_type, objects)
+        dicom.headers["Server-Timing"] = _server_timing(timings)
+        return dicom
     result = await service.predict(data, media_type, cam)
     # Serialised straight from the typed result (response_model documents it; the API tests check
     # every answer against the committed spec).

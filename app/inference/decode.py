@@ -355,3 +355,6 @@ def _window(ds) -> tuple[float, float, str] | None:
     if (function == "LINEAR" and width <= 1) or width <= 0:
         return None
     return center, width, function
+
+
+quiet_pydicom = _quiet_pydicom  # for other readers of DICOM headers (app.pacs)

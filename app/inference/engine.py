@@ -97,10 +97,10 @@ class Engine:
     def prepare(self, data: bytes, media_type: str | None, cam: str = "none") -> Prepared:
         return prepare(data, media_type, self.prepare_options, cam == "png")
 
-    def infer_prepared(self, prepared: Sequence[Prepared], features: Sequence[bool]) -> list[ModelOutput]:
-        """``infer`` on prepared requests: their input tensors are made here, where the batch is
-        assembled (host workers send the smaller model-size image)."""
-        return self.infer([p.tensor for p in prepared], features)
+    def infer_prepared(self, prepared: Sequence[Prepared | np.ndarray], features: Sequence[bool]) -> list[ModelOutput]:
+        """``infer`` on prepared requests (or ready input tensors): their input tensors are made here,
+        where the batch is assembled (host workers send the smaller model-size image)."""
+        return self.infer([p if isinstance(p, np.ndarray) else p.tensor for p in prepared], features)
 
     def infer(self, tensors: Sequence[np.ndarray], features: Sequence[bool]) -> list[ModelOutput]:
         """One batch through the model; ``features[i]``: image i wants a CAM (the features output is

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from app import metrics
 from app.errors import InferenceTimeout
@@ -102,6 +105,28 @@ class InferenceService:
                                              prepared.framing, prepared.image_size)
             cam_ms = ms_since(cam_start)
         return engine.finish(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms)
+
+    async def infer_logits(self, inputs: Sequence[np.ndarray | bytes]) -> np.ndarray:
+        """Model inputs ``[channels, size, size]`` (or image bytes, prepared as ``predict`` does) -> raw
+        logits ``[N, C]``, through the micro-batcher: the same admission, queue and timeout as ``predict``."""
+        timeout = self.options.request_timeout_s
+        try:
+            return await asyncio.wait_for(self._infer_logits(inputs), timeout)
+        except asyncio.TimeoutError:
+            raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
+
+    async def _infer_logits(self, inputs: Sequence[np.ndarray | bytes]) -> np.ndarray:
+        async def one(item: np.ndarray | bytes) -> np.ndarray:
+            ticket = self.admission.admit()
+            try:
+                model_input = item if isinstance(item, np.ndarray) else await self.host.run(
+                    prepare, item, None, self.engine.prepare_options)
+                out = await self.batcher.submit(model_input, False, on_start=lambda: self.admission.stop_waiting(ticket))
+            finally:
+                self.admission.stop_waiting(ticket)
+            return out.logits
+
+        return np.stack(await asyncio.gather(*(one(item) for item in inputs)))
 
     def refuse_if_full(self) -> None:
         """``Overloaded`` (503 with Retry-After) at once when a new request would be refused: for a

@@ -22,7 +22,7 @@ ALLOWED = {
     "model_export": PROJECT["dependencies"] + EXTRAS["cpu"] + EXTRAS["train"],
 }
 # Imported through a declared dependency that exposes it as part of its own API.
-PROVIDED_BY = {"starlette": "fastapi"}
+PROVIDED_BY = {"starlette": "fastapi", "requests": "dicomweb-client"}  # dicomweb-client raises requests' errors
 
 
 def normalise(name: str) -> str:

@@ -1,0 +1,59 @@
+"""Checks shared by the DICOM result tests: dciodvfy (Debian dicom3tools) and a sentinel patient."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+SENTINEL_NAME = "SENTINEL^PATIENTNAME"
+SENTINEL_ID = "SENTINEL-ID-4711"
+
+
+def dciodvfy_errors(data: bytes) -> list[str]:
+    """The ``Error`` lines dciodvfy prints for a Part 10 file (warnings are allowed)."""
+    tool = shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy not installed (Debian package dicom3tools; scripts/test.sh installs it)")
+    with tempfile.NamedTemporaryFile(suffix=".dcm") as f:
+        f.write(data)
+        f.flush()
+        out = subprocess.run([tool, f.name], capture_output=True, text=True, timeout=60, check=False)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def mr_slice(name: str = "MR_small.dcm", *, study_uid: str | None = None, series_uid: str | None = None,
+             sop_uid: str | None = None, number: int | None = None) -> bytes:
+    """A real MR slice from pydicom's test data, given the sentinel patient (and new UIDs when asked)."""
+    ds = pydicom.dcmread(get_testdata_file(name))
+    ds.PatientName, ds.PatientID = SENTINEL_NAME, SENTINEL_ID
+    for keyword, value in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
+                           ("SOPInstanceUID", sop_uid)):
+        if value:
+            setattr(ds, keyword, value)
+    if sop_uid:
+        ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    if number is not None:
+        ds.InstanceNumber = number
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def read(data: bytes) -> pydicom.Dataset:
+    return pydicom.dcmread(io.BytesIO(data))
+
+
+def assert_no_sentinel(*texts: str) -> None:
+    for text in texts:
+        assert SENTINEL_NAME not in text and "SENTINEL" not in text.upper(), "patient data in a log"
+
+
+def log_text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""

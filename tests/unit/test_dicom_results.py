@@ -1,0 +1,158 @@
+"""DICOM results (app.pacs.results): what the SR and the CAM overlay say, what they reference, that
+dciodvfy accepts them and pydicom reads them back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+
+from app.errors import InvalidImage
+from app.inference.predictor import Predictor
+from app.pacs.finding import Finding, ModelIdentity, finding_from_result
+from app.pacs.multipart import decode_related, encode_related
+from app.pacs.processing import sr_summary
+from app.pacs.results import build_results, encode, patient_orientation, read_source
+from tests.model_factory import build_model
+from tests.pacs.dicom_checks import SENTINEL_ID, SENTINEL_NAME, dciodvfy_errors, mr_slice, read
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory) -> Predictor:
+    return Predictor.load(build_model(tmp_path_factory.mktemp("m") / "m.onnx"))
+
+
+@pytest.fixture(scope="module")
+def slice_and_result(predictor):
+    data = mr_slice()
+    return data, predictor.predict(data, cam="png")
+
+
+def _items(ds: Dataset) -> list[Dataset]:
+    out, stack = [], list(ds.ContentSequence)
+    while stack:
+        item = stack.pop()
+        out.append(item)
+        stack.extend(item.get("ContentSequence", []))
+    return out
+
+
+def _nums(sr: Dataset) -> dict[str, float]:
+    return {i.ConceptNameCodeSequence[0].CodeMeaning: float(i.MeasuredValueSequence[0].NumericValue)
+            for i in _items(sr) if i.ValueType == "NUM"}
+
+
+def _texts(sr: Dataset) -> list[str]:
+    return [str(i.TextValue) for i in _items(sr) if i.ValueType == "TEXT"]
+
+
+def test_results_reference_the_source_and_copy_patient_and_study(slice_and_result):
+    data, result = slice_and_result
+    source = read(data)
+    sr_bytes, sc_bytes = (encode(ds) for ds in build_results(read_source(data), finding_from_result(result)))
+    sr, sc = read(sr_bytes), read(sc_bytes)
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33" and sr.Modality == "SR"  # Comprehensive SR
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    for ds in (sr, sc):
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert (ds.PatientName, ds.PatientID) == (SENTINEL_NAME, SENTINEL_ID)
+        assert ds.SOPInstanceUID != source.SOPInstanceUID and ds.SeriesInstanceUID != source.SeriesInstanceUID
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    assert evidence.SeriesInstanceUID == source.SeriesInstanceUID
+    assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    images = [i for i in _items(sr) if i.ValueType == "IMAGE"]
+    assert [i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in images] == [source.SOPInstanceUID]
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+
+
+def test_sr_holds_finding_probabilities_decision_model_and_wording(slice_and_result):
+    data, result = slice_and_result
+    sr = build_results(read_source(data), finding_from_result(result))[0]
+    nums = _nums(sr)
+    for label, p in result["probabilities"].items():
+        assert nums[f"Probability of {label}"] == pytest.approx(p, abs=1e-6)
+    assert nums["Tumour probability (1 - p(notumor))"] == pytest.approx(result["tumour_probability"], abs=1e-6)
+    assert nums["Tumour decision threshold"] == pytest.approx(result["threshold"])
+    assert sr_summary(sr) == (result["label"], result["tumour_detected"])
+    texts = _texts(sr)
+    model = result["model"]
+    assert model["name"] in texts and model["version"] in texts
+    assert f"sha256={model['sha256']}" in texts
+    assert any("not a diagnosis" in t for t in texts)
+
+
+@pytest.mark.parametrize("name", ["MR_small.dcm", "MR2_UNCR.dcm"])  # axial; oblique (orientation "PL")
+def test_results_pass_dciodvfy_and_read_back(predictor, name):
+    data = mr_slice(name)
+    result = predictor.predict(data, cam="png")
+    for ds in build_results(read_source(data), finding_from_result(result)):
+        encoded = encode(ds)
+        assert dciodvfy_errors(encoded) == [], ds.SOPClassUID.name
+        back = read(encoded)
+        assert back.SOPInstanceUID == ds.SOPInstanceUID
+    sc = read(encode(build_results(read_source(data), finding_from_result(result))[1]))
+    assert list(sc.PatientOrientation) == list(patient_orientation(read(data)))
+    pixels = sc.pixel_array
+    assert pixels.ndim == 3 and pixels.shape[2] == 3 and max(pixels.shape[:2]) >= 512  # legible caption
+    assert "not a diagnosis" in str(sc.ImageComments)
+
+
+def test_uids_are_derived_so_a_resend_replaces(slice_and_result):
+    data, result = slice_and_result
+    finding = finding_from_result(result)
+    first = [ds.SOPInstanceUID for ds in build_results(read_source(data), finding)]
+    again = [ds.SOPInstanceUID for ds in build_results(read_source(data), finding)]
+    other = dict(result, threshold=0.3)
+    moved = [ds.SOPInstanceUID for ds in build_results(read_source(data), finding_from_result(other))]
+    assert first == again and not set(first) & set(moved)
+
+
+def test_out_of_distribution_sr_reports_no_finding():
+    finding = Finding(ModelIdentity("btd-resnet50", "1.2.0", "a" * 64), "glioma",
+                      {"glioma": 0.7, "meningioma": 0.1, "notumor": 0.1, "pituitary": 0.1}, 0.9, True, 0.5,
+                      in_distribution=False, ood_score=41.5, ood_threshold=30.0,
+                      overlay=np.zeros((64, 64, 3), np.uint8))
+    data = mr_slice()
+    sr, sc = build_results(read_source(data), finding)
+    nums, texts = _nums(sr), _texts(sr)
+    assert not any(name.startswith("Probability of") for name in nums)
+    assert "Tumour probability (1 - p(notumor))" not in nums
+    assert nums["Out-of-distribution score"] == pytest.approx(41.5)
+    assert sr_summary(sr) == ("No finding: input unlike the training data", None)
+    assert any("unlike the model's training data" in t and "no finding" in t for t in texts)
+    assert "no finding" in str(sc.ImageComments)
+    assert dciodvfy_errors(encode(sr)) == []
+
+
+def test_source_without_uids_is_refused_without_quoting_it():
+    ds = read(mr_slice())
+    del ds.SOPInstanceUID
+    import io
+
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    with pytest.raises(InvalidImage) as error:
+        read_source(buffer.getvalue())
+    assert "SOPInstanceUID" in error.value.detail and SENTINEL_NAME not in error.value.detail
+
+
+@pytest.mark.parametrize(("cosines", "expected"), [
+    ([1, 0, 0, 0, 1, 0], ("L", "P")),  # axial
+    ([0, 1, 0, 0, 0, -1], ("P", "F")),  # sagittal
+    ([0.57, 0.82, 0, 0, 0, -1], ("PL", "F")),  # oblique: main axis first
+])
+def test_patient_orientation_from_image_orientation(cosines, expected):
+    ds = Dataset()
+    ds.ImageOrientationPatient = cosines
+    assert patient_orientation(ds) == expected
+    assert patient_orientation(Dataset()) is None
+
+
+def test_multipart_related_round_trip():
+    parts = [b"\x00\r\n--not-a-boundary\r\n" * 3, bytes(range(256))]
+    body, content_type = encode_related(parts)
+    assert content_type.startswith('multipart/related; type="application/dicom"; boundary=')
+    assert [p for _, p in decode_related(body, content_type)] == parts
+    with pytest.raises(ValueError):
+        decode_related(body, "application/dicom")
