@@ -42,17 +42,15 @@ class AuditLog:
                                                    "name": "btd.audit"}))
 
     def prediction(self, *, request_id: str, key: str | None, client: str | None, route: str,
-                   index: int | None, status: int, result: dict[str, Any] | None = None,
-                   problem: str | None = None, model: dict[str, str] | None = None) -> None:
-        """One prediction's line: ``result`` is the response dict (200), ``problem`` the problem type slug."""
-        result = result or {}
-        self.write(
-            "prediction", request_id=request_id, key=key, client=client, route=route, index=index,
-            status=status, problem=problem, model=result.get("model", model),
-            label=result.get("label"), tumour_probability=result.get("tumour_probability"),
-            tumour_detected=result.get("tumour_detected"), threshold=result.get("threshold"),
-            timings_ms=result.get("timings_ms"),
-        )
+                   index: int | None, status: int, model: dict[str, str], problem: str | None = None,
+                   label: str | None = None, tumour_probability: float | None = None,
+                   tumour_detected: bool | None = None, threshold: float | None = None,
+                   in_distribution: bool | None = None, timings_ms: dict[str, float] | None = None) -> None:
+        """One prediction's line: the answer's fields (status 200) or the problem type slug."""
+        self.write("prediction", request_id=request_id, key=key, client=client, route=route, index=index,
+                   status=status, problem=problem, model=model, label=label, tumour_probability=tumour_probability,
+                   tumour_detected=tumour_detected, threshold=threshold, in_distribution=in_distribution,
+                   timings_ms=timings_ms)
 
     def close(self) -> None:
         if self.handler is not None:

@@ -28,11 +28,12 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from app.inference.decode import media_type_for_path, sniff
+from app.inference.result import OOD_PHRASE, CamPng, Prediction
 
 FORMATS = ("table", "csv", "json")
 SIGNATURE_BYTES = 132  # enough for the DICOM preamble + "DICM"
@@ -52,7 +53,7 @@ class Outcome:
     """What happened to one input file."""
 
     path: str
-    result: dict[str, Any] | None = None
+    result: Prediction | None = None
     error: str | None = None
     cam_file: str | None = None
     dicom_files: list[str] | None = None
@@ -119,7 +120,7 @@ def media_type_of(data: bytes, path: Path) -> str | None:
 
 # ---------------------------------------------------------------- the two back ends
 
-Classify = Callable[[Path], dict[str, Any]]  # returns the predict response, raises on failure
+Classify = Callable[[Path], Prediction]  # raises FileFailed on failure
 
 
 class FileFailed(Exception):
@@ -136,20 +137,21 @@ def local_classifier(model_path: Path, cam: str) -> tuple[Classify, dict[str, An
         )
     from app.errors import ServiceError
     from app.inference.predictor import Predictor
+    from app.settings import Settings
 
     try:
-        predictor = Predictor.load(model_path)
+        predictor = Predictor.load(model_path, Settings().engine_options())
     except (ValueError, OSError) as exc:
         raise Unusable(f"cannot load the model {model_path}: {exc}") from None
 
-    def classify(path: Path) -> dict[str, Any]:
+    def classify(path: Path) -> Prediction:
         data = path.read_bytes()
         try:
             return predictor.predict(data, media_type_of(data, path), cam=cam)
         except ServiceError as exc:
             raise FileFailed(f"{exc.title}: {exc.detail}") from None
 
-    return classify, dict(predictor.builder.model_identity), lambda: None
+    return classify, asdict(predictor.model_identity), lambda: None
 
 
 def problem_reason(response: Any) -> str:
@@ -186,7 +188,7 @@ def remote_classifier(
         raise Unusable(f"the service at {url} is not ready: {problem_reason(response)}")
     model = response.json()
 
-    def classify(path: Path) -> dict[str, Any]:
+    def classify(path: Path) -> Prediction:
         data = path.read_bytes()
         headers = {"Content-Type": media_type_of(data, path) or "application/octet-stream"}
         try:
@@ -195,7 +197,10 @@ def remote_classifier(
             raise FileFailed(f"request failed: {type(exc).__name__}: {exc}") from None
         if response.status_code != 200:
             raise FileFailed(problem_reason(response))
-        return response.json()
+        try:
+            return Prediction.from_dict(response.json())
+        except ValueError as exc:  # not JSON, or not the shape of a prediction
+            raise FileFailed(f"the service's answer is not a prediction: {exc}") from None
 
     identity = {k: model.get(k) for k in ("name", "version", "sha256")}
     return classify, identity, client.close
@@ -221,10 +226,10 @@ class CamWriter:
             used.add(name)
             self.names[path] = name
 
-    def write(self, path: Path, cam: dict[str, Any]) -> str:
+    def write(self, path: Path, cam: CamPng) -> str:
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.folder / self.names[path]
-        target.write_bytes(base64.b64decode(cam["overlay_png"]))
+        target.write_bytes(base64.b64decode(cam.overlay_png))
         return str(target)
 
 
@@ -236,14 +241,14 @@ class DicomWriter:
         self.folder = folder
         self.stems = {path: name.removesuffix(".cam.png") for path, name in CamWriter(folder, files).names.items()}
 
-    def write(self, path: Path, result: dict[str, Any]) -> list[str]:
+    def write(self, path: Path, result: Prediction) -> list[str]:
         from app.pacs.finding import finding_from_result
         from app.pacs.results import build_results, encode, read_source
 
         data = path.read_bytes()
         if sniff(data[:SIGNATURE_BYTES]) != "application/dicom":
             return []  # DICOM results copy and reference a DICOM source
-        datasets = build_results(read_source(data), finding_from_result(result))  # InvalidImage: the caller's
+        datasets = build_results(read_source(data), finding_from_result(result.to_dict()))  # InvalidImage: the caller's
         self.folder.mkdir(parents=True, exist_ok=True)
         written = []
         for ds, suffix in zip(datasets, (".sr.dcm", ".cam.dcm")):
@@ -253,11 +258,21 @@ class DicomWriter:
         return written
 
 
-def without_images(result: dict[str, Any]) -> dict[str, Any]:
-    """The response without its (large) base64 PNGs, so thousands of results fit in memory."""
-    if not result.get("cam"):
+def without_images(result: Prediction) -> Prediction:
+    """The result without its (large) base64 PNGs, so thousands of results fit in memory."""
+    if not isinstance(result.cam, CamPng):
         return result
-    return {**result, "cam": {k: v for k, v in result["cam"].items() if not k.endswith("_png")}}
+    return replace(result, cam=replace(result.cam, image_png="", heatmap_png="", overlay_png=""))
+
+
+def result_record(result: Prediction | None) -> dict[str, Any] | None:
+    """The response as JSON (without the base64 images)."""
+    if result is None:
+        return None
+    record = result.to_dict()
+    if record["cam"]:
+        record["cam"] = {k: v for k, v in record["cam"].items() if not k.endswith("_png")}
+    return record
 
 
 def classify_all(files: Sequence[Path], classify: Classify, *, jobs: int, progress: bool,
@@ -271,7 +286,7 @@ def classify_all(files: Sequence[Path], classify: Classify, *, jobs: int, progre
     def one(path: Path) -> Outcome:
         try:
             result = classify(path)
-            cam_file = cams.write(path, result["cam"]) if cams and result.get("cam") else None
+            cam_file = cams.write(path, result.cam) if cams and isinstance(result.cam, CamPng) else None
             dicom_files = dicoms.write(path, result) if dicoms else None
         except FileFailed as exc:
             return Outcome(str(path), error=str(exc))
@@ -298,20 +313,29 @@ def classify_all(files: Sequence[Path], classify: Classify, *, jobs: int, progre
 
 def summary_fields(outcome: Outcome) -> dict[str, Any]:
     """The flat fields shared by the table and CSV outputs."""
-    r = outcome.result or {}
-    tumour = r.get("tumour_probability")
-    detected = r.get("tumour_detected")
+    r = outcome.result
+    detected = r.tumour_detected if r else None
     return {
         "file": outcome.path,
         "ok": outcome.ok,
-        "label": r.get("label", ""),
-        "probability": r["probabilities"][r["label"]] if r else None,
-        "tumour_probability": tumour,
+        "label": r.label if r else "",
+        "probability": r.confidence if r else None,
+        "tumour_probability": r.tumour_probability if r else None,
         "tumour_detected": "" if detected is None else ("yes" if detected else "no"),
-        "total_ms": (r.get("timings_ms") or {}).get("total"),
+        "in_distribution": "" if r is None or r.in_distribution is None else ("yes" if r.in_distribution else "no"),
+        "ood_score": r.ood_score if r else None,
+        "total_ms": r.timings_ms.total if r else None,
         "cam_file": outcome.cam_file or "",
         "error": outcome.error or "",
+        "warning": ood_note(r) if r else "",
     }
+
+
+def ood_note(result: Prediction) -> str:
+    """The out-of-distribution warning, when there is one (shown instead of a finding)."""
+    if result.in_distribution is not False:
+        return ""
+    return next((w for w in result.warnings if w.startswith(OOD_PHRASE)), OOD_PHRASE)
 
 
 def fmt_number(value: float | None, digits: int = 3) -> str:
@@ -323,11 +347,14 @@ def write_table(outcomes: Sequence[Outcome], out: TextIO) -> None:
     rows = []
     for o in outcomes:
         s = summary_fields(o)
-        rows.append([
-            s["file"], s["label"] if o.ok else "FAILED", fmt_number(s["probability"]),
-            fmt_number(s["tumour_probability"]), s["tumour_detected"], fmt_number(s["total_ms"], 1),
-            s["cam_file"] if o.ok else s["error"],
-        ])
+        if not o.ok:
+            rows.append([s["file"], "FAILED", "", "", "", "", s["error"]])
+        elif s["warning"]:  # out of distribution: the warning instead of a finding
+            rows.append([s["file"], "NOT ASSESSED", "-", "-", "-", fmt_number(s["total_ms"], 1),
+                         " ".join(filter(None, [s["warning"], s["cam_file"]]))])
+        else:
+            rows.append([s["file"], s["label"], fmt_number(s["probability"]), fmt_number(s["tumour_probability"]),
+                         s["tumour_detected"], fmt_number(s["total_ms"], 1), s["cam_file"]])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         cells = [str(c).ljust(w) for c, w in zip(row, widths, strict=False)] + [str(row[-1])]
@@ -336,19 +363,20 @@ def write_table(outcomes: Sequence[Outcome], out: TextIO) -> None:
 
 def write_csv(outcomes: Sequence[Outcome], out: TextIO, labels: Sequence[str]) -> None:
     columns = ["file", "ok", "label", "probability", *[f"p_{label}" for label in labels],
-               "tumour_probability", "tumour_detected", "total_ms", "cam_file", "error"]
+               "tumour_probability", "tumour_detected", "in_distribution", "ood_score", "total_ms", "cam_file",
+               "error", "warning"]
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for o in outcomes:
         row = summary_fields(o)
-        probs = (o.result or {}).get("probabilities", {})
+        probs = o.result.probabilities if o.result else {}
         row.update({f"p_{label}": probs.get(label, "") for label in labels})
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
 
 
 def json_record(outcome: Outcome) -> dict[str, Any]:
     """The response (without base64 images) and where the CAM overlay was written."""
-    return {"file": outcome.path, "ok": outcome.ok, "result": outcome.result, "cam_file": outcome.cam_file,
+    return {"file": outcome.path, "ok": outcome.ok, "result": result_record(outcome.result), "cam_file": outcome.cam_file,
             "dicom_files": outcome.dicom_files, "error": outcome.error}
 
 
@@ -359,7 +387,7 @@ def write_output(outcomes: Sequence[Outcome], fmt: str, out: TextIO) -> None:
     elif fmt == "csv":
         labels: list[str] = []
         for o in outcomes:
-            labels += [label for label in (o.result or {}).get("probabilities", {}) if label not in labels]
+            labels += [label for label in (o.result.probabilities if o.result else {}) if label not in labels]
         write_csv(outcomes, out, labels)
     else:
         write_table(outcomes, out)

@@ -69,7 +69,8 @@ async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None
     settings: Settings = app.state.settings
     log.info("loading %s (/readyz answers 503 until it is loaded, checked and warmed up)", settings.model_path)
     try:
-        service = await asyncio.to_thread(InferenceService.load, settings)
+        service = await asyncio.to_thread(InferenceService.load, settings.model_path, settings.engine_options(),
+                                          settings.service_options())
     except Exception as exc:  # any load failure: report it on /livez, /readyz and in the log, then stop
         state.load_error = str(exc)
         log.error("cannot serve: %s", exc)
@@ -79,8 +80,9 @@ async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None
     service.start()
     state.service = service
     metrics.READY.set(1)
-    log.info("ready: %s %s on %s", service.runner.metadata.model_name, service.runner.metadata.model_version,
-             service.runner.provider)
+    engine = service.engine
+    log.info("ready: %s %s (%s) on %s, %d host %s", engine.metadata.model_name, engine.metadata.model_version,
+             engine.variant, engine.runner.provider, service.host.workers, service.host.kind)
 
 
 def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None] | None = None,

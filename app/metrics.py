@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from app.inference.result import Prediction
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STAGE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -41,6 +43,15 @@ MODEL_INFO = Gauge(
 UPLOAD_BYTES = Gauge("btd_upload_bytes", "Request-body bytes held by requests in progress (BTD_MAX_UPLOAD_BYTES)")
 OPEN_CONNECTIONS = Gauge("btd_open_connections", "Open HTTP connections (BTD_MAX_CONNECTIONS)")
 READY = Gauge("btd_ready", "1 when the model is loaded, checked and warmed up and the server is not draining")
+OUT_OF_DISTRIBUTION = Counter(
+    "btd_out_of_distribution_total",
+    "Images that do not look like a brain MR slice (no finding made), by reason: model, no-head, small-image",
+    ["reason"],
+)
+HOST_WORKER_FAILURES = Counter(
+    "btd_host_worker_failures_total", "Host worker processes stopped and replaced, by reason: timeout, crash, memory",
+    ["reason"],
+)
 
 # The method label takes these; any other verb a client invents is "other" (bounded label values).
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
@@ -54,14 +65,15 @@ def method_label(method: str) -> str:
 STAGES = {"decode": "decode", "preprocess": "preprocess", "queue": "queue", "infer": "inference", "cam": "cam"}
 
 
-def observe_prediction(result: dict) -> None:
-    """Record the stage timings, label and confidence of one successful prediction."""
-    timings = result["timings_ms"]
+def observe_prediction(result: Prediction) -> None:
+    """Record the stage timings, label and confidence of one successful prediction, and why it was
+    out of distribution."""
     for stage, key in STAGES.items():
-        STAGE_DURATION.labels(stage).observe(timings[key] / 1000.0)
-    label = result["label"]
-    PREDICTIONS.labels(label).inc()
-    CONFIDENCE.labels(label).observe(result["probabilities"][label])
+        STAGE_DURATION.labels(stage).observe(getattr(result.timings_ms, key) / 1000.0)
+    PREDICTIONS.labels(result.label).inc()
+    CONFIDENCE.labels(result.label).observe(result.confidence)
+    for reason in result.ood_reasons:
+        OUT_OF_DISTRIBUTION.labels(reason).inc()
 
 
 def set_model_info(name: str, version: str, sha256: str, provider: str) -> None:

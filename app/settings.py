@@ -5,6 +5,8 @@ each variable as the user set it (``BTD_MAX_BATCH_SIZE``), not by its Python fie
 
 Routes read them through the ``get_settings`` dependency, so tests can override them with
 ``app.dependency_overrides[get_settings]`` or pass a ``Settings`` object to ``create_app``.
+The inference core never reads them: ``engine_options()`` and ``service_options()`` turn them into
+its plain options, here and nowhere else.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from pydantic import Field, SecretBytes, SecretStr, ValidationError, field_valid
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.inference.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
+from app.inference.engine import EngineOptions, ModelVariant
+from app.inference.runner import RuntimeOptions, default_buckets
+from app.inference.service import ServiceOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "btd-resnet50.onnx"
@@ -38,9 +43,26 @@ class Settings(BaseSettings):
         None, description="TensorRT: directory to cache built engines in (unset: no cache)"
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: the CPUs this process may use)")
+    model_variant: ModelVariant = Field(
+        "auto", description='which file of the model to serve: "auto" (<model>-int8.onnx on the CPU, <model>-fp16.onnx '
+        'on a GPU, when beside the model file; else the model file), "fp32" (the model file), "fp16" or "int8"'
+    )
     max_batch_size: int = Field(8, ge=1, le=256, description="largest batch the micro-batcher sends to the model")
+    batch_buckets: str = Field(
+        "auto", description='batch sizes the model is run at (a batch is padded up to the next one): "auto" (powers '
+        "of two up to BTD_MAX_BATCH_SIZE, and it) or a comma list; sizes above BTD_MAX_BATCH_SIZE are dropped"
+    )
+    cuda_graph: bool = Field(False, description="CUDA provider: replay each bucket as a CUDA graph")
     max_wait_ms: float = Field(5.0, ge=0, le=1000, description="longest a request waits for others to fill a batch")
-    queue_size: int = Field(64, ge=1, description="requests that may wait for the model; beyond: 503 + Retry-After")
+    queue_size: int = Field(64, ge=1, description="requests that may wait for the model, decoding included; "
+                            "beyond: 503 + Retry-After")
+    max_queue_wait_ms: float = Field(
+        1000.0, gt=0, description="while the oldest waiting request has waited longer, new ones get 503 + Retry-After"
+    )
+    host_workers: int | Literal["auto"] = Field(
+        "auto", description='processes that decode and preprocess (0: threads in the server process; "auto": every '
+        "CPU but one with a GPU provider, 0 on the CPU)"
+    )
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest decoded image, in pixels (413 beyond)")
     request_timeout_s: float = Field(30.0, gt=0, description="time to process one request once received (504 beyond)")
@@ -95,6 +117,27 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("host_workers")
+    @classmethod
+    def _check_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError('give "auto" or a number of processes (0: threads)')
+        return value
+
+    @field_validator("batch_buckets")
+    @classmethod
+    def _check_buckets(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value == "auto":
+            return value
+        try:
+            sizes = sorted({int(v) for v in value.split(",") if v.strip()})
+        except ValueError:
+            raise ValueError('give "auto" or a comma list of batch sizes, e.g. 1,2,4,8') from None
+        if not sizes or sizes[0] < 1:
+            raise ValueError("batch sizes must be positive")
+        return ",".join(map(str, sizes))
+
     @field_validator("providers")
     @classmethod
     def _check_providers(cls, value: str) -> str:
@@ -135,6 +178,28 @@ class Settings(BaseSettings):
         """The explicit provider list, or None for automatic choice."""
         return None if self.providers == "auto" else self.providers.split(",")
 
+    def buckets(self) -> tuple[int, ...]:
+        if self.batch_buckets == "auto":
+            return default_buckets(self.max_batch_size)
+        listed = {int(v) for v in self.batch_buckets.split(",")}
+        return tuple(sorted({b for b in listed if b <= self.max_batch_size} | {self.max_batch_size}))
+
+    def engine_options(self) -> EngineOptions:
+        """The inference core's options (the one place settings become them)."""
+        runtime = RuntimeOptions(
+            providers=self.provider_list(), trt_fp16=self.trt_fp16, trt_engine_cache_dir=self.trt_engine_cache_dir,
+            intra_op_threads=self.intra_op_threads, buckets=self.buckets(), cuda_graph=self.cuda_graph,
+        )
+        return EngineOptions(runtime=runtime, variant=self.model_variant, tumour_threshold=self.tumour_threshold,
+                             max_pixels=self.max_pixels, multiframe=self.multiframe)
+
+    def service_options(self) -> ServiceOptions:
+        return ServiceOptions(
+            max_wait_s=self.max_wait_ms / 1000.0, queue_size=self.queue_size,
+            max_queue_wait_s=self.max_queue_wait_ms / 1000.0, request_timeout_s=self.request_timeout_s,
+            host_workers=None if self.host_workers == "auto" else self.host_workers,
+            host_task_timeout_s=self.request_timeout_s,
+        )
 
 def _comma_list(value: str, *, lower: bool = False) -> tuple[str, ...]:
     items = (item.strip() for item in value.split(","))

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.contract import INPUT_NAME, LOGITS_NAME, ModelMetadata, preprocess
+from app.contract import INPUT_NAME, LOGITS_NAME, preprocess
 from app.inference.decode import decode
 from model_export.data import Sample, read_gray, read_split_file, shared_data_dir
 
@@ -50,23 +50,19 @@ class Classifier:
     predict: Callable[[bytes], str]  # image file bytes -> label
 
 
-def _session(path_or_bytes, threads: int):
-    import onnxruntime as ort
+def _session(path: Path, threads: int):
+    """A CPU session with the service's thread policy (several share the cores: idle threads sleep)."""
+    from app.inference.runner import RuntimeOptions, open_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    # Several sessions share the cores: idle threads must sleep, not spin (as app/inference/runner.py).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path_or_bytes, sess_options=so, providers=["CPUExecutionProvider"])
+    return open_session(path, RuntimeOptions(providers=("CPUExecutionProvider",), intra_op_threads=threads))
 
 
 def ours(name: str, model_path: Path, threads: int) -> Classifier:
-    """Our exported model as the service runs it: decode -> contract preprocess -> logits."""
-    import onnx
+    """Our exported model as the service runs it: the service's loader, decode -> contract preprocess -> logits."""
+    from app.inference.model import ModelFile
 
-    meta = ModelMetadata.from_props({p.key: p.value for p in onnx.load(str(model_path)).metadata_props})
-    session = _session(str(model_path), threads)
+    meta = ModelFile.load(model_path).metadata
+    session = _session(model_path, threads)
 
     def predict(data: bytes) -> str:
         x = preprocess(decode(data).pixels, meta.preprocess)[None]

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from app.contract import preprocess, scale_intensity
+from app.contract import scale_intensity
 from model_export.data import read_gray, shared_data_dir
 
 log = logging.getLogger(__name__)
@@ -74,39 +74,34 @@ def find_pairs(data_dir: Path, split: str = "test") -> tuple[list[Pair], int]:
     return pairs, unmatched
 
 
-def agreement(model_path: Path, pairs: Sequence[Pair], batch_size: int = 16) -> dict:
-    """Label and tumour-decision agreement between originals and copies, and each side's accuracy."""
-    from app.inference.runner import Runner
-    from app.inference.postprocess import softmax, tumour_probability
+def agreement(model_path: Path, pairs: Sequence[Pair]) -> dict:
+    """Label and tumour-decision agreement between originals and copies, and each side's accuracy,
+    through the service's own engine (decode, preprocess, model, calibration, decision)."""
+    from app.inference.engine import EngineOptions
+    from app.inference.predictor import Predictor
 
-    runner = Runner.load(model_path)
-    meta = runner.metadata
-    labels, threshold = meta.labels, meta.tumour_threshold
+    predictor = Predictor.load(model_path, EngineOptions(variant="fp32"))  # exactly this file
 
-    def predict(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
-        classes, tumour = [], []
-        for start in tqdm(range(0, len(paths), batch_size), desc="predicting", unit="batch", leave=False):
-            batch = np.stack([preprocess(read_gray(p), meta.preprocess) for p in paths[start : start + batch_size]])
-            probs = softmax(runner.run(batch)[0], meta.temperature)
-            classes += list(probs.argmax(axis=1))
-            tumour += [tumour_probability(p, labels) for p in probs]
-        return np.array(classes), np.array(tumour, dtype=float)
+    def predict(paths: Sequence[Path]) -> list:
+        return [predictor.predict(p.read_bytes()) for p in tqdm(paths, desc="predicting", unit="image", leave=False)]
 
-    originals, p_original = predict([p.original for p in pairs])
-    copies, p_copy = predict([p.copy for p in pairs])
-    truth = np.array([labels.index(p.label) for p in pairs])
+    originals, copies = predict([p.original for p in pairs]), predict([p.copy for p in pairs])
+    same_label = np.array([a.label == b.label for a, b in zip(originals, copies)])
+    same_decision = np.array([a.tumour_detected == b.tumour_detected for a, b in zip(originals, copies)])
+    identity = predictor.model_identity
     return {
-        "model": {"name": meta.model_name, "version": meta.model_version, "sha256": runner.sha256},
+        "model": {"name": identity.name, "version": identity.version, "sha256": identity.sha256},
         "pairs": len(pairs),
-        "label_agreement": float((originals == copies).mean()),
-        "tumour_decision_agreement": float(((p_original >= threshold) == (p_copy >= threshold)).mean()),
-        "accuracy_original": float((originals == truth).mean()),
-        "accuracy_copy": float((copies == truth).mean()),
-        "mean_abs_tumour_probability_difference": float(np.abs(p_original - p_copy).mean()),
+        "label_agreement": float(same_label.mean()),
+        "tumour_decision_agreement": float(same_decision.mean()),
+        "accuracy_original": float(np.mean([o.label == p.label for o, p in zip(originals, pairs)])),
+        "accuracy_copy": float(np.mean([c.label == p.label for c, p in zip(copies, pairs)])),
+        "mean_abs_tumour_probability_difference": float(np.mean(
+            [abs(o.tumour_probability - c.tumour_probability) for o, c in zip(originals, copies)])),
         "disagreements": [
-            {"original": str(p.original.name), "copy": str(p.copy.name), "label": p.label,
-             "original_predicted": labels[int(a)], "copy_predicted": labels[int(b)]}
-            for p, a, b in zip(pairs, originals, copies) if a != b
+            {"original": p.original.name, "copy": p.copy.name, "label": p.label,
+             "original_predicted": o.label, "copy_predicted": c.label}
+            for p, o, c in zip(pairs, originals, copies) if o.label != c.label
         ],
     }
 

@@ -121,6 +121,9 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report folder")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = default")
+    p.add_argument("--providers", default="CPUExecutionProvider",
+                   help="ONNX Runtime execution providers for .onnx models, comma list (e.g. "
+                        "CUDAExecutionProvider,CPUExecutionProvider to measure an fp16 model on a GPU)")
     p.set_defaults(run=_run_evaluate)
 
 
@@ -131,7 +134,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, split_file=args.split_file, split=args.split,
         calibration_split=args.calibration_split, baseline=args.baseline, threshold=args.threshold, out=args.out,
         batch_size=args.batch_size, threads=args.threads, limit_per_class=args.limit_per_class, seed=args.seed,
-        columns=_columns(args),
+        columns=_columns(args), providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
     ))
     log.info("accuracy %.4f, macro-F1 %.4f on %d images; report in %s", report["accuracy"], report["macro_f1"],
              report["images"], args.out)
@@ -143,12 +146,16 @@ def _export_parser(sub) -> None:
                        description="Export to ONNX per the model contract (input 'image' [N,3,H,W], outputs "
                                    "'logits' and 'features'), write the metadata, and check torch vs ONNX "
                                    "Runtime parity at batch 1 and 5; a failed check fails the export.")
-    p.add_argument("checkpoint", type=Path, help="training checkpoint (best.pt)")
+    p.add_argument("checkpoint", type=Path, help="training checkpoint (best.pt); or an exported .onnx with --fp16 "
+                   "to write only its float16 variant")
     p.add_argument("--out", type=Path, default=Path("models/btd-resnet50.onnx"))
     p.add_argument("--report", type=Path,
                    help="evaluate's report.json: its test metrics and temperature go into the metadata")
     p.add_argument("--fp16-weights", action="store_true",
                    help="store weights as float16 initializers + Cast (half the file; float32 compute)")
+    p.add_argument("--fp16", action="store_true",
+                   help="also write <out>-fp16.onnx, the float16-compute variant the service serves on GPUs "
+                        "(BTD_MODEL_VARIANT); measure it with btd evaluate --baseline on a GPU")
     p.add_argument("--name", default="btd-resnet50")
     p.add_argument("--version", default="0.0.0")
     p.add_argument("--threshold", type=float, default=0.5, help="recommended tumour decision threshold")
@@ -161,7 +168,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from model_export.export import ExportConfig, main
 
     path = main(ExportConfig(
-        checkpoint=args.checkpoint, out=args.out, report=args.report, fp16_weights=args.fp16_weights,
+        checkpoint=args.checkpoint, out=args.out, report=args.report, fp16_weights=args.fp16_weights, fp16=args.fp16,
         name=args.name, version=args.version, threshold=args.threshold, temperature=args.temperature,
         opset=args.opset,
     ))

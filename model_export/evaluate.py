@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from app.contract import INPUT_NAME, LOGITS_NAME, ModelMetadata, PreprocessSpec, preprocess
+from app.contract import INPUT_NAME, LOGITS_NAME, PreprocessSpec, preprocess
 from model_export import metrics
 from model_export.data import Sample, limit_per_class, load_samples, read_gray, select
 
@@ -40,6 +40,7 @@ class EvalConfig:
     limit_per_class: int = 0
     seed: int = 0
     columns: dict[str, str] = field(default_factory=dict)
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
 
 def preprocessed_batches(samples: Sequence[Sample], spec: PreprocessSpec, batch_size: int,
@@ -67,18 +68,18 @@ class Model:
 
 
 class OnnxModel(Model):
-    def __init__(self, path: Path, threads: int = 0) -> None:
-        import onnx
-        import onnxruntime as ort
+    """The file as the service loads it (``ModelFile``), run by ONNX Runtime on ``providers``."""
 
-        proto = onnx.load(str(path), load_external_data=False)
-        meta = ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props})
+    def __init__(self, path: Path, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+        from app.inference.model import ModelFile
+        from app.inference.runner import RuntimeOptions, open_session
+
+        model = ModelFile.load(path)
+        meta = model.metadata
         self.labels, self.spec = meta.labels, meta.preprocess
         self.temperature, self.threshold = meta.temperature, meta.tumour_threshold
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = open_session(model.path, RuntimeOptions(providers=tuple(providers), intra_op_threads=threads),
+                                    channels=meta.preprocess.channels, size=meta.preprocess.size)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([LOGITS_NAME], {INPUT_NAME: batch})[0]
@@ -103,9 +104,9 @@ class CheckpointModel(Model):
             return self.model(self._torch.from_numpy(batch))[0].numpy()
 
 
-def load_model(path: Path, threads: int = 0) -> Model:
+def load_model(path: Path, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)) -> Model:
     if Path(path).suffix.lower() == ".onnx":
-        return OnnxModel(path, threads)
+        return OnnxModel(path, threads, providers)
     return CheckpointModel(path, threads)
 
 
@@ -144,7 +145,7 @@ def main(config: EvalConfig) -> dict:
     calibration = select(samples, config.calibration_split) if config.calibration_split else []
     if config.calibration_split and not calibration:
         log.warning("no %r images to fit the temperature on: using the model's own", config.calibration_split)
-    model = load_model(config.model, config.threads)
+    model = load_model(config.model, config.threads, config.providers)
     log.info("evaluating %s on %d %s images (%s)", config.model, len(chosen), config.split,
              ", ".join(sorted({s.label for s in chosen})))
     report, logits = evaluate_model(model, chosen, calibration, batch_size=config.batch_size,
@@ -152,7 +153,7 @@ def main(config: EvalConfig) -> dict:
     report.update({"model": str(config.model), "split": config.split, "data": str(config.data),
                    "split_file": str(config.split_file) if config.split_file else None})
     if config.baseline is not None:
-        base = load_model(config.baseline, config.threads)
+        base = load_model(config.baseline, config.threads, config.providers)
         if tuple(base.labels) != tuple(model.labels):
             raise ValueError("the baseline model has different labels")
         base_logits = base.logits(chosen, config.batch_size, "baseline")

@@ -51,6 +51,7 @@ class ExportConfig:
     out: Path
     report: Path | None = None
     fp16_weights: bool = False
+    fp16: bool = False  # also write the float16-compute variant <out>-fp16.onnx
     name: str = "btd-resnet50"
     version: str = "0.0.0"
     threshold: float = 0.5
@@ -284,6 +285,47 @@ def export(
     return out
 
 
+def float16_variant(source: Path, out: Path | None = None) -> Path:
+    """``<model>-fp16.onnx`` beside ``source``: the same graph computing in float16 on a GPU (inputs
+    and outputs stay float32, the heads after ``features`` stay float32), metadata kept. The
+    service serves it on a GPU by ``BTD_MODEL_VARIANT`` (auto: when present); measure its accuracy
+    change on a GPU with ``btd evaluate <fp16 file> --baseline <model> --providers CUDAExecutionProvider``
+    (ONNX Runtime's CPU provider computes float16 graphs in float32, so a CPU run shows no change)."""
+    from onnxconverter_common import float16
+
+    from app.inference.model import ModelFile, read_proto, variant_path
+    from model_export.quantize import head_node_names, weights_to_fp32
+
+    out = Path(out) if out is not None else variant_path(source, "fp16")
+    proto = weights_to_fp32(read_proto(source))
+    graph = proto.graph
+    heads = head_node_names(graph)  # the classifier and the OOD head, kept float32
+    # An output that is also read inside the graph (``features`` feeds the pooling) would be cast
+    # back to float32 before its readers: give each output its own Identity at the end instead.
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        node.input[:] = [f"{x}/fp16" if x in outputs else x for x in node.input]
+        node.output[:] = [f"{x}/fp16" if x in outputs else x for x in node.output]
+    graph.node.extend(helper.make_node("Identity", [f"{name}/fp16"], [name], name=f"{name}/out") for name in outputs)
+    with warnings.catch_warnings():  # "the float32 number ... will be truncated": tiny weights, expected
+        warnings.simplefilter("ignore", UserWarning)
+        half = float16.convert_float_to_float16(proto, keep_io_types=True,
+                                                node_block_list=heads)
+    helper.set_model_props(half, {**{p.key: p.value for p in proto.metadata_props},
+                                  "btd.precision": json.dumps({"compute": "float16", "source": Path(source).name})})
+    onnx.checker.check_model(half)
+    tmp = out.with_name(out.name + ".partial")
+    onnx.save(half, str(tmp))
+    try:
+        ModelFile.load(tmp)  # the variant follows the contract as the service reads it
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
+    log.info("float16 variant: %s (%.1f MB)", out, out.stat().st_size / 1e6)
+    return out
+
+
 def _max_logit_change(original: nn.Module, rounded: nn.Module, size: int) -> float:
     x = torch.from_numpy(parity_inputs(size, 5, seed=7))
     with torch.inference_mode():
@@ -291,13 +333,20 @@ def _max_logit_change(original: nn.Module, rounded: nn.Module, size: int) -> flo
 
 
 def main(config: ExportConfig) -> Path:
+    if Path(config.checkpoint).suffix.lower() == ".onnx":  # an exported model: make its fp16 variant only
+        if not config.fp16:
+            raise ValueError("an .onnx input is only read for --fp16 (its float16 variant); export a checkpoint")
+        return float16_variant(config.checkpoint)
     ckpt = read_checkpoint(config.checkpoint)
     model, labels, spec = model_from_checkpoint(ckpt)
     metrics, report_temperature = report_metrics(config.report)
     temperature = config.temperature or report_temperature or ckpt.get("temperature") or 1.0
-    return export(
+    path = export(
         model, labels, spec, config.out, fp16_weights=config.fp16_weights, temperature=float(temperature),
         threshold=config.threshold, name=config.name, version=config.version,
         training_data=ckpt.get("training_data", {}), metrics=metrics, opset=config.opset,
         ood=OodFit.from_state(ckpt["ood"]) if ckpt.get("ood") else None,
     )
+    if config.fp16:
+        float16_variant(path)
+    return path

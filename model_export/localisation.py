@@ -6,7 +6,8 @@ box (pointing game) and the mean share of CAM energy inside the box. Beside them
 figures for a centre-of-image prior (a Gaussian bump in the middle: what "looking at the middle of
 the head" scores) and the box area share (what a flat map scores on energy).
 
-The CAM is the service's own (``app.inference``), computed from the exported ONNX file.
+The CAM is the service's own (``app.inference``), computed from the exported ONNX file and placed on
+the image through the preprocessing's framing, as the service places it.
 
     python -m model_export.localisation --model models/btd-resnet50.onnx [--json out.json]
 """
@@ -20,11 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from app.contract import preprocess
-from app.inference.postprocess import class_activation_map
+from app.contract import Framing, preprocess_framed
+from app.inference.postprocess import class_activation_map, place_cam, view_size
 from model_export.data import Sample, read_gray
 
 log = logging.getLogger(__name__)
@@ -88,10 +88,14 @@ def summarise(heatmaps: Sequence[np.ndarray], boxes: Sequence[Box]) -> dict[str,
     }
 
 
-def upsampled_cam(features: np.ndarray, weights: np.ndarray, class_index: int, size: int) -> np.ndarray:
-    """The service's CAM, resized to the model's input view as the service resizes it for display."""
+def cam_on_image(features: np.ndarray, weights: np.ndarray, class_index: int, framing: Framing,
+                 image_size: tuple[int, int], max_side: int) -> np.ndarray:
+    """The service's CAM placed on the image as the service places it for display (through the
+    framing: a version-2 model's CAM covers its crop of the image, not the whole image), on a
+    picture of the image whose long side is ``max_side`` (boxes are in normalised coordinates)."""
     cam = class_activation_map(features, weights, class_index)
-    return cv2.resize(cam, (size, size), interpolation=cv2.INTER_LINEAR)
+    width, height = image_size
+    return place_cam(cam, framing, image_size, view_size(height, width, max_side))
 
 
 def figshare_test_rows(data_dir: Path) -> list[tuple[Sample, Box]]:
@@ -109,20 +113,24 @@ def figshare_test_rows(data_dir: Path) -> list[tuple[Sample, Box]]:
 
 def evaluate(model_path: Path, rows: Sequence[tuple[Sample, Box]], batch_size: int = 16) -> dict:
     """CAM of the predicted and of the true class vs the tumour box, beside the centre prior."""
-    from app.inference.runner import Runner
+    from app.inference.engine import Engine, EngineOptions
+    from app.inference.runner import RuntimeOptions, default_buckets
 
-    runner = Runner.load(model_path)
-    labels = runner.metadata.labels
-    spec = runner.metadata.preprocess
+    engine = Engine.load(model_path, EngineOptions(runtime=RuntimeOptions(buckets=default_buckets(batch_size)),
+                                                   variant="fp32"))
+    labels, spec, weights = engine.metadata.labels, engine.metadata.preprocess, engine.model.cam_weights
     predicted_maps, true_maps, boxes, correct = [], [], [], []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = np.stack([preprocess(read_gray(sample.path), spec) for sample, _ in chunk])
-        logits, features = runner.run(batch)
-        for (sample, box), lg, feat in zip(chunk, logits, features):
-            predicted = int(np.argmax(lg))
-            predicted_maps.append(upsampled_cam(feat, runner.cam_weights, predicted, spec.size))
-            true_maps.append(upsampled_cam(feat, runner.cam_weights, labels.index(sample.label), spec.size))
+        grays = [read_gray(sample.path) for sample, _ in chunk]
+        framed = [preprocess_framed(gray, spec) for gray in grays]
+        outputs = engine.infer([tensor for tensor, _ in framed], [True] * len(chunk))
+        for (sample, box), gray, (_, framing), out in zip(chunk, grays, framed, outputs):
+            predicted = int(np.argmax(out.logits))
+            image_size = (gray.shape[1], gray.shape[0])
+            predicted_maps.append(cam_on_image(out.features, weights, predicted, framing, image_size, spec.size))
+            true_maps.append(cam_on_image(out.features, weights, labels.index(sample.label), framing, image_size,
+                                          spec.size))
             boxes.append(box)
             correct.append(predicted == labels.index(sample.label))
     prior = centre_prior(spec.size)

@@ -14,6 +14,9 @@ from scipy.optimize import minimize_scalar
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from app.contract import NO_TUMOUR_LABEL
+from app.inference.postprocess import softmax  # the service's softmax: one definition of the probabilities
+
+__all__ = ["softmax"]
 
 ACCURACY = "accuracy"
 MACRO_F1 = "macro_f1"
@@ -24,13 +27,6 @@ ECE_CALIBRATED = "ece_calibrated"
 TUMOUR_SENSITIVITY = "tumour_sensitivity"
 TUMOUR_SPECIFICITY = "tumour_specificity"
 ECE_BINS = 15
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
 from app.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, META_METRICS, OOD_NAME, ModelMetadata, preprocess
+from app.inference.model import ModelFile, metadata_of, read_proto
 from model_export.data import Sample, limit_per_class, load_samples, read_gray, select
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,9 @@ def quantize_model(source: Path, out: Path, calibration: Sequence[Sample]) -> Pa
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    proto = onnx.load(str(source))
+    proto = read_proto(source)
     props = {p.key: p.value for p in proto.metadata_props}
-    metadata = ModelMetadata.from_props(props)
+    metadata = metadata_of(proto)
     proto = weights_to_fp32(proto)
     exclude = head_node_names(proto.graph)
     reader = _Reader(calibration, metadata)
@@ -136,6 +137,7 @@ def quantize_model(source: Path, out: Path, calibration: Sequence[Sample]) -> Pa
                                            "source": Path(source).name})
     helper.set_model_props(quantized, props)
     onnx.save(quantized, str(out))
+    ModelFile.load(out)  # the variant must follow the contract as the service reads it
     return out
 
 

@@ -6,7 +6,9 @@ Shared by every engineer's tests (service, CLI, web, deploy)::
     path = build_model(tmp_path / "model.onnx")
 
 The graph: ``image [N,3,S,S]`` -> Conv(k x k, stride k) -> Relu = ``features [N,K,S/k,S/k]``
--> GlobalAveragePool -> Flatten -> Gemm(W [C,K], b [C], transB) = ``logits [N,C]``.
+-> GlobalAveragePool -> Flatten -> Gemm(W [C,K], b [C], transB) = ``logits [N,C]``. With
+``ood_threshold``, also ``ood_score [N]`` = the mean of the features, and ``btd.ood`` metadata
+with that threshold (as models from 1.2.0 have).
 Weights are seeded, so the same arguments give the same file (and the same sha256).
 """
 
@@ -19,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from app.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, ModelMetadata, PreprocessSpec
+from app.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OOD_NAME, ModelMetadata, OodSpec, PreprocessSpec
 
 LABELS = ("glioma", "meningioma", "notumor", "pituitary")
 
@@ -36,9 +38,13 @@ def build_model_proto(
     temperature: float = 1.0,
     version: str = "0.0.1-test",
     name: str = "btd-test",
+    spec: PreprocessSpec | None = None,
+    ood_threshold: float | None = None,
 ) -> onnx.ModelProto:
     """A contract-conforming model. ``fp16_weights`` stores the classifier weight as float16 behind a
-    Cast node (as the release model may); ``metadata`` overrides the default metadata entirely."""
+    Cast node (as the release model may); ``metadata`` overrides the default metadata entirely;
+    ``spec`` the preprocessing (default: the current version at ``size``); ``ood_threshold`` adds the
+    ``ood_score`` output and its metadata."""
     rng = np.random.default_rng(seed)
     num_classes = len(labels)
     conv_w = rng.normal(0, 0.5, (channels, 3, stride, stride)).astype(np.float32)
@@ -65,19 +71,22 @@ def build_model_proto(
     nodes.append(helper.make_node("Gemm", ["flat", gemm_w, "fc.bias"], [LOGITS_NAME], transB=1))
 
     feat = size // stride
+    outputs = [helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["N", num_classes]),
+               helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["N", channels, feat, feat])]
+    if ood_threshold is not None:
+        nodes.append(helper.make_node("ReduceMean", [FEATURES_NAME], [OOD_NAME], axes=[1, 2, 3], keepdims=0))
+        outputs.append(helper.make_tensor_value_info(OOD_NAME, TensorProto.FLOAT, ["N"]))
     graph = helper.make_graph(
-        nodes, "btd-test",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, "H", "W"])],
-        [helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["N", num_classes]),
-         helper.make_tensor_value_info(FEATURES_NAME, TensorProto.FLOAT, ["N", channels, feat, feat])],
-        initializers,
+        nodes, "btd-test", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        outputs, initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # readable by every onnxruntime >= 1.14
     meta = metadata or ModelMetadata(
-        labels=tuple(labels), preprocess=PreprocessSpec(size=size), cam_weight="fc.weight", cam_bias="fc.bias",
-        temperature=temperature, tumour_threshold=0.5, model_name=name, model_version=version,
+        labels=tuple(labels), preprocess=spec or PreprocessSpec(size=size), cam_weight="fc.weight",
+        cam_bias="fc.bias", temperature=temperature, tumour_threshold=0.5, model_name=name, model_version=version,
         training_data={"source": "synthetic"}, metrics={"accuracy": 0.25},
+        ood=None if ood_threshold is None else OodSpec(threshold=ood_threshold, method="mean-feature (test)"),
     )
     helper.set_model_props(model, meta.to_props())
     onnx.checker.check_model(model)

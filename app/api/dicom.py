@@ -4,12 +4,13 @@ Accept header) and the response carrying them. The objects come from ``app.pacs`
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import Response
 
 from app.errors import NotAcceptable
 from app.inference.decode import DICOM, sniff
+from app.inference.result import Prediction
 from app.inference.service import InferenceService
 from app.pacs.finding import finding_from_result
 from app.pacs.multipart import encode_related, media_type_params
@@ -31,7 +32,7 @@ def dicom_objects_wanted(result_format: str, accept: str | None) -> DicomObjects
 
 
 async def dicom_response(service: InferenceService, data: bytes, media_type: str | None,
-                         objects: DicomObjects) -> tuple[Response, dict[str, Any]]:
+                         objects: DicomObjects) -> tuple[Response, Prediction]:
     """Classify a DICOM slice: (the response carrying its result objects, the prediction they hold,
     for timings and the audit trail); 406 for any other input."""
     if sniff(data) != DICOM:
@@ -39,7 +40,7 @@ async def dicom_response(service: InferenceService, data: bytes, media_type: str
                             "send a DICOM file, or ask for JSON")
     source = await asyncio.to_thread(read_source, data)
     result = await service.predict(data, media_type, "png" if objects == "all" else "none")
-    datasets = await asyncio.to_thread(build_results, source, finding_from_result(result))
+    datasets = await asyncio.to_thread(build_results, source, finding_from_result(result.to_dict()))
     if objects == "sr":
         return Response(await asyncio.to_thread(encode, datasets[0]), media_type=DICOM), result
     body, content_type = encode_related(await asyncio.to_thread(lambda: [encode(ds) for ds in datasets]))

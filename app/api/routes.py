@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -20,6 +21,7 @@ from app.audit import AuditLog
 from app.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.inference.decode import MEDIA_TYPES, normalise_media_type
 from app.inference.pipeline import CamMode
+from app.inference.result import Prediction, Timings
 from app.inference.service import InferenceService
 from app.settings import Settings
 
@@ -83,26 +85,30 @@ async def read_single_image(request: Request) -> tuple[bytes, str | None]:
     )
 
 
-def _server_timing(timings: dict[str, float]) -> str:
-    return ", ".join(f"{name};dur={timings[key]:.3f}" for name, key in SERVER_TIMING)
+def _server_timing(timings: Timings) -> str:
+    return ", ".join(f"{name};dur={getattr(timings, key):.3f}" for name, key in SERVER_TIMING)
 
 
 def audit_prediction(request: Request, service: InferenceService, *, index: int | None = None,
-                     result: dict[str, Any] | None = None, error: ServiceError | None = None) -> None:
-    """The audit line of one prediction, answered (``result``) or refused (``error``)."""
+                     result: Prediction | None = None, error: ServiceError | None = None, **fields: Any) -> None:
+    """The audit line of one prediction, answered (``result``, or its ``fields`` where there is no
+    ``Prediction``, as for v2 logits) or refused (``error``)."""
     audit: AuditLog = request.app.state.audit
+    if result is not None:
+        fields = {"label": result.label, "tumour_probability": result.tumour_probability,
+                  "tumour_detected": result.tumour_detected, "threshold": result.threshold,
+                  "in_distribution": result.in_distribution, "timings_ms": asdict(result.timings_ms)}
     audit.prediction(
         request_id=request_id_of(request), key=getattr(request.state, "api_key", None),
         client=request.client.host if request.client else None, route=request.url.path, index=index,
-        status=200 if error is None else error.status, result=result,
-        problem=None if error is None else error.slug, model=service.builder.model_identity)
+        status=200 if error is None else error.status, problem=None if error is None else error.slug,
+        model=asdict(service.engine.builder.model_identity), **fields)
 
 
 @router.post("/v1/predict", operation_id="predict", summary="Classify one slice (PNG, JPEG or DICOM)",
              response_model=PredictResponse, responses=docs.PREDICT_RESPONSES, openapi_extra=docs.PREDICT_BODY)
-async def predict(request: Request, response: Response, cam: CamMode = CAM_QUERY,
-                  result_format: ResultFormat = FORMAT_QUERY,
-                  service: InferenceService = Depends(get_service)) -> Any:
+async def predict(request: Request, cam: CamMode = CAM_QUERY, result_format: ResultFormat = FORMAT_QUERY,
+                  service: InferenceService = Depends(get_service)) -> Response:
     try:
         data, media_type = await read_single_image(request)
         objects = dicom_objects_wanted(result_format, request.headers.get("accept"))
@@ -115,10 +121,12 @@ async def predict(request: Request, response: Response, cam: CamMode = CAM_QUERY
         raise
     audit_prediction(request, service, result=result)
     if objects is not None:
-        dicom.headers["Server-Timing"] = _server_timing(result["timings_ms"])
+        dicom.headers["Server-Timing"] = _server_timing(result.timings_ms)
         return dicom
-    response.headers["Server-Timing"] = _server_timing(result["timings_ms"])
-    return {"request_id": request_id_of(request), **result}
+    # Serialised straight from the typed result (response_model documents it; the API tests check
+    # every answer against the committed spec).
+    return Response(result.to_json(request_id_of(request)), media_type="application/json",
+                    headers={"Server-Timing": _server_timing(result.timings_ms)})
 
 
 @router.post("/v1/predict/batch", operation_id="predictBatch", summary="Classify several slices in one request",
@@ -149,7 +157,7 @@ async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
             audit_prediction(request, service, index=index, error=error)
             return {"filename": filename, "ok": False, "problem": problem_of(error, request.url.path, request_id)}
         audit_prediction(request, service, index=index, result=result)
-        return {"filename": filename, "ok": True, "result": {"request_id": request_id, **result}}
+        return {"filename": filename, "ok": True, "result": {"request_id": request_id, **result.to_dict()}}
 
     # All at once, so they meet in the micro-batcher; gather keeps request order.
     return {"results": await asyncio.gather(*(one(i, u) for i, u in enumerate(uploads)))}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from app.contract import PreprocessSpec
+from app.contract import OodSpec, PreprocessSpec
+from app.inference.result import Prediction
 
 
 class Problem(BaseModel):
@@ -22,49 +25,20 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = Field(None, description="validation errors (422 validation-error only)")
 
 
-class ModelIdentity(BaseModel):
-    name: str
-    version: str
-    sha256: str = Field(..., pattern="^[0-9a-f]{64}$")
+def _response_model() -> type[BaseModel]:
+    """``PredictResponse``: ``request_id`` and then every field of the core's ``Prediction`` (one
+    definition of the result's shape, in ``app.inference.result``)."""
+    hints = typing.get_type_hints(Prediction, include_extras=True)
+    fields: dict[str, Any] = {"request_id": (str, ...)}
+    for f in dataclasses.fields(Prediction):
+        if f.default_factory is not dataclasses.MISSING:
+            fields[f.name] = (hints[f.name], Field(default_factory=f.default_factory))
+        else:
+            fields[f.name] = (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+    return create_model("PredictResponse", __doc__="One prediction.", **fields)
 
 
-class CamPng(BaseModel):
-    format: Literal["png"]
-    label: str = Field(..., description="the class the map explains (the predicted one)")
-    width: int = Field(..., ge=1)
-    height: int = Field(..., ge=1)
-    image_png: str = Field(..., description="base64 PNG: the input slice as the model saw it, 8-bit gray")
-    heatmap_png: str = Field(..., description="base64 RGBA PNG, same size: colour-mapped CAM, alpha follows it")
-    overlay_png: str = Field(..., description="base64 PNG: the heatmap blended onto the image")
-
-
-class CamGrid(BaseModel):
-    format: Literal["grid"]
-    label: str = Field(..., description="the class the map explains (the predicted one)")
-    shape: list[int] = Field(..., min_length=2, max_length=2, description="[h, w] at feature resolution")
-    grid: list[list[float]] = Field(..., description="the CAM normalised to [0, 1], h rows of w values")
-
-
-class Timings(BaseModel):
-    decode: float
-    preprocess: float
-    queue: float
-    inference: float
-    cam: float
-    total: float
-
-
-class PredictResponse(BaseModel):
-    request_id: str
-    model: ModelIdentity
-    label: str
-    probabilities: dict[str, float] = Field(..., description="calibrated (temperature-scaled), sum to 1")
-    tumour_probability: float | None = Field(..., description="1 - p(notumor); null without that class")
-    tumour_detected: bool | None = Field(..., description="tumour_probability >= threshold")
-    threshold: float
-    cam: Annotated[CamPng | CamGrid, Field(discriminator="format")] | None
-    timings_ms: Timings
-    warnings: list[str]
+PredictResponse = _response_model()
 
 
 class BatchItemOk(BaseModel):
@@ -95,6 +69,13 @@ class ModelDescription(BaseModel):
     training_data: dict[str, Any]
     provider: str = Field(..., description="the ONNX Runtime execution provider running the model")
     providers: list[str] = Field(..., description="the providers of the session, in order of preference")
+    variant: Literal["fp32", "fp16", "int8"] = Field(
+        ..., description="which file of the model is served: the model file (fp32) or its fp16 / int8 variant")
+    batch_buckets: list[int] = Field(..., description="the batch sizes the model runs at (batches are padded up)")
+    ood: OodSpec | None = Field(..., description="how the model's out-of-distribution score is read; null when the "
+                                "model has no such output")
+    host_workers: int = Field(..., description="processes (or threads) that decode and preprocess")
+    host_work: Literal["processes", "threads"]
 
 
 class Health(BaseModel):

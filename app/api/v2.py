@@ -71,7 +71,7 @@ PathName = Annotated[str, Path(pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 def served_model(name: str, version: str | None, service: InferenceService) -> InferenceService:
     """The service when ``name`` (and ``version``, if given) is the loaded model, else 404."""
-    meta = service.runner.metadata
+    meta = service.engine.metadata
     if name != meta.model_name or (version is not None and version != meta.model_version):
         shown = name if version is None else f"{name} version {version}"
         raise ModelNotFound(f"this server serves {meta.model_name} version {meta.model_version}, not {shown[:200]}")
@@ -101,7 +101,7 @@ async def ready(request: Request) -> Any:
 
 
 def _model_metadata(service: InferenceService) -> dict[str, Any]:
-    meta = service.runner.metadata
+    meta = service.engine.metadata
     spec = meta.preprocess
     classes = len(meta.labels)
     return {
@@ -113,7 +113,7 @@ def _model_metadata(service: InferenceService) -> dict[str, Any]:
         "outputs": [{"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": [-1, classes]},
                     {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
         "parameters": {"labels": list(meta.labels), "temperature": meta.temperature,
-                       "tumour_threshold": service.builder.threshold, "sha256": service.runner.sha256},
+                       "tumour_threshold": service.engine.builder.threshold, "sha256": service.engine.model.sha256},
     }
 
 
@@ -134,7 +134,7 @@ async def model_version_metadata(model_name: PathName, model_version: PathName,
 @router.get("/models/{model_name}/ready", operation_id="v2ModelReady", summary="The model is ready",
             response_model=ModelReadyResponse, responses=docs.V2_READY_RESPONSES)
 async def model_ready(model_name: PathName, service: InferenceService = Depends(get_service)) -> dict[str, Any]:
-    return {"name": served_model(model_name, None, service).runner.metadata.model_name, "ready": True}
+    return {"name": served_model(model_name, None, service).engine.metadata.model_name, "ready": True}
 
 
 @router.get("/models/{model_name}/versions/{model_version}/ready", operation_id="v2ModelVersionReady",
@@ -142,7 +142,7 @@ async def model_ready(model_name: PathName, service: InferenceService = Depends(
             responses=docs.V2_READY_RESPONSES)
 async def model_version_ready(model_name: PathName, model_version: PathName,
                               service: InferenceService = Depends(get_service)) -> dict[str, Any]:
-    return {"name": served_model(model_name, model_version, service).runner.metadata.model_name, "ready": True}
+    return {"name": served_model(model_name, model_version, service).engine.metadata.model_name, "ready": True}
 
 
 # ---------------------------------------------------------------- infer: the request
@@ -265,7 +265,7 @@ def model_inputs(infer: InferRequest, binary: bytes, service: InferenceService,
         raise InvalidTensor(f"send exactly one input: {IMAGE_INPUT!r} or {BYTES_INPUT!r}")
     item = infer.inputs[0]
     reader = BinaryReader(binary)
-    spec = service.runner.metadata.preprocess
+    spec = service.engine.metadata.preprocess
     if item.name == IMAGE_INPUT:
         inputs: list[np.ndarray | bytes] = list(image_tensor(item, reader, (spec.channels, spec.size, spec.size),
                                                              max_batch))
@@ -288,7 +288,7 @@ def _wants_binary(infer: InferRequest, output_parameters: dict[str, Any] | None)
 
 def infer_response(infer: InferRequest, request_id: str, service: InferenceService,
                    logits: np.ndarray) -> Response:
-    meta = service.runner.metadata
+    meta = service.engine.metadata
     tensors = {LOGITS_OUTPUT: logits.astype(np.float32),
                PROBABILITIES_OUTPUT: softmax(logits, meta.temperature).astype(np.float32)}
     wanted = [(o.name, o.parameters) for o in infer.outputs or []] or [(name, None) for name in OUTPUTS]
@@ -318,17 +318,16 @@ def infer_response(infer: InferRequest, request_id: str, service: InferenceServi
                     headers={"Inference-Header-Content-Length": str(len(header))})
 
 
-def audit_results(service: InferenceService, logits: np.ndarray) -> list[dict[str, Any]]:
-    """What the audit trail records of each image of an inference: label, tumour probability and
-    decision, as /v1/predict would have answered them."""
-    meta, builder = service.runner.metadata, service.builder
-    results = []
+def audit_fields(service: InferenceService, logits: np.ndarray) -> list[dict[str, Any]]:
+    """What the audit trail records of each image of an inference (the client gets logits and
+    probabilities): label, tumour probability and decision, as /v1/predict would have answered them."""
+    meta, threshold = service.engine.metadata, service.engine.builder.threshold
+    fields = []
     for probabilities in softmax(logits, meta.temperature):
         tumour = tumour_probability(probabilities, meta.labels)
-        results.append({"model": builder.model_identity, "label": meta.labels[int(np.argmax(probabilities))],
-                        "tumour_probability": tumour, "threshold": builder.threshold,
-                        "tumour_detected": None if tumour is None else bool(tumour >= builder.threshold)})
-    return results
+        fields.append({"label": meta.labels[int(np.argmax(probabilities))], "tumour_probability": tumour,
+                       "threshold": threshold, "tumour_detected": None if tumour is None else bool(tumour >= threshold)})
+    return fields
 
 
 async def _infer(request: Request, name: str, version: str | None, service: InferenceService,
@@ -341,8 +340,8 @@ async def _infer(request: Request, name: str, version: str | None, service: Infe
     except ServiceError as error:
         audit_prediction(request, service, error=error)
         raise
-    for index, result in enumerate(audit_results(service, logits)):
-        audit_prediction(request, service, index=index, result=result)
+    for index, fields in enumerate(audit_fields(service, logits)):
+        audit_prediction(request, service, index=index, **fields)
     return infer_response(infer, request_id_of(request), service, logits)
 
 

@@ -1,57 +1,48 @@
 """Dynamic micro-batching in front of the (blocking) model call.
 
-Requests wait in a bounded queue; one worker task takes up to ``max_batch_size`` of them, waiting
-at most ``max_wait_s`` after the oldest arrived, stacks them and runs the model in a dedicated
-thread, so ``session.run`` never blocks the event loop. A full queue is refused at once
-(``Overloaded``: 503 with Retry-After) instead of letting latency grow without bound.
+Requests wait in a queue; one worker task takes up to ``max_batch_size`` of them, waiting at most
+``max_wait_s`` after the oldest arrived, and runs the model on them in a dedicated thread, so
+``session.run`` never blocks the event loop. The runner pads each batch to its bucket. How many
+requests may wait is the admission's business (``app.inference.admission``), not the queue's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
-import numpy as np
-
-from app.errors import ModelNotReady, Overloaded
+from app.errors import ModelNotReady
+from app.inference.result import ModelOutput
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
-
-
-@dataclass
-class BatchOutput:
-    logits: np.ndarray  # [C] of this request
-    features: np.ndarray  # [K, h, w] of this request
-    queue_ms: float
-    inference_ms: float
-    batch_size: int
+# (inputs, which want features) -> one ModelOutput per input, in order. Blocking. An input is
+# whatever the model call takes (a tensor, or a prepared request whose tensor it makes).
+RunBatch = Callable[[Sequence[Any], Sequence[bool]], "list[ModelOutput]"]
 
 
 @dataclass
 class _Item:
-    tensor: np.ndarray
+    tensor: Any
+    features: bool
     future: asyncio.Future
     enqueued: float
+    on_start: Callable[[], None] | None
 
 
 class MicroBatcher:
-    def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_wait_s: float, queue_size: int,
-                 on_batch: Callable[[int], None] | None = None,
-                 on_depth: Callable[[int], None] | None = None) -> None:
+    def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_wait_s: float,
+                 on_batch: Callable[[int], None] | None = None) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self.queue_size = queue_size
         self._on_batch = on_batch or (lambda n: None)
-        self._on_depth = on_depth or (lambda n: None)
         self._items: deque[_Item] = deque()
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btd-infer")
@@ -66,21 +57,14 @@ class MicroBatcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._worker(), name="btd-batcher")
 
-    def refuse_if_full(self) -> None:
-        """``Overloaded`` (503 with Retry-After) while the queue is full."""
-        if len(self._items) >= self.queue_size:
-            retry = max(1, math.ceil(self.max_wait_s + 0.05 * self.queue_size / self.max_batch_size))
-            raise Overloaded(f"the inference queue is full ({self.queue_size} waiting); retry shortly",
-                             headers={"Retry-After": str(retry)})
-
-    async def submit(self, tensor: np.ndarray) -> BatchOutput:
-        """Queue one preprocessed image; resolves when its batch has run."""
+    async def submit(self, tensor: Any, features: bool = True,
+                     on_start: Callable[[], None] | None = None) -> ModelOutput:
+        """Queue one preprocessed image; resolves when its batch has run. ``features``: fetch the
+        features output for it (a CAM); ``on_start`` is called when its batch is taken."""
         if self._closing or self._task is None:
             raise ModelNotReady("the server is shutting down")
-        self.refuse_if_full()
         future = asyncio.get_running_loop().create_future()
-        self._items.append(_Item(tensor, future, time.perf_counter()))
-        self._on_depth(len(self._items))
+        self._items.append(_Item(tensor, features, future, time.perf_counter(), on_start))
         self._arrived.set()
         return await future  # cancelling this (request timeout) leaves a done future the worker skips
 
@@ -99,8 +83,11 @@ class MicroBatcher:
             except asyncio.TimeoutError:
                 break
         batch = [self._items.popleft() for _ in range(min(self.max_batch_size, len(self._items)))]
-        self._on_depth(len(self._items))
-        return [item for item in batch if not item.future.done()]
+        live = [item for item in batch if not item.future.done()]
+        for item in live:
+            if item.on_start is not None:
+                item.on_start()
+        return live
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -111,8 +98,8 @@ class MicroBatcher:
             started = time.perf_counter()
             self._busy = True
             try:
-                logits, features = await loop.run_in_executor(
-                    self._executor, self._run_batch, np.stack([item.tensor for item in items]))
+                outputs = await loop.run_in_executor(self._executor, self._run_batch,
+                                                     [item.tensor for item in items], [item.features for item in items])
             except Exception as exc:  # a failing model call fails its batch, not the worker
                 log.exception("model call failed for a batch of %d", len(items))
                 for item in items:
@@ -123,10 +110,10 @@ class MicroBatcher:
                 self._busy = False
             inference_ms = (time.perf_counter() - started) * 1000.0
             self._on_batch(len(items))
-            for i, item in enumerate(items):
+            for item, output in zip(items, outputs):
                 if not item.future.done():
-                    item.future.set_result(BatchOutput(
-                        logits[i], features[i], (started - item.enqueued) * 1000.0, inference_ms, len(items)))
+                    item.future.set_result(replace(output, queue_ms=(started - item.enqueued) * 1000.0,
+                                                   inference_ms=inference_ms, batch_size=len(items)))
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Refuse new work, finish what is queued (up to ``timeout_s``), then stop the worker."""
@@ -145,5 +132,4 @@ class MicroBatcher:
             if not item.future.done():
                 item.future.set_exception(ModelNotReady("the server shut down before this request ran"))
         self._items.clear()
-        self._on_depth(0)
         self._executor.shutdown(wait=False, cancel_futures=True)

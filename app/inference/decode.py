@@ -303,7 +303,7 @@ _DECODER_LOGGER_ROOTS = ("pydicom", "pylibjpeg", "openjpeg", "_openjpeg", "libjp
 def _decoder_loggers() -> list[logging.Logger]:
     """Every existing logger of pydicom and its plugins: a child logger (pydicom.pixels.decoders.base
     logs each failing plugin's exception) is not silenced by disabling its parent."""
-    import pydicom.pixels  # noqa: F401  (creates the module loggers of pydicom and the installed plugins)
+    import pydicom.pixels
 
     existing = list(logging.root.manager.loggerDict)  # one C-level copy: other threads may add loggers
     names = {*_DECODER_LOGGER_ROOTS, *(n for n in existing if n.split(".", 1)[0] in _DECODER_LOGGER_ROOTS)}

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-from app.contract import NO_TUMOUR_LABEL, scale_intensity
+from app.contract import NO_TUMOUR_LABEL, Framing, scale_intensity
 
 MAX_VIEW_SIDE = 1024  # long side of the PNG images returned with a CAM
 HEATMAP_MAX_ALPHA = 0.6  # opacity of the heatmap where the CAM is 1
@@ -70,17 +70,38 @@ def _png_b64(image: np.ndarray) -> str:
     return base64.b64encode(buf.tobytes()).decode("ascii")
 
 
-def cam_images(view: np.ndarray, cam: np.ndarray) -> dict:
-    """CAM resized to the view: the view, an RGBA heatmap (alpha follows the CAM) and the overlay,
-    all base64 PNG of the same size."""
+def place_cam(cam: np.ndarray, framing: Framing, image_size: tuple[int, int], view_size: tuple[int, int]) -> np.ndarray:
+    """The model-space CAM drawn onto a ``view_size`` (width, height) picture of the ``image_size``
+    image: it covers the framing's square ``[x, x + side) x [y, y + box_height)`` (image pixels),
+    bilinear inside it, zero outside; the parts of the square beyond the image are dropped."""
+    (image_w, image_h), (view_w, view_h) = image_size, view_size
+    sx, sy = view_w / image_w, view_h / image_h
+    bx, by, bw, bh = framing.x * sx, framing.y * sy, framing.side * sx, framing.box_height * sy
+    if np.allclose((bx, by, bw, bh), (0.0, 0.0, view_w, view_h), atol=1e-6):  # the whole image (version-1 models)
+        return cv2.resize(cam, (view_w, view_h), interpolation=cv2.INTER_LINEAR)
+    h, w = cam.shape
+    # Pixel centres to pixel centres: view u + 0.5 = bx + (grid column + 0.5) * bw / w.
+    matrix = np.array([[bw / w, 0.0, bx + 0.5 * bw / w - 0.5], [0.0, bh / h, by + 0.5 * bh / h - 0.5]])
+    placed = cv2.warpAffine(cam, matrix, (view_w, view_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    us, vs = np.arange(view_w) + 0.5, np.arange(view_h) + 0.5
+    inside = ((vs >= by) & (vs < by + bh))[:, None] & ((us >= bx) & (us < bx + bw))[None, :]
+    return np.where(inside, placed, 0.0).astype(np.float32)
+
+
+def cam_images(view: np.ndarray, cam: np.ndarray, framing: Framing | None = None,
+               image_size: tuple[int, int] | None = None) -> dict:
+    """CAM placed on the view (through ``framing``, in ``image_size`` pixels; default: stretched over
+    the whole view): the view, an RGBA heatmap (alpha follows the CAM) and the overlay, all base64
+    PNG of the same size."""
     height, width = view.shape
-    up = cv2.resize(cam, (width, height), interpolation=cv2.INTER_LINEAR)
-    up = np.clip(up, 0.0, 1.0)
+    if framing is None or image_size is None:
+        framing, image_size = Framing(0.0, 0.0, float(width), height=float(height)), (width, height)
+    up = np.clip(place_cam(cam, framing, image_size, (width, height)), 0.0, 1.0)
     colours = cv2.applyColorMap(np.rint(up * 255).astype(np.uint8), cv2.COLORMAP_JET)  # BGR
-    alpha = (up * HEATMAP_MAX_ALPHA)[:, :, None]
-    heatmap = np.dstack([colours, np.rint(alpha[:, :, 0] * 255).astype(np.uint8)])  # BGRA
-    base = cv2.cvtColor(view, cv2.COLOR_GRAY2BGR).astype(np.float32)
-    overlay = np.rint(base * (1 - alpha) + colours.astype(np.float32) * alpha).astype(np.uint8)
+    alpha = up * np.float32(HEATMAP_MAX_ALPHA)
+    heatmap = cv2.merge([*cv2.split(colours), np.rint(alpha * 255).astype(np.uint8)])  # BGRA
+    # One per-pixel blend in OpenCV (rounded like np.rint), not float copies of three channels.
+    overlay = cv2.blendLinear(cv2.cvtColor(view, cv2.COLOR_GRAY2BGR), colours, 1.0 - alpha, alpha)
     return {
         "format": "png",
         "width": int(width),

@@ -1,81 +1,116 @@
-"""The asynchronous orchestrator behind the HTTP routes: runner + micro-batcher + the shared
-pipeline, with the request timeout and the metrics. Transport-free (no FastAPI): routes hand it
-bytes and get the response dict or a typed error."""
+"""The asynchronous front of the ``Engine`` behind the HTTP routes: admission control, host work in a
+pool, the micro-batcher, the request timeout and the metrics. Transport-free (no FastAPI): routes
+hand it bytes and get a ``Prediction`` or a typed error."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from app import metrics
 from app.errors import InferenceTimeout
+from app.inference.admission import Admission
 from app.inference.batcher import MicroBatcher
-from app.inference.pipeline import check_cam_mode, prepare
-from app.inference.predictor import result_builder, runtime_options
-from app.inference.runner import Runner, available_cpus
-from app.settings import Settings
+from app.inference.engine import Engine, EngineOptions
+from app.inference.host import HostWork, ProcessHost, ThreadHost
+from app.inference.pipeline import check_cam_mode, ms_since, prepare, render_cam_png
+from app.inference.result import Prediction
+from app.inference.runner import GPU_PROVIDERS, available_cpus
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    max_wait_s: float = 0.005  # longest the oldest request waits for company in the batcher
+    queue_size: int = 64  # requests that may wait for the model, decoding included
+    max_queue_wait_s: float = 1.0  # refuse new requests while the oldest waiting one has waited longer
+    request_timeout_s: float = 30.0
+    host_workers: int | None = None  # processes for decode/preprocess/CAM images; 0: threads; None: auto
+    host_task_timeout_s: float | None = None  # a host task past this: its worker is killed (None: no limit)
+    host_memory_limit_bytes: int | None = None  # address-space limit of each host worker process
+
+
+def auto_host_workers(on_gpu: bool) -> int:
+    """Host worker processes when not set: on a GPU node every core but one (the event loop's);
+    on the CPU none (threads): the model needs the cores there (README, "The inference engine")."""
+    return max(1, available_cpus() - 1) if on_gpu else 0
+
+
+def host_work(options: ServiceOptions, on_gpu: bool = False) -> HostWork:
+    workers = auto_host_workers(on_gpu) if options.host_workers is None else options.host_workers
+    if workers > 0:
+        return ProcessHost(workers, task_timeout_s=options.host_task_timeout_s,
+                           memory_limit_bytes=options.host_memory_limit_bytes)
+    return ThreadHost(max(2, available_cpus()))
 
 
 class InferenceService:
-    def __init__(self, runner: Runner, settings: Settings) -> None:
-        self.runner = runner
-        self.settings = settings
-        self.builder = result_builder(runner, settings)
-        self.batcher = MicroBatcher(
-            runner.run, max_batch_size=settings.max_batch_size, max_wait_s=settings.max_wait_ms / 1000.0,
-            queue_size=settings.queue_size, on_batch=metrics.BATCH_SIZE.observe, on_depth=metrics.QUEUE_DEPTH.set,
-        )
-        # Decode, preprocess and CAM encoding run here, off the event loop (bounded: one per CPU).
-        self._cpu = ThreadPoolExecutor(max_workers=max(2, available_cpus()), thread_name_prefix="btd-cpu")
+    def __init__(self, engine: Engine, options: ServiceOptions, host: HostWork | None = None) -> None:
+        self.engine = engine
+        self.options = options
+        self.host = host or host_work(options, engine.runner.provider in GPU_PROVIDERS)
+        self.admission = Admission(options.queue_size, options.max_queue_wait_s, on_depth=metrics.QUEUE_DEPTH.set)
+        self.batcher = MicroBatcher(self._run_batch, max_batch_size=engine.max_batch_size,
+                                    max_wait_s=options.max_wait_s, on_batch=metrics.BATCH_SIZE.observe)
 
     @classmethod
-    def load(cls, settings: Settings) -> InferenceService:
-        """Load, check and warm up the model (blocking: call it in a thread)."""
-        runner = Runner.load(settings.model_path, runtime_options(settings))
-        runner.warm_up(sorted({1, settings.max_batch_size}))
-        return cls(runner, settings)
+    def load(cls, model_path, engine_options: EngineOptions, options: ServiceOptions) -> InferenceService:
+        """Load, check and warm up the model and start the host workers (blocking: call it in a thread)."""
+        engine = Engine.load(model_path, engine_options)
+        service = cls(engine, options)
+        service.host.warm_up()
+        return service
+
+    def _run_batch(self, prepared, features):
+        started = time.perf_counter()
+        outputs = self.engine.infer_prepared(prepared, features)
+        self.admission.observe_batch(len(prepared), time.perf_counter() - started)
+        return outputs
 
     def start(self) -> None:
         self.batcher.start()
-        meta = self.runner.metadata
-        metrics.set_model_info(meta.model_name, meta.model_version, self.runner.sha256, self.runner.provider)
+        meta, runner = self.engine.metadata, self.engine.runner
+        metrics.set_model_info(meta.model_name, meta.model_version, self.engine.model.sha256, runner.provider)
 
-    async def predict(self, data: bytes, media_type: str | None, cam: str = "none") -> dict[str, Any]:
-        """One image -> the response dict (without ``request_id``); typed errors for bad input,
-        ``Overloaded`` when the queue is full, ``InferenceTimeout`` past the request timeout."""
+    async def predict(self, data: bytes, media_type: str | None, cam: str = "none") -> Prediction:
+        """One image -> ``Prediction``; typed errors for bad input, ``Overloaded`` above capacity,
+        ``InferenceTimeout`` past the request timeout."""
         check_cam_mode(cam)
         started = time.perf_counter()
-        timeout = self.settings.request_timeout_s
+        ticket = self.admission.admit()
+        timeout = self.options.request_timeout_s
         try:
             with metrics.IN_FLIGHT.track_inprogress():  # admitted work: the upload is complete
-                result = await asyncio.wait_for(self._predict(data, media_type, cam, started), timeout)
+                result = await asyncio.wait_for(self._predict(data, media_type, cam, started, ticket), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
+        finally:
+            self.admission.stop_waiting(ticket)
         metrics.observe_prediction(result)
         return result
 
-    async def _predict(self, data: bytes, media_type: str | None, cam: str, started: float) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        spec = self.runner.metadata.preprocess
-        prepared = await loop.run_in_executor(
-            self._cpu, partial(prepare, data, media_type, spec, max_pixels=self.settings.max_pixels,
-                               multiframe=self.settings.multiframe))
-        out = await self.batcher.submit(prepared.tensor)
-        return await loop.run_in_executor(self._cpu, partial(
-            self.builder.build, prepared, out.logits, out.features, cam, started=started,
-            queue_ms=out.queue_ms, inference_ms=out.inference_ms))
+    async def _predict(self, data: bytes, media_type: str | None, cam: str, started: float,
+                       ticket: int) -> Prediction:
+        engine = self.engine
+        prepared = await self.host.run(prepare, data, media_type, engine.prepare_options, cam == "png")
+        output = await self.batcher.submit(prepared, cam != "none",
+                                           on_start=lambda: self.admission.stop_waiting(ticket))
+        cam_result, cam_ms = None, 0.0
+        if cam == "png":  # the images are encoded by the host workers too
+            cam_start = time.perf_counter()
+            cam_result = await self.host.run(render_cam_png, prepared.view, engine.builder.cam_grid(output),
+                                             prepared.framing, prepared.image_size)
+            cam_ms = ms_since(cam_start)
+        return engine.finish(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms)
 
     async def infer_logits(self, inputs: Sequence[np.ndarray | bytes]) -> np.ndarray:
         """Model inputs ``[channels, size, size]`` (or image bytes, prepared as ``predict`` does) -> raw
-        logits ``[N, C]``, through the micro-batcher: the same queue, limits and timeout as ``predict``."""
-        timeout = self.settings.request_timeout_s
+        logits ``[N, C]``, through the micro-batcher: the same admission, queue and timeout as ``predict``."""
+        timeout = self.options.request_timeout_s
         metrics.IN_FLIGHT.inc(len(inputs))  # admitted work: one per image, as predict counts
         try:
             return await asyncio.wait_for(self._infer_logits(inputs), timeout)
@@ -85,34 +120,27 @@ class InferenceService:
             metrics.IN_FLIGHT.dec(len(inputs))
 
     async def _infer_logits(self, inputs: Sequence[np.ndarray | bytes]) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        spec = self.runner.metadata.preprocess
-        tensors = [item if isinstance(item, np.ndarray) else (await loop.run_in_executor(
-            self._cpu, partial(prepare, item, None, spec, max_pixels=self.settings.max_pixels,
-                               multiframe=self.settings.multiframe))).tensor for item in inputs]
-        outs = await asyncio.gather(*(self.batcher.submit(tensor) for tensor in tensors))
-        return np.stack([out.logits for out in outs])
+        async def one(item: np.ndarray | bytes) -> np.ndarray:
+            ticket = self.admission.admit()
+            try:
+                model_input = item if isinstance(item, np.ndarray) else await self.host.run(
+                    prepare, item, None, self.engine.prepare_options)
+                out = await self.batcher.submit(model_input, False, on_start=lambda: self.admission.stop_waiting(ticket))
+            finally:
+                self.admission.stop_waiting(ticket)
+            return out.logits
+
+        return np.stack(await asyncio.gather(*(one(item) for item in inputs)))
 
     def refuse_if_full(self) -> None:
-        """``Overloaded`` (503 with Retry-After) at once while the model's queue is full: for a
+        """``Overloaded`` (503 with Retry-After) at once when a new request would be refused: for a
         batch request, before its files are read and decoded."""
-        self.batcher.refuse_if_full()
+        self.admission.check()
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/model`` returns."""
-        meta = self.runner.metadata
-        return {
-            **self.builder.model_identity,
-            "labels": list(meta.labels),
-            "input": asdict(meta.preprocess),
-            "temperature": meta.temperature,
-            "threshold": self.builder.threshold,
-            "metrics": meta.metrics,
-            "training_data": meta.training_data,
-            "provider": self.runner.provider,
-            "providers": self.runner.providers,
-        }
+        return {**self.engine.describe(), "host_workers": self.host.workers, "host_work": self.host.kind}
 
     async def close(self, timeout_s: float) -> None:
         await self.batcher.close(timeout_s)
-        self._cpu.shutdown(wait=False, cancel_futures=True)
+        self.host.close()

@@ -133,7 +133,7 @@ class LocalClassifier:
             source = read_source(data)
             with self._lock:
                 result = self.predictor.predict(data, DICOM, cam="png")
-            return [encode(ds) for ds in build_results(source, finding_from_result(result))]
+            return [encode(ds) for ds in build_results(source, finding_from_result(result.to_dict()))]
         except ServiceError as exc:
             raise SliceFailed(f"{exc.title}: {exc.detail}") from None
 

@@ -156,7 +156,19 @@ function renderProbabilities(probabilities, topLabel) {
   }
 }
 
+// The service says an image is out of distribution (not a brain MR slice as the model knows them):
+// its warning is shown instead of a finding.
+const OOD_PHRASE = "the image does not look like a brain MR slice";
+
+function oodWarning(result) {
+  if (result.in_distribution !== false) return null;
+  const text = (result.warnings || []).find((w) => w.startsWith(OOD_PHRASE)) || OOD_PHRASE;
+  return text.charAt(0).toUpperCase() + text.slice(1) + ".";
+}
+
 function decisionText(result) {
+  const ood = oodWarning(result);
+  if (ood) return ood;
   if (result.tumour_detected === null || result.tumour_detected === undefined) {
     return "This model has no 'no tumour' class, so it makes no tumour / no tumour decision.";
   }
@@ -202,15 +214,21 @@ function renderTimings(timings, roundTripMs) {
 }
 
 function renderResult(fileName, result, roundTripMs) {
+  const ood = oodWarning(result);
   $("result-file").textContent = fileName;
-  $("result-label").textContent = displayName(result.label);
+  $("result-label").textContent = ood ? "Not assessed" : displayName(result.label);
   const decision = $("result-decision");
   decision.textContent = decisionText(result);
-  decision.classList.toggle("positive", result.tumour_detected === true);
+  decision.classList.toggle("positive", !ood && result.tumour_detected === true);
+  decision.classList.toggle("ood", Boolean(ood));
+  decision.setAttribute("role", ood ? "alert" : "status");
+  $("probabilities-heading").textContent = ood ? "Class probabilities (not a finding)" : "Class probabilities";
   renderProbabilities(result.probabilities, result.label);
   const warnings = $("warnings");
   warnings.replaceChildren(
-    ...(result.warnings || []).map((w) => Object.assign(document.createElement("li"), { textContent: w })),
+    ...(result.warnings || [])
+      .filter((w) => !w.startsWith(OOD_PHRASE)) // shown above, instead of the finding
+      .map((w) => Object.assign(document.createElement("li"), { textContent: w })),
   );
   warnings.hidden = warnings.children.length === 0;
   renderTimings(result.timings_ms, roundTripMs);
@@ -218,9 +236,10 @@ function renderResult(fileName, result, roundTripMs) {
   $("result-request-id").textContent = result.request_id || "";
   renderCam(result.cam);
   $("result").hidden = false;
-  $("status").textContent =
-    `Result for ${fileName}: ${displayName(result.label)}, ${percent(result.probabilities[result.label])}. ` +
-    decisionText(result);
+  $("status").textContent = ood
+    ? `Result for ${fileName}: not assessed. ${ood}`
+    : `Result for ${fileName}: ${displayName(result.label)}, ${percent(result.probabilities[result.label])}. ` +
+      decisionText(result);
   setState("done");
 }
 

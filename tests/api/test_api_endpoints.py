@@ -80,6 +80,8 @@ def test_model_describes_labels_input_and_provider(client):
     assert body["provider"] == "CPUExecutionProvider" and body["providers"][0] == body["provider"]
     assert body["metrics"] == {"accuracy": 0.25} and body["training_data"] == {"source": "synthetic"}
     assert body["threshold"] == 0.5 and body["name"] == "btd-test" and len(body["sha256"]) == 64
+    assert body["variant"] == "fp32" and body["batch_buckets"] == [1, 2, 4, 8] and body["ood"] is None
+    assert body["host_work"] in ("threads", "processes") and body["host_workers"] >= 1
 
 
 def test_health_endpoints_are_green_when_loaded(client):
@@ -104,9 +106,9 @@ def test_not_ready_until_model_loaded_checked_and_warmed_up(model_path, monkeypa
     release = threading.Event()
     original = InferenceService.load
 
-    def slow_load(settings):
+    def slow_load(*args):
         release.wait(10)
-        return original(settings)
+        return original(*args)
 
     monkeypatch.setattr(InferenceService, "load", staticmethod(slow_load))
     with running_app(model_path, ready=False) as client:
@@ -130,9 +132,9 @@ def test_probes_while_loading_are_a_state_not_errors(model_path, monkeypatch, ca
     release = threading.Event()
     original = InferenceService.load
 
-    def slow_load(settings):
+    def slow_load(*args):
         release.wait(10)
-        return original(settings)
+        return original(*args)
 
     monkeypatch.setattr(InferenceService, "load", staticmethod(slow_load))
     with running_app(model_path, ready=False) as client:

@@ -53,7 +53,10 @@ def test_predict_raw_body_returns_prediction(client, content_type, data):
 def test_predict_multipart_with_generic_part_type_sniffs_bytes(client):
     data = dicom_testfile("MR_small.dcm")
     body = assert_prediction(client.post("/v1/predict", files={"file": ("x.dcm", data, "application/octet-stream")}))
-    assert body["warnings"] == []  # an MR slice of a normal kind
+    # an MR slice of a normal kind, but 64x64: too small to be a whole slice, so no finding is made
+    assert body["ood_reasons"] == ["small-image"] and body["in_distribution"] is False
+    assert len(body["warnings"]) == 1 and "64x64 pixels, too small" in body["warnings"][0]
+    assert body["tumour_detected"] is None
 
 
 def test_predict_echoes_client_request_id(client):
@@ -191,10 +194,10 @@ class Gate:
         self.release = threading.Event()
         self.entered = threading.Event()
 
-    def __call__(self, batch):
+    def __call__(self, tensors, features):
         self.entered.set()
         self.release.wait(10)
-        return self.run_batch(batch)
+        return self.run_batch(tensors, features)
 
 
 def _gate_model(client) -> Gate:

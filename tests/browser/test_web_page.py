@@ -105,7 +105,10 @@ def browser_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                headers={"Content-Type": media_type}, timeout=60).json()
         api_broken = httpx.post(f"{base_url}/v1/predict", content=broken.read_bytes(),
                                 headers={"Content-Type": "image/png"}, timeout=60).json()
-    return {"report": json.loads(done.stdout), "model": api_model, "image": api_image, "broken": api_broken}
+        api_dicom = httpx.post(f"{base_url}/v1/predict", content=dicom.read_bytes(),
+                               headers={"Content-Type": "application/dicom"}, timeout=60).json()
+    return {"report": json.loads(done.stdout), "model": api_model, "image": api_image, "broken": api_broken,
+            "dicom": api_dicom}
 
 
 def percent(p: float) -> str:
@@ -149,6 +152,15 @@ def test_page_shows_a_dropped_dicom_through_the_servers_rendering(browser_run: d
     assert browser_run["report"]["dicomState"] == "done", browser_run["report"].get("dicomError")
     assert dicom["label"] and dicom["heatmap"]["loaded"]
     assert (dicom["image"]["width"], dicom["image"]["height"]) == (64, 64)  # MR_small.dcm
+
+
+def test_page_shows_the_out_of_distribution_warning_instead_of_a_finding(browser_run: dict) -> None:
+    # MR_small.dcm is 64x64: too small to be a whole slice, so the service makes no finding for it
+    seen, api = browser_run["report"]["dicom"], browser_run["dicom"]
+    assert api["in_distribution"] is False and api["tumour_detected"] is None
+    assert seen["label"] == "Not assessed"
+    assert "does not look like a brain MR slice" in seen["decision"] and "not a finding" in seen["decision"]
+    assert "Tumour suspected" not in seen["decision"] and "No tumour suspected" not in seen["decision"]
 
 
 def test_page_explains_a_broken_file_in_words(browser_run: dict) -> None:

@@ -46,7 +46,7 @@ def test_check_catches_a_stale_sample(fresh: dict[str, str], name: str, field: s
         old, new = {"version": (f'"{body["model"]["version"]}"', '"0.9.0"'),
                     "label": (f'"label": "{label}"', '"label": "other"'),
                     "probability": (f'"{label}": {p}', f'"{label}": {round(p - 0.01, 3)}'),
-                    "warnings": ('"warnings": []', '"warnings": ["the image is small"]'),
+                    "warnings": (f'"warnings": {json.dumps(body["warnings"])}', '"warnings": ["the image is small"]'),
                     "timings": ('"total": ', '"all": ')}[field]
     else:
         row = fresh[name].splitlines()[1].split()

@@ -154,6 +154,37 @@ def test_quantized_model_keeps_outputs_metadata_and_cam_weights(exported, tmp_pa
     assert np.isfinite(logits).all()
 
 
+def test_fp16_variant_computes_in_float16_with_float32_inputs_and_outputs(exported) -> None:
+    from app.inference.model import ModelFile, variant_path
+
+    out = exporter.float16_variant(exported["fp32"])
+    assert out == variant_path(exported["fp32"], "fp16") and out.name == "fp32-fp16.onnx"
+    proto = onnx.load(str(out))
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    inits = {i.name: i for i in proto.graph.initializer}
+    assert convs and all(inits[c.input[1]].data_type == onnx.TensorProto.FLOAT16 for c in convs)
+    for value in (*proto.graph.input, *proto.graph.output):
+        assert value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT, value.name
+    model = ModelFile.load(out)  # the service reads it: metadata and CAM weights kept
+    assert model.metadata.labels == LABELS and model.cam_weights.dtype == np.float32
+    x = exporter.parity_inputs(SIZE, 2, seed=5)
+    half = session(out).run([LOGITS_NAME, "features"], {INPUT_NAME: x})
+    full = session(exported["fp32"]).run([LOGITS_NAME, "features"], {INPUT_NAME: x})
+    for h, f in zip(half, full):
+        assert h.shape == f.shape and np.allclose(h, f, rtol=2e-2, atol=2e-2)
+
+
+def test_btd_export_fp16_of_an_onnx_file_writes_only_the_variant(exported, tmp_path: Path) -> None:
+    import shutil
+
+    from model_export.cli import main as btd
+
+    source = Path(shutil.copy(exported["fp32"], tmp_path / "m.onnx"))
+    assert btd(["export", str(source), "--fp16"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m-fp16.onnx", "m.onnx"]
+    assert btd(["export", str(source)]) == 2  # an .onnx input without --fp16 is refused with a message
+
+
 def _ood_fit(model: ResNet50, seed: int = 0):
     """An OOD score fitted on pooled features of random inputs, two pseudo-classes."""
     from model_export import ood
@@ -213,3 +244,20 @@ def test_quantization_keeps_the_ood_head_in_float(trained_like_model, tmp_path: 
     assert matmuls and all(not inp.endswith("_DequantizeLinear_Output") for n in matmuls for inp in n.input)
     score = session(out).run([OOD_NAME], {INPUT_NAME: exporter.parity_inputs(SIZE, 2, seed=4)})[0]
     assert score.shape == (2,) and np.isfinite(score).all()
+
+
+def test_fp16_variant_of_a_model_with_an_ood_head_keeps_the_head_in_float32(trained_like_model, tmp_path) -> None:
+    from app.contract import OOD_NAME
+    from app.inference.model import ModelFile
+
+    path = exporter.export(trained_like_model, LABELS, PreprocessSpec(size=SIZE), tmp_path / "ood.onnx",
+                           ood=_ood_fit(trained_like_model))
+    half = exporter.float16_variant(path)
+    assert ModelFile.load(half).has_ood
+    proto = onnx.load(str(half))
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"]
+    inits = {i.name: i for i in proto.graph.initializer}
+    assert matmuls and all(inits[i].data_type == onnx.TensorProto.FLOAT for n in matmuls for i in n.input if i in inits)
+    x = exporter.parity_inputs(SIZE, 2, seed=6)
+    np.testing.assert_allclose(session(half).run([OOD_NAME], {INPUT_NAME: x})[0],
+                               session(path).run([OOD_NAME], {INPUT_NAME: x})[0], rtol=2e-2)

@@ -25,8 +25,10 @@ from app.client import (
     classify_all,
     collect_inputs,
     media_type_of,
+    result_record,
     write_output,
 )
+from app.inference.result import Prediction
 from tests.api.helpers import dicom_testfile, png_bytes
 from tests.model_factory import LABELS, build_model
 
@@ -111,20 +113,24 @@ def test_cam_writer_gives_files_with_the_same_name_distinct_names_in_input_order
     overlay = base64.b64encode(cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes()).decode()
     first, second = Path("a/slice.png"), Path("b/slice.dcm")
     writer = CamWriter(tmp_path / "cams", [first, second])
-    second_file = writer.write(second, {"overlay_png": overlay})  # finishing first must not take the name
-    first_file = writer.write(first, {"overlay_png": overlay})
+    cam = fake_result("glioma", {"glioma": 1.0}, overlay=overlay).cam
+    second_file = writer.write(second, cam)  # finishing first must not take the name
+    first_file = writer.write(first, cam)
     assert Path(first_file).name == "slice.cam.png"
     assert Path(second_file).name == "slice-2.cam.png"
     assert cv2.imread(second_file, cv2.IMREAD_UNCHANGED).shape == (4, 4)
 
 
-def fake_result(label: str, probabilities: dict[str, float]) -> dict:
-    return {"model": {"name": "m", "version": "1", "sha256": "0"}, "label": label,
-            "probabilities": probabilities, "tumour_probability": 1 - probabilities.get("notumor", 0.0),
-            "tumour_detected": True, "threshold": 0.5,
-            "cam": {"format": "png", "label": label, "width": 4, "height": 4, "image_png": "AAAA",
-                    "heatmap_png": "AAAA", "overlay_png": "AAAA"},
-            "timings_ms": {"total": 12.5}, "warnings": []}
+def fake_result(label: str, probabilities: dict[str, float], overlay: str = "AAAA",
+                in_distribution: bool | None = None, warnings: tuple[str, ...] = ()) -> Prediction:
+    return Prediction.from_dict({
+        "model": {"name": "m", "version": "1", "sha256": "0" * 64}, "label": label,
+        "probabilities": probabilities, "tumour_probability": 1 - probabilities.get("notumor", 0.0),
+        "tumour_detected": None if in_distribution is False else True, "threshold": 0.5,
+        "cam": {"format": "png", "label": label, "width": 4, "height": 4, "image_png": "AAAA",
+                "heatmap_png": "AAAA", "overlay_png": overlay, "box": {"x": 0, "y": 0, "width": 4, "height": 4}},
+        "timings_ms": {"decode": 1, "preprocess": 1, "queue": 0, "inference": 10, "cam": 0.5, "total": 12.5},
+        "warnings": list(warnings), "in_distribution": in_distribution})
 
 
 def test_write_output_csv_has_one_column_per_class_and_the_reason_for_failures() -> None:
@@ -146,19 +152,19 @@ def test_classify_all_keeps_input_order_and_drops_the_base64_images(tmp_path: Pa
     files = [write_png(tmp_path / f"{i}.png", seed=i) for i in range(5)]
     overlay = base64.b64encode(png_bytes()).decode()
 
-    def classify(path: Path) -> dict:
+    def classify(path: Path) -> Prediction:
         if path.name == "3.png":
             raise FileFailed("Invalid image: broken")
-        result = fake_result("glioma", {"glioma": 0.9, "notumor": 0.1})
-        result["cam"]["overlay_png"] = overlay
-        return result
+        return fake_result("glioma", {"glioma": 0.9, "notumor": 0.1}, overlay=overlay)
 
     outcomes = classify_all(files, classify, jobs=3, progress=False, cams=CamWriter(tmp_path / "cams", files))
 
     assert [Path(o.path).name for o in outcomes] == [f"{i}.png" for i in range(5)]
     assert [o.ok for o in outcomes] == [True, True, True, False, True]
     assert outcomes[3].error == "Invalid image: broken" and outcomes[3].cam_file is None
-    assert outcomes[0].result["cam"] == {"format": "png", "label": "glioma", "width": 4, "height": 4}
+    assert result_record(outcomes[0].result)["cam"] == {"format": "png", "label": "glioma", "width": 4, "height": 4,
+                                                        "box": {"x": 0, "y": 0, "width": 4, "height": 4}}
+    assert outcomes[0].result.cam.overlay_png == ""  # not kept in memory once written
     assert Path(outcomes[4].cam_file).read_bytes() == png_bytes()
 
 
@@ -171,6 +177,20 @@ def test_write_output_table_shows_failed_files_with_their_reason() -> None:
     assert lines[0].split()[:2] == ["FILE", "LABEL"]
     assert lines[1].split()[:3] == ["a.png", "glioma", "0.900"]
     assert lines[2].split()[:2] == ["broken.png", "FAILED"] and lines[2].endswith("Invalid image: truncated")
+
+
+def test_out_of_distribution_files_show_the_warning_instead_of_a_finding() -> None:
+    warning = "the image does not look like a brain MR slice (no head was found in it); the probabilities are not a finding"
+    ood = fake_result("glioma", {"glioma": 0.9, "notumor": 0.1}, in_distribution=False, warnings=(warning,))
+    outcomes = [Outcome("flat.png", result=ood)]
+    out = io.StringIO()
+    write_output(outcomes, "table", out)
+    row = out.getvalue().splitlines()[1]
+    assert row.split()[:3] == ["flat.png", "NOT", "ASSESSED"] and "0.900" not in row and row.endswith("not a finding")
+    out = io.StringIO()
+    write_output(outcomes, "csv", out)
+    (record,) = csv.DictReader(io.StringIO(out.getvalue()))
+    assert record["in_distribution"] == "no" and record["tumour_detected"] == "" and record["warning"] == warning
 
 
 def test_predict_local_classifies_files_and_writes_cam_overlays(

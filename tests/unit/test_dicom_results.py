@@ -24,8 +24,14 @@ def predictor(tmp_path_factory) -> Predictor:
 
 @pytest.fixture(scope="module")
 def slice_and_result(predictor):
-    data = mr_slice()
-    return data, predictor.predict(data, cam="png")
+    """A whole slice (MR_small.dcm, 64x64, is out of distribution: no finding to report)."""
+    data = mr_slice("MR2_UNCR.dcm")
+    return data, predictor.predict(data, cam="png").to_dict()
+
+
+def test_a_slice_too_small_to_be_whole_gives_no_reportable_finding(predictor):
+    result = predictor.predict(mr_slice("MR_small.dcm"), cam="png").to_dict()
+    assert result["in_distribution"] is False and not finding_from_result(result).reportable
 
 
 def _items(ds: Dataset) -> list[Dataset]:
@@ -85,7 +91,7 @@ def test_sr_holds_finding_probabilities_decision_model_and_wording(slice_and_res
 @pytest.mark.parametrize("name", ["MR_small.dcm", "MR2_UNCR.dcm"])  # axial; oblique (orientation "PL")
 def test_results_pass_dciodvfy_and_read_back(predictor, name):
     data = mr_slice(name)
-    result = predictor.predict(data, cam="png")
+    result = predictor.predict(data, cam="png").to_dict()
     for ds in build_results(read_source(data), finding_from_result(result)):
         encoded = encode(ds)
         assert dciodvfy_errors(encoded) == [], ds.SOPClassUID.name

@@ -99,3 +99,17 @@ def test_figshare_test_rows_of_real_data_are_the_293_test_groups():
     assert len(rows) == 293
     assert {s.label for s, _ in rows} == {"glioma", "meningioma", "pituitary"}
     assert all(0 < b.area < 1 for _, b in rows)
+
+
+def test_cam_on_image_covers_the_model_crop_only():
+    from app.contract import Framing
+    from model_export.localisation import cam_on_image
+
+    features = np.ones((3, 4, 4), np.float32)  # a flat CAM over the whole model input
+    weights = np.ones((2, 3), np.float32)
+    # a version-2 framing: the model saw the square x 0-100, y 50-150 of a 400x200 image
+    heat = cam_on_image(features, weights, 0, Framing(0.0, 50.0, 100.0), (400, 200), max_side=200)
+    assert heat.shape == (100, 200)  # the image's aspect, long side 200
+    assert heat[25:75, :50].min() > 0.99 and heat[:, 51:].max() == 0 and heat[:24].max() == 0
+    whole = cam_on_image(features, weights, 0, Framing(0.0, 0.0, 400.0, height=200.0), (400, 200), max_side=200)
+    assert whole.min() > 0.99  # version 1: the whole image

@@ -1,5 +1,5 @@
-"""The micro-batcher: batches concurrent requests, keeps results with their requests, refuses a
-full queue at once, survives a failing model call, drains on close."""
+"""The micro-batcher: batches concurrent requests, keeps results with their requests, survives a
+failing model call, drains on close. (Admission, which refuses a full queue, has its own tests.)"""
 
 import asyncio
 import threading
@@ -7,22 +7,26 @@ import threading
 import numpy as np
 import pytest
 
-from app.errors import ModelNotReady, Overloaded
+from app.errors import ModelNotReady
 from app.inference.batcher import MicroBatcher
+from app.inference.result import ModelOutput
+
+
+def outputs(tensors, features) -> list[ModelOutput]:
+    """logits = the image's first pixel, so each result can be traced back to its request."""
+    return [ModelOutput(t[:1, 0, 0], t[:, :2, :2] if f else None) for t, f in zip(tensors, features)]
 
 
 class RecordingModel:
-    """logits[i] = the image's first pixel, so each result can be traced back to its request."""
-
     def __init__(self, gate: threading.Event | None = None) -> None:
         self.batch_sizes: list[int] = []
         self.gate = gate
 
-    def __call__(self, batch: np.ndarray):
+    def __call__(self, tensors, features):
         if self.gate is not None:
             self.gate.wait(5)
-        self.batch_sizes.append(len(batch))
-        return batch[:, :1, 0, 0], batch[:, :, :2, :2]
+        self.batch_sizes.append(len(tensors))
+        return outputs(tensors, features)
 
 
 def image(value: float) -> np.ndarray:
@@ -33,9 +37,9 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def busy_batcher(model: RecordingModel, queue_size: int) -> tuple[MicroBatcher, asyncio.Future]:
+async def busy_batcher(model: RecordingModel) -> tuple[MicroBatcher, asyncio.Future]:
     """A batch-1 batcher whose worker is inside the (gated) model with a first request."""
-    batcher = MicroBatcher(model, max_batch_size=1, max_wait_s=0.0, queue_size=queue_size)
+    batcher = MicroBatcher(model, max_batch_size=1, max_wait_s=0.0)
     batcher.start()
     first = asyncio.ensure_future(batcher.submit(image(0)))
     await asyncio.sleep(0.05)  # the worker takes it and blocks in the model
@@ -46,23 +50,38 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_results():
     model = RecordingModel()
 
     async def main():
-        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.2, queue_size=16)
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=0.2)
         batcher.start()
-        outs = await asyncio.gather(*(batcher.submit(image(i)) for i in range(5)))
+        outs = await asyncio.gather(*(batcher.submit(image(i), features=i % 2 == 0) for i in range(5)))
         await batcher.close(1)
         return outs
 
     outs = run(main())
     assert [float(o.logits[0]) for o in outs] == [0, 1, 2, 3, 4]
     assert model.batch_sizes == [5] and all(o.batch_size == 5 for o in outs)
-    assert all(o.features.shape == (3, 2, 2) for o in outs)
+    assert [o.features is not None for o in outs] == [True, False, True, False, True]
+    assert outs[0].features.shape == (3, 2, 2)
+
+
+def test_on_start_is_called_when_the_batch_is_taken():
+    model = RecordingModel()
+    started: list[int] = []
+
+    async def main():
+        batcher = MicroBatcher(model, max_batch_size=2, max_wait_s=0.05)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(image(i), on_start=lambda i=i: started.append(i)) for i in range(3)))
+        await batcher.close(1)
+
+    run(main())
+    assert sorted(started) == [0, 1, 2]
 
 
 def test_batches_never_exceed_max_batch_size():
     model = RecordingModel()
 
     async def main():
-        batcher = MicroBatcher(model, max_batch_size=3, max_wait_s=0.05, queue_size=32)
+        batcher = MicroBatcher(model, max_batch_size=3, max_wait_s=0.05)
         batcher.start()
         await asyncio.gather(*(batcher.submit(image(i)) for i in range(10)))
         await batcher.close(1)
@@ -71,36 +90,17 @@ def test_batches_never_exceed_max_batch_size():
     assert sum(model.batch_sizes) == 10 and max(model.batch_sizes) == 3
 
 
-def test_full_queue_is_refused_with_retry_after():
-    gate = threading.Event()
-    model = RecordingModel(gate)
-
-    async def main():
-        batcher, first = await busy_batcher(model, queue_size=2)
-        waiting = [asyncio.ensure_future(batcher.submit(image(i))) for i in (1, 2)]
-        await asyncio.sleep(0.01)
-        with pytest.raises(Overloaded) as refused:
-            await batcher.submit(image(3))
-        gate.set()
-        await asyncio.gather(first, *waiting)
-        await batcher.close(1)
-        return refused.value
-
-    error = run(main())
-    assert error.status == 503 and int(error.headers["Retry-After"]) >= 1
-
-
 def test_failing_model_fails_only_its_batch():
     calls = {"n": 0}
 
-    def flaky(batch):
+    def flaky(tensors, features):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("device lost")
-        return batch[:, :1, 0, 0], batch
+        return outputs(tensors, features)
 
     async def main():
-        batcher = MicroBatcher(flaky, max_batch_size=4, max_wait_s=0.0, queue_size=4)
+        batcher = MicroBatcher(flaky, max_batch_size=4, max_wait_s=0.0)
         batcher.start()
         with pytest.raises(RuntimeError):
             await batcher.submit(image(1))
@@ -115,7 +115,7 @@ def test_close_finishes_queued_work_then_refuses():
     model = RecordingModel()
 
     async def main():
-        batcher = MicroBatcher(model, max_batch_size=2, max_wait_s=0.01, queue_size=8)
+        batcher = MicroBatcher(model, max_batch_size=2, max_wait_s=0.01)
         batcher.start()
         pending = [asyncio.ensure_future(batcher.submit(image(i))) for i in range(4)]
         await asyncio.sleep(0)
@@ -133,7 +133,7 @@ def test_cancelled_request_is_skipped():
     model = RecordingModel(gate)
 
     async def main():
-        batcher, first = await busy_batcher(model, queue_size=4)
+        batcher, first = await busy_batcher(model)
         doomed = asyncio.ensure_future(batcher.submit(image(1)))
         await asyncio.sleep(0.01)
         doomed.cancel()  # e.g. the request timed out while queued
@@ -151,7 +151,7 @@ def test_request_waits_up_to_max_wait_for_company():
     model = RecordingModel()
 
     async def main():
-        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=30.0, queue_size=4)
+        batcher = MicroBatcher(model, max_batch_size=8, max_wait_s=30.0)
         batcher.start()
         first = asyncio.ensure_future(batcher.submit(image(1)))
         await asyncio.sleep(0.1)  # well inside the window: the first one is still waiting

@@ -7,18 +7,20 @@ import cv2
 import numpy as np
 import pytest
 
-from app.contract import ModelMetadata, PreprocessSpec, preprocess
+from app.contract import Framing, ModelMetadata, OodSpec, PreprocessSpec, preprocess
 from app.inference.decode import decode
-from app.inference.pipeline import ResultBuilder, prepare
+from app.inference.pipeline import PrepareOptions, ResultBuilder, prepare
 from app.inference.postprocess import (
     cam_grid,
     cam_images,
     class_activation_map,
     gray_view,
+    place_cam,
     softmax,
     tumour_probability,
     view_size,
 )
+from app.inference.result import ModelOutput
 
 
 def png_image(b64: str) -> np.ndarray:
@@ -81,32 +83,113 @@ def test_gray_view_caps_long_side():
     assert view_size(100, 50) == (50, 100)
 
 
+def head_png(shape=(120, 160), centre=(80, 60), axes=(40, 50)) -> bytes:
+    img = np.zeros(shape, np.uint8)
+    cv2.ellipse(img, centre, axes, 0, 0, 360, 180, -1)
+    return cv2.imencode(".png", img)[1].tobytes()
+
+
 def test_prepare_uses_the_contract_preprocessing():
     spec = PreprocessSpec(size=48)
     img = np.random.default_rng(2).integers(0, 65535, (70, 90), dtype=np.uint16)
     data = cv2.imencode(".png", img)[1].tobytes()
-    prepared = prepare(data, "image/png", spec)
+    prepared = prepare(data, "image/png", PrepareOptions(spec))
     assert np.array_equal(prepared.tensor, preprocess(decode(data).pixels, spec))
     assert set(prepared.timings_ms) == {"decode", "preprocess"}
+    assert prepared.image_size == (90, 70) and prepared.view is None
 
 
-def test_prepare_warns_about_small_images():
-    data = cv2.imencode(".png", np.zeros((20, 30), np.uint8))[1].tobytes()
-    assert any("small" in w for w in prepare(data, None, PreprocessSpec(size=32)).warnings)
+def test_prepare_keeps_the_view_only_for_cam_images():
+    prepared = prepare(head_png(), None, PrepareOptions(PreprocessSpec(size=32)), view=True)
+    assert prepared.view.dtype == np.uint8 and prepared.view.shape == (120, 160)
+
+
+def test_small_images_and_headless_images_are_out_of_distribution_by_the_image_alone():
+    options = PrepareOptions(PreprocessSpec(size=32))
+    small = prepare(cv2.imencode(".png", np.full((99, 300), 50, np.uint8))[1].tobytes(), None, options)
+    assert "small-image" in small.image_reasons
+    blank = prepare(cv2.imencode(".png", np.zeros((120, 120), np.uint8))[1].tobytes(), None, options)
+    assert blank.framing.head_found is False and blank.image_reasons == ["no-head"]
+    assert prepare(head_png(), None, options).image_reasons == []
+    v1 = prepare(cv2.imencode(".png", np.zeros((120, 120), np.uint8))[1].tobytes(), None,
+                 PrepareOptions(PreprocessSpec.legacy(32)))
+    assert v1.framing.head_found is None and v1.image_reasons == []  # version 1 does not look for a head
+
+
+def builder_for(meta: ModelMetadata, threshold: float = 0.5) -> ResultBuilder:
+    return ResultBuilder(meta, np.eye(2, dtype=np.float32), "0" * 64, threshold=threshold)
+
+
+META = ModelMetadata(labels=("glioma", "notumor"), preprocess=PreprocessSpec(size=32), cam_weight="w",
+                     cam_bias="b", temperature=2.0)
 
 
 def test_result_builder_threshold_decides_and_cam_label_is_predicted_class():
-    meta = ModelMetadata(labels=("glioma", "notumor"), preprocess=PreprocessSpec(size=32), cam_weight="w",
-                         cam_bias="b", temperature=2.0)
-    builder = ResultBuilder(meta, np.eye(2, dtype=np.float32), "0" * 64, threshold=0.7)
-    data = cv2.imencode(".png", np.random.default_rng(3).integers(0, 255, (80, 80), dtype=np.uint8))[1].tobytes()
-    prepared = prepare(data, None, meta.preprocess)
+    builder = builder_for(META, threshold=0.7)
+    prepared = prepare(head_png(), None, PrepareOptions(META.preprocess))
     features = np.random.default_rng(4).random((2, 4, 4)).astype(np.float32)
-    result = builder.build(prepared, np.array([1.0, 0.0]), features, "grid", started=0.0, queue_ms=1.0,
-                           inference_ms=2.0)
+    result = builder.build(prepared, ModelOutput(np.array([1.0, 0.0]), features, None, 1.0, 2.0), "grid",
+                           started=0.0)
     p_glioma = 1 / (1 + np.exp(-0.5))  # softmax of [1, 0] / T=2
-    assert result["probabilities"]["glioma"] == pytest.approx(p_glioma)
-    assert result["tumour_probability"] == pytest.approx(p_glioma)
-    assert result["tumour_detected"] is False  # 0.62 < 0.7
-    assert result["cam"]["label"] == "glioma" and result["cam"]["shape"] == [4, 4]
-    assert result["timings_ms"]["queue"] == 1.0 and result["timings_ms"]["inference"] == 2.0
+    assert result.probabilities["glioma"] == pytest.approx(p_glioma)
+    assert result.tumour_probability == pytest.approx(p_glioma)
+    assert result.tumour_detected is False  # 0.62 < 0.7
+    assert result.cam.label == "glioma" and result.cam.shape == [4, 4]
+    framing = prepared.framing
+    assert (result.cam.box.x, result.cam.box.y, result.cam.box.width) == pytest.approx(
+        (framing.x, framing.y, framing.side), abs=0.01)
+    assert result.timings_ms.queue == 1.0 and result.timings_ms.inference == 2.0
+    assert result.in_distribution is None and result.ood_score is None and result.warnings == []
+
+
+@pytest.mark.parametrize("score,threshold,expected", [(0.2, 0.5, True), (0.9, 0.5, False)])
+def test_model_ood_score_over_its_threshold_makes_no_finding(score, threshold, expected):
+    meta = ModelMetadata(labels=META.labels, preprocess=META.preprocess, cam_weight="w", cam_bias="b",
+                         ood=OodSpec(threshold=threshold))
+    prepared = prepare(head_png(), None, PrepareOptions(meta.preprocess))
+    result = builder_for(meta).build(prepared, ModelOutput(np.array([3.0, 0.0]), None, score), "none", started=0.0)
+    assert result.in_distribution is expected and result.ood_score == pytest.approx(score)
+    if expected:
+        assert result.tumour_detected is True and result.warnings == [] and result.ood_reasons == []
+    else:
+        assert result.tumour_detected is None and result.ood_reasons == ["model"]
+        assert len(result.warnings) == 1 and "does not look like a brain MR slice" in result.warnings[0]
+        assert "not a finding" in result.warnings[0] and "0.9" in result.warnings[0]
+    assert result.probabilities["glioma"] > 0.5  # the probabilities are still given
+
+
+def test_image_rules_make_no_finding_even_without_a_model_score():
+    prepared = prepare(cv2.imencode(".png", np.full((60, 80), 7, np.uint8))[1].tobytes(), None,
+                       PrepareOptions(META.preprocess))
+    result = builder_for(META).build(prepared, ModelOutput(np.array([3.0, 0.0])), "none", started=0.0)
+    assert result.in_distribution is False and result.tumour_detected is None
+    assert result.ood_reasons == ["no-head", "small-image"]
+    assert "no head" in result.warnings[-1] and "80x60" in result.warnings[-1]
+
+
+def test_cam_png_is_placed_through_the_framing_and_grid_says_where():
+    meta = ModelMetadata(labels=META.labels, preprocess=PreprocessSpec(size=32), cam_weight="w", cam_bias="b")
+    # a small head in the top-left corner of a big canvas: the model's square covers that corner only
+    prepared = prepare(head_png((200, 300), centre=(60, 50), axes=(30, 35)), None, PrepareOptions(meta.preprocess),
+                       view=True)
+    box = prepared.framing
+    assert box.side < 120 and box.x < 60 and box.y < 60
+    features = np.ones((2, 4, 4), np.float32)  # a flat CAM: 1 over the whole model input
+    result = builder_for(meta).build(prepared, ModelOutput(np.array([1.0, 0.0]), features), "png", started=0.0)
+    heat = png_image(result.cam.heatmap_png)
+    assert heat.shape == (200, 300, 4)
+    alpha = heat[:, :, 3]
+    assert alpha[50, 60] > 0  # inside the box: heat
+    assert alpha[150, 250] == 0 and alpha[:, int(box.x + box.side) + 2:].max() == 0  # outside the box: none
+    assert alpha[int(box.y + box.side) + 2:, :].max() == 0
+    assert (result.cam.box.x, result.cam.box.width) == pytest.approx((box.x, box.side), abs=0.01)
+
+
+def test_place_cam_of_a_whole_image_framing_is_the_old_stretch():
+    cam = np.random.default_rng(5).random((7, 7)).astype(np.float32)
+    whole = Framing(0.0, 0.0, 90.0, height=60.0)
+    placed = place_cam(cam, whole, (90, 60), (90, 60))
+    assert np.array_equal(placed, cv2.resize(cam, (90, 60), interpolation=cv2.INTER_LINEAR))
+    # a square framing reaching past the image: the part outside the image is dropped, shape stays the view's
+    inside = place_cam(cam, Framing(-10.0, 5.0, 50.0), (90, 60), (45, 30))
+    assert inside.shape == (30, 45) and inside[:, 21:].max() == 0 and inside[:2].max() == 0

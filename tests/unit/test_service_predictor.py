@@ -1,4 +1,4 @@
-"""The local Predictor (CLI mode): same core as the HTTP service, typed errors for bad input."""
+"""The local Predictor (CLI mode): the engine at batch 1, typed results, typed errors for bad input."""
 
 import math
 
@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 
 from app.errors import InvalidImage, UnsupportedMediaType
+from app.inference.engine import EngineOptions
+from app.inference.model import ModelContractError
 from app.inference.predictor import Predictor
-from app.inference.runner import ModelContractError
+from app.inference.runner import RuntimeOptions
 from app.settings import Settings
 from tests.model_factory import LABELS, build_model
+
+HEAD = np.zeros((120, 110), np.uint8)
+cv2.ellipse(HEAD, (55, 60), (40, 50), 0, 0, 360, 180, -1)  # a bright head on a dark background
 
 
 @pytest.fixture(scope="module")
@@ -23,29 +28,35 @@ def _png(img: np.ndarray) -> bytes:
 
 
 def test_predict_returns_probabilities_that_sum_to_one(predictor):
-    img = np.random.default_rng(1).integers(0, 255, (96, 80), dtype=np.uint8)
-    result = predictor.predict(_png(img))
-    assert list(result["probabilities"]) == list(LABELS)
-    assert math.isclose(sum(result["probabilities"].values()), 1.0, abs_tol=1e-9)
-    assert result["label"] == max(result["probabilities"], key=result["probabilities"].get)
-    assert result["tumour_probability"] == pytest.approx(1 - result["probabilities"]["notumor"])
-    assert result["tumour_detected"] == (result["tumour_probability"] >= result["threshold"])
-    assert result["cam"] is None and "request_id" not in result
+    result = predictor.predict(_png(HEAD))
+    assert list(result.probabilities) == list(LABELS)
+    assert math.isclose(sum(result.probabilities.values()), 1.0, abs_tol=1e-9)
+    assert result.label == max(result.probabilities, key=result.probabilities.get)
+    assert result.tumour_probability == pytest.approx(1 - result.probabilities["notumor"])
+    assert result.tumour_detected == (result.tumour_probability >= result.threshold)
+    assert result.cam is None and "request_id" not in result.to_dict()
+    assert result.in_distribution is None and result.ood_score is None  # the model cannot say; no image rule fired
     assert predictor.metadata.labels == LABELS
+    assert list(predictor.engine.runner.buckets) == [1]  # one image at a time: only batch 1 is opened
 
 
 def test_predict_grid_cam_has_feature_shape(predictor):
-    img = np.random.default_rng(2).integers(0, 255, (64, 64), dtype=np.uint8)
-    cam = predictor.predict(_png(img), "image/png", cam="grid")["cam"]
-    assert cam["format"] == "grid" and cam["shape"] == [8, 8]
-    grid = np.array(cam["grid"])
+    cam = predictor.predict(_png(HEAD), "image/png", cam="grid").cam
+    assert cam.format == "grid" and cam.shape == [8, 8]
+    grid = np.array(cam.grid)
     assert grid.shape == (8, 8) and grid.min() >= 0 and grid.max() <= 1
 
 
 def test_predict_threshold_setting_overrides_model(tmp_path):
-    predictor = Predictor.load(build_model(tmp_path / "m.onnx"), Settings(tumour_threshold=1.0))
-    result = predictor.predict(_png(np.full((70, 70), 9, np.uint8)))
-    assert result["threshold"] == 1.0 and result["tumour_detected"] is (result["tumour_probability"] >= 1.0)
+    predictor = Predictor.load(build_model(tmp_path / "m.onnx"), Settings(tumour_threshold=1.0).engine_options())
+    result = predictor.predict(_png(HEAD))
+    assert result.threshold == 1.0 and result.tumour_detected is (result.tumour_probability >= 1.0)
+
+
+def test_predictor_uses_the_runtime_options_it_is_given(tmp_path):
+    options = EngineOptions(runtime=RuntimeOptions(intra_op_threads=1, buckets=(1, 2, 4)))
+    predictor = Predictor.load(build_model(tmp_path / "m.onnx"), options)
+    assert predictor.engine.runner.sessions[1].get_session_options().intra_op_num_threads == 1
 
 
 def test_predict_rejects_text_with_415(predictor):

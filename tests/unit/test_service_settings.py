@@ -33,7 +33,10 @@ def test_settings_defaults_point_at_the_shipped_model():
 @pytest.mark.parametrize("name,value", [("BTD_MAX_BATCH_SIZE", "0"), ("BTD_PORT", "99999"),
                                         ("BTD_PROVIDERS", "cuda"), ("BTD_TUMOUR_THRESHOLD", "1.5"),
                                         ("BTD_REQUEST_TIMEOUT_S", "0"), ("BTD_LOG_LEVEL", "chatty"),
-                                        ("BTD_MULTIFRAME", "all")])
+                                        ("BTD_MULTIFRAME", "all"), ("BTD_BATCH_BUCKETS", "1,x"),
+                                        ("BTD_BATCH_BUCKETS", "0,4"), ("BTD_HOST_WORKERS", "-1"),
+                                        ("BTD_HOST_WORKERS", "many"), ("BTD_MODEL_VARIANT", "bf16"),
+                                        ("BTD_MAX_QUEUE_WAIT_MS", "0")])
 def test_settings_reject_bad_values(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):
@@ -76,3 +79,20 @@ def test_main_rejects_invalid_settings_naming_the_variable():
     assert proc.returncode == 2
     assert "BTD_MAX_WAIT_MS='-1': Input should be greater than or equal to 0" in proc.stderr
     assert "max_wait_ms" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_settings_become_the_cores_options_in_one_place(monkeypatch):
+    monkeypatch.setenv("BTD_MAX_BATCH_SIZE", "12")
+    monkeypatch.setenv("BTD_HOST_WORKERS", "3")
+    monkeypatch.setenv("BTD_MODEL_VARIANT", "int8")
+    monkeypatch.setenv("BTD_CUDA_GRAPH", "true")
+    monkeypatch.setenv("BTD_MAX_QUEUE_WAIT_MS", "250")
+    settings = Settings()
+    engine, service = settings.engine_options(), settings.service_options()
+    assert engine.runtime.buckets == (1, 2, 4, 8, 12) and engine.runtime.cuda_graph and engine.variant == "int8"
+    assert service.host_workers == 3 and service.max_queue_wait_s == 0.25
+    assert service.host_task_timeout_s == settings.request_timeout_s
+    monkeypatch.setenv("BTD_BATCH_BUCKETS", "32, 4,1")  # above the largest batch: dropped; the largest added
+    assert Settings().engine_options().runtime.buckets == (1, 4, 12)
+    monkeypatch.setenv("BTD_HOST_WORKERS", "auto")
+    assert Settings().service_options().host_workers is None

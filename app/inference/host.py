@@ -1,0 +1,121 @@
+"""Where the host work of a request runs: decoding and preprocessing (``pipeline.prepare``) and the
+CAM images (``pipeline.render_cam_png``), off the event loop.
+
+- ``ProcessHost``: a pool of worker processes (pebble's ``ProcessPool``). Host work then scales with
+  cores instead of stopping at one Python process (~430 slices/s on the GPU node), and a worker is
+  also an isolation boundary: a task past its time limit gets its worker killed and replaced, a
+  worker that crashes (a decoder bug on a hostile file) fails only its own task and is replaced,
+  and a per-worker address-space limit turns a memory bomb into a 413 in that worker.
+- ``ThreadHost``: threads in the server process (OpenCV releases the GIL while decoding); no
+  isolation, no copying of images between processes.
+
+The README's "The inference engine" says why one server process feeds one model owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Protocol, TypeVar
+
+from app import metrics
+from app.errors import InferenceTimeout, InvalidImage, PayloadTooLarge
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class HostWork(Protocol):
+    workers: int
+    kind: str  # "processes" or "threads"
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    def warm_up(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ThreadHost:
+    """Host work in threads of the server process."""
+
+    kind = "threads"
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="btd-host")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def warm_up(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _init_worker(memory_limit_bytes: int | None) -> None:
+    """In each worker: one OpenCV thread (the pool is the parallelism), and the address-space limit."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    if memory_limit_bytes:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+
+
+def _ready() -> bool:
+    return True
+
+
+class ProcessHost:
+    """Host work in ``workers`` processes, each task limited to ``task_timeout_s`` (its worker is
+    killed and replaced past it) and each worker to ``memory_limit_bytes`` of address space."""
+
+    kind = "processes"
+
+    def __init__(self, workers: int, *, task_timeout_s: float | None = None,
+                 memory_limit_bytes: int | None = None) -> None:
+        from pebble import ProcessPool
+
+        self.workers = workers
+        self.task_timeout_s = task_timeout_s
+        # forkserver: workers start from a clean, single-threaded server process (never a fork of
+        # this one with its ORT and event-loop threads), with the decoding modules already imported.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["app.inference.pipeline"])
+        self._pool = ProcessPool(max_workers=workers, initializer=_init_worker, initargs=(memory_limit_bytes,),
+                                 context=context)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        from pebble import ProcessExpired
+
+        future = self._pool.schedule(fn, args, timeout=self.task_timeout_s)
+        try:
+            return await asyncio.wrap_future(future)
+        except FutureTimeout:
+            metrics.HOST_WORKER_FAILURES.labels("timeout").inc()
+            raise InferenceTimeout(f"decoding took longer than {self.task_timeout_s:g} s; the worker was stopped") from None
+        except ProcessExpired as exc:
+            metrics.HOST_WORKER_FAILURES.labels("crash").inc()
+            log.warning("a host worker ended while working on a request (exit code %s); it was replaced", exc.exitcode)
+            raise InvalidImage("the image could not be decoded: the decoder process failed on it") from None
+        except MemoryError:
+            metrics.HOST_WORKER_FAILURES.labels("memory").inc()
+            raise PayloadTooLarge("decoding this image needs more memory than a decoder may use") from None
+
+    def warm_up(self) -> None:
+        """Start every worker now (imports take a while) rather than on the first requests."""
+        futures = [self._pool.schedule(_ready) for _ in range(self.workers * 2)]
+        for future in futures:
+            future.result(timeout=120)
+
+    def close(self) -> None:
+        self._pool.stop()
+        self._pool.join(timeout=10)
