@@ -40,6 +40,8 @@ MODEL_INFO = Gauge(
     "btd_model_info", "The loaded model (value 1): name, version, file sha256 and execution provider",
     ["name", "version", "sha256", "provider"],
 )
+DECODE_BYTES = Gauge("btd_decode_bytes", "Memory held by the decodes running, as costed from their images' "
+                     "headers (BTD_DECODE_BUDGET_BYTES)")
 UPLOAD_BYTES = Gauge("btd_upload_bytes", "Request-body bytes held by requests in progress (BTD_MAX_UPLOAD_BYTES)")
 OPEN_CONNECTIONS = Gauge("btd_open_connections", "Open HTTP connections (BTD_MAX_CONNECTIONS)")
 READY = Gauge("btd_ready", "1 when the model is loaded, checked and warmed up and the server is not draining")

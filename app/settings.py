@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import Field, SecretBytes, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.inference.budget import worst_cost
 from app.inference.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
 from app.inference.engine import EngineOptions, ModelVariant
 from app.inference.runner import RuntimeOptions, default_buckets
@@ -63,6 +64,13 @@ class Settings(BaseSettings):
         "auto", description='processes that decode and preprocess (0: threads in the server process; "auto": every '
         "CPU but one with a GPU provider, 0 on the CPU)"
     )
+    host_task_timeout_s: float = Field(10.0, gt=0, description="longest decode or CAM rendering in a host worker "
+                                       "process; its worker is then killed and replaced (504)")
+    host_memory_limit_bytes: int = Field(1536 * 1024 * 1024, ge=0, description="address-space limit of each host "
+                                         "worker process (a decode past it: 413); 0: none")
+    decode_budget_bytes: int = Field(768 * 1024 * 1024, ge=1024 * 1024, description="memory all decodes may take at "
+                                     "once, costed from each image's header; beyond: wait, and a new request is refused "
+                                     "(503 + Retry-After) while more than this much already waits")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest decoded image, in pixels (413 beyond)")
     request_timeout_s: float = Field(30.0, gt=0, description="time to process one request once received (504 beyond)")
@@ -156,6 +164,9 @@ class Settings(BaseSettings):
     def _check_pairs(self) -> Settings:
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("set both BTD_TLS_CERTFILE and BTD_TLS_KEYFILE, or neither")
+        if self.decode_budget_bytes < worst_cost(self.max_pixels):
+            raise ValueError(f"BTD_DECODE_BUDGET_BYTES must hold the largest image's decode: at least "
+                             f"{worst_cost(self.max_pixels)} bytes for BTD_MAX_PIXELS={self.max_pixels}")
         if self.max_upload_bytes < self.max_body_bytes:
             raise ValueError("BTD_MAX_UPLOAD_BYTES must be at least BTD_MAX_BODY_BYTES (one largest request)")
         if self.audit_log.strip() == "":
@@ -198,8 +209,11 @@ class Settings(BaseSettings):
             max_wait_s=self.max_wait_ms / 1000.0, queue_size=self.queue_size,
             max_queue_wait_s=self.max_queue_wait_ms / 1000.0, request_timeout_s=self.request_timeout_s,
             host_workers=None if self.host_workers == "auto" else self.host_workers,
-            host_task_timeout_s=self.request_timeout_s,
+            host_task_timeout_s=min(self.host_task_timeout_s, self.request_timeout_s),
+            host_memory_limit_bytes=self.host_memory_limit_bytes or None,
+            decode_budget_bytes=self.decode_budget_bytes, max_pixels=self.max_pixels,
         )
+
 
 def _comma_list(value: str, *, lower: bool = False) -> tuple[str, ...]:
     items = (item.strip() for item in value.split(","))

@@ -151,7 +151,7 @@ async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
         filename = upload.filename or f"file{index + 1}"
         data, media_type = await _read_upload(upload)
         try:
-            result = await service.predict(data, media_type, cam)
+            result = await service.predict(data, media_type, cam, batch_file=True)
         except ServiceError as error:  # one bad file does not fail the others
             metrics.ERRORS.labels(error.slug).inc()
             audit_prediction(request, service, index=index, error=error)

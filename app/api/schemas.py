@@ -76,6 +76,9 @@ class ModelDescription(BaseModel):
                                 "model has no such output")
     host_workers: int = Field(..., description="processes (or threads) that decode and preprocess")
     host_work: Literal["processes", "threads"]
+    isolated_decoders: Literal["all", "dicom", "none"] = Field(
+        ..., description="which decodes run in worker processes (memory and time limits, a crash costs the worker "
+        "only): all, DICOM only (the CPU default: pydicom's codecs hold the GIL), or none (BTD_HOST_WORKERS=0)")
 
 
 class Health(BaseModel):

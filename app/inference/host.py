@@ -8,6 +8,7 @@ CAM images (``pipeline.render_cam_png``), off the event loop.
   and a per-worker address-space limit turns a memory bomb into a 413 in that worker.
 - ``ThreadHost``: threads in the server process (OpenCV releases the GIL while decoding); no
   isolation, no copying of images between processes.
+- ``MixedHost``: threads, with DICOM decoding in worker processes (the CPU default).
 
 The README's "The inference engine" says why one server process feeds one model owner.
 """
@@ -32,8 +33,13 @@ T = TypeVar("T")
 class HostWork(Protocol):
     workers: int
     kind: str  # "processes" or "threads"
+    isolated: str  # which decodes run in a worker process: "all", "dicom" or "none"
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    async def run_isolated(self, fn: Callable[..., T], *args: Any) -> T:
+        """Where a decoder that holds the GIL or may crash runs (pydicom and its codecs)."""
+        ...
 
     def warm_up(self) -> None: ...
 
@@ -44,6 +50,7 @@ class ThreadHost:
     """Host work in threads of the server process."""
 
     kind = "threads"
+    isolated = "none"
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -51,6 +58,8 @@ class ThreadHost:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    run_isolated = run  # BTD_HOST_WORKERS=0 asks for no worker process at all
 
     def warm_up(self) -> None:
         pass
@@ -79,6 +88,7 @@ class ProcessHost:
     killed and replaced past it) and each worker to ``memory_limit_bytes`` of address space."""
 
     kind = "processes"
+    isolated = "all"
 
     def __init__(self, workers: int, *, task_timeout_s: float | None = None,
                  memory_limit_bytes: int | None = None) -> None:
@@ -110,6 +120,9 @@ class ProcessHost:
             metrics.HOST_WORKER_FAILURES.labels("memory").inc()
             raise PayloadTooLarge("decoding this image needs more memory than a decoder may use") from None
 
+    async def run_isolated(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.run(fn, *args)
+
     def warm_up(self) -> None:
         """Start every worker now (imports take a while) rather than on the first requests."""
         futures = [self._pool.schedule(_ready) for _ in range(self.workers * 2)]
@@ -119,3 +132,31 @@ class ProcessHost:
     def close(self) -> None:
         self._pool.stop()
         self._pool.join(timeout=10)
+
+
+class MixedHost:
+    """Threads for the work OpenCV does with the GIL released (PNG, JPEG, CAM images), and worker
+    processes for DICOM: pydicom and its codecs hold the GIL (a large JPEG 2000 frame would stall
+    /livez for seconds) and a codec may crash on a hostile file (python-gdcm aborts the process).
+    The CPU default: the model keeps the cores, and the isolation costs one idle process."""
+
+    kind = "threads"
+    isolated = "dicom"
+
+    def __init__(self, threads: ThreadHost, processes: ProcessHost) -> None:
+        self.threads = threads
+        self.processes = processes
+        self.workers = threads.workers
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.threads.run(fn, *args)
+
+    async def run_isolated(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.processes.run(fn, *args)
+
+    def warm_up(self) -> None:
+        self.processes.warm_up()
+
+    def close(self) -> None:
+        self.threads.close()
+        self.processes.close()

@@ -16,8 +16,10 @@ from app import metrics
 from app.errors import InferenceTimeout
 from app.inference.admission import Admission
 from app.inference.batcher import MicroBatcher
+from app.inference.budget import DecodeBudget, decode_cost, worst_cost
 from app.inference.engine import Engine, EngineOptions
-from app.inference.host import HostWork, ProcessHost, ThreadHost
+from app.inference.host import HostWork, MixedHost, ProcessHost, ThreadHost
+from app.inference.decode import DICOM, sniff
 from app.inference.pipeline import check_cam_mode, ms_since, prepare, render_cam_png
 from app.inference.result import Prediction
 from app.inference.runner import GPU_PROVIDERS, available_cpus
@@ -32,6 +34,8 @@ class ServiceOptions:
     host_workers: int | None = None  # processes for decode/preprocess/CAM images; 0: threads; None: auto
     host_task_timeout_s: float | None = None  # a host task past this: its worker is killed (None: no limit)
     host_memory_limit_bytes: int | None = None  # address-space limit of each host worker process
+    decode_budget_bytes: int | None = None  # memory all decodes may take at once (app.inference.budget)
+    max_pixels: int = 4096 * 4096  # the largest image a cost reading counts (BTD_MAX_PIXELS)
 
 
 def auto_host_workers(on_gpu: bool) -> int:
@@ -40,12 +44,20 @@ def auto_host_workers(on_gpu: bool) -> int:
     return max(1, available_cpus() - 1) if on_gpu else 0
 
 
+ISOLATION_WORKERS = 1  # worker processes for DICOM beside the threads (CPU default)
+
+
 def host_work(options: ServiceOptions, on_gpu: bool = False) -> HostWork:
+    """Processes when asked for (or auto on a GPU node); threads when BTD_HOST_WORKERS=0; auto on the
+    CPU: threads, with DICOM decoding (GIL-bound, crash-prone codecs) in one worker process."""
     workers = auto_host_workers(on_gpu) if options.host_workers is None else options.host_workers
+    limits = {"task_timeout_s": options.host_task_timeout_s, "memory_limit_bytes": options.host_memory_limit_bytes}
     if workers > 0:
-        return ProcessHost(workers, task_timeout_s=options.host_task_timeout_s,
-                           memory_limit_bytes=options.host_memory_limit_bytes)
-    return ThreadHost(max(2, available_cpus()))
+        return ProcessHost(workers, **limits)
+    threads = ThreadHost(max(2, available_cpus()))
+    if options.host_workers is None:
+        return MixedHost(threads, ProcessHost(ISOLATION_WORKERS, **limits))
+    return threads
 
 
 class InferenceService:
@@ -54,6 +66,8 @@ class InferenceService:
         self.options = options
         self.host = host or host_work(options, engine.runner.provider in GPU_PROVIDERS)
         self.admission = Admission(options.queue_size, options.max_queue_wait_s, on_depth=metrics.QUEUE_DEPTH.set)
+        self.decode_budget = DecodeBudget(options.decode_budget_bytes or worst_cost(options.max_pixels),
+                                          on_change=metrics.DECODE_BYTES.set)
         self.batcher = MicroBatcher(self._run_batch, max_batch_size=engine.max_batch_size,
                                     max_wait_s=options.max_wait_s, on_batch=metrics.BATCH_SIZE.observe)
 
@@ -76,16 +90,21 @@ class InferenceService:
         meta, runner = self.engine.metadata, self.engine.runner
         metrics.set_model_info(meta.model_name, meta.model_version, self.engine.model.sha256, runner.provider)
 
-    async def predict(self, data: bytes, media_type: str | None, cam: str = "none") -> Prediction:
+    async def predict(self, data: bytes, media_type: str | None, cam: str = "none", *,
+                      batch_file: bool = False) -> Prediction:
         """One image -> ``Prediction``; typed errors for bad input, ``Overloaded`` above capacity,
-        ``InferenceTimeout`` past the request timeout."""
+        ``InferenceTimeout`` past the request timeout. A ``batch_file`` of a request already past
+        ``refuse_if_full`` waits for the decode budget instead of being refused for it."""
         check_cam_mode(cam)
         started = time.perf_counter()
+        cost = decode_cost(data, self.options.max_pixels)
+        if not batch_file:
+            self.decode_budget.check(cost)  # admission by decoded pixels, before the count and wait checks
         ticket = self.admission.admit()
         timeout = self.options.request_timeout_s
         try:
             with metrics.IN_FLIGHT.track_inprogress():  # admitted work: the upload is complete
-                result = await asyncio.wait_for(self._predict(data, media_type, cam, started, ticket), timeout)
+                result = await asyncio.wait_for(self._predict(data, media_type, cam, started, ticket, cost), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
         finally:
@@ -93,10 +112,17 @@ class InferenceService:
         metrics.observe_prediction(result)
         return result
 
+    async def _prepare(self, data: bytes, media_type: str | None, cost: int, view: bool = False):
+        """Decode and preprocess within the decode budget; DICOM where its codecs cannot stall or crash
+        the server (a worker process, unless BTD_HOST_WORKERS=0)."""
+        run = self.host.run_isolated if sniff(data) == DICOM else self.host.run
+        async with self.decode_budget.hold(cost):
+            return await run(prepare, data, media_type, self.engine.prepare_options, view)
+
     async def _predict(self, data: bytes, media_type: str | None, cam: str, started: float,
-                       ticket: int) -> Prediction:
+                       ticket: int, cost: int) -> Prediction:
         engine = self.engine
-        prepared = await self.host.run(prepare, data, media_type, engine.prepare_options, cam == "png")
+        prepared = await self._prepare(data, media_type, cost, cam == "png")
         output = await self.batcher.submit(prepared, cam != "none",
                                            on_start=lambda: self.admission.stop_waiting(ticket))
         cam_result, cam_ms = None, 0.0
@@ -120,26 +146,31 @@ class InferenceService:
             metrics.IN_FLIGHT.dec(len(inputs))
 
     async def _infer_logits(self, inputs: Sequence[np.ndarray | bytes]) -> np.ndarray:
-        async def one(item: np.ndarray | bytes) -> np.ndarray:
+        costs = [0 if isinstance(item, np.ndarray) else decode_cost(item, self.options.max_pixels) for item in inputs]
+        self.decode_budget.check(sum(costs))
+
+        async def one(item: np.ndarray | bytes, cost: int) -> np.ndarray:
             ticket = self.admission.admit()
             try:
-                model_input = item if isinstance(item, np.ndarray) else await self.host.run(
-                    prepare, item, None, self.engine.prepare_options)
+                model_input = item if isinstance(item, np.ndarray) else await self._prepare(item, None, cost)
                 out = await self.batcher.submit(model_input, False, on_start=lambda: self.admission.stop_waiting(ticket))
             finally:
                 self.admission.stop_waiting(ticket)
             return out.logits
 
-        return np.stack(await asyncio.gather(*(one(item) for item in inputs)))
+        return np.stack(await asyncio.gather(*(one(item, cost) for item, cost in zip(inputs, costs))))
 
     def refuse_if_full(self) -> None:
         """``Overloaded`` (503 with Retry-After) at once when a new request would be refused: for a
-        batch request, before its files are read and decoded."""
+        batch request, before its files are read and decoded (its files then wait for the decode
+        budget, they are not refused one by one)."""
+        self.decode_budget.check()
         self.admission.check()
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/model`` returns."""
-        return {**self.engine.describe(), "host_workers": self.host.workers, "host_work": self.host.kind}
+        return {**self.engine.describe(), "host_workers": self.host.workers, "host_work": self.host.kind,
+                "isolated_decoders": self.host.isolated}
 
     async def close(self, timeout_s: float) -> None:
         await self.batcher.close(timeout_s)

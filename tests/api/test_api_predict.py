@@ -125,13 +125,14 @@ def test_predict_unsupported_or_mismatched_media_type_is_415(client, headers, da
     assert_problem(client.post("/v1/predict", content=data, headers=headers), 415, "unsupported-media-type")
 
 
-def test_predict_compressed_dicom_without_decoder_is_415_naming_syntax(client, monkeypatch):
+def test_predict_compressed_dicom_without_decoder_is_415_naming_syntax(model_path, monkeypatch):
     from pydicom.pixels import get_decoder
     from pydicom.uid import RLELossless
 
     monkeypatch.setattr(get_decoder(RLELossless), "_available", {})
-    body = assert_problem(client.post("/v1/predict", content=dicom_testfile("MR_small_RLE.dcm"),
-                                      headers={"Content-Type": "application/dicom"}), 415, "unsupported-media-type")
+    with running_app(model_path, host_workers=0) as client:  # DICOM decoded in this process: the patch applies
+        body = assert_problem(client.post("/v1/predict", content=dicom_testfile("MR_small_RLE.dcm"),
+                                          headers={"Content-Type": "application/dicom"}), 415, "unsupported-media-type")
     assert "RLE Lossless" in body["detail"]
 
 

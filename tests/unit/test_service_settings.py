@@ -91,7 +91,10 @@ def test_settings_become_the_cores_options_in_one_place(monkeypatch):
     engine, service = settings.engine_options(), settings.service_options()
     assert engine.runtime.buckets == (1, 2, 4, 8, 12) and engine.runtime.cuda_graph and engine.variant == "int8"
     assert service.host_workers == 3 and service.max_queue_wait_s == 0.25
-    assert service.host_task_timeout_s == settings.request_timeout_s
+    # A host task's own limit (10 s by default), never longer than the whole request may take.
+    assert service.host_task_timeout_s == min(settings.host_task_timeout_s, settings.request_timeout_s) == 10.0
+    assert service.host_memory_limit_bytes == settings.host_memory_limit_bytes
+    assert service.decode_budget_bytes == settings.decode_budget_bytes and service.max_pixels == settings.max_pixels
     monkeypatch.setenv("BTD_BATCH_BUCKETS", "32, 4,1")  # above the largest batch: dropped; the largest added
     assert Settings().engine_options().runtime.buckets == (1, 4, 12)
     monkeypatch.setenv("BTD_HOST_WORKERS", "auto")
