@@ -19,6 +19,7 @@ from app import metrics
 from app.api_keys import KeyFileError
 from app.http_server import server_config
 from app.main import create_app
+from app.malloc import return_freed_memory
 from app.settings import InvalidSettings, load_settings
 
 log = logging.getLogger("app")
@@ -64,6 +65,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def main() -> int:
+    return_freed_memory()  # before any image is decoded: memory goes back after a burst (app/malloc.py)
     try:
         settings = load_settings()
     except InvalidSettings as exc:

@@ -24,9 +24,9 @@ from app.api.guard import GuardMiddleware
 from app.api.middleware import RequestContextMiddleware
 from app.api.problems import install_problem_handlers
 from app.api.routes import router
+from app.api.schemas import Problem
 from app.api.v2 import router as v2_router
 from app.api.v2_schemas import InferRequest
-from app.api.schemas import Problem
 from app.api_keys import KeyStore
 from app.audit import AuditLog
 from app.inference.service import InferenceService

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
                                        "process; its worker is then killed and replaced (504)")
     host_memory_limit_bytes: int = Field(1536 * 1024 * 1024, ge=0, description="address-space limit of each host "
                                          "worker process (a decode past it: 413); 0: none")
-    decode_budget_bytes: int = Field(768 * 1024 * 1024, ge=1024 * 1024, description="memory all decodes may take at "
+    decode_budget_bytes: int = Field(520 * 1024 * 1024, ge=1024 * 1024, description="memory all decodes may take at "
                                      "once, costed from each image's header; beyond: wait, and a new request is refused "
                                      "(503 + Retry-After) while more than this much already waits")
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body (413 beyond)")

@@ -157,3 +157,31 @@ def deflated_dicom_bomb(inflated_bytes: int = 1 << 30) -> bytes:
     body = [deflate.compress(b"\x11\x00\x10\x10OB\x00\x00" + struct.pack("<I", inflated_bytes))]
     body += [deflate.compress(chunk) for _ in range(inflated_bytes // len(chunk))]
     return data[:meta_end] + b"".join(body) + deflate.flush()
+
+
+@functools.cache
+def large_jpeg2000_dicom(side: int = 3072) -> bytes:
+    """A legal, large lossless JPEG 2000 MR DICOM (16-bit, ~7 MB): OpenJPEG holds the GIL for about
+    1.5 s decoding it, which stalls every thread of the process doing it."""
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_sample("MR_small.dcm")))
+    y, x = np.mgrid[:side, :side]
+    pixels = ((np.sin(x / 37.0) + np.cos(y / 53.0)) * 1000 + 2500).astype(np.uint16)
+    pixels += np.random.default_rng(0).integers(0, 64, pixels.shape, dtype=np.uint16)
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.compress(JPEG2000Lossless, pixels, encoding_plugin="pylibjpeg")
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@functools.cache
+def large_colour_png(side: int = 4096) -> bytes:
+    """A legal 4096x4096 RGB PNG of about 1.4 MB: 48 MiB once decoded, ~270 MiB through preprocessing."""
+    img = np.zeros((side, side, 3), np.uint8)
+    img[::7, ::5] = 255
+    img[:, :, 1] //= 2
+    return cv2.imencode(".png", img)[1].tobytes()

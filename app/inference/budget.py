@@ -29,8 +29,9 @@ RASTER_BYTES_PER_PIXEL = 17
 DICOM_BYTES_PER_PIXEL = 32
 HEADER_SCAN_BYTES = 64 * 1024  # where a cheap size reading looks (JPEG frame header, DICOM Rows / Columns)
 _JPEG_FRAMES = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xDE, 0xF7})
-# (0028,0010) Rows and (0028,0011) Columns, explicit VR "US" or implicit VR, little endian.
-_DICOM_SIZE = re.compile(rb"\x28\x00(\x10|\x11)\x00(?:US\x02\x00|\x02\x00\x00\x00)(..)", re.DOTALL)
+# (0028,0002) Samples per Pixel, (0028,0010) Rows and (0028,0011) Columns, explicit VR "US" or
+# implicit VR, little endian.
+_DICOM_SIZE = re.compile(rb"\x28\x00(\x02|\x10|\x11)\x00(?:US\x02\x00|\x02\x00\x00\x00)(..)", re.DOTALL)
 
 
 def worst_cost(max_pixels: int) -> int:
@@ -73,14 +74,15 @@ def _jpeg_pixels(head: bytes) -> int | None:
 
 
 def _dicom_pixels(head: bytes) -> int | None:
-    """The largest Rows x the largest Columns x 3 samples found in the head (an icon's are smaller
-    than the image's), else None."""
-    rows, columns = [], []
+    """The largest Rows x the largest Columns x the most Samples per Pixel found in the head (an
+    icon's are smaller than the image's; 3 samples when none is said), else None."""
+    found: dict[bytes, list[int]] = {b"\x02": [], b"\x10": [], b"\x11": []}
     for match in _DICOM_SIZE.finditer(head):
-        (rows if match.group(1) == b"\x10" else columns).append(int.from_bytes(match.group(2), "little"))
+        found[match.group(1)].append(int.from_bytes(match.group(2), "little"))
+    rows, columns, samples = found[b"\x10"], found[b"\x11"], found[b"\x02"]
     if not rows or not columns:
         return None
-    return max(rows) * max(columns) * 3 or None
+    return max(rows) * max(columns) * (max(samples) if samples else 3) or None
 
 
 class DecodeBudget:

@@ -92,9 +92,12 @@ def decode(data: bytes, declared: str | None = None, *, max_pixels: int = DEFAUL
         raise UnsupportedMediaType("the bytes are not a PNG, JPEG or DICOM (Part 10) file")
     if declared is not None and declared != actual:
         raise UnsupportedMediaType(f"declared {declared} but the bytes are {actual}")
-    if actual == DICOM:
-        return _decode_dicom(data, max_pixels, multiframe)
-    return _decode_raster(data, actual, max_pixels)
+    try:
+        if actual == DICOM:
+            return _decode_dicom(data, max_pixels, multiframe)
+        return _decode_raster(data, actual, max_pixels)
+    except MemoryError:  # a host worker's address-space limit (or the machine) said no
+        raise PayloadTooLarge("decoding this image needs more memory than a decoder may use") from None
 
 
 def decode_path(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
@@ -166,7 +169,7 @@ def _decode_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy) ->
     with _quiet_pydicom():
         try:
             return _read_dicom(data, max_pixels, multiframe)
-        except ServiceError:
+        except (ServiceError, MemoryError):
             raise
         except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
             # Only the exception's type: its message can quote tag values (patient data).
@@ -198,6 +201,8 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy) -> D
         # decode only the frame we use (the one checked above), with a plugin that fails cleanly on bad data
         ds.pixel_array_options(index=frame, decoding_plugin=plugin)
         arr = np.asarray(ds.pixel_array)
+    except MemoryError:
+        raise
     except Exception as exc:  # a decoder exists (checked above): the data is bad
         raise InvalidImage(f"the DICOM pixel data could not be decoded ({type(exc).__name__})") from None
     if frames > 1:
@@ -303,7 +308,6 @@ _DECODER_LOGGER_ROOTS = ("pydicom", "pylibjpeg", "openjpeg", "_openjpeg", "libjp
 def _decoder_loggers() -> list[logging.Logger]:
     """Every existing logger of pydicom and its plugins: a child logger (pydicom.pixels.decoders.base
     logs each failing plugin's exception) is not silenced by disabling its parent."""
-    import pydicom.pixels
 
     existing = list(logging.root.manager.loggerDict)  # one C-level copy: other threads may add loggers
     names = {*_DECODER_LOGGER_ROOTS, *(n for n in existing if n.split(".", 1)[0] in _DECODER_LOGGER_ROOTS)}

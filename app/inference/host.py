@@ -72,6 +72,9 @@ def _init_worker(memory_limit_bytes: int | None) -> None:
     """In each worker: one OpenCV thread (the pool is the parallelism), and the address-space limit."""
     import cv2
 
+    from app.malloc import return_freed_memory
+
+    return_freed_memory()
     cv2.setNumThreads(1)
     if memory_limit_bytes:
         import resource

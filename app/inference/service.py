@@ -17,9 +17,9 @@ from app.errors import InferenceTimeout
 from app.inference.admission import Admission
 from app.inference.batcher import MicroBatcher
 from app.inference.budget import DecodeBudget, decode_cost, worst_cost
+from app.inference.decode import DICOM, sniff
 from app.inference.engine import Engine, EngineOptions
 from app.inference.host import HostWork, MixedHost, ProcessHost, ThreadHost
-from app.inference.decode import DICOM, sniff
 from app.inference.pipeline import check_cam_mode, ms_since, prepare, render_cam_png
 from app.inference.result import Prediction
 from app.inference.runner import GPU_PROVIDERS, available_cpus

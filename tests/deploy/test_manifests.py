@@ -319,3 +319,27 @@ def test_kserve_example_calls_the_port_kserve_exposes():
         host_port = url.split("/")[2]
         assert host_port in (service, service + ":80"), url
     assert f"kubectl create namespace {isvc['metadata']['namespace']}" in text
+
+
+# What a server holds without any request: measured on CPU with the shipped model (442 MiB, the DICOM
+# worker process included); on GPU the CUDA context and TensorRT engines add host memory that was
+# not measured here, so a generous allowance.
+SERVER_BASELINE_MIB = {"cpu": 512, "gpu": 2048}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_memory_budgets_fit_the_pods_memory_limit(overlay, monkeypatch):
+    """Decodes (BTD_DECODE_BUDGET_BYTES) and request bodies (BTD_MAX_UPLOAD_BYTES) are bounded; with the
+    server's own memory they fit the pod's limit, so no mix of legal requests gets the pod OOM-killed."""
+    docs = render(overlay)
+    container = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    for name in [n for n in os.environ if n.startswith("BTD_")]:
+        monkeypatch.delenv(name)
+    for name, value in container_env(docs, container).items():
+        if name.startswith("BTD_"):
+            monkeypatch.setenv(name, value)
+    settings = Settings()
+    limit = container["resources"]["limits"]["memory"]
+    limit_mib = int(limit[:-2]) * (1024 if limit.endswith("Gi") else 1)
+    used_mib = (settings.decode_budget_bytes + settings.max_upload_bytes) / 2**20 + SERVER_BASELINE_MIB[overlay]
+    assert used_mib <= limit_mib, f"{overlay}: {used_mib:.0f} MiB of {limit_mib} MiB"
