@@ -39,18 +39,23 @@ def worst_cost(max_pixels: int) -> int:
 
 
 def decode_cost(data: bytes, max_pixels: int) -> int:
-    """Bytes that decoding and preprocessing ``data`` may take at most, from a cheap look at its header."""
+    """Bytes that decoding and preprocessing ``data`` may take at most, from a cheap look at its header.
+    A size over the pixel limit costs nothing: the decoder refuses it (413) before allocating."""
     kind = sniff(data)
     if kind == PNG and len(data) >= 24:
         pixels = int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
-        return min(pixels, max_pixels) * RASTER_BYTES_PER_PIXEL
+        return _cost(pixels, max_pixels, RASTER_BYTES_PER_PIXEL)
     if kind == JPEG:
-        pixels = _jpeg_pixels(data[:HEADER_SCAN_BYTES])
-        return min(pixels or max_pixels, max_pixels) * RASTER_BYTES_PER_PIXEL
+        return _cost(_jpeg_pixels(data[:HEADER_SCAN_BYTES]), max_pixels, RASTER_BYTES_PER_PIXEL)
     if kind == DICOM:
-        pixels = _dicom_pixels(data[:HEADER_SCAN_BYTES])
-        return min(pixels or max_pixels, max_pixels) * DICOM_BYTES_PER_PIXEL + len(data)
+        return _cost(_dicom_pixels(data[:HEADER_SCAN_BYTES]), max_pixels, DICOM_BYTES_PER_PIXEL) + len(data)
     return 0  # not an image: refused before anything is decoded
+
+
+def _cost(pixels: int | None, max_pixels: int, per_pixel: int) -> int:
+    if pixels is None:  # not readable cheaply: the largest admissible image
+        return max_pixels * per_pixel
+    return 0 if pixels > max_pixels else pixels * per_pixel
 
 
 def _jpeg_pixels(head: bytes) -> int | None:

@@ -298,23 +298,29 @@ def test_no_query_string_or_raw_path_reaches_the_log_and_no_5xx(server):
     httpx.get(server.url + "/static/Jane^Doe%00.dcm", timeout=10)
     log = server.log()
     assert "Jane" not in log and '"POST /v1/predict" 200' in log
-    statuses = [line.split('status="')[1].split('"')[0] for line in httpx.get(server.url + "/metrics").text.splitlines()
-                if line.startswith("btd_http_request_duration_seconds_count{")]
-    assert not [s for s in statuses if s.startswith("5")], statuses
+    counts = [line for line in httpx.get(server.url + "/metrics").text.splitlines()
+              if line.startswith("btd_http_request_duration_seconds_count{")]
+    # /readyz answers 503 while the model loads (a state: ServerProcess polled it); nothing else may.
+    assert not [line for line in counts if 'status="5' in line and 'route="/readyz"' not in line], counts
 
 
 def test_livez_stays_fast_under_concurrent_hostile_load(server, memory, watch):
-    """Every kind of attack at once, from several threads: memory within the pod, /livez under 1 s."""
-    payloads = [(make(), media) for make, media, _ in BOMBS.values()]
+    """Every kind of attack at once, from several threads: memory within the pod, /livez under 1 s, each
+    answer the bomb's own 4xx, or 503 + Retry-After when the admission finds the server above capacity
+    (the DICOM ones queue for the decoder process), never another 5xx."""
+    payloads = [(make(), media, status) for make, media, status in BOMBS.values()]
     errors: list[str] = []
+    overloaded: list[int] = []
 
     def hammer(seed: int) -> None:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             for i in range(6):
-                data, media = payloads[(seed + i) % len(payloads)]
-                status = client.post("/v1/predict", content=data, headers={"Content-Type": media}).status_code
-                if status >= 500:
-                    errors.append(f"{status}")
+                data, media, expected = payloads[(seed + i) % len(payloads)]
+                response = client.post("/v1/predict", content=data, headers={"Content-Type": media})
+                if response.status_code == 503 and int(response.headers.get("retry-after", "0")) >= 1:
+                    overloaded.append(503)
+                elif response.status_code != expected:
+                    errors.append(f"{response.status_code} for {media}: {response.text[:120]}")
 
     with attack("8 threads of mixed bombs", memory, watch, max_s=30.0, max_growth_mb=200) as result:
         threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(8)]
@@ -322,5 +328,5 @@ def test_livez_stays_fast_under_concurrent_hostile_load(server, memory, watch):
             thread.start()
         for thread in threads:
             thread.join(60)
-        result.status = "4xx"
+        result.status = f"4xx, {len(overloaded)}x503"
     assert errors == []
