@@ -43,6 +43,13 @@ class InferenceTimeout(ServiceError):
     status, title, slug = 504, "Inference timed out", "timeout"
 
 
+class DecodeTooCostly(ServiceError):
+    """The image's decode ran past BTD_HOST_TASK_TIMEOUT_S in its own process: a legal slice decodes in a
+    fraction of that, so the cost is the input's (a CPU bomb), not the server's fault."""
+
+    status, title, slug = 422, "Image too costly to decode", "decode-too-costly"
+
+
 class InvalidRequest(ServiceError):
     """The request is well-formed HTTP but not what the operation expects (e.g. no ``file`` field)."""
 

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         "CPU but one with a GPU provider, 0 on the CPU)"
     )
     host_task_timeout_s: float = Field(10.0, gt=0, description="longest decode or CAM rendering in a host worker "
-                                       "process; its worker is then killed and replaced (504)")
+                                       "process; its worker is then killed and replaced (422 decode-too-costly)")
     host_memory_limit_bytes: int = Field(1536 * 1024 * 1024, ge=0, description="address-space limit of each host "
                                          "worker process (a decode past it: 413); 0: none")
     decode_budget_bytes: int = Field(520 * 1024 * 1024, ge=1024 * 1024, description="memory all decodes may take at "

@@ -24,7 +24,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol, TypeVar
 
 from app import metrics
-from app.errors import InferenceTimeout, InvalidImage, PayloadTooLarge
+from app.errors import DecodeTooCostly, InvalidImage, PayloadTooLarge
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,7 +114,7 @@ class ProcessHost:
             return await asyncio.wrap_future(future)
         except FutureTimeout:
             metrics.HOST_WORKER_FAILURES.labels("timeout").inc()
-            raise InferenceTimeout(f"decoding took longer than {self.task_timeout_s:g} s; the worker was stopped") from None
+            raise DecodeTooCostly(f"decoding took longer than {self.task_timeout_s:g} s; the decoder was stopped") from None
         except ProcessExpired as exc:
             metrics.HOST_WORKER_FAILURES.labels("crash").inc()
             log.warning("a host worker ended while working on a request (exit code %s); it was replaced", exc.exitcode)
