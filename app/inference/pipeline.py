@@ -182,6 +182,7 @@ class ResultBuilder:
             warnings=warnings,
             in_distribution=in_distribution,
             ood_score=None if output.ood_score is None else float(output.ood_score),
+            ood_threshold=None if self.metadata.ood is None else float(self.metadata.ood.threshold),
             ood_reasons=reasons,
         )
 

@@ -93,6 +93,9 @@ class Prediction:
     ood_score: Annotated[float | None, Field(
         description="the model's out-of-distribution score (larger: less like its training data); null when "
                     "the model has no such output")] = None
+    ood_threshold: Annotated[float | None, Field(
+        description="the model's out-of-distribution threshold (calibrated on its validation split): a score "
+                    "over it is out of distribution; null when the model has no such output")] = None
     ood_reasons: Annotated[list[OodReason], Field(
         description="why the image is out of distribution: model (its score is over the model's threshold), "
                     "no-head (no head found), small-image (short side under 100 pixels); empty otherwise")] = field(default_factory=list)

@@ -125,6 +125,7 @@ def test_out_of_distribution_sr_reports_no_finding():
     assert not any(name.startswith("Probability of") for name in nums)
     assert "Tumour probability (1 - p(notumor))" not in nums
     assert nums["Out-of-distribution score"] == pytest.approx(41.5)
+    assert nums["Out-of-distribution threshold"] == pytest.approx(30.0)
     assert sr_summary(sr) == ("No finding: input unlike the training data", None)
     assert any("unlike the model's training data" in t and "no finding" in t for t in texts)
     assert "no finding" in str(sc.ImageComments)
