@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "release")
     parser.add_argument("--out", type=Path, default=SHIPPED, help="where the released model goes")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="release this checkpoint instead of training one (default: WORK/train/best.pt, "
+                             "trained when missing), e.g. a second stage's best.pt")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for fitting the OOD score")
     args = parser.parse_args(argv)
     data, work = args.data.resolve(), args.work.resolve()
     splits = work / "release-splits.csv"
@@ -129,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     lgg = ["--data", str(data / "lgg-tcga-flair"), "--split-file", str(data / "lgg-tcga-flair" / "index.csv"),
            "--split", "test", *own_temperature]
 
-    best = work / "train" / "best.pt"
-    if not best.exists():
+    best = args.checkpoint.resolve() if args.checkpoint else work / "train" / "best.pt"
+    if not best.exists() and args.checkpoint is None:
         btd("train", *split_args, "--out", str(work / "train"), "--cache-dir", str(work / "cache"), *TRAIN_ARGS)
     if not (work / "ood.done").exists():
-        btd("fit-ood", str(best), *split_args, "--threads", "2")
+        btd("fit-ood", str(best), *split_args, "--threads", str(args.threads))
         (work / "ood.done").write_text("fitted\n")
     candidate = work / "candidate.onnx"
     export = ["export", str(best), "--fp16-weights", "--version", VERSION]

@@ -147,7 +147,9 @@ V2_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: response for code, response in V2_MODEL_RESPONSES.items() if code not in (401, 403)}
 
 V2_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "logits and calibrated probabilities [N, C] (class order: the model metadata's labels); "
+    200: {"description": "logits and calibrated probabilities [N, C] (class order: the model metadata's labels), "
+                         "and ood_score [N] for a model with an out-of-distribution output (over the metadata's "
+                         "ood_threshold: not a brain MR slice the model knows); "
                          "with the binary tensor extension the JSON header is followed by the raw tensors",
           "headers": {**REQUEST_ID_HEADER,
                       "Inference-Header-Content-Length": {"description": "binary tensor extension: length of the "

@@ -5,7 +5,7 @@ Triton clients and their tooling work unchanged:
     GET  /v2/health/live, /v2/health/ready
     GET  /v2/models/{name}[/versions/{v}]          model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready
-    POST /v2/models/{name}[/versions/{v}]/infer    logits and calibrated probabilities
+    POST /v2/models/{name}[/versions/{v}]/infer    logits, calibrated probabilities, ood_score
 
 Inputs: ``image`` FP32 ``[N, 3, S, S]``, preprocessed as the model's spec says (``GET /v1/model``),
 or, as an extension, ``image_bytes`` BYTES ``[N]``: PNG, JPEG or DICOM files (base64 strings in
@@ -41,8 +41,9 @@ from app.api.v2_schemas import (
     ServerMetadata,
 )
 from app.errors import InvalidRequest, InvalidTensor, ModelNotFound, ServiceError
+from app.contract import OOD_NAME
 from app.inference.postprocess import softmax, tumour_probability
-from app.inference.service import InferenceService
+from app.inference.service import InferenceService, RawOutputs
 from app.settings import Settings
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
@@ -51,7 +52,7 @@ SERVER_NAME = "btd"
 EXTENSIONS = ["binary_tensor_data"]
 IMAGE_INPUT, BYTES_INPUT = "image", "image_bytes"
 LOGITS_OUTPUT, PROBABILITIES_OUTPUT = "logits", "probabilities"
-OUTPUTS = (LOGITS_OUTPUT, PROBABILITIES_OUTPUT)
+OOD_OUTPUT = OOD_NAME  # [N]: the model's out-of-distribution score, for a model that has one
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_MEDIA_TYPE = "application/octet-stream"
 
@@ -111,9 +112,11 @@ def _model_metadata(service: InferenceService) -> dict[str, Any]:
         "inputs": [{"name": IMAGE_INPUT, "datatype": "FP32", "shape": [-1, spec.channels, spec.size, spec.size]},
                    {"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": [-1, classes]},
-                    {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
+                    {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, classes]},
+                    *([{"name": OOD_OUTPUT, "datatype": "FP32", "shape": [-1]}] if meta.ood is not None else [])],
         "parameters": {"labels": list(meta.labels), "temperature": meta.temperature,
-                       "tumour_threshold": service.engine.builder.threshold, "sha256": service.engine.model.sha256},
+                       "tumour_threshold": service.engine.builder.threshold, "sha256": service.engine.model.sha256,
+                       **({"ood_threshold": meta.ood.threshold} if meta.ood is not None else {})},
     }
 
 
@@ -286,15 +289,16 @@ def _wants_binary(infer: InferRequest, output_parameters: dict[str, Any] | None)
     return bool((infer.parameters or {}).get("binary_data_output", False))
 
 
-def infer_response(infer: InferRequest, request_id: str, service: InferenceService,
-                   logits: np.ndarray) -> Response:
+def infer_response(infer: InferRequest, request_id: str, service: InferenceService, raw: RawOutputs) -> Response:
     meta = service.engine.metadata
-    tensors = {LOGITS_OUTPUT: logits.astype(np.float32),
-               PROBABILITIES_OUTPUT: softmax(logits, meta.temperature).astype(np.float32)}
-    wanted = [(o.name, o.parameters) for o in infer.outputs or []] or [(name, None) for name in OUTPUTS]
+    tensors = {LOGITS_OUTPUT: raw.logits.astype(np.float32),
+               PROBABILITIES_OUTPUT: softmax(raw.logits, meta.temperature).astype(np.float32)}
+    if raw.ood_score is not None:
+        tensors[OOD_OUTPUT] = raw.ood_score.astype(np.float32)
+    wanted = [(o.name, o.parameters) for o in infer.outputs or []] or [(name, None) for name in tensors]
     for name, params in wanted:
         if name not in tensors:
-            raise InvalidTensor(f"unknown output {name[:64]!r}; this model answers {', '.join(OUTPUTS)}")
+            raise InvalidTensor(f"unknown output {name[:64]!r}; this model answers {', '.join(tensors)}")
         if params and params.get("class_count"):
             raise InvalidTensor("the classification extension (class_count) is not supported; read "
                                 f"{PROBABILITIES_OUTPUT!r} and the labels in the model metadata")
@@ -336,13 +340,13 @@ async def _infer(request: Request, name: str, version: str | None, service: Infe
         served_model(name, version, service)
         infer, binary = await read_infer_request(request)
         inputs = model_inputs(infer, binary, service, settings.max_batch_files)
-        logits = await service.infer_logits(inputs)
+        raw = await service.infer_raw(inputs)
     except ServiceError as error:
         audit_prediction(request, service, error=error)
         raise
-    for index, fields in enumerate(audit_fields(service, logits)):
+    for index, fields in enumerate(audit_fields(service, raw.logits)):
         audit_prediction(request, service, index=index, **fields)
-    return infer_response(infer, request_id_of(request), service, logits)
+    return infer_response(infer, request_id_of(request), service, raw)
 
 
 @router.post("/models/{model_name}/infer", operation_id="v2ModelInfer", summary="Run the model",

@@ -29,7 +29,7 @@ class ModelMetadataV2(BaseModel):
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
     parameters: Parameters = Field(default_factory=dict, description="extension: labels (the order of the "
-                                   "class axis), calibration temperature, tumour threshold")
+                                   "class axis), calibration temperature, tumour threshold, ood_threshold (models with an ood_score output)")
 
 
 class LiveResponse(BaseModel):

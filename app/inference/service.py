@@ -21,8 +21,16 @@ from app.inference.decode import DICOM, sniff
 from app.inference.engine import Engine, EngineOptions
 from app.inference.host import HostWork, MixedHost, ProcessHost, ThreadHost
 from app.inference.pipeline import check_cam_mode, ms_since, prepare, render_cam_png
-from app.inference.result import Prediction
+from app.inference.result import ModelOutput, Prediction
 from app.inference.runner import GPU_PROVIDERS, available_cpus
+
+
+@dataclass(frozen=True)
+class RawOutputs:
+    """What the Open Inference Protocol answers: the model's own outputs, no decision."""
+
+    logits: np.ndarray  # float32 [N, C]
+    ood_score: np.ndarray | None  # float32 [N]; None when the model has no OOD output
 
 
 @dataclass(frozen=True)
@@ -133,32 +141,35 @@ class InferenceService:
             cam_ms = ms_since(cam_start)
         return engine.finish(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms)
 
-    async def infer_logits(self, inputs: Sequence[np.ndarray | bytes]) -> np.ndarray:
+    async def infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
         """Model inputs ``[channels, size, size]`` (or image bytes, prepared as ``predict`` does) -> raw
-        logits ``[N, C]``, through the micro-batcher: the same admission, queue and timeout as ``predict``."""
+        logits ``[N, C]`` and OOD scores, through the micro-batcher: the same admission, queue and
+        timeout as ``predict``."""
         timeout = self.options.request_timeout_s
         metrics.IN_FLIGHT.inc(len(inputs))  # admitted work: one per image, as predict counts
         try:
-            return await asyncio.wait_for(self._infer_logits(inputs), timeout)
+            return await asyncio.wait_for(self._infer_raw(inputs), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
         finally:
             metrics.IN_FLIGHT.dec(len(inputs))
 
-    async def _infer_logits(self, inputs: Sequence[np.ndarray | bytes]) -> np.ndarray:
+    async def _infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
         costs = [0 if isinstance(item, np.ndarray) else decode_cost(item, self.options.max_pixels) for item in inputs]
         self.decode_budget.check(sum(costs))
 
-        async def one(item: np.ndarray | bytes, cost: int) -> np.ndarray:
+        async def one(item: np.ndarray | bytes, cost: int) -> ModelOutput:
             ticket = self.admission.admit()
             try:
                 model_input = item if isinstance(item, np.ndarray) else await self._prepare(item, None, cost)
                 out = await self.batcher.submit(model_input, False, on_start=lambda: self.admission.stop_waiting(ticket))
             finally:
                 self.admission.stop_waiting(ticket)
-            return out.logits
+            return out
 
-        return np.stack(await asyncio.gather(*(one(item, cost) for item, cost in zip(inputs, costs))))
+        outs = await asyncio.gather(*(one(item, cost) for item, cost in zip(inputs, costs)))
+        scores = None if outs[0].ood_score is None else np.array([float(o.ood_score) for o in outs], np.float32)
+        return RawOutputs(np.stack([o.logits for o in outs]), scores)
 
     def refuse_if_full(self) -> None:
         """``Overloaded`` (503 with Retry-After) at once when a new request would be refused: for a

@@ -198,3 +198,28 @@ def test_v2_health_follows_the_native_probes(client):
     finally:
         state.draining, state.load_error = False, None
     assert client.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_v2_answers_the_ood_score_of_a_model_that_has_one(tmp_path):
+    from tests.api.helpers import running_app
+    from tests.model_factory import build_model
+
+    with running_app(build_model(tmp_path / "ood.onnx", ood_threshold=0.25)) as ood_client:
+        meta = ood_client.get("/v2/models/btd-test").json()
+        assert {"name": "ood_score", "datatype": "FP32", "shape": [-1]} in meta["outputs"]
+        assert meta["parameters"]["ood_threshold"] == 0.25
+        image = png_bytes(seed=5)
+        native = ood_client.post("/v1/predict", content=image, headers={"Content-Type": "image/png"}).json()
+        request = {"inputs": [{"name": "image_bytes", "shape": [2], "datatype": "BYTES",
+                               "data": [base64.b64encode(image).decode()] * 2}]}
+        response = ood_client.post("/v2/models/btd-test/infer", json=request)
+        assert response.status_code == 200, response.text
+        assert_matches_spec(response)
+        out = {o["name"]: o for o in response.json()["outputs"]}
+        assert list(out) == ["logits", "probabilities", "ood_score"] and out["ood_score"]["shape"] == [2]
+        np.testing.assert_allclose(out["ood_score"]["data"], [native["ood_score"]] * 2, rtol=1e-5)
+    # a model without the output neither lists nor answers it
+    with running_app(build_model(tmp_path / "plain.onnx")) as plain:
+        assert "ood_score" not in [o["name"] for o in plain.get("/v2/models/btd-test").json()["outputs"]]
+        refused = plain.post("/v2/models/btd-test/infer", json={**request, "outputs": [{"name": "ood_score"}]})
+        assert refused.status_code == 400 and "ood_score" in refused.text
