@@ -190,6 +190,9 @@ def _fit_ood_parser(sub) -> None:
                    help="share of validation images the threshold keeps in distribution")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    p.add_argument("--features", type=Path, default=None,
+                   help="npz cache of this checkpoint's pooled features: read when it exists, written otherwise "
+                        "(refitting with other --components or --quantile then takes seconds)")
     p.set_defaults(run=_run_fit_ood)
 
 
@@ -198,7 +201,7 @@ def _run_fit_ood(args: argparse.Namespace) -> int:
 
     main(FitOodConfig(
         checkpoint=args.checkpoint, data=args.data, split_file=args.split_file, components=args.components,
-        quantile=args.quantile, batch_size=args.batch_size, threads=args.threads,
+        quantile=args.quantile, batch_size=args.batch_size, threads=args.threads, features=args.features,
         limit_per_class=args.limit_per_class, seed=args.seed, columns=_columns(args),
     ))
     return 0

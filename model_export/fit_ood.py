@@ -37,6 +37,7 @@ class FitOodConfig:
     quantile: float = ood.DEFAULT_QUANTILE
     batch_size: int = 16
     threads: int = 0
+    features: Path | None = None  # npz cache of the pooled features: read when present, else written
     limit_per_class: int = 0
     seed: int = 0
     columns: dict[str, str] = field(default_factory=dict)
@@ -66,8 +67,18 @@ def main(config: FitOodConfig) -> ood.OodFit:
     train, val = select(samples, "train"), select(samples, "val")
     if not train or not val:
         raise ValueError("fit-ood needs images in the train and val splits")
-    x_train, y_train = pooled_features(model, train, labels, spec, config.batch_size, "train features")
-    x_val, _ = pooled_features(model, val, labels, spec, config.batch_size, "val features")
+    if config.features is not None and config.features.exists():
+        cached = np.load(config.features)
+        x_train, y_train, x_val = cached["x_train"], cached["y_train"], cached["x_val"]
+        if (len(x_train), len(x_val)) != (len(train), len(val)):
+            raise ValueError(f"{config.features} holds features of {len(x_train)} train / {len(x_val)} val images, "
+                             f"the split has {len(train)} / {len(val)}: delete it to extract them again")
+        log.info("pooled features read from %s", config.features)
+    else:
+        x_train, y_train = pooled_features(model, train, labels, spec, config.batch_size, "train features")
+        x_val, _ = pooled_features(model, val, labels, spec, config.batch_size, "val features")
+        if config.features is not None:
+            np.savez(config.features, x_train=x_train, y_train=y_train, x_val=x_val)
     fitted = ood.calibrate(ood.fit(x_train, y_train, config.components), x_val, config.quantile)
     ckpt["ood"] = fitted.to_state()
     save_checkpoint(config.checkpoint, ckpt)

@@ -39,8 +39,9 @@ MIN_VAL_SENSITIVITY = 0.998
 MAX_THRESHOLD = 0.5
 # Validation tumour-sensitivity floor per source (path prefix in the split file): the threshold keeps
 # every source at or above its floor. lgg-tcga-flair's gliomas include slices whose lesion is barely
-# visible (1% of the slice), so one miss in a hundred is allowed there; elsewhere one in five hundred.
-SENSITIVITY_FLOORS = {"lgg-tcga-flair/": 0.99, "": MIN_VAL_SENSITIVITY}
+# visible (1% of the slice): a floor of 0.99 there took 1.2.0's threshold to 0.019 and its validation
+# specificity to 0.77, so the floor is 0.96 (the goal, 0.95, with a margin); elsewhere one miss in 500.
+SENSITIVITY_FLOORS = {"lgg-tcga-flair/": 0.96, "": MIN_VAL_SENSITIVITY}
 # layer3, layer4 and head trained on freshly augmented images every epoch (no feature cache), in
 # bfloat16 autocast with channels_last: on our CPU that is ~17 img/s, about 7 minutes an epoch.
 TRAIN_ARGS = ["--freeze", "layer3", "--feature-cache", "off", "--amp", "on", "--channels-last", "on",
