@@ -9,8 +9,9 @@
 # (releases 1.27 and later; 1.19-1.26 were CUDA 12): CUDA 13.0.2 + cuDNN 9 come from the base
 # image, TensorRT 10 (the major version ONNX Runtime's TensorRT provider links) from NVIDIA's
 # index. The node needs an NVIDIA driver >= 580 and a Turing or newer GPU (compute capability 7.5+).
-# The release model is baked in at /models/btd-resnet50.onnx; mount another over /models or set
-# BTD_MODEL_PATH to serve a different one.
+# The release model is baked in at /models/btd-resnet50.onnx, with its INT8 variant beside it
+# (which a CPU serves by default; scripts/build-image.sh leaves it out of the GPU image); mount
+# another over /models or set BTD_MODEL_PATH to serve a different one.
 
 ARG VARIANT=gpu
 ARG CPU_BASE=python:3.11.15-slim-bookworm
@@ -61,7 +62,8 @@ RUN (python3 -m pip uninstall --yes --disable-pip-version-check pip setuptools w
  && chown -R btd:btd /var/cache/btd
 COPY --from=builder /opt/venv /opt/venv
 COPY app/ /srv/btd/app/
-COPY models/btd-resnet50.onnx /models/btd-resnet50.onnx
+# The model and, when the context has it, its INT8 variant.
+COPY models/ /models/
 # Byte-compile now (the root filesystem is read-only at run time); let the loader find TensorRT.
 RUN /opt/venv/bin/python -m compileall -q /srv/btd/app \
  && if [ -d /opt/venv/tensorrt_libs ]; then \

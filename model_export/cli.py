@@ -177,6 +177,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _fit_ood_parser(sub) -> None:
+    from model_export import ood as ood_defaults  # numpy only
+
     p = sub.add_parser("fit-ood", help="fit the out-of-distribution score and store it in a checkpoint",
                        description="Fit the Mahalanobis out-of-distribution score on the checkpoint's pooled "
                                    "layer4 features of the train split, set its threshold at a quantile of the "
@@ -184,7 +186,7 @@ def _fit_ood_parser(sub) -> None:
                                    "the 'ood_score' output to the graph and the threshold to the metadata.")
     p.add_argument("checkpoint", type=Path, help="training checkpoint (best.pt); updated in place")
     _add_data_args(p)
-    p.add_argument("--components", type=int, default=256, help="principal directions of the within-class "
+    p.add_argument("--components", type=int, default=ood_defaults.DEFAULT_COMPONENTS, help="principal directions of the within-class "
                    "covariance kept (whitened)")
     p.add_argument("--quantile", type=float, default=0.995,
                    help="share of validation images the threshold keeps in distribution")

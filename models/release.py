@@ -17,8 +17,8 @@ interrupted training run continues with ``btd train ... --resume runs/release/tr
    with that report in the metadata: ``models/btd-resnet50.onnx`` (float16-stored weights);
 6. the exact shipped file measured: grouped test (1,129), figshare-cheng test rows (293),
    lgg-tcga-flair test split (394 slices of 22 unseen patients), originals vs their 224 copies,
-   the out-of-distribution guard (non-brain set and grouped test), INT8 quantization and its
-   evaluation, CAM localisation.
+   the out-of-distribution guard (non-brain set and grouped test), INT8 quantization, its
+   evaluation and its out-of-distribution guard, CAM localisation.
 """
 
 from __future__ import annotations
@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     btd("evaluate", str(int8), *grouped, "--baseline", str(args.out), "--out", str(work / "eval-int8-test"))
     btd("evaluate", str(int8), *figshare, "--baseline", str(args.out), "--out", str(work / "eval-int8-figshare-test"))
     btd("evaluate", str(int8), *lgg, "--baseline", str(args.out), "--out", str(work / "eval-int8-lgg-test"))
+    run_module("model_export.ood_check", "--model", str(int8), "--data-dir", str(data),  # what the CPU serves
+               "--json", str(work / "ood-check-int8.json"))
     run_module("model_export.localisation", "--model", str(args.out), "--data-dir", str(data),
                "--json", str(work / "localisation.json"))
     return 0

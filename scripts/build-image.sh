@@ -41,6 +41,11 @@ cp Dockerfile .dockerignore "$context/"
 cp -r app "$context/app"
 cp docker/requirements-*.lock "$context/docker/"
 cp "$model" "$context/models/btd-resnet50.onnx"
+# The INT8 variant beside the model, when there is one: the CPU serves it by default (BTD_MODEL_VARIANT).
+int8="${model%.onnx}-int8.onnx"
+if [ "$variant" = cpu ] && [ -f "$int8" ]; then
+  cp "$int8" "$context/models/btd-resnet50-int8.onnx"
+fi
 
 build_args=(--build-arg "VARIANT=$variant")
 if [ "$local_base" = 1 ]; then

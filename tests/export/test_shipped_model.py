@@ -50,8 +50,9 @@ def test_shipped_model_metadata_carries_test_metrics_and_training_data(runner):
     metrics = runner.metadata.metrics
     assert metrics["images"] == 1129
     assert {"accuracy", "macro_f1", "macro_roc_auc", "tumour_sensitivity", "ece_calibrated"} <= set(metrics)
+    # the release split file's test rows: the grouped test split + lgg-tcga-flair's test patients
     assert runner.metadata.training_data["per_split"]["test"] == {
-        "glioma": 228, "meningioma": 261, "notumor": 367, "pituitary": 273}
+        "glioma": 228 + 197, "meningioma": 261, "notumor": 367 + 197, "pituitary": 273}
 
 
 def test_model_card_names_the_shipped_file_and_its_figures(runner):
@@ -60,6 +61,26 @@ def test_model_card_names_the_shipped_file_and_its_figures(runner):
     metrics = runner.metadata.metrics
     assert f"{metrics['accuracy']:.4f}" in card and f"{metrics['macro_f1']:.4f}" in card
     assert re.search(rf"\b{runner.metadata.tumour_threshold:.3f}\b", card)
+
+
+def test_shipped_model_has_an_ood_score_and_an_int8_variant_that_agrees(runner):
+    meta = runner.metadata
+    assert meta.preprocess.version == 2 and meta.ood is not None and meta.ood.threshold > 0
+    card = CARD.read_text()
+    int8_path = SHIPPED.with_name(SHIPPED.stem + "-int8.onnx")
+    assert file_sha256(int8_path) in card  # the card describes the INT8 file too
+    int8 = Engine.load(SHIPPED, EngineOptions(runtime=RuntimeOptions(buckets=(1, 2)), variant="int8"))
+    assert int8.model.path == int8_path
+    assert (int8.metadata.labels, int8.metadata.ood) == (meta.labels, meta.ood)
+    assert int8.metadata.tumour_threshold == meta.tumour_threshold
+    # a head-like slice: both variants give the same label and nearly the same OOD score
+    yy, xx = np.mgrid[0:256, 0:256] / 256.0
+    head = ((((yy - 0.5) / 0.4) ** 2 + ((xx - 0.5) / 0.33) ** 2) < 1).astype(np.float32) * 0.5
+    batch = preprocess(head, meta.preprocess)[None]
+    fp32_out = runner.engine.runner.run(list(batch), features=False)
+    int8_out = int8.runner.run(list(batch), features=False)
+    assert fp32_out.logits.argmax(1).tolist() == int8_out.logits.argmax(1).tolist()
+    assert abs(float(fp32_out.ood_score[0]) - float(int8_out.ood_score[0])) < 0.1 * float(fp32_out.ood_score[0])
 
 
 def test_shipped_model_outputs_are_finite_and_depend_on_the_input(runner):
