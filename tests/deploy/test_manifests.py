@@ -164,11 +164,16 @@ def test_service_and_scrape_reach_the_app_port(overlay):
         assert selector.items() <= labels.items()
 
 
+def pod_env(where: str, container: dict) -> dict[str, str]:
+    """The container's environment as the cluster sees it (an overlay's patches applied)."""
+    docs = render(where.split("/")[1]) if where.startswith("overlays/") else []
+    return container_env(docs, container) if docs else {v["name"]: v["value"] for v in container["env"]}
+
+
 @pytest.mark.parametrize("where, pod", list(pod_specs()))
 def test_grace_period_covers_prestop_and_drain(where, pod):
-    docs = render(where.split("/")[1]) if where.startswith("overlays/") else []
     container = pod["containers"][0]
-    env = container_env(docs, container) if docs else {v["name"]: v["value"] for v in container["env"]}
+    env = pod_env(where, container)
     drain_s = float(env["BTD_DRAIN_TIMEOUT_S"])
     pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] >= pre_stop_s + drain_s + 5
@@ -263,9 +268,8 @@ def test_network_policy_admits_only_named_clients_on_the_service_port(overlay):
 
 @pytest.mark.parametrize("where, pod", list(pod_specs()))
 def test_api_keys_come_from_a_secret_mounted_where_the_setting_points(where, pod):
-    docs = render(where.split("/")[1]) if where.startswith("overlays/") else []
     container = pod["containers"][0]
-    env = container_env(docs, container) if docs else {v["name"]: v["value"] for v in container["env"]}
+    env = pod_env(where, container)
     keys_file = Path(env["BTD_API_KEYS_FILE"])
     (mount,) = [m for m in container["volumeMounts"] if keys_file.parent == Path(m["mountPath"])]
     assert mount["readOnly"] is True and "subPath" not in mount  # a subPath mount would never see a rotation
