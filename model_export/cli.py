@@ -186,15 +186,15 @@ def _fit_ood_parser(sub) -> None:
                                    "the 'ood_score' output to the graph and the threshold to the metadata.")
     p.add_argument("checkpoint", type=Path, help="training checkpoint (best.pt); updated in place")
     _add_data_args(p)
-    p.add_argument("--components", type=int, default=ood_defaults.DEFAULT_COMPONENTS, help="principal directions of the within-class "
-                   "covariance kept (whitened)")
-    p.add_argument("--quantile", type=float, default=0.995,
+    p.add_argument("--components", type=int, default=ood_defaults.DEFAULT_COMPONENTS,
+                   help="principal directions of the within-class covariance kept (whitened)")
+    p.add_argument("--quantile", type=float, default=ood_defaults.DEFAULT_QUANTILE,
                    help="share of validation images the threshold keeps in distribution")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     p.add_argument("--features", type=Path, default=None,
-                   help="npz cache of this checkpoint's pooled features: read when it exists, written otherwise "
-                        "(refitting with other --components or --quantile then takes seconds)")
+                   help="npz cache of this checkpoint's pooled features: read when it exists (refused when it "
+                        "belongs to another checkpoint or split), written otherwise; refits then take seconds")
     p.set_defaults(run=_run_fit_ood)
 
 

@@ -8,6 +8,7 @@ on the validation split.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,16 @@ def pooled_features(model: ResNet50, samples: Sequence[Sample], labels: Sequence
     return np.concatenate(pooled), np.concatenate(targets)
 
 
+def features_key(model: ResNet50, spec: PreprocessSpec, train: Sequence[Sample], val: Sequence[Sample]) -> str:
+    """What the pooled features depend on: the weights (the head's change with any training), the
+    preprocessing and the images of each split."""
+    digest = hashlib.sha256(model.fc.weight.detach().numpy().tobytes())
+    digest.update(spec.to_json().encode())
+    for split in (train, val):
+        digest.update("\n".join(f"{s.path}\t{s.label}" for s in split).encode() + b"\0")
+    return digest.hexdigest()
+
+
 def main(config: FitOodConfig) -> ood.OodFit:
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -67,18 +78,19 @@ def main(config: FitOodConfig) -> ood.OodFit:
     train, val = select(samples, "train"), select(samples, "val")
     if not train or not val:
         raise ValueError("fit-ood needs images in the train and val splits")
+    key = features_key(model, spec, train, val)
     if config.features is not None and config.features.exists():
         cached = np.load(config.features)
+        if str(cached["key"]) != key:
+            raise ValueError(f"{config.features} holds the features of another checkpoint or split: delete it to "
+                             "extract them again")
         x_train, y_train, x_val = cached["x_train"], cached["y_train"], cached["x_val"]
-        if (len(x_train), len(x_val)) != (len(train), len(val)):
-            raise ValueError(f"{config.features} holds features of {len(x_train)} train / {len(x_val)} val images, "
-                             f"the split has {len(train)} / {len(val)}: delete it to extract them again")
         log.info("pooled features read from %s", config.features)
     else:
         x_train, y_train = pooled_features(model, train, labels, spec, config.batch_size, "train features")
         x_val, _ = pooled_features(model, val, labels, spec, config.batch_size, "val features")
         if config.features is not None:
-            np.savez(config.features, x_train=x_train, y_train=y_train, x_val=x_val)
+            np.savez(config.features, key=key, x_train=x_train, y_train=y_train, x_val=x_val)
     fitted = ood.calibrate(ood.fit(x_train, y_train, config.components), x_val, config.quantile)
     ckpt["ood"] = fitted.to_state()
     save_checkpoint(config.checkpoint, ckpt)

@@ -42,7 +42,7 @@ class OodFit:
         return {k: (v.astype(np.float32) if isinstance(v, np.ndarray) else v) for k, v in asdict(self).items()}
 
     @classmethod
-    def from_state(cls, state: dict) -> "OodFit":
+    def from_state(cls, state: dict) -> OodFit:
         return cls(mean=np.asarray(state["mean"], np.float32), projection=np.asarray(state["projection"], np.float32),
                    class_means=np.asarray(state["class_means"], np.float32), threshold=float(state["threshold"]),
                    calibration=dict(state.get("calibration", {})))
@@ -64,7 +64,7 @@ def fit(features: np.ndarray, targets: np.ndarray, components: int = DEFAULT_COM
     class_means = (means - mean) @ projection
     return OodFit(mean=mean.astype(np.float32), projection=projection.astype(np.float32),
                   class_means=class_means.astype(np.float32),
-                  calibration={"components": int(projection.shape[1]), "fit_images": int(len(x))})
+                  calibration={"components": int(projection.shape[1]), "fit_images": len(x)})
 
 
 def score(model: OodFit, features: np.ndarray) -> np.ndarray:
@@ -78,7 +78,7 @@ def calibrate(model: OodFit, val_features: np.ndarray, quantile: float = DEFAULT
     """Set the threshold at the ``quantile`` of the validation scores."""
     scores = score(model, val_features)
     model.threshold = float(np.quantile(scores, quantile))
-    model.calibration.update({"quantile": quantile, "val_images": int(len(scores)),
+    model.calibration.update({"quantile": quantile, "val_images": len(scores),
                               "val_flagged": float((scores > model.threshold).mean())})
     return model
 

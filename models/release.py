@@ -9,7 +9,8 @@ interrupted training run continues with ``btd train ... --resume runs/release/tr
    with its patient split (the patient is the group);
 2. ``btd train`` (layer3, layer4 and head on freshly augmented images, bf16 autocast on CPU); the
    temperature is fit on the validation split at the end of training;
-3. ``btd fit-ood``: the out-of-distribution score, fit on the train split, threshold on val;
+3. ``btd fit-ood``: the out-of-distribution score, fit on the train split, threshold on val (pooled
+   features cached beside the checkpoint, so a rerun refits in seconds);
 4. a candidate export, evaluated on the validation split; the tumour threshold is chosen there
    (never on test): the highest threshold keeping each source's validation tumour sensitivity at
    its floor (``SENSITIVITY_FLOORS``), capped at 0.5;
@@ -137,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     best = args.checkpoint.resolve() if args.checkpoint else work / "train" / "best.pt"
     if not best.exists() and args.checkpoint is None:
         btd("train", *split_args, "--out", str(work / "train"), "--cache-dir", str(work / "cache"), *TRAIN_ARGS)
-    if not (work / "ood.done").exists():
-        btd("fit-ood", str(best), *split_args, "--threads", str(args.threads))
-        (work / "ood.done").write_text("fitted\n")
+    # Features cached beside the checkpoint: the first fit extracts them, a rerun refits in seconds.
+    btd("fit-ood", str(best), *split_args, "--threads", str(args.threads),
+        "--features", str(best.with_name("ood-features.npz")))
     candidate = work / "candidate.onnx"
     export = ["export", str(best), "--fp16-weights", "--version", VERSION]
     if not (work / "eval-val" / "predictions.csv").exists():

@@ -40,8 +40,8 @@ from app.api.v2_schemas import (
     RequestInput,
     ServerMetadata,
 )
-from app.errors import InvalidRequest, InvalidTensor, ModelNotFound, ServiceError
 from app.contract import OOD_NAME
+from app.errors import InvalidRequest, InvalidTensor, ModelNotFound, ServiceError
 from app.inference.postprocess import softmax, tumour_probability
 from app.inference.service import InferenceService, RawOutputs
 from app.settings import Settings

@@ -11,11 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from app.contract import PreprocessSpec  # noqa: E402
-from model_export import fit_ood  # noqa: E402
-from model_export.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
-from model_export.resnet import ResNet50  # noqa: E402
-from tests.export.synthetic_mri import LABELS, write_image_folder  # noqa: E402
+from app.contract import PreprocessSpec
+from model_export import fit_ood
+from model_export.checkpoint import read_checkpoint, save_checkpoint
+from model_export.resnet import ResNet50
+from tests.export.synthetic_mri import LABELS, write_image_folder
 
 SIZE = 64
 
@@ -45,7 +45,7 @@ def test_fit_is_stored_and_a_refit_reuses_the_cached_features(checkpoint_and_dat
     stored = read_checkpoint(ckpt)["ood"]
     assert stored["projection"].shape == (2048, 8) and stored["threshold"] == pytest.approx(first.threshold)
     assert stored["calibration"]["fit_images"] == 12 and stored["calibration"]["val_images"] == 4
-    assert set(np.load(cache)) == {"x_train", "y_train", "x_val"}
+    assert set(np.load(cache)) == {"key", "x_train", "y_train", "x_val"}
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("features were extracted again")
@@ -59,6 +59,7 @@ def test_fit_is_stored_and_a_refit_reuses_the_cached_features(checkpoint_and_dat
 def test_a_cache_of_another_split_is_refused(checkpoint_and_data) -> None:
     ckpt, data, split_file = checkpoint_and_data
     cache = ckpt.with_name("features.npz")
-    np.savez(cache, x_train=np.zeros((3, 2048), np.float32), y_train=np.zeros(3), x_val=np.zeros((1, 2048), np.float32))
+    np.savez(cache, key="another checkpoint", x_train=np.zeros((3, 2048), np.float32), y_train=np.zeros(3),
+             x_val=np.zeros((1, 2048), np.float32))
     with pytest.raises(ValueError, match="delete it"):
         fit_ood.main(fit_ood.FitOodConfig(ckpt, data, split_file, features=cache))

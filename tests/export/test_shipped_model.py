@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.contract import NO_TUMOUR_LABEL, PreprocessSpec, preprocess
+from app.contract import NO_TUMOUR_LABEL, preprocess
 from app.inference.engine import Engine, EngineOptions
 from app.inference.model import file_sha256
 from app.inference.runner import RuntimeOptions
