@@ -179,9 +179,14 @@ def test_worker_limits_turn_a_runaway_decode_into_a_422_or_413_and_the_server_go
                                       headers={"Content-Type": "application/dicom"}, timeout=120)
                 assert response.status_code == status and response.json()["type"] == f"/problems/{slug}", \
                     response.text[:300]
-                after = httpx.post(server.url + "/v1/predict", content=small,
-                                   headers={"Content-Type": "application/dicom"}, timeout=60)
-                assert after.status_code == 200  # the worker was replaced
+                # The worker was replaced: a small DICOM is served. With a 0.3 s limit a CPU-starved
+                # machine can push even its 10 ms decode past the limit, so it gets a few tries.
+                for _ in range(5):
+                    after = httpx.post(server.url + "/v1/predict", content=small,
+                                       headers={"Content-Type": "application/dicom"}, timeout=60)
+                    if after.status_code == 200:
+                        break
+                assert after.status_code == 200, after.text[:300]
                 return [response.status_code, after.status_code]
 
             measure(f"worker {name} limit on a JPEG 2000 DICOM 3072x3072", server, run,
