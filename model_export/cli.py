@@ -209,6 +209,31 @@ def _run_fit_ood(args: argparse.Namespace) -> int:
     return 0
 
 
+def _average_parser(sub) -> None:
+    p = sub.add_parser("average", help="average the weights of several fine-tuned checkpoints (model soup)",
+                       description="Average the weights of checkpoints fine-tuned on the same data (other seeds, "
+                                   "a second stage), score the average and each ingredient on the val split, "
+                                   "fit the average's temperature there and save it as a new checkpoint. Then "
+                                   "'btd fit-ood' and 'btd export' it like a best.pt.")
+    p.add_argument("checkpoints", type=Path, nargs="+", help="two or more training checkpoints (best.pt)")
+    _add_data_args(p, split_default="val")
+    p.add_argument("--out", type=Path, required=True, help="the averaged checkpoint (.pt)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    p.set_defaults(run=_run_average)
+
+
+def _run_average(args: argparse.Namespace) -> int:
+    from model_export.average import AverageConfig, main
+
+    main(AverageConfig(
+        checkpoints=args.checkpoints, out=args.out, data=args.data, split_file=args.split_file, split=args.split,
+        batch_size=args.batch_size, threads=args.threads, limit_per_class=args.limit_per_class, seed=args.seed,
+        columns=_columns(args),
+    ))
+    return 0
+
+
 def _quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="INT8 static QDQ variant of an exported ONNX model",
                        description="Static QDQ quantization: uint8 activations, int8 per-channel weights, "
@@ -255,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "evaluate, export and quantize a ResNet-50, and run predictions.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    builders: Sequence[Callable] = (_train_parser, _evaluate_parser, _fit_ood_parser, _export_parser,
-                                    _quantize_parser, _register_predict, _register_pacs)
+    builders: Sequence[Callable] = (_train_parser, _evaluate_parser, _average_parser, _fit_ood_parser,
+                                    _export_parser, _quantize_parser, _register_predict, _register_pacs)
     for build in builders:
         build(sub)
     return parser
