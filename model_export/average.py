@@ -5,9 +5,10 @@ Runs that share a starting point (stages, or runs ``--init-from`` one checkpoint
 one basin of the loss, where the average of their weights can beat each of them: an ensemble's gain
 at a single network's serving cost. Runs of other seeds start from other random heads and need not
 share a basin (for 1.2.0 their average fell to 0.944 validation macro F1 from 0.978 and 0.973).
-Whether an average is better is a question for validation, so the command measures the average and every ingredient on the val split the same way
-(float32, the contract's ``preprocess``, no augmentation), fits the average's temperature there and
-stores it with those figures in the new checkpoint. The out-of-distribution fit is not carried over:
+Whether an average is better is a question for validation, so the command measures the average,
+every ingredient and their logit ensemble on the val split the same way (float32, the contract's
+``preprocess``, no augmentation), fits the average's temperature there and stores it with those
+figures in the new checkpoint. The out-of-distribution fit is not carried over:
 the features moved, so run ``btd fit-ood`` on the result (``models/release.py --checkpoint`` does).
 """
 
@@ -75,8 +76,8 @@ def averaged_checkpoint(ckpts: Sequence[dict[str, Any]], sources: Sequence[str])
     for key in MUST_MATCH:
         for source, ckpt in zip(sources[1:], ckpts[1:]):
             if ckpt.get(key) != ckpts[0].get(key):
-                raise ValueError(f"{source} differs from {sources[0]} in {key!r}: only runs on the same data, "
-                                 "labels and preprocessing can be averaged")
+                raise ValueError(f"{source} differs from {sources[0]} in {key!r}: only runs on the same "
+                                 "data, labels and preprocessing can be averaged")
     merged = {k: v for k, v in ckpts[0].items() if k not in DROPPED and k != "format"}
     merged["model"] = average_state([c["model"] for c in ckpts])
     merged["averaged_from"] = list(sources)
@@ -93,24 +94,24 @@ def main(config: AverageConfig) -> dict[str, Any]:
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     sources = [str(p) for p in config.checkpoints]
-    merged = averaged_checkpoint([read_checkpoint(p) for p in config.checkpoints], sources)
+    ckpts = [read_checkpoint(p) for p in config.checkpoints]
+    merged = averaged_checkpoint(ckpts, sources)
     samples = limit_per_class(load_samples(Path(config.data), config.split_file, seed=config.seed,
                                            **config.columns), config.limit_per_class, config.seed)
     chosen = select(samples, config.split)
     if not chosen:
         raise ValueError(f"no images in split {config.split!r}")
     out = Path(config.out)
-    save_checkpoint(out, merged)  # first without a temperature, so CheckpointModel can read it
     y = targets_for(chosen, merged["labels"])
     classes = len(merged["labels"])
     ingredients, member_logits = {}, []
-    for source in sources:
-        logits = CheckpointModel(Path(source), config.threads).logits(chosen, config.batch_size, f"scoring {source}")
+    for source, ckpt in zip(sources, ckpts):
+        logits = CheckpointModel(ckpt, config.threads).logits(chosen, config.batch_size, f"scoring {source}")
         member_logits.append(logits)
         ingredients[source] = score(logits, y, classes)
         log.info("%s: %s accuracy %.4f, macro-F1 %.4f", source, config.split, ingredients[source]["accuracy"],
                  ingredients[source]["macro_f1"])
-    logits = CheckpointModel(out, config.threads).logits(chosen, config.batch_size, "scoring the average")
+    logits = CheckpointModel(merged, config.threads).logits(chosen, config.batch_size, "scoring the average")
     averaged = score(logits, y, classes)
     merged["temperature"] = metrics.fit_temperature(logits, y)
     # The ensemble of the same ingredients (mean logits: their cost times the number of networks),
@@ -120,8 +121,8 @@ def main(config: AverageConfig) -> dict[str, Any]:
                                  "logit_ensemble": score(np.mean(member_logits, axis=0), y, classes)}
     save_checkpoint(out, merged)
     best = max(ingredients.values(), key=lambda s: s["macro_f1"])
-    log.info("average of %d: %s accuracy %.4f, macro-F1 %.4f (best ingredient %.4f, change %+.4f; logit ensemble "
-             "%.4f); temperature %.3f; saved %s", len(sources), config.split, averaged["accuracy"],
+    log.info("average of %d: %s accuracy %.4f, macro-F1 %.4f (best ingredient %.4f, change %+.4f; logit "
+             "ensemble %.4f); temperature %.3f; saved %s", len(sources), config.split, averaged["accuracy"],
              averaged["macro_f1"], best["macro_f1"], averaged["macro_f1"] - best["macro_f1"],
              merged["averaged_scores"]["logit_ensemble"]["macro_f1"], merged["temperature"], out)
     return merged["averaged_scores"]

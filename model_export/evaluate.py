@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -86,14 +87,16 @@ class OnnxModel(Model):
 
 
 class CheckpointModel(Model):
-    def __init__(self, path: Path, threads: int = 0) -> None:
+    """A training checkpoint (a path, or one already read) run by PyTorch in float32."""
+
+    def __init__(self, checkpoint: Path | dict[str, Any], threads: int = 0) -> None:
         import torch
 
         from model_export.checkpoint import model_from_checkpoint, read_checkpoint
 
         if threads > 0:
             torch.set_num_threads(threads)
-        ckpt = read_checkpoint(path)
+        ckpt = checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint)
         self.model, self.labels, self.spec = model_from_checkpoint(ckpt)
         self.temperature = float(ckpt.get("temperature") or 1.0)
         self.threshold = 0.5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from model_export import average
 from model_export.checkpoint import read_checkpoint, save_checkpoint
 from model_export.cli import main as btd
 from model_export.resnet import ResNet50
-from tests.export.synthetic_mri import LABELS, write_image_folder
+from tests.export.synthetic_mri import LABELS, write_image_folder, write_split_file
 
 SIZE = 64
 
@@ -38,14 +37,8 @@ def write_checkpoint(path: Path, seed: int, **extra) -> Path:
 @pytest.fixture()
 def data(tmp_path: Path) -> dict:
     root = tmp_path / "data"
-    paths = write_image_folder(root, per_class=3, size=80)
-    split_file = tmp_path / "splits.csv"
-    with split_file.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(("path", "label", "split", "group"))
-        for i, path in enumerate(paths):
-            writer.writerow((path.relative_to(root).as_posix(), path.parent.name, "val" if i % 3 else "train", i))
-    return {"data": root, "split_file": split_file}
+    paths = write_image_folder(root, per_class=8, size=80)  # 2 val images per class
+    return {"data": root, "split_file": write_split_file(root, paths, tmp_path / "splits.csv")}
 
 
 def test_the_state_is_the_mean_of_float_tensors_and_keeps_the_first_counters(tmp_path: Path) -> None:
@@ -75,8 +68,8 @@ def test_the_average_is_saved_scored_beside_its_ingredients_without_their_run_st
                                                                                     tmp_path: Path) -> None:
     a, b = write_checkpoint(tmp_path / "a.pt", 1), write_checkpoint(tmp_path / "b.pt", 2)
     out = tmp_path / "soup.pt"
-    code = btd(["average", str(a), str(b), "--data", str(data["data"]), "--split-file", str(data["split_file"]),
-                "--out", str(out), "--batch-size", "4"])
+    code = btd(["average", str(a), str(b), "--data", str(data["data"]),
+                "--split-file", str(data["split_file"]), "--out", str(out), "--batch-size", "4"])
     assert code == 0
     soup = read_checkpoint(out)
     assert soup["averaged_from"] == [str(a), str(b)]
@@ -86,8 +79,8 @@ def test_the_average_is_saved_scored_beside_its_ingredients_without_their_run_st
     assert scores["split"] == "val" and scores["images"] == 8
     assert set(scores["ingredients"]) == {str(a), str(b)}
     assert set(scores["logit_ensemble"]) == {"accuracy", "macro_f1"}
-    torch.testing.assert_close(soup["model"]["fc.bias"],
-                               (read_checkpoint(a)["model"]["fc.bias"] + read_checkpoint(b)["model"]["fc.bias"]) / 2)
+    biases = [read_checkpoint(path)["model"]["fc.bias"] for path in (a, b)]
+    torch.testing.assert_close(soup["model"]["fc.bias"], (biases[0] + biases[1]) / 2)
 
 
 def test_a_model_averaged_with_itself_scores_as_itself(data: dict, tmp_path: Path) -> None:
