@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[cpu,dicom-codecs]'
+# The versions the CPU image pins and CI tested (docker/requirements-cpu.lock), not the index's newest.
+.venv/bin/python -m pip install -q --disable-pip-version-check -c docker/requirements-cpu.lock -e '.[cpu,dicom-codecs]'
 exec .venv/bin/python -m app "$@"

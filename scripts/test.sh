@@ -20,16 +20,23 @@ if [ "${#missing[@]}" -gt 0 ]; then
     if [ ! -e /usr/sbin/policy-rc.d ]; then
       printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && policy_added=1
     fi
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    echo "installing system packages: ${missing[*]} (log: /tmp/btd-apt.log)" >&2
+    # dpkg prints a line per package even with -qq: keep it in a log, show it only on failure.
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+           "${missing[@]}"; } >/tmp/btd-apt.log 2>&1; then
+      cat /tmp/btd-apt.log >&2; [ -z "$policy_added" ] || rm -f /usr/sbin/policy-rc.d; exit 1
+    fi
     [ -z "$policy_added" ] || rm -f /usr/sbin/policy-rc.d
   else
     echo "note: missing system packages (${missing[*]}); tests that need them will skip" >&2
   fi
 fi
 
-# Python environment: the service, training and test extras (torch 2.13.0 CPU).
+# Python environment: the service, training and test extras (torch 2.13.0 CPU), at the versions
+# the suite was last run with (docker/requirements-dev.lock; refreshed on purpose, see its generator).
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[cpu,train,dev,dicom-codecs]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -c docker/requirements-dev.lock \
+  -e '.[cpu,train,dev,dicom-codecs]'
 
 # Node packages for the browser tests (no browser download: Debian's chromium is used).
 if [ -f tests/browser/package.json ]; then

@@ -23,10 +23,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from app.errors import Overloaded
-from app.inference.decode import DICOM, JPEG, PNG, sniff
+from app.inference.decode import DICOM, DICOM_BYTES_PER_PIXEL, JPEG, PNG, sniff
 
 RASTER_BYTES_PER_PIXEL = 17
-DICOM_BYTES_PER_PIXEL = 32
 HEADER_SCAN_BYTES = 64 * 1024  # where a cheap size reading looks (JPEG frame header, DICOM Rows / Columns)
 _JPEG_FRAMES = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xDE, 0xF7})
 # (0028,0002) Samples per Pixel, (0028,0010) Rows and (0028,0011) Columns, explicit VR "US" or

@@ -203,7 +203,9 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy) -> D
         arr = np.asarray(ds.pixel_array)
     except MemoryError:
         raise
-    except Exception as exc:  # a decoder exists (checked above): the data is bad
+    except Exception as exc:  # a decoder exists (checked above): the data is bad, or memory ran out
+        if not _decoder_memory_fits(rows * cols * max(1, _int_tag(ds, "SamplesPerPixel"))):
+            raise MemoryError from None
         raise InvalidImage(f"the DICOM pixel data could not be decoded ({type(exc).__name__})") from None
     if frames > 1:
         warnings.append(f"multi-frame DICOM ({frames} frames): the {multiframe} frame ({frame + 1}) was used")
@@ -350,6 +352,27 @@ def _syntax_name(ds) -> str:
 # python-gdcm aborts the whole process on some malformed compressed data (found by fuzzing JPEG 2000),
 # so it is used only for a transfer syntax no other installed plugin decodes.
 _PLUGIN_PREFERENCE = ("pylibjpeg", "pydicom", "pyjpegls", "pillow")
+
+
+# Bytes a DICOM decode takes per decoded sample, at its peak (measured with tracemalloc: the codec's
+# planes, pydicom's copies and LUTs, the float slice); the decode budget costs DICOM with it too.
+DICOM_BYTES_PER_PIXEL = 32
+
+
+def _decoder_memory_fits(samples: int) -> bool:
+    """Whether a decode of ``samples`` samples still has room under this process's address-space
+    limit (a host worker's). Codecs report a failed allocation as their own error (OpenJPEG through
+    pylibjpeg: RuntimeError "failed to decode image"), not MemoryError: reserving, never touching,
+    their working memory tells "too large for this decoder" (413) from "corrupt" (400)."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY:
+        return True
+    try:
+        np.empty(samples * DICOM_BYTES_PER_PIXEL, np.uint8)  # address space only: no page is touched
+    except MemoryError:
+        return False
+    return True
 
 
 def _decoding_plugin(ds) -> str:

@@ -336,3 +336,47 @@ def test_decode_mutated_files_raise_only_typed_errors(name):
             decode(bytes(data))
         except ServiceError as error:
             assert 400 <= error.status < 500
+
+
+_UNDER_ADDRESS_LIMIT = """
+import resource, sys
+import numpy as np
+from app.errors import ServiceError
+from app.inference.decode import decode
+data, spare = open(sys.argv[1], "rb").read(), int(sys.argv[2])
+vm = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize"))) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + spare, resource.RLIM_INFINITY))
+try:
+    decode(data)
+    print("decoded")
+except ServiceError as exc:
+    print(type(exc).__name__)
+"""
+
+
+@pytest.mark.parametrize("spare_mib,corrupt,expected", [(4, False, "PayloadTooLarge"),
+                                                        (1024, True, "InvalidImage"),
+                                                        (1024, False, "decoded")])
+def test_decode_failure_under_an_address_space_limit_is_too_large_not_invalid(tmp_path, spare_mib, corrupt, expected):
+    # A host worker's codec that cannot allocate reports its own error (OpenJPEG: RuntimeError "failed
+    # to decode image" with OpenCV 5.1's larger mappings beside it), not MemoryError: still a 413.
+    # Corrupt data with room to spare stays a 400. Run in a child: the limit is for the whole process.
+    import subprocess
+    import sys
+
+    ds = dicom_file("MR_small.dcm")
+    side = 1024
+    y, x = np.mgrid[:side, :side]
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.compress(pydicom.uid.JPEG2000Lossless, ((x * 7 + y * 3) % 4000).astype(np.uint16), encoding_plugin="pylibjpeg")
+    data = dicom_bytes(ds)
+    if corrupt:  # the start-of-data marker (SOD) turned into an unknown one: the decoder fails on it
+        data = data.replace(b"\xff\x93", b"\xff\x94", 1)
+    path = tmp_path / "j2k.dcm"
+    path.write_bytes(data)
+    # Everything the decode imports is loaded first, so the limit leaves `spare` for the decode itself.
+    script = "import app.inference.pipeline, pydicom, pydicom.pixels, pylibjpeg, openjpeg\n" + _UNDER_ADDRESS_LIMIT
+    out = subprocess.run([sys.executable, "-c", script, str(path), str(spare_mib * 2**20)],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.stdout.strip() == expected, out.stdout + out.stderr[-2000:]
