@@ -55,7 +55,9 @@ class Admission:
         """``Overloaded`` (503 with Retry-After) when a new request would not be admitted."""
         if len(self._waiting) >= self.max_waiting:
             reason = f"the inference queue is full ({len(self._waiting)} waiting)"
-        elif (expected := self.expected_wait_s()) > self.max_wait_s:
+        # An empty queue always admits: the estimate only refreshes when batches run, so a slow spell
+        # (a loaded machine, huge images) must not refuse every later request on its own estimate.
+        elif self._waiting and (expected := self.expected_wait_s()) > self.max_wait_s:
             reason = (f"the inference queue is full: {len(self._waiting)} waiting need about {expected * 1000:.0f} ms "
                       f"(limit {self.max_wait_s * 1000:.0f} ms)")
         elif (waited := self.oldest_wait_s()) > self.max_wait_s:

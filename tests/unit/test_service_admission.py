@@ -67,3 +67,18 @@ def test_while_requests_wait_the_speed_is_the_time_between_batches():
     time.sleep(0.1)
     admission.observe_batch(1, 0.01)  # busy since: the pipeline delivered one image in ~100 ms, not 10
     assert admission.expected_wait_s() > 2 * 0.02
+
+
+def test_an_empty_queue_admits_after_a_slow_spell_and_the_estimate_recovers():
+    # A slow spell (3 s an image) left a per-image estimate over the limit: with nobody waiting the
+    # next request is still admitted (it refreshes the estimate); behind it, the estimate refuses.
+    admission = Admission(max_waiting=100, max_wait_s=1.0)
+    admission.observe_batch(1, 3.0)
+    ticket = admission.admit()
+    with pytest.raises(Overloaded, match="need about"):
+        admission.admit()
+    admission.stop_waiting(ticket)
+    for _ in range(20):
+        admission.observe_batch(1, 0.01)  # the machine is fast again
+    admission.admit()
+    admission.admit()
