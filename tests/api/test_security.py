@@ -409,6 +409,35 @@ def test_budget_is_reserved_only_after_the_guard_admits_the_request(model_path):
         assert budget.held == 0
 
 
+def test_upload_budget_holds_the_bytes_that_arrived_not_the_announced_length(model_path):
+    """Clients that announce a large body and send nothing hold no budget (issue 21: eight announcing
+    32 MiB each refused every real upload until their body timeout)."""
+    from app.api.middleware import UploadBudget, _Body
+
+    settings = Settings(model_path=model_path, max_body_bytes=4096, max_upload_bytes=8192)
+    budget = UploadBudget(settings.max_upload_bytes)
+
+    async def run() -> None:
+        arrived = asyncio.Event()
+
+        async def receive():
+            await arrived.wait()
+            return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+
+        bodies = [_Body(receive, settings, budget) for _ in range(8)]  # each "Content-Length: 4096"
+        reading = [asyncio.create_task(body.receive()) for body in bodies]
+        await asyncio.sleep(0.05)
+        assert budget.held == 0  # announced, nothing sent: nothing held
+        arrived.set()
+        await asyncio.gather(*reading)
+        assert budget.held == 8000
+        for body in bodies:
+            body.release()
+        assert budget.held == 0
+
+    asyncio.run(run())
+
+
 def test_open_inference_protocol_needs_the_key_but_not_its_probes(keyed, tmp_path, model_path):
     """/v2/models/* (metadata and infer) is the model, as /v1 is; /v2/health/* and a model's /ready
     are probes. Each inferred image is an audit line."""
