@@ -4,8 +4,9 @@
    rebinding (a page on attacker.example whose name now resolves to 127.0.0.1). An IP address
    is always served: rebinding needs a name, and probes and scrapers call pods by address.
 2. **Cross-site browser requests**: a POST (or any unsafe method) that a browser marks as coming
-   from another site (``Sec-Fetch-Site``, else ``Origin`` against ``Host``) is refused (403) unless
-   its origin is in ``BTD_ALLOWED_ORIGINS``. Clients that are not browsers send neither header.
+   from another site (``Sec-Fetch-Site``, else ``Origin``'s scheme, host and port against the
+   request's own: its scheme and ``Host``) is refused (403) unless its origin is in
+   ``BTD_ALLOWED_ORIGINS``. Clients that are not browsers send neither header.
 3. **API keys** (``BTD_API_KEYS_FILE`` / ``BTD_API_KEYS``): ``/v1/*`` and ``/v2/models/*`` need a
    key with the ``predict`` scope; ``/metrics`` (``BTD_AUTH_METRICS``) and ``/docs``, ``/openapi.json``
    (``BTD_AUTH_DOCS``) when configured; probes and the page's static files never. The key comes in
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.middleware import route_template
 from app.api.problems import log_service_error, problem_of, problem_response
 from app.api_keys import KeyStore
 from app.audit import AuditLog
@@ -93,7 +95,27 @@ def cross_site(scope: Scope, allowed_origins: tuple[str, ...]) -> bool:
         return False
     if origin == "null":  # sandboxed frames, file: pages, redirects across origins
         return True
-    return host_name(urlsplit(origin).netloc) != host_name(header(scope, b"host") or "")
+    own = origin_of(f"{scope.get('scheme', 'http')}://{header(scope, b'host') or ''}")
+    return own is None or origin_of(origin) != own
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def origin_of(url: str) -> tuple[str, str, int | None] | None:
+    """A web origin's (scheme, host, port), the port made explicit; None for anything else (a path,
+    credentials, no host, a bad port)."""
+    if any(c in url.split("://", 1)[-1] for c in "/?#@\\"):
+        return None
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname.lower(), port or DEFAULT_PORTS.get(scheme)
 
 
 def presented_key(scope: Scope) -> str | None:
@@ -162,7 +184,7 @@ class GuardMiddleware:
             log_service_error(error, request_id)
             if isinstance(error, (Unauthorized, Forbidden)):
                 self.audit.write("access-denied", request_id=request_id, key=scope["state"].get("api_key"),
-                                 client=(scope.get("client") or (None,))[0], route=scope["path"][:256],
+                                 client=(scope.get("client") or (None,))[0], route=route_template(scope),
                                  method=scope["method"][:16], status=error.status, problem=error.slug)
             response = problem_response(problem_of(error, scope["path"], request_id), error.headers)
             await response(scope, receive, send)

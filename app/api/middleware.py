@@ -14,6 +14,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -57,15 +59,32 @@ def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 def route_template(scope: Scope) -> str:
-    """The route template for the duration metric and the access log (never the path a client chose:
-    it could carry anything); "unmatched" for unknown paths. A request refused before routing (413 by
-    Content-Length) is an API path, which is its own template (none has parameters)."""
+    """The route template (``/v2/models/{model_name}/infer``) for the duration metric, the access log
+    and the audit trail: never the path a client chose, which could carry anything (a patient's name
+    in a model name); "unmatched" for unknown paths. A request refused before routing (by the guard,
+    or 413 by Content-Length) is matched against the app's routes here, as the router would."""
     template = getattr(scope.get("route"), "path", None)
     if template:
         return template
     app = scope.get("app")
-    api_paths = app.openapi().get("paths", {}) if hasattr(app, "openapi") else {}
-    return scope["path"] if scope["path"] in api_paths else "unmatched"
+    if app is None:
+        return "unmatched"
+    routes = getattr(app.state, "route_patterns", None)
+    if routes is None:
+        routes = app.state.route_patterns = list(_leaf_routes(app.routes))
+    path = scope["path"]
+    return next((template for pattern, template in routes if pattern.match(path)), "unmatched")
+
+
+def _leaf_routes(routes: Iterable[Any]) -> Iterator[tuple[re.Pattern[str], str]]:
+    """(path regex, template) of each route, in routing order, looking into included routers (newer
+    FastAPI keeps them nested); a router included with a prefix would only make its paths "unmatched"."""
+    for route in routes:
+        pattern, template = getattr(route, "path_regex", None), getattr(route, "path", None)
+        if pattern is not None and template:
+            yield pattern, template
+        else:
+            yield from _leaf_routes(getattr(getattr(route, "original_router", None), "routes", ()))
 
 
 class UploadBudget:

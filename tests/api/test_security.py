@@ -91,6 +91,9 @@ def test_allowed_hosts_default_to_local_names_and_take_wildcards(model_path):
     ({"Origin": "https://evil.example"}, True),  # an older browser: judged by Origin against Host
     ({"Origin": "http://testserver"}, False),
     ({"Origin": "null"}, True),
+    ({"Origin": "http://testserver:8080"}, True),  # same host, another port: another origin
+    ({"Origin": "https://testserver"}, True),  # same host, another scheme
+    ({"Origin": "http://testserver:80"}, False),  # the default port, spelt out
 ])
 def test_cross_site_browser_posts_are_refused(client, headers, refused):
     response = client.post("/v1/predict", files={"file": ("a.png", png_bytes(), "image/png")}, headers=headers)
@@ -271,6 +274,25 @@ def test_audit_log_has_one_line_per_prediction_and_no_patient_data(model_path, t
     assert lines[4]["key"] is None and lines[4]["problem"] == "unauthorized"
     for secret in ("Secret", "PID-4711", KEY, "btd_wrong"):
         assert secret not in text
+
+
+def test_audit_lines_carry_route_templates_never_the_raw_path(model_path, tmp_path):
+    """A v2 model name is a path segment the client chooses: it may carry a patient's name."""
+    audit = tmp_path / "audit.jsonl"
+    secret = "Jane^Doe-1961"
+    with running_app(model_path, api_keys=KEYS, audit_log=str(audit)) as client:
+        request = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                               "data": [base64.b64encode(png_bytes()).decode()]}]}
+        client.post(f"/v2/models/{secret}/infer", json=request, headers={"X-API-Key": KEY})  # 404, audited
+        client.post(f"/v2/models/{secret}/versions/{secret}/infer", json=request)  # 401, audited
+        client.get(f"/v1/{secret}", headers={"X-API-Key": "btd_wrong"})  # 401 on no route at all
+    text = audit.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [(x["event"], x["status"], x["route"]) for x in lines] == [
+        ("prediction", 404, "/v2/models/{model_name}/infer"),
+        ("access-denied", 401, "/v2/models/{model_name}/versions/{model_version}/infer"),
+        ("access-denied", 401, "unmatched")]
+    assert "Jane" not in text
 
 
 def test_audit_log_off_writes_nothing(model_path, capsys):
