@@ -130,7 +130,10 @@ KEYS = "\n".join(["# test keys", key_line("pacs", KEY, ("predict", "docs")),
 
 @pytest.fixture(scope="module")
 def keyed(model_path):
-    with running_app(model_path, api_keys=KEYS, auth_metrics=True, auth_docs=True) as client:
+    # Many tests here send no key or a wrong one from the same client: their 401s are not throttled
+    # (test_requests_without_a_valid_key_are_throttled_per_address covers that).
+    with running_app(model_path, api_keys=KEYS, auth_metrics=True, auth_docs=True,
+                     auth_failures_per_minute=0) as client:
         yield client
 
 
@@ -241,6 +244,38 @@ def test_rate_limit_per_client_is_429_with_retry_after(model_path):
         assert 1 <= int(sent[2].headers["retry-after"]) <= 10  # one request per 10 s
         assert client.post("/v1/predict", content=png_bytes(), headers={**PNG, "X-API-Key": other}).status_code == 200
         assert client.get("/v1/model", headers={"X-API-Key": KEY}).status_code == 200  # only predictions count
+
+
+def test_requests_without_a_valid_key_are_throttled_per_address(model_path, tmp_path):
+    """Issue 21: 2,000 wrong keys from one client were 2,000 401s in 1.7 s and 2,000 audit lines."""
+    audit = tmp_path / "audit.jsonl"
+    with running_app(model_path, api_keys=KEYS, audit_log=str(audit), auth_failures_per_minute=6,
+                     auth_failures_burst=3) as client:
+        wrong = [client.get("/v1/model", headers={"X-API-Key": f"btd_guess{i}"}) for i in range(3)]
+        assert [r.status_code for r in wrong] == [401] * 3
+        throttled = [client.post("/v1/predict", content=png_bytes(), headers=PNG) for _ in range(20)]  # no key
+        body = assert_problem(throttled[0], 429, "rate-limited")
+        assert "valid API key" in body["detail"] and 1 <= int(throttled[0].headers["retry-after"]) <= 10
+        assert {r.status_code for r in throttled} == {429}
+        assert_problem(client.get("/v1/model", headers={"X-API-Key": "btd_again"}), 429, "rate-limited")
+        # A valid key from the same address is still served: a guesser cannot lock a real client out.
+        assert client.post("/v1/predict", content=png_bytes(), headers={**PNG, "X-API-Key": KEY}).status_code == 200
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(x["event"], x["status"]) for x in lines] == [("access-denied", 401)] * 3 + [
+        ("access-throttled", 429), ("prediction", 200)]
+    assert lines[3]["count"] == 1 and lines[3]["route"] == "/v1/predict" and lines[3]["problem"] == "rate-limited"
+
+
+def test_throttled_refusals_fold_into_one_audit_line_per_client_a_minute(monkeypatch):
+    import app.api.guard as guard
+
+    now = [100.0]
+    monkeypatch.setattr(guard.time, "monotonic", lambda: now[0])
+    folded = guard.FoldedCounts(interval_s=60.0)
+    assert [folded.add("10.0.0.1") for _ in range(5)] == [1, 0, 0, 0, 0]
+    assert folded.add("10.0.0.2") == 1  # per client
+    now[0] += 60.0
+    assert folded.add("10.0.0.1") == 5  # this one and the four folded since the last line
 
 
 # --- audit trail ------------------------------------------------------------------------------------
