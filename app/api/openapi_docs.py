@@ -163,7 +163,8 @@ V2_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
                                                           "JSON header", "schema": {"type": "integer"}}},
           "content": {"application/octet-stream": {"schema": {**BINARY, "description": "JSON header, then tensors"}}}},
     400: problem("invalid-tensor: unknown input or output, wrong datatype or shape, data that does not fill the "
-                 "shape, non-finite values; invalid-image: an image_bytes element is not a readable image; "
+                 "shape (or JSON with more values than its declared shapes need, refused before parsing), "
+                 "non-finite values; invalid-image: an image_bytes element is not a readable image; "
                  + INVALID_HOST + _V2_ERROR),
     401: V2_MODEL_RESPONSES[401],
     403: problem("forbidden: the API key lacks the predict scope; cross-site-request: a browser request from "
