@@ -34,8 +34,8 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.middleware import route_template
 from app import metrics
+from app.api.middleware import route_template
 from app.api.problems import log_service_error, problem_of, problem_response
 from app.api_keys import KeyStore
 from app.audit import AuditLog

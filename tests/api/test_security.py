@@ -267,7 +267,7 @@ def test_requests_without_a_valid_key_are_throttled_per_address(model_path, tmp_
 
 
 def test_throttled_refusals_fold_into_one_audit_line_per_client_a_minute(monkeypatch):
-    import app.api.guard as guard
+    from app.api import guard
 
     now = [100.0]
     monkeypatch.setattr(guard.time, "monotonic", lambda: now[0])
