@@ -1,9 +1,10 @@
 """The audit trail: one JSON line per prediction (and per refused access to a protected route),
 saying who asked what and what was answered, to stdout or a file (``BTD_AUDIT_LOG``).
 
-A line holds time, request id, API key name (never the key), client address, route, model name,
-version and sha256, label, tumour probability and decision, status and problem type, and timings.
-Never patient data: no file names, no DICOM tags, no pixels, no warnings text. A file is opened in
+A line holds time, request id, API key name (never the key), client address, route template
+(``/v2/models/{model_name}/infer``, never the raw path: a client chooses it), model name, version
+and sha256, label, tumour probability and decision, status and problem type, and timings. Never
+patient data: no file names, no DICOM tags, no pixels, no warnings text. A file is opened in
 append mode and reopened when log rotation moves it (``WatchedFileHandler``); the handler is the
 app's own, not a shared logger, so it never mixes with the service log.
 """

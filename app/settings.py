@@ -113,6 +113,11 @@ class Settings(BaseSettings):
                                        "name, else address); 0: no limit. Beyond: 429 + Retry-After")
     rate_limit_burst: int = Field(10, ge=1, description="prediction requests a client may send at once "
                                   "before the per-minute rate applies")
+    auth_failures_per_minute: int = Field(30, ge=0, description="requests without a valid API key (401) per "
+                                          "minute per client address; 0: no limit. Beyond: 429 + Retry-After "
+                                          "(a valid key is still served) and one audit line per client a minute")
+    auth_failures_burst: int = Field(10, ge=1, description="requests without a valid API key a client address "
+                                     "may send at once before the per-minute rate applies")
     audit_log: str = Field("stdout", description='one JSON line per prediction: "stdout", "off" or a file path')
     # Transport.
     tls_certfile: Path | None = Field(None, description="serve HTTPS with this certificate chain (PEM)")

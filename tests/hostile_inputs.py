@@ -59,6 +59,19 @@ def png_chunk_length_bomb(claimed: int = 0x7FFFFFFF) -> bytes:
     return bytes(data)
 
 
+def png_text_bomb(chunks: int = 200, kind: bytes = b"zTXt", inflated: int = 7_000_000,
+                  side: int = 64) -> bytes:
+    """A small valid gray PNG with ``chunks`` compressed ancillary chunks (zTXt, iTXt or iCCP), each
+    a zlib stream of ``inflated`` zeros (just under libpng's 8 MB per-chunk cap), about 1/1000 of
+    that on the wire: libpng inflated every one inside ``cv2.imdecode`` (issue 21: 200 OK after
+    9.9 s, +1.5 GiB)."""
+    image = cv2.imencode(".png", np.zeros((side, side), np.uint8))[1].tobytes()
+    stream = zlib.compress(bytes(inflated), 9)
+    prefix = {b"zTXt": b"Comment\x00\x00", b"iTXt": b"Comment\x00\x01\x00\x00\x00", b"iCCP": b"icc\x00\x00"}[kind]
+    chunk = png_chunk(kind, prefix + stream)
+    return image[:33] + chunk * chunks + image[33:]  # after IHDR, before the image data
+
+
 def small_jpeg(shape: tuple[int, ...] = (16, 16), progressive: bool = False) -> bytes:
     img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     params = [cv2.IMWRITE_JPEG_PROGRESSIVE, 1] if progressive else []

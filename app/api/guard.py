@@ -4,13 +4,20 @@
    rebinding (a page on attacker.example whose name now resolves to 127.0.0.1). An IP address
    is always served: rebinding needs a name, and probes and scrapers call pods by address.
 2. **Cross-site browser requests**: a POST (or any unsafe method) that a browser marks as coming
-   from another site (``Sec-Fetch-Site``, else ``Origin`` against ``Host``) is refused (403) unless
-   its origin is in ``BTD_ALLOWED_ORIGINS``. Clients that are not browsers send neither header.
+   from another site (``Sec-Fetch-Site``, else ``Origin``'s scheme, host and port against the
+   request's own: its scheme and ``Host``) is refused (403) unless its origin is in
+   ``BTD_ALLOWED_ORIGINS``. Clients that are not browsers send neither header.
 3. **API keys** (``BTD_API_KEYS_FILE`` / ``BTD_API_KEYS``): ``/v1/*`` and ``/v2/models/*`` need a
    key with the ``predict`` scope; ``/metrics`` (``BTD_AUTH_METRICS``) and ``/docs``, ``/openapi.json``
    (``BTD_AUTH_DOCS``) when configured; probes and the page's static files never. The key comes in
    ``X-API-Key``, ``Authorization: Bearer`` or as the password of ``Authorization: Basic`` (so a
    browser can open a protected /docs). Missing or unknown: 401; known without the scope: 403.
+   Requests without a valid key are limited per client address (``BTD_AUTH_FAILURES_PER_MINUTE``,
+   a token bucket): beyond, 429 + Retry-After instead of 401, while a valid key from the same
+   address is still served (an attacker sharing it cannot lock a real client out). Each 401 and
+   403 is an ``access-denied`` audit line; a throttled client's refusals fold into one
+   ``access-throttled`` line per client a minute, with their ``count`` (2,000 wrong keys were 2,000
+   lines: a disk-filling rate).
 4. **Rate limit** (``BTD_RATE_LIMIT_PER_MINUTE``): predictions per client (key name, else address),
    a token bucket; beyond: 429 + Retry-After.
 """
@@ -27,6 +34,8 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app import metrics
+from app.api.middleware import route_template
 from app.api.problems import log_service_error, problem_of, problem_response
 from app.api_keys import KeyStore
 from app.audit import AuditLog
@@ -93,7 +102,27 @@ def cross_site(scope: Scope, allowed_origins: tuple[str, ...]) -> bool:
         return False
     if origin == "null":  # sandboxed frames, file: pages, redirects across origins
         return True
-    return host_name(urlsplit(origin).netloc) != host_name(header(scope, b"host") or "")
+    own = origin_of(f"{scope.get('scheme', 'http')}://{header(scope, b'host') or ''}")
+    return own is None or origin_of(origin) != own
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def origin_of(url: str) -> tuple[str, str, int | None] | None:
+    """A web origin's (scheme, host, port), the port made explicit; None for anything else (a path,
+    credentials, no host, a bad port)."""
+    if any(c in url.split("://", 1)[-1] for c in "/?#@\\"):
+        return None
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname.lower(), port or DEFAULT_PORTS.get(scheme)
 
 
 def presented_key(scope: Scope) -> str | None:
@@ -133,6 +162,37 @@ class TokenBuckets:
         return wait
 
 
+class AuthThrottled(RateLimited):
+    """Too many requests without a valid key from one address (the same 429 problem as the rate limit)."""
+
+
+THROTTLED_LINE_S = 60.0  # one access-throttled audit line per client per minute
+
+
+class FoldedCounts:
+    """Events per client folded into one line per ``interval_s``: ``add`` returns how many events the
+    line to write now stands for (this one and those folded since the last line), or 0: no line."""
+
+    def __init__(self, interval_s: float = THROTTLED_LINE_S) -> None:
+        self.interval_s = interval_s
+        self._last: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def add(self, client: str) -> int:
+        now = time.monotonic()
+        last, folded = self._last.pop(client, (None, 0))
+        if last is not None and now - last < self.interval_s:
+            self._last[client] = (last, folded + 1)
+            return 0
+        self._last[client] = (now, 0)
+        while len(self._last) > MAX_RATE_CLIENTS:
+            self._last.popitem(last=False)
+        return folded + 1
+
+
+def client_address(scope: Scope) -> str:
+    return (scope.get("client") or ("-",))[0]
+
+
 class GuardMiddleware:
     def __init__(self, app: ASGIApp, settings: Settings, keys: KeyStore | None, audit: AuditLog) -> None:
         self.app = app
@@ -141,6 +201,9 @@ class GuardMiddleware:
         self.audit = audit
         self.buckets = (TokenBuckets(settings.rate_limit_per_minute, settings.rate_limit_burst)
                         if settings.rate_limit_per_minute else None)
+        self.failures = (TokenBuckets(settings.auth_failures_per_minute, settings.auth_failures_burst)
+                         if settings.auth_failures_per_minute and keys is not None else None)
+        self.throttled = FoldedCounts()
 
     def required_scope(self, path: str) -> str | None:
         if path.startswith(PREDICT_SCOPE_PREFIXES):
@@ -160,10 +223,13 @@ class GuardMiddleware:
         except ServiceError as error:
             request_id = scope["state"].get("request_id", "")
             log_service_error(error, request_id)
+            fields = {"request_id": request_id, "key": scope["state"].get("api_key"),
+                      "client": (scope.get("client") or (None,))[0], "route": route_template(scope),
+                      "method": metrics.method_label(scope["method"]), "status": error.status, "problem": error.slug}
             if isinstance(error, (Unauthorized, Forbidden)):
-                self.audit.write("access-denied", request_id=request_id, key=scope["state"].get("api_key"),
-                                 client=(scope.get("client") or (None,))[0], route=scope["path"][:256],
-                                 method=scope["method"][:16], status=error.status, problem=error.slug)
+                self.audit.write("access-denied", **fields)
+            elif isinstance(error, AuthThrottled) and (count := self.throttled.add(client_address(scope))):
+                self.audit.write("access-throttled", **fields, count=count)
             response = problem_response(problem_of(error, scope["path"], request_id), error.headers)
             await response(scope, receive, send)
             return
@@ -182,6 +248,7 @@ class GuardMiddleware:
             presented = presented_key(scope)
             key = self.keys.verify(presented) if presented else None
             if key is None:
+                self._count_failure(scope)
                 challenge = 'Bearer realm="btd"' if scope_needed == "predict" else 'Basic realm="btd", charset="UTF-8"'
                 raise Unauthorized("an API key is required: send it in the X-API-Key header"
                                    if presented is None else "the API key is not valid",
@@ -190,8 +257,17 @@ class GuardMiddleware:
             if scope_needed not in key.scopes:
                 raise Forbidden(f"the API key {key.name!r} does not have the {scope_needed!r} scope")
         if self.buckets is not None and is_prediction(path):
-            client = state.get("api_key") or (scope.get("client") or ("-",))[0]
+            client = state.get("api_key") or client_address(scope)
             wait = self.buckets.take(client)
             if wait > 0:
                 raise RateLimited(f"more than {self.settings.rate_limit_per_minute} prediction requests a minute "
                                   "from this client", headers={"Retry-After": str(math.ceil(wait))})
+
+    def _count_failure(self, scope: Scope) -> None:
+        """A request without a valid key: 429 instead of 401 once its address has sent too many."""
+        if self.failures is None:
+            return
+        wait = self.failures.take(client_address(scope))
+        if wait > 0:
+            raise AuthThrottled(f"more than {self.settings.auth_failures_per_minute} requests a minute without a "
+                                "valid API key from this address", headers={"Retry-After": str(math.ceil(wait))})

@@ -3,8 +3,8 @@ it is sane, else a UUID), security headers, the body's limits, request duration 
 method and status, and the access log line.
 
 The body is never read unbounded: a Content-Length over the limit is refused up front and streamed
-bodies are counted (413); all bodies held at once share a budget (503 + Retry-After beyond); the
-whole body must arrive within ``BTD_BODY_TIMEOUT_S`` (408). A client that hangs up before its body
+bodies are counted (413); the bytes of all bodies held at once share a budget, taken as they arrive
+(503 + Retry-After beyond); the whole body must arrive within ``BTD_BODY_TIMEOUT_S`` (408). A client that hangs up before its body
 is read is counted and logged as its own fault (499, info), not as a server error."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -57,15 +59,32 @@ def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 def route_template(scope: Scope) -> str:
-    """The route template for the duration metric and the access log (never the path a client chose:
-    it could carry anything); "unmatched" for unknown paths. A request refused before routing (413 by
-    Content-Length) is an API path, which is its own template (none has parameters)."""
+    """The route template (``/v2/models/{model_name}/infer``) for the duration metric, the access log
+    and the audit trail: never the path a client chose, which could carry anything (a patient's name
+    in a model name); "unmatched" for unknown paths. A request refused before routing (by the guard,
+    or 413 by Content-Length) is matched against the app's routes here, as the router would."""
     template = getattr(scope.get("route"), "path", None)
     if template:
         return template
     app = scope.get("app")
-    api_paths = app.openapi().get("paths", {}) if hasattr(app, "openapi") else {}
-    return scope["path"] if scope["path"] in api_paths else "unmatched"
+    if app is None:
+        return "unmatched"
+    routes = getattr(app.state, "route_patterns", None)
+    if routes is None:
+        routes = app.state.route_patterns = list(_leaf_routes(app.routes))
+    path = scope["path"]
+    return next((template for pattern, template in routes if pattern.match(path)), "unmatched")
+
+
+def _leaf_routes(routes: Iterable[Any]) -> Iterator[tuple[re.Pattern[str], str]]:
+    """(path regex, template) of each route, in routing order, looking into included routers (newer
+    FastAPI keeps them nested); a router included with a prefix would only make its paths "unmatched"."""
+    for route in routes:
+        pattern, template = getattr(route, "path_regex", None), getattr(route, "path", None)
+        if pattern is not None and template:
+            yield pattern, template
+        else:
+            yield from _leaf_routes(getattr(getattr(route, "original_router", None), "routes", ()))
 
 
 class UploadBudget:
@@ -88,19 +107,17 @@ class UploadBudget:
 
 
 class _Body:
-    """One request's body as it arrives: counted against the size limit and the shared budget, and
-    against the time it may take."""
+    """One request's body as it arrives: its bytes counted against the size limit and the shared
+    budget, and against the time it may take."""
 
-    def __init__(self, receive: Receive, settings: Settings, budget: UploadBudget, declared: int | None) -> None:
+    def __init__(self, receive: Receive, settings: Settings, budget: UploadBudget) -> None:
         self._receive = receive
         self.limit = settings.max_body_bytes
         self.budget = budget
         self.deadline = time.monotonic() + settings.body_timeout_s
         self.timeout_s = settings.body_timeout_s
-        self.declared = declared or 0
         self.received = 0
         self.reserved = 0
-        self.started = False
         self.complete = False
 
     def _reserve(self, total: int) -> None:
@@ -117,12 +134,9 @@ class _Body:
     async def receive(self) -> Message:
         if self.complete:  # the body is in: later receives wait for a disconnect, untimed
             return await self._receive()
-        if not self.started:
-            # Reserve what the client announced when a route first reads the body (after the guard
-            # let it through, so a client without a key cannot hold budget by announcing sizes), and
-            # refuse an upload that does not fit before it arrives.
-            self.started = True
-            self._reserve(self.declared)
+        # Budget is taken for the bytes that arrived, never for the Content-Length announced: clients
+        # that announce 32 MiB and send nothing hold nothing (issue 21: eight of them refused every
+        # real upload for BTD_BODY_TIMEOUT_S). Only a route reads the body, after the guard let it in.
         remaining = self.deadline - time.monotonic()
         try:
             message = await asyncio.wait_for(self._receive(), max(remaining, 0.001))
@@ -182,7 +196,7 @@ class RequestContextMiddleware:
             if declared is not None and declared > limit:
                 await refuse(PayloadTooLarge(f"the request body ({declared} bytes) exceeds the limit of {limit} bytes"))
                 return
-            body = _Body(receive, self.settings, self.uploads, declared)
+            body = _Body(receive, self.settings, self.uploads)
             await self.app(scope, body.receive, send_with_headers)
         except ClientDisconnected as error:  # raised outside a route (e.g. by the multipart parser's caller)
             log_service_error(error, request_id)

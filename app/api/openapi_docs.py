@@ -48,10 +48,13 @@ _ACCESS = {
     403: problem("forbidden: the API key lacks the predict scope; cross-site-request: a browser request from "
                  "another site (BTD_ALLOWED_ORIGINS)"),
 }
+AUTH_THROTTLED = ("rate-limited: more requests without a valid API key than BTD_AUTH_FAILURES_PER_MINUTE from "
+                  "this client address (a valid key is still served)")
+_AUTH_THROTTLED = {429: problem(AUTH_THROTTLED, **{"Retry-After": RETRY_AFTER})}
 _UPLOAD = {
     408: problem("request-timeout: the body did not arrive within BTD_BODY_TIMEOUT_S"),
-    429: problem("rate-limited: more prediction requests than BTD_RATE_LIMIT_PER_MINUTE from this client",
-                 **{"Retry-After": RETRY_AFTER}),
+    429: problem("rate-limited: more prediction requests than BTD_RATE_LIMIT_PER_MINUTE from this client; or "
+                 + AUTH_THROTTLED.removeprefix("rate-limited: "), **{"Retry-After": RETRY_AFTER}),
 }
 
 PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -95,6 +98,7 @@ NOT_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
 MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: _ACCESS[401],
     403: problem("forbidden: the API key lacks the predict scope"),
+    **_AUTH_THROTTLED,
     **NOT_READY_RESPONSES,
 }
 
@@ -110,6 +114,8 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: problem("unauthorized: with BTD_AUTH_METRICS and API keys, no valid key",
                  **{"WWW-Authenticate": {"description": "Basic", "schema": {"type": "string"}}}),
     403: problem("forbidden: with BTD_AUTH_METRICS, the API key lacks the metrics scope"),
+    429: problem("rate-limited: with BTD_AUTH_METRICS, " + AUTH_THROTTLED.removeprefix("rate-limited: "),
+                 **{"Retry-After": RETRY_AFTER}),
 }
 
 PREDICT_BODY = {**KEY_SECURITY, "requestBody": {"required": True, "content": {
@@ -138,13 +144,14 @@ V2_MODEL_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: problem("forbidden: the API key lacks the predict scope" + _V2_ERROR),
     404: problem("model-not-found: this server serves another model or version" + _V2_ERROR),
     422: problem("validation-error: a malformed path parameter" + _V2_ERROR),
+    429: problem(AUTH_THROTTLED + _V2_ERROR, **{"Retry-After": RETRY_AFTER}),
     503: problem("model-not-ready: the model is not loaded, checked and warmed up yet, or the server is draining"
                  + _V2_ERROR),
 }
 
 # A model's readiness is a probe: open like /readyz, whatever the keys.
 V2_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: response for code, response in V2_MODEL_RESPONSES.items() if code not in (401, 403)}
+    code: response for code, response in V2_MODEL_RESPONSES.items() if code not in (401, 403, 429)}
 
 V2_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "logits and calibrated probabilities [N, C] (class order: the model metadata's labels), "
@@ -156,15 +163,16 @@ V2_INFER_RESPONSES: dict[int | str, dict[str, Any]] = {
                                                           "JSON header", "schema": {"type": "integer"}}},
           "content": {"application/octet-stream": {"schema": {**BINARY, "description": "JSON header, then tensors"}}}},
     400: problem("invalid-tensor: unknown input or output, wrong datatype or shape, data that does not fill the "
-                 "shape, non-finite values; invalid-image: an image_bytes element is not a readable image; "
+                 "shape (or JSON with more values than its declared shapes need, refused before parsing), "
+                 "non-finite values; invalid-image: an image_bytes element is not a readable image; "
                  + INVALID_HOST + _V2_ERROR),
     401: V2_MODEL_RESPONSES[401],
     403: problem("forbidden: the API key lacks the predict scope; cross-site-request: a browser request from "
                  "another site" + _V2_ERROR),
     404: V2_MODEL_RESPONSES[404],
     408: problem("request-timeout: the body did not arrive within BTD_BODY_TIMEOUT_S" + _V2_ERROR),
-    429: problem("rate-limited: more prediction requests than BTD_RATE_LIMIT_PER_MINUTE from this client" + _V2_ERROR,
-                 **{"Retry-After": RETRY_AFTER}),
+    429: problem("rate-limited: more prediction requests than BTD_RATE_LIMIT_PER_MINUTE from this client; or "
+                 + AUTH_THROTTLED.removeprefix("rate-limited: ") + _V2_ERROR, **{"Retry-After": RETRY_AFTER}),
     413: problem("payload-too-large: body over BTD_MAX_BODY_BYTES or image over BTD_MAX_PIXELS" + _V2_ERROR),
     415: problem("unsupported-media-type: an image_bytes element is not PNG, JPEG or DICOM" + _V2_ERROR),
     422: problem("validation-error: the body is not an inference request; no-pixel-data: a DICOM without pixels"

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import metrics
 from app.api import openapi_docs as docs
 from app.api.dicom import ResultFormat, dicom_objects_wanted, dicom_response
+from app.api.middleware import route_template
 from app.api.problems import problem_of, problem_response, request_id_of
 from app.api.schemas import BatchResponse, Health, ModelDescription, PredictResponse
 from app.audit import AuditLog
@@ -100,7 +101,8 @@ def audit_prediction(request: Request, service: InferenceService, *, index: int 
                   "in_distribution": result.in_distribution, "timings_ms": asdict(result.timings_ms)}
     audit.prediction(
         request_id=request_id_of(request), key=getattr(request.state, "api_key", None),
-        client=request.client.host if request.client else None, route=request.url.path, index=index,
+        client=request.client.host if request.client else None, route=route_template(request.scope),
+        index=index,
         status=200 if error is None else error.status, problem=None if error is None else error.slug,
         model=asdict(service.engine.builder.model_identity), **fields)
 

@@ -23,7 +23,14 @@ import cv2
 import numpy as np
 
 from app.errors import InvalidImage, NoPixelData, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from app.inference.image_headers import FrameHeader, HeaderError, j2k_header, jpeg_header, png_header
+from app.inference.image_headers import (
+    FrameHeader,
+    HeaderError,
+    j2k_header,
+    jpeg_header,
+    png_header,
+    png_pixel_chunks,
+)
 
 PNG = "image/png"
 JPEG = "image/jpeg"
@@ -132,7 +139,9 @@ def _decode_raster(data: bytes, media_type: str, max_pixels: int) -> DecodedImag
     except HeaderError as exc:
         raise InvalidImage(f"the {media_type} header is invalid: {exc}") from None
     _check_pixels(header.width, header.height, max_pixels)
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    # libpng inflates text and ICC chunks too (zlib streams no header sizes): it gets only the pixels'.
+    pixels = png_pixel_chunks(data) if media_type == PNG else data
+    img = cv2.imdecode(np.frombuffer(pixels, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None or img.size == 0:
         raise InvalidImage(f"the {media_type} data could not be decoded (truncated or corrupt)")
     if img.shape[0] * img.shape[1] > max_pixels:  # the decoder disagreed with the header it was given

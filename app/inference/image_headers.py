@@ -4,6 +4,10 @@ A decoder allocates what the header it reads says, so these parsers read the sam
 decoder will: the PNG IHDR (and every APNG frame control, and every chunk's length), every JPEG / JPEG-LS frame header
 (SOF0-15, SOF55, DHP) after any fill bytes, segments and scans, and the JPEG 2000 SIZ (raw
 codestream or JP2 file). Pure functions on bytes; a malformed header is a :class:`HeaderError`.
+
+A PNG's pixels are not the only thing libpng inflates: zTXt, iTXt and iCCP chunks are zlib streams
+too (up to 8 MB each, hundreds per file), which no header states the size of.
+:func:`png_pixel_chunks` therefore hands the decoder only the chunks that make the pixels.
 """
 
 from __future__ import annotations
@@ -68,6 +72,33 @@ def png_header(data: bytes) -> FrameHeader:
             break
         pos += 12 + length
     return FrameHeader(width, height, components, bits, "PNG")
+
+
+# Ancillary chunks that change the decoded pixels (tRNS adds an alpha channel; it is never
+# compressed). Every other ancillary chunk (text, ICC profile, EXIF, animation...) is metadata the
+# service never reads, and zTXt / iTXt / iCCP are zlib streams of unstated size.
+PNG_PIXEL_ANCILLARY = frozenset({b"tRNS"})
+
+
+def png_pixel_chunks(data: bytes) -> bytes:
+    """The PNG with only the chunks its pixels need: the critical ones (IHDR, PLTE, IDAT, IEND, and
+    any unknown critical chunk, which libpng refuses as before) and tRNS; nothing after IEND. The
+    only zlib stream left is the image data, whose inflated size IHDR states (and the decode budget
+    counts). ``data`` itself when nothing is dropped; call after :func:`png_header` accepted it."""
+    kept, pos, dropped = [data[:8]], 8, False
+    while pos + 12 <= len(data):
+        length, kind = _u32(data, pos), data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if kind[0] & 0x20 == 0 or kind in PNG_PIXEL_ANCILLARY:  # bit 5 of the first letter: ancillary
+            kept.append(data[pos:end])
+        else:
+            dropped = True
+        pos = end
+        if kind == b"IEND":
+            break
+    if not dropped and pos == len(data):
+        return data
+    return b"".join(kept)
 
 
 def jpeg_header(data: bytes) -> FrameHeader:

@@ -149,6 +149,39 @@ def test_v2_bad_tensors_are_4xx_with_the_protocols_error_member(client, change, 
     assert body["error"] == body["detail"]
 
 
+def test_v2_nested_tensor_data_is_accepted(client):
+    x, item = _input(client)
+    flat = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [item]}).json()
+    nested = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [{**item, "data": x.tolist()}]})
+    assert nested.status_code == 200, nested.text
+    assert nested.json()["outputs"] == flat["outputs"]
+
+
+@pytest.mark.parametrize("filler", [b"[],", b"0.5,", b"{},", b"[[[[[[[[", b'"a","b",'])
+def test_v2_json_with_more_values_than_its_shapes_need_is_refused_before_parsing(client, filler):
+    """Issue 21: 31 MB of ``[],`` made 10 million lists (+1.2 GiB, the event loop blocked 8 s)."""
+    spec = client.get("/v1/model").json()["input"]
+    shape = [1, spec["channels"], spec["size"], spec["size"]]
+    need = int(np.prod(shape))
+    for declared in (shape, [16, *shape[1:]], None):  # as sent; the largest batch; no shape at all
+        head = {"name": "image", "datatype": "FP32", **({"shape": declared} if declared else {})}
+        prefix = json.dumps({"inputs": [{**head, "data": []}]}).encode()[: -len(b"]}]}")]
+        body = prefix + filler * (2 * 16 * need + 4096) + b"0]}]}"
+        response = client.post(f"/v2/models/{MODEL}/infer", content=body, headers={"Content-Type": "application/json"})
+        body = assert_problem(response, 400, "invalid-tensor")
+        assert "declares need at most" in body["detail"] and body["error"] == body["detail"]
+
+
+def test_v2_json_cost_counts_values_and_nesting():
+    from app.api.v2 import declared_shapes, json_values_at_most, tensor_values
+
+    assert tensor_values([2, 3]) == 6 + 1 + 2  # six numbers, the outer array and two rows
+    assert tensor_values([4]) == 5 and tensor_values([-1, 3]) == 1 + 0
+    assert json_values_at_most(json.dumps([[1, 2, 3], [4, 5, 6]]).encode()) >= 9
+    assert json_values_at_most(b'["a,b", 1]') == 4  # a comma in a string only raises the bound
+    assert declared_shapes(b'{"shape": [1, 3, 64, 64], "x": {"shape":[2]}, "shape": "no"}') == [[1, 3, 64, 64], [2]]
+
+
 def test_v2_unknown_model_or_version_is_404(client):
     assert_problem(client.get("/v2/models/other"), 404, "model-not-found")
     assert_problem(client.get(f"/v2/models/{MODEL}/versions/9.9.9/ready"), 404, "model-not-found")

@@ -91,6 +91,9 @@ def test_allowed_hosts_default_to_local_names_and_take_wildcards(model_path):
     ({"Origin": "https://evil.example"}, True),  # an older browser: judged by Origin against Host
     ({"Origin": "http://testserver"}, False),
     ({"Origin": "null"}, True),
+    ({"Origin": "http://testserver:8080"}, True),  # same host, another port: another origin
+    ({"Origin": "https://testserver"}, True),  # same host, another scheme
+    ({"Origin": "http://testserver:80"}, False),  # the default port, spelt out
 ])
 def test_cross_site_browser_posts_are_refused(client, headers, refused):
     response = client.post("/v1/predict", files={"file": ("a.png", png_bytes(), "image/png")}, headers=headers)
@@ -127,7 +130,10 @@ KEYS = "\n".join(["# test keys", key_line("pacs", KEY, ("predict", "docs")),
 
 @pytest.fixture(scope="module")
 def keyed(model_path):
-    with running_app(model_path, api_keys=KEYS, auth_metrics=True, auth_docs=True) as client:
+    # Many tests here send no key or a wrong one from the same client: their 401s are not throttled
+    # (test_requests_without_a_valid_key_are_throttled_per_address covers that).
+    with running_app(model_path, api_keys=KEYS, auth_metrics=True, auth_docs=True,
+                     auth_failures_per_minute=0) as client:
         yield client
 
 
@@ -240,6 +246,38 @@ def test_rate_limit_per_client_is_429_with_retry_after(model_path):
         assert client.get("/v1/model", headers={"X-API-Key": KEY}).status_code == 200  # only predictions count
 
 
+def test_requests_without_a_valid_key_are_throttled_per_address(model_path, tmp_path):
+    """Issue 21: 2,000 wrong keys from one client were 2,000 401s in 1.7 s and 2,000 audit lines."""
+    audit = tmp_path / "audit.jsonl"
+    with running_app(model_path, api_keys=KEYS, audit_log=str(audit), auth_failures_per_minute=6,
+                     auth_failures_burst=3) as client:
+        wrong = [client.get("/v1/model", headers={"X-API-Key": f"btd_guess{i}"}) for i in range(3)]
+        assert [r.status_code for r in wrong] == [401] * 3
+        throttled = [client.post("/v1/predict", content=png_bytes(), headers=PNG) for _ in range(20)]  # no key
+        body = assert_problem(throttled[0], 429, "rate-limited")
+        assert "valid API key" in body["detail"] and 1 <= int(throttled[0].headers["retry-after"]) <= 10
+        assert {r.status_code for r in throttled} == {429}
+        assert_problem(client.get("/v1/model", headers={"X-API-Key": "btd_again"}), 429, "rate-limited")
+        # A valid key from the same address is still served: a guesser cannot lock a real client out.
+        assert client.post("/v1/predict", content=png_bytes(), headers={**PNG, "X-API-Key": KEY}).status_code == 200
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(x["event"], x["status"]) for x in lines] == [("access-denied", 401)] * 3 + [
+        ("access-throttled", 429), ("prediction", 200)]
+    assert lines[3]["count"] == 1 and lines[3]["route"] == "/v1/predict" and lines[3]["problem"] == "rate-limited"
+
+
+def test_throttled_refusals_fold_into_one_audit_line_per_client_a_minute(monkeypatch):
+    from app.api import guard
+
+    now = [100.0]
+    monkeypatch.setattr(guard.time, "monotonic", lambda: now[0])
+    folded = guard.FoldedCounts(interval_s=60.0)
+    assert [folded.add("10.0.0.1") for _ in range(5)] == [1, 0, 0, 0, 0]
+    assert folded.add("10.0.0.2") == 1  # per client
+    now[0] += 60.0
+    assert folded.add("10.0.0.1") == 5  # this one and the four folded since the last line
+
+
 # --- audit trail ------------------------------------------------------------------------------------
 
 
@@ -271,6 +309,25 @@ def test_audit_log_has_one_line_per_prediction_and_no_patient_data(model_path, t
     assert lines[4]["key"] is None and lines[4]["problem"] == "unauthorized"
     for secret in ("Secret", "PID-4711", KEY, "btd_wrong"):
         assert secret not in text
+
+
+def test_audit_lines_carry_route_templates_never_the_raw_path(model_path, tmp_path):
+    """A v2 model name is a path segment the client chooses: it may carry a patient's name."""
+    audit = tmp_path / "audit.jsonl"
+    secret = "Jane^Doe-1961"
+    with running_app(model_path, api_keys=KEYS, audit_log=str(audit)) as client:
+        request = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                               "data": [base64.b64encode(png_bytes()).decode()]}]}
+        client.post(f"/v2/models/{secret}/infer", json=request, headers={"X-API-Key": KEY})  # 404, audited
+        client.post(f"/v2/models/{secret}/versions/{secret}/infer", json=request)  # 401, audited
+        client.get(f"/v1/{secret}", headers={"X-API-Key": "btd_wrong"})  # 401 on no route at all
+    text = audit.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [(x["event"], x["status"], x["route"]) for x in lines] == [
+        ("prediction", 404, "/v2/models/{model_name}/infer"),
+        ("access-denied", 401, "/v2/models/{model_name}/versions/{model_version}/infer"),
+        ("access-denied", 401, "unmatched")]
+    assert "Jane" not in text
 
 
 def test_audit_log_off_writes_nothing(model_path, capsys):
@@ -407,6 +464,35 @@ def test_budget_is_reserved_only_after_the_guard_admits_the_request(model_path):
         finally:
             budget.give_back(budget.limit - 10)
         assert budget.held == 0
+
+
+def test_upload_budget_holds_the_bytes_that_arrived_not_the_announced_length(model_path):
+    """Clients that announce a large body and send nothing hold no budget (issue 21: eight announcing
+    32 MiB each refused every real upload until their body timeout)."""
+    from app.api.middleware import UploadBudget, _Body
+
+    settings = Settings(model_path=model_path, max_body_bytes=4096, max_upload_bytes=8192)
+    budget = UploadBudget(settings.max_upload_bytes)
+
+    async def run() -> None:
+        arrived = asyncio.Event()
+
+        async def receive():
+            await arrived.wait()
+            return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+
+        bodies = [_Body(receive, settings, budget) for _ in range(8)]  # each "Content-Length: 4096"
+        reading = [asyncio.create_task(body.receive()) for body in bodies]
+        await asyncio.sleep(0.05)
+        assert budget.held == 0  # announced, nothing sent: nothing held
+        arrived.set()
+        await asyncio.gather(*reading)
+        assert budget.held == 8000
+        for body in bodies:
+            body.release()
+        assert budget.held == 0
+
+    asyncio.run(run())
 
 
 def test_open_inference_protocol_needs_the_key_but_not_its_probes(keyed, tmp_path, model_path):

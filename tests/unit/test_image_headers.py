@@ -6,6 +6,7 @@ from __future__ import annotations
 import resource
 import struct
 import time
+import zlib
 
 import cv2
 import numpy as np
@@ -20,6 +21,7 @@ from app.inference.image_headers import (
     j2k_header,
     jpeg_header,
     png_header,
+    png_pixel_chunks,
 )
 from tests.hostile_inputs import (
     BOMB_SIDE,
@@ -33,7 +35,9 @@ from tests.hostile_inputs import (
     jpeg_scan_bomb,
     jpeg_with_second_frame,
     png_bomb,
+    png_chunk,
     png_chunk_length_bomb,
+    png_text_bomb,
     rewrite_j2k_size,
     rewrite_jpeg_size,
     small_jpeg,
@@ -92,6 +96,50 @@ def test_png_header_refuses_a_chunk_longer_than_the_file():
 def test_png_header_refuses_an_animated_frame_outside_the_canvas():
     with pytest.raises(HeaderError, match="animated PNG frame"):
         png_header(apng_with_frame_outside())
+
+
+def _chunk_kinds(data: bytes) -> list[bytes]:
+    kinds, pos = [], 8
+    while pos + 12 <= len(data):
+        kinds.append(data[pos + 4 : pos + 8])
+        pos += 12 + struct.unpack_from(">I", data, pos)[0]
+    return kinds
+
+
+def test_png_pixel_chunks_keeps_what_makes_the_pixels_and_drops_compressed_metadata():
+    plain = cv2.imencode(".png", np.zeros((8, 8), np.uint8))[1].tobytes()
+    assert png_pixel_chunks(plain) is plain  # nothing to drop: no copy
+    text = png_chunk(b"tEXt", b"Comment\x00hello")
+    trns = png_chunk(b"tRNS", b"\x00\x07")
+    unknown_critical = png_chunk(b"ZZZZ", b"x")
+    data = plain[:33] + text + trns + unknown_critical + plain[33:] + b"trailing bytes"
+    assert _chunk_kinds(png_pixel_chunks(data)) == [b"IHDR", b"tRNS", b"ZZZZ", b"IDAT", b"IEND"]
+    for kind in (b"zTXt", b"iTXt", b"iCCP"):
+        assert _chunk_kinds(png_pixel_chunks(png_text_bomb(3, kind, inflated=1000))) == [b"IHDR", b"IDAT", b"IEND"]
+
+
+@pytest.mark.parametrize("kind", [b"zTXt", b"iTXt", b"iCCP"])
+def test_decode_never_inflates_png_text_or_icc_chunks(kind):
+    """200 chunks of 7 MB of zeros each (issue 21: libpng inflated them all, 9.9 s and +1.5 GiB)."""
+    data = png_text_bomb(200 if kind != b"iCCP" else 1, kind)
+    before, started = peak_rss_mb(), time.perf_counter()
+    decoded = decode(data)
+    assert time.perf_counter() - started < 0.5
+    assert peak_rss_mb() - before < 50
+    assert decoded.pixels.shape == (64, 64)
+
+
+def test_decode_palette_png_with_transparency_keeps_its_pixels():
+    palette = png_chunk(b"PLTE", bytes([0, 0, 0, 255, 255, 255, 10, 200, 30]))
+    trns = png_chunk(b"tRNS", b"\xff\x80")
+    rows = b"".join(b"\x00" + bytes([(x + y) % 3 for x in range(8)]) for y in range(8))
+    ihdr = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 3, 0, 0, 0))
+    data = (b"\x89PNG\r\n\x1a\n" + ihdr + png_chunk(b"tEXt", b"a\x00b") + palette + trns
+            + png_chunk(b"IDAT", zlib.compress(rows)) + png_chunk(b"IEND", b""))
+    expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert expected.shape == (8, 8, 4)  # tRNS made an alpha channel
+    stripped = cv2.imdecode(np.frombuffer(png_pixel_chunks(data), np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(stripped, expected)
 
 
 @pytest.mark.parametrize("progressive", [False, True])
