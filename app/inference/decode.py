@@ -180,6 +180,20 @@ def _decode_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, so
             raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None
 
 
+def read_study_uid(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """The Study Instance UID of a DICOM Part 10 object ("" when it has none), its whole header read
+    under ``dicom_read``'s limits: what ``btd dicom-listen`` checks, in its isolated worker, before it
+    queues a received object. Typed errors as ``decode``; messages never quote tag values."""
+    with _quiet_pydicom(), element_limits():
+        try:
+            ds = read_dataset(data, max_pixels, stop_before_pixels=True)
+            return str(ds.get("StudyInstanceUID", "") or "")
+        except (ServiceError, MemoryError):
+            raise
+        except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
+            raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None
+
+
 def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, source: bool = False) -> DecodedImage:
     ds = read_dataset(data, max_pixels)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):

@@ -11,7 +11,12 @@ import pytest
 
 from app.errors import DecodeTooCostly, PayloadTooLarge
 from app.inference.decode import decode
-from app.inference.dicom_read import MAX_ELEMENTS, RESULTS_KEYWORDS, element_limits, read_dataset, results_header
+from app.inference.dicom_read import (
+    MAX_ELEMENTS,
+    RESULTS_KEYWORDS,
+    element_limits,
+    read_dataset,
+)
 from app.inference.predictor import Predictor
 from app.pacs.finding import finding_from_result
 from app.pacs.results import build_results, encode
