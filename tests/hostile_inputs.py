@@ -198,3 +198,47 @@ def large_colour_png(side: int = 4096) -> bytes:
     img[::7, ::5] = 255
     img[:, :, 1] //= 2
     return cv2.imencode(".png", img)[1].tobytes()
+
+
+def _mr_small_with(elements: bytes) -> bytes:
+    """MR_small.dcm (explicit VR little endian) with ``elements`` encoded first in its dataset."""
+    data = dicom_sample("MR_small.dcm")
+    meta_end = 132 + 12 + struct.unpack("<I", data[140:144])[0]  # (0002,0000) group length
+    return data[:meta_end] + elements + data[meta_end:]
+
+
+def _empty_private_elements(count: int) -> bytes:
+    """``count`` distinct empty LO elements in odd (private) groups from 0x0009 on, 8 bytes each."""
+    per_group = 0x10000 - 0x1000
+    return b"".join(struct.pack("<HH2sH", 0x0009 + 2 * (i // per_group), 0x1000 + i % per_group, b"LO", 0)
+                    for i in range(count))
+
+
+@functools.cache
+def dicom_element_bomb(elements: int = 3_900_000) -> bytes:
+    """A real MR slice with ``elements`` empty data elements before its own (31 MB for 3.9 million):
+    pydicom keeps a Python object of a few hundred bytes for each 8 bytes sent (issue 21)."""
+    return _mr_small_with(_empty_private_elements(elements))
+
+
+def dicom_nested_element_bomb(elements: int = 1_000_000, *, defined_length: bool = True) -> bytes:
+    """The elements inside one item of Other Patient IDs Sequence (0010,1002), which the DICOM results
+    copy: with a defined length pydicom reads them only when the sequence is first used."""
+    item = _empty_private_elements(elements)
+    if defined_length:
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(item)) + item
+        return _mr_small_with(struct.pack("<HH2sHI", 0x0010, 0x1002, b"SQ", 0, len(item)) + item)
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF) + item + struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    return _mr_small_with(struct.pack("<HH2sHI", 0x0010, 0x1002, b"SQ", 0, 0xFFFFFFFF) + item
+                          + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+
+
+def dicom_multivalue_bomb(values: int = 4_000_000) -> bytes:
+    """A real MR slice whose Window Center (DS) holds ``values`` values "1": 2 bytes each on the
+    wire, a Python object of ~200 bytes each once pydicom converts it."""
+    value = b"1\\" * (values - 1) + b"1" + b" " * (values % 2 == 0)
+    data = dicom_sample("MR_small.dcm")
+    at = data.index(b"\x28\x00\x50\x10")  # (0028,1050) Window Center, if any: replace it
+    length = struct.unpack("<H", data[at + 6 : at + 8])[0]
+    element = struct.pack("<HH2sH", 0x0028, 0x1050, b"UN", 0) + struct.pack("<I", len(value)) + value
+    return data[:at] + element + data[at + 8 + length :]

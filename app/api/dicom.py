@@ -14,7 +14,7 @@ from app.inference.result import Prediction
 from app.inference.service import InferenceService
 from app.pacs.finding import finding_from_result
 from app.pacs.multipart import encode_related, media_type_params
-from app.pacs.results import build_results, encode, read_source
+from app.pacs.results import build_results, encode
 
 ResultFormat = Literal["json", "dicom"]
 DicomObjects = Literal["sr", "all"]  # the SR alone (Accept: application/dicom), or the SR and the overlay
@@ -34,12 +34,12 @@ def dicom_objects_wanted(result_format: str, accept: str | None) -> DicomObjects
 async def dicom_response(service: InferenceService, data: bytes, media_type: str | None,
                          objects: DicomObjects) -> tuple[Response, Prediction]:
     """Classify a DICOM slice: (the response carrying its result objects, the prediction they hold,
-    for timings and the audit trail); 406 for any other input."""
+    for timings and the audit trail); 406 for any other input. The file is parsed only where its pixels
+    are decoded (the isolated worker, under its limits), which returns the attributes the results copy."""
     if sniff(data) != DICOM:
         raise NotAcceptable("DICOM results need a DICOM input: they copy its patient and study and reference it; "
                             "send a DICOM file, or ask for JSON")
-    source = await asyncio.to_thread(read_source, data)
-    result = await service.predict(data, media_type, "png" if objects == "all" else "none")
+    result, source = await service.predict_with_source(data, media_type, "png" if objects == "all" else "none")
     datasets = await asyncio.to_thread(build_results, source, finding_from_result(result.to_dict()))
     if objects == "sr":
         return Response(await asyncio.to_thread(encode, datasets[0]), media_type=DICOM), result

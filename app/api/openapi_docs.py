@@ -34,7 +34,7 @@ _COMMON = {
     413: problem("payload-too-large: body over BTD_MAX_BODY_BYTES, image over BTD_MAX_PIXELS, or too many files"),
     415: problem("unsupported-media-type: not PNG/JPEG/DICOM, Content-Type does not match the bytes, or a "
                  "compressed DICOM transfer syntax with no decoder installed (named in detail)"),
-    422: problem("validation-error: bad query parameter or missing multipart field; decode-too-costly: the decode ran past BTD_HOST_TASK_TIMEOUT_S; no-pixel-data: DICOM "
+    422: problem("validation-error: bad query parameter or missing multipart field; decode-too-costly: the decode ran past BTD_HOST_TASK_TIMEOUT_S, or a DICOM past its header limits (more than 100,000 elements, a huge multi-valued element); no-pixel-data: DICOM "
                  "without pixel data"),
     503: problem("model-not-ready: loading, warming up or shutting down; overloaded: the queue is full "
                  "(Retry-After)", **{"Retry-After": RETRY_AFTER}),

@@ -9,20 +9,19 @@ No DICOM tag value is ever put into a message or a warning (patient data).
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import threading
 import warnings as warnings_module
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 
 from app.errors import InvalidImage, NoPixelData, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from app.inference.dicom_read import element_limits, read_dataset, results_header
 from app.inference.image_headers import (
     FrameHeader,
     HeaderError,
@@ -51,6 +50,8 @@ class DecodedImage:
     pixels: np.ndarray  # float32 [H, W]
     media_type: str
     warnings: list[str] = field(default_factory=list)
+    # A DICOM's attributes that DICOM results copy (``dicom_read.results_header``), when asked for
+    source: Any = None
 
 
 def sniff(data: bytes) -> str | None:
@@ -85,9 +86,10 @@ def normalise_media_type(declared: str | None) -> str | None:
 
 
 def decode(data: bytes, declared: str | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-           multiframe: MultiframePolicy = "middle") -> DecodedImage:
+           multiframe: MultiframePolicy = "middle", source: bool = False) -> DecodedImage:
     """Decode image bytes. ``declared`` is the client's media type, checked against the signature;
-    ``multiframe`` picks the frame of a multi-frame DICOM."""
+    ``multiframe`` picks the frame of a multi-frame DICOM; ``source``: also read the DICOM attributes
+    its DICOM results copy (a 400 for any other input, or a DICOM without the UIDs they reference)."""
     declared = normalise_media_type(declared)
     if declared is not None and declared not in MEDIA_TYPES:
         shown = declared if len(declared) <= 80 else declared[:80] + "..."
@@ -99,9 +101,11 @@ def decode(data: bytes, declared: str | None = None, *, max_pixels: int = DEFAUL
         raise UnsupportedMediaType("the bytes are not a PNG, JPEG or DICOM (Part 10) file")
     if declared is not None and declared != actual:
         raise UnsupportedMediaType(f"declared {declared} but the bytes are {actual}")
+    if source and actual != DICOM:
+        raise InvalidImage("DICOM results need a DICOM input")
     try:
         if actual == DICOM:
-            return _decode_dicom(data, max_pixels, multiframe)
+            return _decode_dicom(data, max_pixels, multiframe, source)
         return _decode_raster(data, actual, max_pixels)
     except MemoryError:  # a host worker's address-space limit (or the machine) said no
         raise PayloadTooLarge("decoding this image needs more memory than a decoder may use") from None
@@ -171,13 +175,13 @@ def _png_frames(data: bytes) -> int:
     return 1
 
 
-def _decode_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy) -> DecodedImage:
+def _decode_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, source: bool = False) -> DecodedImage:
     """DICOM Part 10 -> float32 slice: Modality LUT, then VOI LUT or window (to [0, 1]), MONOCHROME1
-    inverted. Multi-frame policy: the middle frame (``frames // 2``) by default, or the first; with a warning."""
-    _check_deflated_size(data, max_pixels)
-    with _quiet_pydicom():
+    inverted. Multi-frame policy: the middle frame (``frames // 2``) by default, or the first; with a warning.
+    Read under ``dicom_read``'s limits (deflate, element count, value sizes)."""
+    with _quiet_pydicom(), element_limits():
         try:
-            return _read_dicom(data, max_pixels, multiframe)
+            return _read_dicom(data, max_pixels, multiframe, source)
         except (ServiceError, MemoryError):
             raise
         except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
@@ -185,12 +189,25 @@ def _decode_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy) ->
             raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None
 
 
-def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy) -> DecodedImage:
-    import pydicom
+def read_study_uid(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
+    """The Study Instance UID of a DICOM Part 10 object ("" when it has none), its whole header read
+    under ``dicom_read``'s limits: what ``btd dicom-listen`` checks, in its isolated worker, before it
+    queues a received object. Typed errors as ``decode``; messages never quote tag values."""
+    with _quiet_pydicom(), element_limits():
+        try:
+            ds = read_dataset(data, max_pixels, stop_before_pixels=True)
+            return str(ds.get("StudyInstanceUID", "") or "")
+        except (ServiceError, MemoryError):
+            raise
+        except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
+            raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None
 
-    ds = pydicom.dcmread(io.BytesIO(data))
+
+def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, source: bool = False) -> DecodedImage:
+    ds = read_dataset(data, max_pixels)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         raise InvalidImage("the DICOM file meta information has no transfer syntax (not a valid Part 10 file)")
+    header = results_header(ds) if source else None
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise NoPixelData("the DICOM file has no pixel data")
     warnings: list[str] = []
@@ -220,55 +237,14 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy) -> D
         warnings.append(f"multi-frame DICOM ({frames} frames): the {multiframe} frame ({frame + 1}) was used")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM, RGB after pydicom's conversion
         gray, more = _to_gray(arr[:, :, 2::-1])
-        return DecodedImage(gray, DICOM, warnings + more)
+        return DecodedImage(gray, DICOM, warnings + more, header)
     if arr.ndim != 2:
         raise InvalidImage(f"the DICOM pixel data has an unexpected shape ({arr.ndim} dimensions)")
     values, more = _grayscale_luts(arr, ds)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "").upper()
     if photometric == "MONOCHROME1":  # low values are white: invert so high values are bright
         values = np.float32(values.max() + values.min()) - values
-    return DecodedImage(np.ascontiguousarray(values, dtype=np.float32), DICOM, warnings + more)
-
-
-# Bytes a deflated dataset may inflate to: the largest admissible frame (3 samples of 2 bytes per
-# pixel) plus room for the other elements. pydicom inflates the whole dataset at once, unbounded.
-DEFLATED_BYTES_PER_PIXEL = 6
-DEFLATED_EXTRA_BYTES = 1 << 20
-_DEFLATED_UID = "1.2.840.10008.1.2.1.99"
-
-
-def _check_deflated_size(data: bytes, max_pixels: int) -> None:
-    """A Deflated Explicit VR Little Endian file is a zip bomb candidate: inflate it once in small
-    pieces, keeping nothing, and refuse it (413) when it grows past what an admissible image needs."""
-    start, syntax = _file_meta_end_and_syntax(data)
-    if syntax != _DEFLATED_UID:
-        return
-    limit = DEFLATED_BYTES_PER_PIXEL * max_pixels + DEFLATED_EXTRA_BYTES
-    inflater, pending, total = zlib.decompressobj(-zlib.MAX_WBITS), data[start:], 0
-    try:
-        while pending and not inflater.eof:
-            total += len(inflater.decompress(pending, 1 << 20))
-            pending = inflater.unconsumed_tail
-            if total > limit:
-                raise PayloadTooLarge(f"the deflated DICOM dataset inflates to more than {limit} bytes")
-    except zlib.error:
-        raise InvalidImage("the deflated DICOM dataset could not be inflated (corrupt)") from None
-
-
-def _file_meta_end_and_syntax(data: bytes) -> tuple[int, str]:
-    """Where the File Meta Information group (0002,xxxx, explicit VR little endian) ends, and its
-    Transfer Syntax UID ("" when absent or unreadable: pydicom then reports the problem)."""
-    pos, syntax = 132, ""
-    while pos + 8 <= len(data) and data[pos : pos + 2] == b"\x02\x00":
-        element, vr = int.from_bytes(data[pos + 2 : pos + 4], "little"), data[pos + 4 : pos + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"):
-            length, value_at = int.from_bytes(data[pos + 8 : pos + 12], "little"), pos + 12
-        else:
-            length, value_at = int.from_bytes(data[pos + 6 : pos + 8], "little"), pos + 8
-        if element == 0x0010:
-            syntax = data[value_at : value_at + length].rstrip(b"\x00 ").decode("ascii", "replace")
-        pos = value_at + length
-    return pos, syntax
+    return DecodedImage(np.ascontiguousarray(values, dtype=np.float32), DICOM, warnings + more, header)
 
 
 # The header reader for each compressed transfer syntax's frames. RLE has no size of its own: its

@@ -119,7 +119,11 @@ class Engine:
         ``app.errors`` for bad input; ValueError for a bad ``cam``."""
         check_cam_mode(cam)
         started = time.perf_counter()
-        prepared = self.prepare(data, media_type, cam)
+        return self.predict_prepared(self.prepare(data, media_type, cam), cam, started=started)
+
+    def predict_prepared(self, prepared: Prepared, cam: str = "none", *, started: float) -> Prediction:
+        """``predict`` of an image prepared elsewhere (an isolated worker); ``cam="png"`` needs its view."""
+        check_cam_mode(cam)
         infer_start = time.perf_counter()
         (output,) = self.infer([prepared.tensor], [cam != "none"])
         output = ModelOutput(output.logits, output.features, output.ood_score, 0.0, ms_since(infer_start), 1)

@@ -16,9 +16,10 @@ The README's "The inference engine" says why one server process feeds one model 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol, TypeVar
@@ -109,11 +110,23 @@ class ProcessHost:
                                  context=context)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        future = self._pool.schedule(fn, args, timeout=self.task_timeout_s)
+        with self._worker_failures():
+            return await asyncio.wrap_future(future)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``run`` for a caller without an event loop (``btd dicom-listen``'s threads): blocks."""
+        future = self._pool.schedule(fn, args, timeout=self.task_timeout_s)
+        with self._worker_failures():
+            return future.result()
+
+    @contextlib.contextmanager
+    def _worker_failures(self) -> Iterator[None]:
+        """A worker's time limit, crash or memory limit as the typed error a client gets."""
         from pebble import ProcessExpired
 
-        future = self._pool.schedule(fn, args, timeout=self.task_timeout_s)
         try:
-            return await asyncio.wrap_future(future)
+            yield
         except FutureTimeout:
             metrics.HOST_WORKER_FAILURES.labels("timeout").inc()
             raise DecodeTooCostly(f"decoding took longer than {self.task_timeout_s:g} s; the decoder was stopped") from None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -72,6 +72,8 @@ class Prepared:
     warnings: list[str]
     view: np.ndarray | None = None  # uint8 view of the slice for the CAM images (cam=png only)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # The DICOM attributes its DICOM results copy (``source=True``; patient data: never logged or answered)
+    source: Any = None
 
     @property
     def tensor(self) -> np.ndarray:
@@ -86,11 +88,13 @@ class Prepared:
         return reasons + (["small-image"] if min(width, height) < MIN_SLICE_SIDE else [])
 
 
-def prepare(data: bytes, media_type: str | None, options: PrepareOptions, view: bool = False) -> Prepared:
+def prepare(data: bytes, media_type: str | None, options: PrepareOptions, view: bool = False,
+            source: bool = False) -> Prepared:
     """Bytes -> model input. Raises the typed errors of ``app.errors`` for bad input. ``view``: also
-    keep the 8-bit view of the slice that ``cam=png`` draws on."""
+    keep the 8-bit view of the slice that ``cam=png`` draws on; ``source``: also read the attributes a
+    DICOM's results copy, in the same read (``Prepared.source``), so a host worker reads a file once."""
     start = time.perf_counter()
-    decoded = decode(data, media_type, max_pixels=options.max_pixels, multiframe=options.multiframe)
+    decoded = decode(data, media_type, max_pixels=options.max_pixels, multiframe=options.multiframe, source=source)
     decode_ms = ms_since(start)
     start = time.perf_counter()
     if not np.isfinite(decoded.pixels).all():
@@ -98,7 +102,7 @@ def prepare(data: bytes, media_type: str | None, options: PrepareOptions, view: 
     unit, framing = frame(decoded.pixels, options.spec)
     height, width = decoded.pixels.shape
     prepared = Prepared(unit, options.spec, framing, (width, height), decoded.media_type, list(decoded.warnings),
-                        gray_view(decoded.pixels) if view else None)
+                        gray_view(decoded.pixels) if view else None, source=decoded.source)
     prepared.timings_ms = {"decode": decode_ms, "preprocess": ms_since(start)}
     return prepared
 

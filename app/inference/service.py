@@ -103,6 +103,15 @@ class InferenceService:
         """One image -> ``Prediction``; typed errors for bad input, ``Overloaded`` above capacity,
         ``InferenceTimeout`` past the request timeout. A ``batch_file`` of a request already past
         ``refuse_if_full`` waits for the decode budget instead of being refused for it."""
+        return (await self._predict_admitted(data, media_type, cam, batch_file, False))[0]
+
+    async def predict_with_source(self, data: bytes, media_type: str | None, cam: str = "none") -> tuple[Prediction, Any]:
+        """``predict`` of a DICOM, and the attributes its DICOM results copy (``dicom_read.results_header``),
+        read with the pixels in the same isolated decode: the server never parses the file itself."""
+        return await self._predict_admitted(data, media_type, cam, False, True)
+
+    async def _predict_admitted(self, data: bytes, media_type: str | None, cam: str, batch_file: bool,
+                                source: bool) -> tuple[Prediction, Any]:
         check_cam_mode(cam)
         started = time.perf_counter()
         cost = decode_cost(data, self.options.max_pixels)
@@ -112,25 +121,28 @@ class InferenceService:
         timeout = self.options.request_timeout_s
         try:
             with metrics.IN_FLIGHT.track_inprogress():  # admitted work: the upload is complete
-                result = await asyncio.wait_for(self._predict(data, media_type, cam, started, ticket, cost), timeout)
+                result, source_header = await asyncio.wait_for(
+                    self._predict(data, media_type, cam, started, ticket, cost, source), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
         finally:
             self.admission.stop_waiting(ticket)
         metrics.observe_prediction(result)
-        return result
+        return result, source_header
 
-    async def _prepare(self, data: bytes, media_type: str | None, cost: int, view: bool = False):
+    async def _prepare(self, data: bytes, media_type: str | None, cost: int, view: bool = False,
+                       source: bool = False):
         """Decode and preprocess within the decode budget; DICOM where its codecs cannot stall or crash
-        the server (a worker process, unless BTD_HOST_WORKERS=0)."""
+        the server and its parsing runs under the worker's memory and time limits (a worker process,
+        unless BTD_HOST_WORKERS=0)."""
         run = self.host.run_isolated if sniff(data) == DICOM else self.host.run
         async with self.decode_budget.hold(cost):
-            return await run(prepare, data, media_type, self.engine.prepare_options, view)
+            return await run(prepare, data, media_type, self.engine.prepare_options, view, source)
 
     async def _predict(self, data: bytes, media_type: str | None, cam: str, started: float,
-                       ticket: int, cost: int) -> Prediction:
+                       ticket: int, cost: int, source: bool = False) -> tuple[Prediction, Any]:
         engine = self.engine
-        prepared = await self._prepare(data, media_type, cost, cam == "png")
+        prepared = await self._prepare(data, media_type, cost, cam == "png", source)
         output = await self.batcher.submit(prepared, cam != "none",
                                            on_start=lambda: self.admission.stop_waiting(ticket))
         cam_result, cam_ms = None, 0.0
@@ -139,7 +151,7 @@ class InferenceService:
             cam_result = await self.host.run(render_cam_png, prepared.view, engine.builder.cam_grid(output),
                                              prepared.framing, prepared.image_size)
             cam_ms = ms_since(cam_start)
-        return engine.finish(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms)
+        return engine.finish(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms), prepared.source
 
     async def infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
         """Model inputs ``[channels, size, size]`` (or image bytes, prepared as ``predict`` does) -> raw

@@ -79,10 +79,12 @@ def _processor(args: argparse.Namespace, *, study_idle_s: float, default_stow: s
 
 def run_listen(args: argparse.Namespace) -> int:
     from app.pacs.listener import Listener, ListenerOptions
+    from app.settings import Settings
 
     options = ListenerOptions(
         ae_title=args.ae_title, host=args.host, port=args.port, allowed_calling_aets=tuple(args.allow_aet or ()),
         max_associations=args.max_associations, timeout_s=args.timeout, queue_size=args.queue_size,
+        queue_bytes=args.queue_mib * 1024 * 1024, max_pixels=Settings().max_pixels,
         workers=args.workers, study_idle_s=args.study_idle,
     )
     listener = Listener(options, _processor(args, study_idle_s=args.study_idle))
@@ -128,6 +130,8 @@ def add_pacs_parsers(subparsers: Any) -> None:
     listen.add_argument("--max-associations", type=int, default=8, help="simultaneous associations (8)")
     listen.add_argument("--queue-size", type=int, default=256,
                         help="slices waiting for classification; beyond, C-STORE answers 0xA700 (256)")
+    listen.add_argument("--queue-mib", type=int, default=256,
+                        help="MiB of received slices waiting for classification; beyond, C-STORE answers 0xA700 (256)")
     listen.add_argument("--workers", type=int, default=1, help="slices classified at once (1)")
     listen.add_argument("--study-idle", type=float, default=5.0,
                         help="seconds without a new slice after which a study is reported (5)")

@@ -2,20 +2,23 @@
 is acknowledged at once, queued, classified (in process or by a running service) and its SR and CAM
 overlay are sent to the configured destination (C-STORE or STOW-RS) with retries and back-off.
 
-Association limits and timeouts are pynetdicom's; a full queue answers C-STORE 0xA700 (out of
-resources) so the sender retries later. Objects other than MR Image Storage are accepted and skipped
-(a routing rule may send a whole study). One log line per study; no tag value is ever logged.
+Association limits and timeouts are pynetdicom's; a full queue (``queue_size`` slices or
+``queue_bytes`` bytes) answers C-STORE 0xA700 (out of resources) so the sender retries later. Each
+received object is read once, before it is queued, in an isolated worker process under the service's
+limits (``app.inference.dicom_read``: bounded inflation of a deflated dataset, element and value caps,
+the worker's memory and time limits): a bomb is answered 0xC000 (cannot understand) and never queued;
+this process never parses what a sender sends. Objects other than MR Image Storage are accepted and
+skipped (a routing rule may send a whole study). One log line per study; no tag value is ever logged.
+Who may send: ``--allow-aet`` and TLS (README, "PACS integration").
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import queue
 import threading
 from dataclasses import dataclass
 
-import pydicom
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -24,8 +27,9 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from app.inference.decode import quiet_pydicom
-from app.pacs.processing import CLASSIFIED_SOP_CLASSES, Processor, study_key
+from app.errors import ServiceError
+from app.inference.decode import DEFAULT_MAX_PIXELS, read_study_uid
+from app.pacs.processing import CLASSIFIED_SOP_CLASSES, Processor, isolated_reader, study_key
 
 log = logging.getLogger("btd.pacs")
 
@@ -43,6 +47,8 @@ class ListenerOptions:
     timeout_s: float = 30.0  # ACSE, DIMSE and network timeouts
     max_pdu: int = 65536
     queue_size: int = 256
+    queue_bytes: int = 256 * 1024 * 1024  # received bytes waiting for classification, at most
+    max_pixels: int = DEFAULT_MAX_PIXELS  # as BTD_MAX_PIXELS: bounds a deflated dataset's inflation
     workers: int = 1
     study_idle_s: float = 5.0
 
@@ -73,6 +79,9 @@ class Listener:
         self.processor = processor
         self.tracker = processor.tracker
         self.jobs: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=options.queue_size)
+        self.queued_bytes = 0  # bytes of the objects in ``jobs`` or being processed
+        self._bytes_lock = threading.Lock()
+        self._reader = isolated_reader()  # where a received object is parsed
         self._server = None
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -101,6 +110,7 @@ class Listener:
     def start(self) -> None:
         from pynetdicom import evt
 
+        self._reader.warm_up()  # its worker started before the first object arrives
         for noisy in ("pynetdicom", "httpx", "urllib3"):  # their INFO lines are per association or request
             logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
         for i in range(self.options.workers):
@@ -120,11 +130,11 @@ class Listener:
         try:
             sop_class = str(event.request.AffectedSOPClassUID)
             data = event.encoded_dataset(include_meta=True)
-            with quiet_pydicom():
-                header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
-                                         specific_tags=["StudyInstanceUID"])
-            study = study_key(str(header.get("StudyInstanceUID", "") or "no study uid"))
-        except Exception as exc:  # an undecodable dataset: refuse it, say nothing of its content
+            study = study_key(self._reader.call(read_study_uid, data, self.options.max_pixels) or "no study uid")
+        except ServiceError as exc:  # a bomb, or an undecodable dataset: refuse it, say nothing of its content
+            log.warning("a received object was refused (%s: %s)", exc.title, exc.detail)
+            return STATUS_CANNOT_UNDERSTAND
+        except Exception as exc:  # noqa: BLE001 - its message could quote a tag value
             log.warning("a received object could not be read (%s); refused", type(exc).__name__)
             return STATUS_CANNOT_UNDERSTAND
         if sop_class not in CLASSIFIED_SOP_CLASSES:
@@ -132,15 +142,28 @@ class Listener:
             return STATUS_SUCCESS
         if self._stopping.is_set():
             return STATUS_OUT_OF_RESOURCES
+        with self._bytes_lock:
+            full = self.queued_bytes + len(data) > self.options.queue_bytes
+            if not full:
+                self.queued_bytes += len(data)
+        if full:
+            log.warning("queue full (%d bytes waiting, at most %d): C-STORE answered 0xA700, the sender will retry",
+                        self.queued_bytes, self.options.queue_bytes)
+            return STATUS_OUT_OF_RESOURCES
         self.tracker.update(study, received=1, pending=1)
         try:
             self.jobs.put_nowait((study, data))
         except queue.Full:
+            self._release(len(data))
             self.tracker.update(study, received=-1, pending=-1)
             log.warning("queue full (%d slices waiting): C-STORE answered 0xA700, the sender will retry",
                         self.options.queue_size)
             return STATUS_OUT_OF_RESOURCES
         return STATUS_SUCCESS
+
+    def _release(self, size: int) -> None:
+        with self._bytes_lock:
+            self.queued_bytes -= size
 
     def _work(self) -> None:
         while True:
@@ -150,6 +173,8 @@ class Listener:
                     return
                 self.processor.process(*job)
             finally:
+                if job is not None:
+                    self._release(len(job[1]))
                 self.jobs.task_done()
 
     def _reap(self) -> None:
@@ -168,4 +193,5 @@ class Listener:
                 break
         for thread in self._threads:
             thread.join(timeout=drain_timeout_s)
+        self._reader.close()
         self.tracker.flush()

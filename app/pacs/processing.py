@@ -32,7 +32,7 @@ from app.errors import ServiceError
 from app.inference.decode import DICOM, quiet_pydicom
 from app.pacs.finding import finding_from_result
 from app.pacs.multipart import decode_related
-from app.pacs.results import build_results, encode, read_source
+from app.pacs.results import build_results, encode
 
 log = logging.getLogger("btd.pacs")
 
@@ -117,8 +117,20 @@ class Classifier(Protocol):
         """A DICOM slice's bytes -> its result objects (Part 10 bytes, the SR first)."""
 
 
+def isolated_reader(workers: int = 1):
+    """Worker processes where received DICOM is parsed, with the service's limits (BTD_HOST_TASK_TIMEOUT_S,
+    BTD_HOST_MEMORY_LIMIT_BYTES): neither the listener nor the in-process classifier parses it itself."""
+    from app.inference.host import ProcessHost
+    from app.settings import Settings
+
+    settings = Settings()
+    return ProcessHost(workers, task_timeout_s=settings.host_task_timeout_s,
+                       memory_limit_bytes=settings.host_memory_limit_bytes or None)
+
+
 class LocalClassifier:
-    """The model file, in this process (ONNX Runtime; no server)."""
+    """The model file, in this process (ONNX Runtime; no server). The slice is decoded, and the attributes
+    its results copy are read, in an isolated worker process (``prepare(..., source=True)``)."""
 
     def __init__(self, model_path: Path) -> None:
         from app.inference.predictor import Predictor
@@ -127,15 +139,24 @@ class LocalClassifier:
         meta = self.predictor.metadata
         self.description = f"{meta.model_name} {meta.model_version} in process"
         self._lock = threading.Lock()  # one ONNX Runtime run at a time: it already uses every core
+        self._reader = isolated_reader()
+        self._reader.warm_up()
 
     def classify(self, data: bytes) -> list[bytes]:
+        from app.inference.pipeline import prepare
+
+        engine = self.predictor.engine
         try:
-            source = read_source(data)
+            started = time.perf_counter()
+            prepared = self._reader.call(prepare, data, DICOM, engine.prepare_options, True, True)
             with self._lock:
-                result = self.predictor.predict(data, DICOM, cam="png")
-            return [encode(ds) for ds in build_results(source, finding_from_result(result.to_dict()))]
+                result = engine.predict_prepared(prepared, "png", started=started)
+            return [encode(ds) for ds in build_results(prepared.source, finding_from_result(result.to_dict()))]
         except ServiceError as exc:
             raise SliceFailed(f"{exc.title}: {exc.detail}") from None
+
+    def close(self) -> None:
+        self._reader.close()
 
 
 class ServiceClassifier:

@@ -23,15 +23,15 @@ from collections.abc import Sequence
 import cv2
 import highdicom as hd
 import numpy as np
-import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
-from app.errors import InvalidImage
-from app.inference.decode import quiet_pydicom
+from app.errors import InvalidImage, ServiceError
+from app.inference.decode import DEFAULT_MAX_PIXELS, quiet_pydicom
+from app.inference.dicom_read import element_limits, read_dataset, results_header
 from app.pacs.finding import Finding
 
 MANUFACTURER = "btd"
@@ -43,7 +43,6 @@ DISCLAIMER = ("Decision support for trained readers, not a diagnosis. Computed b
               "classifier of single MR slices; confirm on the images.")
 OVERLAY_MIN_SIDE = 512  # the overlay is scaled up to this long side, so its caption stays legible
 NO_UNITS = codes.UCUM.NoUnits
-REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 # Patient and study attributes highdicom reads directly (type 2: present, possibly empty).
 TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                 "StudyDate", "StudyTime", "ReferringPhysicianName")
@@ -59,18 +58,18 @@ def result_uid(*parts: object) -> str:
     return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(str(p) for p in parts)).int}"
 
 
-def read_source(data: bytes) -> Dataset:
-    """The header of a DICOM Part 10 file (no pixel data), checked for the UIDs the results reference.
-    Messages never quote tag values (patient data)."""
-    with quiet_pydicom():
+def read_source(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+    """The attributes of a DICOM Part 10 file that its results copy (``dicom_read.results_header``),
+    read under ``dicom_read``'s limits, in this process: for a caller's own files (``btd predict``).
+    Bytes from a client or a PACS are read in an isolated worker instead, with the pixels
+    (``prepare(..., source=True)``). Messages never quote tag values (patient data)."""
+    with quiet_pydicom(), element_limits():
         try:
-            header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-            missing = [k for k in REQUIRED_UIDS if not str(header.get(k, "") or "").strip()]
+            return results_header(read_dataset(data, max_pixels, stop_before_pixels=True))
+        except (ServiceError, MemoryError):
+            raise
         except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
             raise InvalidImage(f"the DICOM header could not be read ({type(exc).__name__})") from None
-    if missing:
-        raise InvalidImage(f"the DICOM file has no {', '.join(missing)}; DICOM results must reference their source")
-    return header
 
 
 def _evidence(source: Dataset) -> Dataset:

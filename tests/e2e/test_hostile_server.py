@@ -25,7 +25,10 @@ from tests.hostile_inputs import (
     DICOM_CODECS,
     apng_with_frame_outside,
     deflated_dicom_bomb,
+    dicom_element_bomb,
     dicom_frame_bomb,
+    dicom_multivalue_bomb,
+    dicom_nested_element_bomb,
     jpeg_bomb,
     jpeg_scan_bomb,
     jpeg_with_second_frame,
@@ -126,6 +129,38 @@ def test_bomb_is_refused_fast_without_memory(server, memory, watch, name):
         result.status = str(response.status_code)
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/problem+json"
+
+
+# Issue 21: DICOM bombs on the DICOM-results path, which used to parse the file in a server thread.
+DICOM_BOMBS = {
+    "deflated DICOM 1 GiB": (deflated_dicom_bomb, 413),
+    "DICOM 3.9 million empty elements": (dicom_element_bomb, 422),
+    "DICOM 1 million elements in a sequence": (dicom_nested_element_bomb, 422),
+    "DICOM Window Center of 4 million values": (dicom_multivalue_bomb, 422),
+}
+DICOM_RESULTS_WAYS = {"format=dicom": ({"format": "dicom"}, {}),
+                      "Accept: application/dicom": ({}, {"Accept": "application/dicom"}),
+                      "JSON": ({}, {})}
+# Each request: any one process of the server's tree grows less than this (issue 21's bound).
+PROCESS_GROWTH_MB = 300
+
+
+@pytest.mark.parametrize("way", DICOM_RESULTS_WAYS)
+@pytest.mark.parametrize("name", DICOM_BOMBS)
+def test_dicom_bomb_is_refused_in_the_isolated_decoder(server, memory, watch, name, way):
+    make, status = DICOM_BOMBS[name]
+    params, headers = DICOM_RESULTS_WAYS[way]
+    data = make()
+    if name.endswith("in a sequence") and way == "JSON":
+        status = 200  # the pixels never read that sequence: it is not parsed (the results copy it)
+    with attack(f"{name}, {way}", memory, watch, max_s=5.0, max_growth_mb=PROCESS_GROWTH_MB) as result:
+        response = httpx.post(server.url + "/v1/predict", params=params, content=data, timeout=60,
+                              headers={"Content-Type": "application/dicom", **headers})
+        result.status = str(response.status_code)
+    assert response.status_code == status, response.text[:300]
+    if status != 200:
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "SENTINEL" not in response.text
 
 
 def test_batch_of_bombs_is_answered_file_by_file(server, memory, watch):

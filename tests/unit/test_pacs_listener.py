@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from pynetdicom import AE
@@ -45,8 +46,10 @@ class RecordingSender:
 
 
 @pytest.fixture(scope="module")
-def classifier(tmp_path_factory) -> LocalClassifier:
-    return LocalClassifier(build_model(tmp_path_factory.mktemp("m") / "m.onnx"))
+def classifier(tmp_path_factory) -> Iterator[LocalClassifier]:
+    classifier = LocalClassifier(build_model(tmp_path_factory.mktemp("m") / "m.onnx"))
+    yield classifier
+    classifier.close()
 
 
 def _listener(classifier, sender, **options) -> Listener:
@@ -116,6 +119,20 @@ def test_a_full_queue_answers_out_of_resources(classifier):
         gate.set()
         listener.stop(10)
     assert statuses[:2] == [0, 0] and STATUS_OUT_OF_RESOURCES in statuses[2:]
+
+
+def test_queued_bytes_are_bounded_not_only_the_count(classifier):
+    gate = threading.Event()  # the destination hangs: the one worker holds the first slice
+    size = len(mr_slice())
+    listener = _listener(classifier, RecordingSender(gate=gate), queue_size=100, queue_bytes=int(size * 2.5))
+    try:
+        statuses = _store(listener.port, [read(mr_slice(sop_uid=f"1.2.3.6.{i}")) for i in range(4)])
+        assert listener.queued_bytes <= size * 2.5
+    finally:
+        gate.set()
+        listener.stop(10)
+    assert statuses[:2] == [0, 0] and statuses[2:] == [STATUS_OUT_OF_RESOURCES] * 2
+    assert listener.queued_bytes == 0  # released as the slices were processed
 
 
 def test_only_allowed_calling_ae_titles_may_send(classifier):
