@@ -12,7 +12,7 @@ rule measures, on the largest bright object (the head) scaled to its 99.5th perc
   and the darkest bin in the 20% inward of that peak, over the median inside: MR's dark skull makes
   that ratio small; CT has no dark band between bone and brain.
 
-Measured (README, "What the service does not check"): on brain-mri-4class it flags all 67 CT-looking
+Measured with ``scripts/measure_ct_rule.py`` (figures also in the README, under API): on brain-mri-4class it flags all 67 CT-looking
 slices found there and 2 of the 1,129 grouped-test MR slices (0.18%); 0 of 2,104 figshare slices,
 1 of 2,060 LGG FLAIR and 8 of 3,746 LGG T1 slices. Pure: an array in, a bool out.
 """

@@ -149,3 +149,21 @@ def test_a_ct_slice_as_jpeg_is_not_assessed(tmp_path):
     assert body["in_distribution"] is False and body["ood_reasons"] == ["modality"]
     assert body["tumour_detected"] is None
     assert any("looks like a CT slice" in w for w in body["warnings"])
+
+
+def test_start_log_names_the_model_file_its_variant_and_the_threads(tmp_path, caplog):
+    # What the README shows of the start: the model path asked for, the variant file served beside
+    # it (the same model, int8), and the ready line with that variant and the thread count.
+    import logging
+    import shutil
+
+    path = build_model(tmp_path / "m.onnx")
+    shutil.copy(path, tmp_path / "m-int8.onnx")  # stands in for the quantised file beside it
+    with caplog.at_level(logging.INFO), running_app(path, model_variant="auto", intra_op_threads=1):
+        pass
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith(f"loading model {path}, BTD_MODEL_VARIANT=auto") for line in lines), lines
+    assert any(line.startswith("model m.onnx: serving its int8 variant, the file ") and "m-int8.onnx" in line
+               for line in lines), lines
+    ready = [line for line in lines if line.startswith("ready: ")]
+    assert len(ready) == 1 and "(int8) on CPUExecutionProvider, 1 intra-op threads, " in ready[0], ready
