@@ -67,7 +67,9 @@ class RuntimeState:
 async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None:
     state: RuntimeState = app.state.runtime
     settings: Settings = app.state.settings
-    log.info("loading %s (/readyz answers 503 until it is loaded, checked and warmed up)", settings.model_path)
+    log.info("loading model %s, BTD_MODEL_VARIANT=%s (auto: its -int8 file on the CPU, -fp16 on a GPU, when beside "
+             "it); /readyz answers 503 until it is loaded, checked and warmed up", settings.model_path,
+             settings.model_variant)
     try:
         service = await asyncio.to_thread(InferenceService.load, settings.model_path, settings.engine_options(),
                                           settings.service_options())
@@ -81,8 +83,9 @@ async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None
     state.service = service
     metrics.READY.set(1)
     engine = service.engine
-    log.info("ready: %s %s (%s) on %s, %d host %s", engine.metadata.model_name, engine.metadata.model_version,
-             engine.variant, engine.runner.provider, service.host.workers, service.host.kind)
+    log.info("ready: %s %s (%s) on %s, %d intra-op threads, %d host %s", engine.metadata.model_name,
+             engine.metadata.model_version, engine.variant, engine.runner.provider, engine.runner.intra_op_threads,
+             service.host.workers, service.host.kind)
 
 
 def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None] | None = None,

@@ -30,9 +30,13 @@ QUEUE_DEPTH = Gauge("btd_queue_depth", "Images waiting for the model")
 # an upload still trickling in is no work for the model, and must not scale the deployment out.
 IN_FLIGHT = Gauge("btd_in_flight_requests", "Images admitted to the model: decoding, queued or inferring "
                   "(scale-out signal)")
-PREDICTIONS = Counter("btd_predictions_total", "Predictions by predicted label", ["label"])
+# The label value of an answer that makes no finding (out of distribution): never counted as a class.
+NOT_ASSESSED = "not_assessed"
+PREDICTIONS = Counter("btd_predictions_total", "Predictions by predicted label; images not assessed (out of "
+                      f"distribution) under label {NOT_ASSESSED}", ["label"])
 CONFIDENCE = Histogram(
-    "btd_prediction_confidence", "Probability of the predicted label (watch for drift)", ["label"],
+    "btd_prediction_confidence", "Probability of the predicted label (watch for drift); images not assessed "
+    f"under label {NOT_ASSESSED}", ["label"],
     buckets=CONFIDENCE_BUCKETS,
 )
 ERRORS = Counter("btd_errors_total", "Error responses by problem type", ["type"])
@@ -47,7 +51,8 @@ OPEN_CONNECTIONS = Gauge("btd_open_connections", "Open HTTP connections (BTD_MAX
 READY = Gauge("btd_ready", "1 when the model is loaded, checked and warmed up and the server is not draining")
 OUT_OF_DISTRIBUTION = Counter(
     "btd_out_of_distribution_total",
-    "Images that do not look like a brain MR slice (no finding made), by reason: model, no-head, small-image",
+    "Images that do not look like a brain MR slice (no finding made), by reason: modality, model, no-head, "
+    "small-image",
     ["reason"],
 )
 HOST_WORKER_FAILURES = Counter(
@@ -69,11 +74,13 @@ STAGES = {"decode": "decode", "preprocess": "preprocess", "queue": "queue", "inf
 
 def observe_prediction(result: Prediction) -> None:
     """Record the stage timings, label and confidence of one successful prediction, and why it was
-    out of distribution."""
+    out of distribution (then its label is ``not_assessed``: dashboards of the class mix count only
+    the images the model assessed)."""
     for stage, key in STAGES.items():
         STAGE_DURATION.labels(stage).observe(getattr(result.timings_ms, key) / 1000.0)
-    PREDICTIONS.labels(result.label).inc()
-    CONFIDENCE.labels(result.label).observe(result.confidence)
+    label = NOT_ASSESSED if result.in_distribution is False else result.label
+    PREDICTIONS.labels(label).inc()
+    CONFIDENCE.labels(label).observe(result.confidence)
     for reason in result.ood_reasons:
         OUT_OF_DISTRIBUTION.labels(reason).inc()
 

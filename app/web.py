@@ -66,6 +66,12 @@ def index_page() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=NO_CACHE)
 
 
+@router.get("/favicon.ico")
+def favicon() -> FileResponse:
+    """Browsers ask for it on every page load (and /docs pages link it): the page's SVG icon."""
+    return FileResponse(STATIC_DIR / "favicon.svg", media_type="image/svg+xml", headers=NO_CACHE)
+
+
 @router.get(STATIC_PREFIX + "/{name:path}")
 def static_file(name: str) -> FileResponse:
     return FileResponse(file_under(STATIC_DIR, name), headers=NO_CACHE)

@@ -52,6 +52,7 @@ class DecodedImage:
     warnings: list[str] = field(default_factory=list)
     # A DICOM's attributes that DICOM results copy (``dicom_read.results_header``), when asked for
     source: Any = None
+    modality: str | None = None  # a DICOM's Modality (upper case, "" when absent); None for PNG / JPEG
 
 
 def sniff(data: bytes) -> str | None:
@@ -211,9 +212,7 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, sour
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise NoPixelData("the DICOM file has no pixel data")
     warnings: list[str] = []
-    modality = str(ds.get("Modality", "") or "").upper()
-    if modality not in ("MR", ""):
-        warnings.append("the DICOM modality is not MR; the model was trained on MR slices")
+    modality = str(ds.get("Modality", "") or "").strip().upper()  # not MR: out of distribution (pipeline)
     rows, cols, frames = _int_tag(ds, "Rows"), _int_tag(ds, "Columns"), max(1, _int_tag(ds, "NumberOfFrames"))
     if rows <= 0 or cols <= 0:
         raise InvalidImage("the DICOM file has no valid image size (Rows / Columns)")
@@ -237,14 +236,14 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, sour
         warnings.append(f"multi-frame DICOM ({frames} frames): the {multiframe} frame ({frame + 1}) was used")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM, RGB after pydicom's conversion
         gray, more = _to_gray(arr[:, :, 2::-1])
-        return DecodedImage(gray, DICOM, warnings + more, header)
+        return DecodedImage(gray, DICOM, warnings + more, header, modality)
     if arr.ndim != 2:
         raise InvalidImage(f"the DICOM pixel data has an unexpected shape ({arr.ndim} dimensions)")
     values, more = _grayscale_luts(arr, ds)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "").upper()
     if photometric == "MONOCHROME1":  # low values are white: invert so high values are bright
         values = np.float32(values.max() + values.min()) - values
-    return DecodedImage(np.ascontiguousarray(values, dtype=np.float32), DICOM, warnings + more, header)
+    return DecodedImage(np.ascontiguousarray(values, dtype=np.float32), DICOM, warnings + more, header, modality)
 
 
 # The header reader for each compressed transfer syntax's frames. RLE has no size of its own: its

@@ -82,8 +82,8 @@ class Engine:
             model = ModelFile.load(file)
             runner = Runner.load(model, options.runtime)
         runner.warm_up()
-        if variant != "fp32":
-            log.info("serving the %s variant %s", variant, file)
+        if variant != "fp32":  # the same model, quantised or in half precision: say which file that is
+            log.info("model %s: serving its %s variant, the file %s", path.name, variant, file)
         return cls(model, runner, options, variant)
 
     @property

@@ -15,6 +15,7 @@ import numpy as np
 from app.contract import Framing, ModelMetadata, PreprocessSpec, frame, normalise
 from app.errors import InvalidImage
 from app.inference.decode import DEFAULT_MAX_PIXELS, MultiframePolicy, decode
+from app.inference.modality import looks_like_ct
 from app.inference.postprocess import (
     cam_grid,
     cam_images,
@@ -40,9 +41,15 @@ CAM_MODES: tuple[str, ...] = get_args(CamMode)
 MIN_SLICE_SIDE = 100
 OOD_WARNING = OOD_PHRASE + " ({why}); the probabilities are not a finding and no tumour decision is made"
 # Why an image is out of distribution -> the ``reason`` label of btd_out_of_distribution_total.
-OOD_REASONS = {"model": "the model's out-of-distribution score {score:.3g} is over its threshold {threshold:.3g}",
+OOD_REASONS = {"modality": "{not_mr}",
+               "model": "the model's out-of-distribution score {score:.3g} is over its threshold {threshold:.3g}",
                "no-head": "no head was found in it",
                "small-image": "it is {width}x{height} pixels, too small to be a whole slice"}
+
+
+# Why an image is not an MR slice (``Prepared.not_mr``) -> the words of its "modality" reason.
+NOT_MR = {"dicom": "the DICOM says it is not an MR image",
+          "ct-look": "it looks like a CT slice (a bright bone ring around grey brain), not MR"}
 
 
 def ms_since(start: float) -> float:
@@ -71,6 +78,7 @@ class Prepared:
     media_type: str
     warnings: list[str]
     view: np.ndarray | None = None  # uint8 view of the slice for the CAM images (cam=png only)
+    not_mr: str | None = None  # why it is not an MR slice (a key of NOT_MR), None when nothing says so
     timings_ms: dict[str, float] = field(default_factory=dict)
     # The DICOM attributes its DICOM results copy (``source=True``; patient data: never logged or answered)
     source: Any = None
@@ -84,7 +92,8 @@ class Prepared:
     def image_reasons(self) -> list[str]:
         """Out-of-distribution reasons read from the image alone (not the model)."""
         width, height = self.image_size
-        reasons = ["no-head"] if self.framing.head_found is False else []
+        reasons = ["modality"] if self.not_mr else []
+        reasons += ["no-head"] if self.framing.head_found is False else []
         return reasons + (["small-image"] if min(width, height) < MIN_SLICE_SIDE else [])
 
 
@@ -102,9 +111,20 @@ def prepare(data: bytes, media_type: str | None, options: PrepareOptions, view: 
     unit, framing = frame(decoded.pixels, options.spec)
     height, width = decoded.pixels.shape
     prepared = Prepared(unit, options.spec, framing, (width, height), decoded.media_type, list(decoded.warnings),
-                        gray_view(decoded.pixels) if view else None, source=decoded.source)
+                        gray_view(decoded.pixels) if view else None, not_mr_because(decoded.modality, decoded.pixels),
+                        source=decoded.source)
     prepared.timings_ms = {"decode": decode_ms, "preprocess": ms_since(start)}
     return prepared
+
+
+def not_mr_because(modality: str | None, pixels: np.ndarray) -> str | None:
+    """Why a decoded slice is not MR: its DICOM Modality says another (``"dicom"``), or, when nothing
+    says (PNG, JPEG, a DICOM without Modality), it has CT's look (``"ct-look"``); else None."""
+    if modality == "MR":
+        return None
+    if modality:
+        return "dicom"
+    return "ct-look" if looks_like_ct(pixels) else None
 
 
 def cam_box(prepared: Prepared) -> CamBox:
@@ -147,7 +167,8 @@ class ResultBuilder:
         width, height = prepared.image_size
         threshold = self.metadata.ood.threshold if self.metadata.ood is not None else float("nan")
         why = "; ".join(OOD_REASONS[r].format(score=ood_score if ood_score is not None else float("nan"),
-                                              threshold=threshold, width=width, height=height) for r in reasons)
+                                              threshold=threshold, width=width, height=height,
+                                              not_mr=NOT_MR.get(prepared.not_mr or "", "")) for r in reasons)
         return OOD_WARNING.format(why=why)
 
     def build(self, prepared: Prepared, output: ModelOutput, cam: str, *, started: float,

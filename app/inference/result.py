@@ -60,7 +60,7 @@ class CamGrid:
 
 
 Cam = Annotated[CamPng | CamGrid, Field(discriminator="format")]
-OodReason = Literal["model", "no-head", "small-image"]
+OodReason = Literal["modality", "model", "no-head", "small-image"]
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,9 @@ class Prediction:
     timings_ms: Timings
     warnings: list[str]
     in_distribution: Annotated[bool | None, Field(
-        description="false when the image does not look like a brain MR slice the model knows (the model's "
-                    "out-of-distribution score is over its threshold, no head was found, or the image is too "
-                    "small to be a whole slice); null when the model cannot say and no image rule fired")] = None
+        description="false when the image does not look like a brain MR slice the model knows (it is not "
+                    "MR, the model's out-of-distribution score is over its threshold, no head was found, or the "
+                    "image is too small to be a whole slice); null when the model cannot say and no image rule fired")] = None
     ood_score: Annotated[float | None, Field(
         description="the model's out-of-distribution score (larger: less like its training data); null when "
                     "the model has no such output")] = None
@@ -97,8 +97,10 @@ class Prediction:
         description="the model's out-of-distribution threshold (calibrated on its validation split): a score "
                     "over it is out of distribution; null when the model has no such output")] = None
     ood_reasons: Annotated[list[OodReason], Field(
-        description="why the image is out of distribution: model (its score is over the model's threshold), "
-                    "no-head (no head found), small-image (short side under 100 pixels); empty otherwise")] = field(default_factory=list)
+        description="why the image is out of distribution: modality (a DICOM whose Modality is not MR, or a "
+                    "PNG / JPEG / DICOM without Modality that looks like a CT slice), model (its score is over "
+                    "the model's threshold), no-head (no head found), small-image (short side under 100 "
+                    "pixels); empty otherwise")] = field(default_factory=list)
 
     @property
     def confidence(self) -> float:

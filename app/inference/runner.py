@@ -251,8 +251,8 @@ class Runner:
                 "initialise); FALLING BACK TO CPU (%s): inference will be much slower.",
                 ", ".join(wanted_gpu), runner.provider,
             )
-        log.info("model %s %s loaded with providers %s (intra-op threads %d); buckets %s with %s", model.metadata.model_name,
-                 model.metadata.model_version, ", ".join(runner.providers), options.intra_op_threads or available_cpus(),
+        log.info("%s (%s %s) loaded with providers %s (intra-op threads %d); buckets %s with %s", Path(model.path).name,
+                 model.metadata.model_name, model.metadata.model_version, ", ".join(runner.providers), options.intra_op_threads or available_cpus(),
                  ",".join(map(str, options.buckets)),
                  "a session each" if len({id(s) for s in sessions.values()}) > 1 else "one session")
         return runner
@@ -260,6 +260,11 @@ class Runner:
     @property
     def providers(self) -> list[str]:
         return list(next(iter(self.sessions.values())).get_providers())
+
+    @property
+    def intra_op_threads(self) -> int:
+        """The ONNX Runtime intra-op thread count the sessions run with."""
+        return int(next(iter(self.sessions.values())).get_session_options().intra_op_num_threads)
 
     @property
     def provider(self) -> str:

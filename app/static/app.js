@@ -156,19 +156,36 @@ function renderProbabilities(probabilities, topLabel) {
   }
 }
 
-// The service says an image is out of distribution (not a brain MR slice as the model knows them):
-// its warning is shown instead of a finding.
+// The service says an image is out of distribution (not a brain MR slice as the model knows them): it
+// is not assessed. The page then names no class and shows no class activation map; it says why in
+// plain words (from ood_reasons), and keeps the service's technical warning in a collapsed section.
 const OOD_PHRASE = "the image does not look like a brain MR slice";
+const OOD_REASON_TEXT = {
+  modality: "It is not an MR image (it looks like a CT scan, or its DICOM header names another kind of scan).",
+  model: "It does not look like the brain MR slices this model was trained on.",
+  "no-head": "No head could be found in it.",
+  "small-image": "It is too small to be a whole MR slice.",
+};
 
-function oodWarning(result) {
-  if (result.in_distribution !== false) return null;
-  const text = (result.warnings || []).find((w) => w.startsWith(OOD_PHRASE)) || OOD_PHRASE;
-  return text.charAt(0).toUpperCase() + text.slice(1) + ".";
+function notAssessed(result) {
+  return result.in_distribution === false;
+}
+
+function plainReason(result) {
+  const reasons = (result.ood_reasons || []).map((r) => OOD_REASON_TEXT[r]).filter(Boolean);
+  return (
+    "Not assessed: this tool reads brain MR slices only, and this image does not look like one. " +
+    (reasons.length ? reasons.join(" ") + " " : "") +
+    "No finding is made; check the image and the study it came from."
+  );
+}
+
+function technicalWarning(result) {
+  return (result.warnings || []).find((w) => w.startsWith(OOD_PHRASE)) || null;
 }
 
 function decisionText(result) {
-  const ood = oodWarning(result);
-  if (ood) return ood;
+  if (notAssessed(result)) return plainReason(result);
   if (result.tumour_detected === null || result.tumour_detected === undefined) {
     return "This model has no 'no tumour' class, so it makes no tumour / no tumour decision.";
   }
@@ -179,7 +196,8 @@ function decisionText(result) {
     : `No tumour suspected: tumour probability ${p} (decision threshold ${t}).`;
 }
 
-function renderCam(cam) {
+// ``showMap`` false (not assessed): the slice alone, no heatmap and no caption naming a class.
+function renderCam(cam, showMap) {
   const figure = $("cam-figure");
   if (!cam || cam.format !== "png") {
     figure.hidden = true;
@@ -188,15 +206,20 @@ function renderCam(cam) {
   $("cam-image").src = `data:image/png;base64,${cam.image_png}`;
   $("cam-image").width = cam.width;
   $("cam-image").height = cam.height;
-  $("cam-heatmap").src = `data:image/png;base64,${cam.heatmap_png}`;
-  $("cam-label").textContent = displayName(cam.label);
+  if (showMap) $("cam-heatmap").src = `data:image/png;base64,${cam.heatmap_png}`;
+  else $("cam-heatmap").removeAttribute("src");
+  $("cam-label").textContent = showMap ? displayName(cam.label) : "";
+  $("cam-caption-map").hidden = !showMap;
+  $("cam-caption-ood").hidden = showMap;
+  $("cam-controls").hidden = !showMap;
+  figure.dataset.map = String(showMap);
   figure.hidden = false;
   applyCamControls();
 }
 
 function applyCamControls() {
   const opacity = Number($("cam-opacity").value) / 100;
-  const visible = $("cam-toggle").checked;
+  const visible = $("cam-toggle").checked && $("cam-figure").dataset.map !== "false";
   $("cam-heatmap").style.opacity = visible ? String(opacity) : "0";
   $("cam-heatmap").hidden = !visible;
   $("cam-opacity").disabled = !visible;
@@ -214,30 +237,37 @@ function renderTimings(timings, roundTripMs) {
 }
 
 function renderResult(fileName, result, roundTripMs) {
-  const ood = oodWarning(result);
+  const ood = notAssessed(result);
   $("result-file").textContent = fileName;
+  $("result-label-name").textContent = ood ? "Result" : "Most likely class";
   $("result-label").textContent = ood ? "Not assessed" : displayName(result.label);
   const decision = $("result-decision");
   decision.textContent = decisionText(result);
   decision.classList.toggle("positive", !ood && result.tumour_detected === true);
-  decision.classList.toggle("ood", Boolean(ood));
+  decision.classList.toggle("ood", ood);
   decision.setAttribute("role", ood ? "alert" : "status");
-  $("probabilities-heading").textContent = ood ? "Class probabilities (not a finding)" : "Class probabilities";
-  renderProbabilities(result.probabilities, result.label);
+  // Not assessed: no class is named anywhere on the page (no bars), the service's words go below.
+  $("class-scores").hidden = ood;
+  if (ood) $("probabilities").replaceChildren();
+  else renderProbabilities(result.probabilities, result.label);
+  const technical = ood ? technicalWarning(result) : null;
+  $("ood-technical").textContent = technical ? technical.charAt(0).toUpperCase() + technical.slice(1) + "." : "";
+  $("ood-details").hidden = !technical;
+  $("ood-details").open = false;
   const warnings = $("warnings");
   warnings.replaceChildren(
     ...(result.warnings || [])
-      .filter((w) => !w.startsWith(OOD_PHRASE)) // shown above, instead of the finding
+      .filter((w) => !w.startsWith(OOD_PHRASE)) // the not-assessed reason is shown above
       .map((w) => Object.assign(document.createElement("li"), { textContent: w })),
   );
   warnings.hidden = warnings.children.length === 0;
   renderTimings(result.timings_ms, roundTripMs);
   $("result-model").textContent = `${modelLine(result.model)} (sha256 ${String(result.model.sha256 || "").slice(0, 12)}…)`;
   $("result-request-id").textContent = result.request_id || "";
-  renderCam(result.cam);
+  renderCam(result.cam, !ood);
   $("result").hidden = false;
   $("status").textContent = ood
-    ? `Result for ${fileName}: not assessed. ${ood}`
+    ? `Result for ${fileName}: ${plainReason(result)}`
     : `Result for ${fileName}: ${displayName(result.label)}, ${percent(result.probabilities[result.label])}. ` +
       decisionText(result);
   setState("done");

@@ -88,13 +88,14 @@ def test_predict_cam_grid_returns_normalised_grid(client):
     assert grid.min() >= 0 and grid.max() <= 1
 
 
-def test_predict_dicom_multiframe_and_non_mr_warn(client):
+def test_predict_dicom_multiframe_warns_and_non_mr_is_not_assessed(client):
     body = assert_prediction(client.post("/v1/predict", content=dicom_testfile("emri_small.dcm"),
                                          headers={"Content-Type": "application/dicom"}))
     assert any("multi-frame" in w for w in body["warnings"])
     body = assert_prediction(client.post("/v1/predict", content=dicom_testfile("CT_small.dcm"),
                                          headers={"Content-Type": "application/dicom"}))
-    assert any("not MR" in w for w in body["warnings"])
+    assert body["in_distribution"] is False and "modality" in body["ood_reasons"]
+    assert body["tumour_detected"] is None and any("not an MR image" in w for w in body["warnings"])
 
 
 def test_predict_multiframe_policy_is_configurable(model_path):

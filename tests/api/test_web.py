@@ -51,3 +51,11 @@ def test_docs_page_loads_swagger_ui_from_this_server(client: TestClient) -> None
 def test_web_routes_stay_out_of_the_api_schema(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert not [p for p in paths if p == "/" or p.startswith(("/docs", "/static"))]
+
+
+def test_favicon_is_served_so_a_page_load_logs_no_404(client: TestClient) -> None:
+    for path in ("/favicon.ico", "/static/favicon.svg"):
+        response = client.get(path)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("image/svg+xml")
+        assert response.content.startswith(b"<svg")
+    assert 'rel="icon"' in client.get("/").text

@@ -150,17 +150,29 @@ def test_heatmap_opacity_and_toggle_work_from_the_keyboard(browser_run: dict) ->
 def test_page_shows_a_dropped_dicom_through_the_servers_rendering(browser_run: dict) -> None:
     dicom = browser_run["report"]["dicom"]
     assert browser_run["report"]["dicomState"] == "done", browser_run["report"].get("dicomError")
-    assert dicom["label"] and dicom["heatmap"]["loaded"]
+    assert dicom["label"] and dicom["camVisible"] and dicom["image"]["loaded"]
     assert (dicom["image"]["width"], dicom["image"]["height"]) == (64, 64)  # MR_small.dcm
 
 
-def test_page_shows_the_out_of_distribution_warning_instead_of_a_finding(browser_run: dict) -> None:
+DISPLAY_NAMES = ("Glioma", "Meningioma", "No tumour", "Pituitary tumour")
+
+
+def test_page_shows_not_assessed_without_a_class_a_map_or_jargon(browser_run: dict) -> None:
     # MR_small.dcm is 64x64: too small to be a whole slice, so the service makes no finding for it
     seen, api = browser_run["report"]["dicom"], browser_run["dicom"]
     assert api["in_distribution"] is False and api["tumour_detected"] is None
     assert seen["label"] == "Not assessed"
-    assert "does not look like a brain MR slice" in seen["decision"] and "not a finding" in seen["decision"]
+    assert "Not assessed" in seen["decision"] and "too small to be a whole MR slice" in seen["decision"]
     assert "Tumour suspected" not in seen["decision"] and "No tumour suspected" not in seen["decision"]
+    # No class named anywhere a reader looks: no bars, no heatmap, no caption naming a class.
+    assert not seen["barsVisible"] and not seen["heatmap"]["loaded"] and not seen["heatmap"]["shown"]
+    assert "class activation map for" not in seen["camCaption"] and "not assessed" in seen["camCaption"]
+    visible = seen["page"]
+    assert not any(name in visible for name in DISPLAY_NAMES), visible
+    assert "threshold" not in seen["decision"] and "score" not in seen["decision"]
+    # The service's own (technical) warning stays available, collapsed.
+    assert seen["details"]["visible"] and not seen["details"]["open"]
+    assert "does not look like a brain MR slice" in seen["details"]["text"]
 
 
 def test_page_explains_a_broken_file_in_words(browser_run: dict) -> None:

@@ -73,6 +73,10 @@ async function readResult(page) {
       model: $("result-model").textContent,
       modelHeader: $("model-info").textContent,
       camVisible: !$("cam-figure").hidden,
+      camCaption: $("cam-caption").innerText,
+      page: document.querySelector("#result").innerText,
+      barsVisible: !$("class-scores").hidden && $("probabilities").children.length > 0,
+      details: { visible: !$("ood-details").hidden, open: $("ood-details").open, text: $("ood-technical").textContent },
       image: { loaded: image.complete && image.naturalWidth > 0, width: image.naturalWidth, height: image.naturalHeight },
       heatmap: {
         loaded: heatmap.complete && heatmap.naturalWidth > 0,
