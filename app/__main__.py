@@ -15,12 +15,12 @@ import textwrap
 
 import uvicorn
 
-from app import metrics
-from app.api_keys import KeyFileError
-from app.http_server import server_config
-from app.main import create_app
-from app.malloc import return_freed_memory
+from app.engine import metrics
+from app.engine.malloc import return_freed_memory
 from app.settings import InvalidSettings, load_settings
+from app.transports.http.api_keys import KeyFileError
+from app.transports.http.main import create_app
+from app.transports.http.server import server_config
 
 log = logging.getLogger("app")
 
@@ -65,7 +65,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def main() -> int:
-    return_freed_memory()  # before any image is decoded: memory goes back after a burst (app/malloc.py)
+    return_freed_memory()  # before any image is decoded: memory goes back after a burst (app/engine/malloc.py)
     try:
         settings = load_settings()
     except InvalidSettings as exc:

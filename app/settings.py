@@ -17,11 +17,11 @@ from typing import Literal
 from pydantic import Field, SecretBytes, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.inference.budget import worst_cost
-from app.inference.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
-from app.inference.engine import EngineOptions, ModelVariant
-from app.inference.runner import RuntimeOptions, default_buckets
-from app.inference.service import ServiceOptions
+from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
+from app.engine.budget import worst_cost
+from app.engine.engine import EngineOptions, ModelVariant
+from app.engine.runner import RuntimeOptions, default_buckets
+from app.engine.service import ServiceOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "btd-resnet50.onnx"
@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         20.0, ge=0, description="on SIGTERM: longest wait for in-flight requests before exiting"
     )
-    # HTTP limits, enforced by the server (app/http_server.py) and the request middleware.
+    # HTTP limits, enforced by the server (app/transports/http/server.py) and the request middleware.
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024,
                                   description="largest request line plus headers, in bytes (431 beyond)")
     max_headers: int = Field(100, ge=8, le=10_000, description="most header fields in one request (431 beyond)")
@@ -104,7 +104,7 @@ class Settings(BaseSettings):
                                  "POST from a browser, with CORS; other cross-site POSTs: 403")
     # Authentication, rate limits and audit.
     api_keys_file: Path | None = Field(None, description="file of API keys (name:sha256[:scopes] per line, "
-                                       "python -m app.api_keys); set, or BTD_API_KEYS: keys required on /v1/*")
+                                       "python -m app.transports.http.api_keys); set, or BTD_API_KEYS: keys required on /v1/*")
     api_keys: SecretStr | None = Field(None, description="the same lines as BTD_API_KEYS_FILE, e.g. from a "
                                        "Kubernetes Secret")
     auth_metrics: bool = Field(False, description="with API keys: /metrics needs a key with the metrics scope too")

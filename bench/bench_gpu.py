@@ -88,9 +88,9 @@ def sample_image() -> tuple[bytes, str]:
 
 def ort_alone(model_path: Path, providers: list[str] | None, batch: int, seconds: float) -> dict:
     """images/s and per-call latency of session.run at a constant batch (numpy in/out, logits only)."""
-    from app.contract import INPUT_NAME, LOGITS_NAME
-    from app.inference.model import ModelFile
-    from app.inference.runner import RuntimeOptions, open_session
+    from app.core.contract import INPUT_NAME, LOGITS_NAME
+    from app.core.model import ModelFile
+    from app.engine.runner import RuntimeOptions, open_session
 
     model = ModelFile.load(model_path)
     spec = model.metadata.preprocess
@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import onnxruntime as ort
 
-    from app.inference.engine import choose_model_file
-    from app.inference.runner import GPU_PROVIDERS, available_cpus, choose_providers
+    from app.engine.engine import choose_model_file
+    from app.engine.runner import GPU_PROVIDERS, available_cpus, choose_providers
 
     available = ort.get_available_providers()
     if args.providers:

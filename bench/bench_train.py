@@ -29,10 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
-from model_export.resnet import ResNet50, apply_freeze, set_train_mode  # noqa: E402
+from model_export.resnet import ResNet50, apply_freeze, set_train_mode
 
 
 def step_fn(model: ResNet50, freeze: str, inputs: torch.Tensor, from_layer3: bool, bf16: bool = False):

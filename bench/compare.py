@@ -33,8 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.contract import INPUT_NAME, LOGITS_NAME, preprocess
-from app.inference.decode import decode
+from app.core.contract import INPUT_NAME, LOGITS_NAME, preprocess
+from app.core.decode import decode
 from model_export.data import Sample, read_gray, read_split_file, shared_data_dir
 
 log = logging.getLogger("compare")
@@ -52,14 +52,14 @@ class Classifier:
 
 def _session(path: Path, threads: int):
     """A CPU session with the service's thread policy (several share the cores: idle threads sleep)."""
-    from app.inference.runner import RuntimeOptions, open_session
+    from app.engine.runner import RuntimeOptions, open_session
 
     return open_session(path, RuntimeOptions(providers=("CPUExecutionProvider",), intra_op_threads=threads))
 
 
 def ours(name: str, model_path: Path, threads: int) -> Classifier:
     """Our exported model as the service runs it: the service's loader, decode -> contract preprocess -> logits."""
-    from app.inference.model import ModelFile
+    from app.core.model import ModelFile
 
     meta = ModelFile.load(model_path).metadata
     session = _session(model_path, threads)

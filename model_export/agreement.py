@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from app.contract import scale_intensity
+from app.core.contract import scale_intensity
 from model_export.data import read_gray, shared_data_dir
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,8 @@ def find_pairs(data_dir: Path, split: str = "test") -> tuple[list[Pair], int]:
 def agreement(model_path: Path, pairs: Sequence[Pair]) -> dict:
     """Label and tumour-decision agreement between originals and copies, and each side's accuracy,
     through the service's own engine (decode, preprocess, model, calibration, decision)."""
-    from app.inference.engine import EngineOptions
-    from app.inference.predictor import Predictor
+    from app.engine.engine import EngineOptions
+    from app.engine.predictor import Predictor
 
     predictor = Predictor.load(model_path, EngineOptions(variant="fp32"))  # exactly this file
 

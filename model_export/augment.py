@@ -1,4 +1,4 @@
-"""Training augmentations on the decoded float gray slice, applied before ``app.contract.preprocess``.
+"""Training augmentations on the decoded float gray slice, applied before ``app.core.contract.preprocess``.
 
 Each step is named for what it does. They change what differs between scanners, sites and
 exports of the same slice, so that "which collection does this look like" stops paying:
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from app.contract import scale_intensity
+from app.core.contract import scale_intensity
 
 _INTERPOLATIONS = (cv2.INTER_AREA, cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_NEAREST)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from app.contract import scale_intensity
+from app.core.contract import scale_intensity
 
 FEATURE_SIZE = 128  # side of the square the slice is resized to before feature extraction
 LBP_GRID = 4  # LBP histograms over a LBP_GRID x LBP_GRID grid of cells (coarse spatial layout)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from app.contract import PreprocessSpec
+from app.core.contract import PreprocessSpec
 from model_export.resnet import ResNet50
 
 FORMAT = "btd-resnet50/1"

@@ -1,7 +1,9 @@
-"""``btd``: one command for the offline pipeline (train, evaluate, export, quantize) and ``predict``.
+"""The training commands of ``btd`` (train, evaluate, average, fit-ood, export, quantize).
 
-This module imports neither torch nor FastAPI: each subcommand imports its implementation when
-it runs, so ``btd --help`` and ``btd predict`` work on a service-only install.
+``btd`` itself (app.transports.cli.btd) registers them with :func:`add_training_parsers`; this
+module imports neither torch nor FastAPI: each command imports its implementation when it runs, so
+``btd --help`` works on a service-only install. ``python -m model_export`` (and ``torchrun -m
+model_export.cli``) runs the training commands alone.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", type=Path, help="continue from a last.pt checkpoint")
     p.add_argument("--init-from", type=Path, help="start from a checkpoint's weights with a fresh optimizer and "
                    "schedule (second stage of fine-tuning, e.g. --freeze none after a --freeze layer3 run)")
-    p.set_defaults(run=_run_train)
+    p.set_defaults(run_training=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -124,7 +126,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--providers", default="CPUExecutionProvider",
                    help="ONNX Runtime execution providers for .onnx models, comma list (e.g. "
                         "CUDAExecutionProvider,CPUExecutionProvider to measure an fp16 model on a GPU)")
-    p.set_defaults(run=_run_evaluate)
+    p.set_defaults(run_training=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -161,7 +163,7 @@ def _export_parser(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="recommended tumour decision threshold")
     p.add_argument("--temperature", type=float, help="override the calibration temperature")
     p.add_argument("--opset", type=int, default=17)
-    p.set_defaults(run=_run_export)
+    p.set_defaults(run_training=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -195,7 +197,7 @@ def _fit_ood_parser(sub) -> None:
     p.add_argument("--features", type=Path, default=None,
                    help="npz cache of this checkpoint's pooled features: read when it exists (refused when it "
                         "belongs to another checkpoint or split), written otherwise; refits then take seconds")
-    p.set_defaults(run=_run_fit_ood)
+    p.set_defaults(run_training=_run_fit_ood)
 
 
 def _run_fit_ood(args: argparse.Namespace) -> int:
@@ -220,7 +222,7 @@ def _average_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="the averaged checkpoint (.pt)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
-    p.set_defaults(run=_run_average)
+    p.set_defaults(run_training=_run_average)
 
 
 def _run_average(args: argparse.Namespace) -> int:
@@ -242,7 +244,7 @@ def _quantize_parser(sub) -> None:
     _add_data_args(p, split_default="train")
     p.add_argument("--out", type=Path, help="output (default: <model>-int8.onnx)")
     p.add_argument("--calibration-images", type=int, default=128)
-    p.set_defaults(run=_run_quantize)
+    p.set_defaults(run_training=_run_quantize)
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
@@ -257,58 +259,47 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_predict(sub) -> None:
-    """``btd predict`` lives in app.client (service side, no torch); registered when present."""
-    try:
-        from app.client import add_predict_parser
-    except ImportError:
-        return
-    add_predict_parser(sub)
+
+TRAINING_COMMANDS: Sequence[Callable] = (_train_parser, _evaluate_parser, _average_parser, _fit_ood_parser,
+                                         _export_parser, _quantize_parser)
 
 
-def _register_pacs(sub) -> None:
-    """``btd dicom-listen`` and ``btd dicomweb`` live in app.pacs (service side, no torch)."""
-    try:
-        from app.pacs.cli import add_pacs_parsers
-    except ImportError:
-        return
-    add_pacs_parsers(sub)
+def add_training_parsers(sub) -> None:
+    """Register the training commands on an argparse subparsers object; each sets ``run_training``."""
+    for build in TRAINING_COMMANDS:
+        build(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="btd", description="Brain-MRI tumour classification: train, "
-                                     "evaluate, export and quantize a ResNet-50, and run predictions.")
+                                     "evaluate, export and quantize a ResNet-50.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    builders: Sequence[Callable] = (_train_parser, _evaluate_parser, _average_parser, _fit_ood_parser,
-                                    _export_parser, _quantize_parser, _register_predict, _register_pacs)
-    for build in builders:
-        build(sub)
+    add_training_parsers(sub)
     return parser
 
 
-# The pipeline's loggers say what it does at INFO; everything else (httpx logs every request at
-# INFO, the service's own modules log for a server's operators) speaks only at WARNING unless -v.
+# The pipeline's loggers say what it does at INFO (on the first rank of a torchrun job); everything
+# else speaks only at WARNING unless -v.
 OWN_LOGGERS = ("btd", "model_export")
 
 
+def own_log_level(verbose: bool) -> int:
+    return logging.DEBUG if verbose else (logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+
+
 def setup_logging(verbose: bool) -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    own_level = logging.DEBUG if verbose else (logging.INFO if rank == 0 else logging.WARNING)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
     for name in OWN_LOGGERS:
-        logging.getLogger(name).setLevel(own_level)
+        logging.getLogger(name).setLevel(own_log_level(verbose))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    if not hasattr(args, "run"):  # a registered subcommand that set its own handler name
-        return int(args.func(args) or 0) if hasattr(args, "func") else 2
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed training command, its expected failures as a message and an exit code."""
     try:
-        return int(args.run(args) or 0)
+        return int(args.run_training(args) or 0)
     except ModuleNotFoundError as exc:  # e.g. torch on the service-only install of scripts/serve.sh
         log.error("btd %s needs the Python module %s, which comes with the train extra: "
                   ".venv/bin/python -m pip install -e '.[cpu,train]'", args.command, exc.name)
@@ -325,6 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s", exc)
             return 3
         raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    return run(args)
 
 
 if __name__ == "__main__":

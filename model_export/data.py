@@ -1,6 +1,6 @@
 """Which images exist, their labels, and their split: ImageFolder trees and split files.
 
-Torch-free. Images are read through ``app.inference.decode.decode_path``, the service's own
+Torch-free. Images are read through ``app.core.decode.decode_path``, the service's own
 decoder, so training sees pixels exactly as production does (DICOM LUTs, RGB -> gray).
 """
 
@@ -12,12 +12,10 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from app.inference.decode import decode_path
+from model_export.dedup import grouped_split
+from model_export.samples import Sample, read_gray  # noqa: F401  (read_gray: part of this module's API)
 
 log = logging.getLogger(__name__)
 
@@ -25,24 +23,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")
 SPLITS = ("train", "val", "test")
 
 
-@dataclass(frozen=True)
-class Sample:
-    path: Path
-    label: str
-    split: str = ""
-    group: str = ""
-
-
 def shared_data_dir() -> Path:
     """``$BTD_DATA_DIR``, else ``../shared/data`` beside the repository root."""
     if os.environ.get("BTD_DATA_DIR"):
         return Path(os.environ["BTD_DATA_DIR"])
     return Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def read_gray(path: Path) -> np.ndarray:
-    """The float32 2-D slice the service would decode from this file."""
-    return decode_path(path).pixels
 
 
 def scan_image_folder(root: Path) -> list[Sample]:
@@ -165,8 +150,6 @@ def load_samples(
         if unknown:
             log.warning("split file has splits %s besides %s", sorted(unknown), SPLITS)
         return samples
-    from model_export.dedup import grouped_split
-
     samples = scan_image_folder(data)
     log.info("no split file: grouping %d images by near-duplicates", len(samples))
     return grouped_split(samples, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from app.contract import PreprocessSpec, preprocess
+from app.core.contract import PreprocessSpec, preprocess
 from model_export.augment import Augment
 from model_export.data import Sample, read_gray
 

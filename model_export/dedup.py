@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from app.contract import scale_intensity
-from model_export.data import Sample, read_gray
+from app.core.contract import scale_intensity
+from model_export.samples import Sample, read_gray
 
 log = logging.getLogger(__name__)
 

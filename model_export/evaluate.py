@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from app.contract import INPUT_NAME, LOGITS_NAME, PreprocessSpec, preprocess
+from app.core.contract import INPUT_NAME, LOGITS_NAME, PreprocessSpec, preprocess
 from model_export import metrics
 from model_export.data import Sample, limit_per_class, load_samples, read_gray, select
 
@@ -72,8 +72,8 @@ class OnnxModel(Model):
     """The file as the service loads it (``ModelFile``), run by ONNX Runtime on ``providers``."""
 
     def __init__(self, path: Path, threads: int = 0, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
-        from app.inference.model import ModelFile
-        from app.inference.runner import RuntimeOptions, open_session
+        from app.core.model import ModelFile
+        from app.engine.runner import RuntimeOptions, open_session
 
         model = ModelFile.load(path)
         meta = model.metadata

@@ -25,8 +25,15 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from app.contract import (FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OOD_NAME, ModelMetadata, OodSpec,
-                          PreprocessSpec)
+from app.core.contract import (
+    FEATURES_NAME,
+    INPUT_NAME,
+    LOGITS_NAME,
+    OOD_NAME,
+    ModelMetadata,
+    OodSpec,
+    PreprocessSpec,
+)
 from model_export.checkpoint import model_from_checkpoint, read_checkpoint
 from model_export.ood import OodFit
 from model_export.resnet import Bottleneck, ResNet50
@@ -179,7 +186,7 @@ def store_weights_as_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def parity_inputs(size: int, batch: int, seed: int) -> np.ndarray:
     """Inputs unlike the trace input: preprocessed synthetic slices (bright blobs on dark)."""
-    from app.contract import preprocess
+    from app.core.contract import preprocess
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -293,7 +300,7 @@ def float16_variant(source: Path, out: Path | None = None) -> Path:
     (ONNX Runtime's CPU provider computes float16 graphs in float32, so a CPU run shows no change)."""
     from onnxconverter_common import float16
 
-    from app.inference.model import ModelFile, read_proto, variant_path
+    from app.core.model import ModelFile, read_proto, variant_path
     from model_export.quantize import head_node_names, weights_to_fp32
 
     out = Path(out) if out is not None else variant_path(source, "fp16")

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from app.contract import PreprocessSpec
+from app.core.contract import PreprocessSpec
 from model_export import ood
 from model_export.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from model_export.data import Sample, limit_per_class, load_samples, select

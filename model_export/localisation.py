@@ -6,7 +6,7 @@ box (pointing game) and the mean share of CAM energy inside the box. Beside them
 figures for a centre-of-image prior (a Gaussian bump in the middle: what "looking at the middle of
 the head" scores) and the box area share (what a flat map scores on energy).
 
-The CAM is the service's own (``app.inference``), computed from the exported ONNX file and placed on
+The CAM is the service's own (``app.engine``), computed from the exported ONNX file and placed on
 the image through the preprocessing's framing, as the service places it.
 
     python -m model_export.localisation --model models/btd-resnet50.onnx [--json out.json]
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.contract import Framing, preprocess_framed
-from app.inference.postprocess import class_activation_map, place_cam, view_size
+from app.core.contract import Framing, preprocess_framed
+from app.core.postprocess import class_activation_map, place_cam, view_size
 from model_export.data import Sample, read_gray
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,8 @@ def figshare_test_rows(data_dir: Path) -> list[tuple[Sample, Box]]:
 
 def evaluate(model_path: Path, rows: Sequence[tuple[Sample, Box]], batch_size: int = 16) -> dict:
     """CAM of the predicted and of the true class vs the tumour box, beside the centre prior."""
-    from app.inference.engine import Engine, EngineOptions
-    from app.inference.runner import RuntimeOptions, default_buckets
+    from app.engine.engine import Engine, EngineOptions
+    from app.engine.runner import RuntimeOptions, default_buckets
 
     engine = Engine.load(model_path, EngineOptions(runtime=RuntimeOptions(buckets=default_buckets(batch_size)),
                                                    variant="fp32"))

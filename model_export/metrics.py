@@ -13,8 +13,8 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from app.contract import NO_TUMOUR_LABEL
-from app.inference.postprocess import softmax  # the service's softmax: one definition of the probabilities
+from app.core.contract import NO_TUMOUR_LABEL
+from app.core.postprocess import softmax  # the service's softmax: one definition of the probabilities
 
 __all__ = ["softmax"]
 

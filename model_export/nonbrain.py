@@ -28,8 +28,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from app.errors import ServiceError
-from app.inference.decode import DICOM, PNG, decode
+from app.core.decode import DICOM, PNG, decode
+from app.core.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

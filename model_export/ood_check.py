@@ -54,8 +54,8 @@ def _brain_paths(data_dir: Path, folder: str, index: str, path_column: str, spli
 
 
 def check(model_path: Path, data_dir: Path | None, brain_sets: Iterable[tuple[str, str, str, str, str]] = BRAIN_SETS) -> dict:
-    from app.inference.engine import EngineOptions
-    from app.inference.predictor import Predictor
+    from app.engine.engine import EngineOptions
+    from app.engine.predictor import Predictor
 
     predictor = Predictor.load(model_path, EngineOptions(variant="fp32"))  # exactly this file
     identity = predictor.model_identity

@@ -162,7 +162,7 @@ def _keras_to_torch_names() -> dict[str, str]:
 def convert(keras: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Keras weights -> ``ResNet50(1000, stride_in_1x1=True)`` state dict (numpy arrays),
     taking RGB input normalised with the ImageNet mean/std (``PreprocessSpec`` defaults)."""
-    from app.contract import PreprocessSpec
+    from app.core.contract import PreprocessSpec
 
     spec = PreprocessSpec()
     names = _keras_to_torch_names()

@@ -15,17 +15,25 @@ import json
 import logging
 import random
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from app.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, META_METRICS, OOD_NAME, ModelMetadata, preprocess
-from app.inference.model import ModelFile, metadata_of, read_proto
+from app.core.contract import (
+    FEATURES_NAME,
+    INPUT_NAME,
+    LOGITS_NAME,
+    META_METRICS,
+    OOD_NAME,
+    ModelMetadata,
+    preprocess,
+)
+from app.core.model import ModelFile, metadata_of, read_proto
 from model_export.data import Sample, limit_per_class, load_samples, read_gray, select
 
 log = logging.getLogger(__name__)

@@ -25,12 +25,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from app.contract import PreprocessSpec
+from app.core.contract import PreprocessSpec
 from model_export import metrics
 from model_export.augment import Augment
 from model_export.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
-from model_export.data import (Sample, labels_of, limit_per_class, load_samples, select, summarise,
-                                write_split_file)
+from model_export.data import (
+    Sample,
+    labels_of,
+    limit_per_class,
+    load_samples,
+    select,
+    summarise,
+    write_split_file,
+)
 from model_export.datasets import CachedFeatureDataset, SliceDataset
 from model_export.features import build_feature_cache
 from model_export.resnet import ResNet50, apply_freeze, load_backbone, set_train_mode

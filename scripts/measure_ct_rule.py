@@ -1,4 +1,4 @@
-"""Measure the CT-look rule (``app.inference.modality.looks_like_ct``) on the shared data, through
+"""Measure the CT-look rule (``app.core.modality.looks_like_ct``) on the shared data, through
 the service's own decoder:
 
     .venv/bin/python -m scripts.measure_ct_rule [--data ../shared/data]
@@ -16,8 +16,8 @@ import csv
 from collections import Counter
 from pathlib import Path
 
-from app.inference.decode import decode, media_type_for_path
-from app.inference.modality import looks_like_ct
+from app.core.decode import decode, media_type_for_path
+from app.core.modality import looks_like_ct
 
 REPO = Path(__file__).resolve().parents[1]
 CT_LIST = Path(__file__).resolve().parent / "ct_looking.txt"

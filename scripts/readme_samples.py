@@ -88,7 +88,7 @@ def post(model_path: Path, url: str, body: bytes, headers: dict[str, str]):
         warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
         from fastapi.testclient import TestClient
 
-    from app.main import create_app
+    from app.transports.http.main import create_app
 
     # As the README's curl sends it (Host 127.0.0.1:8000); not a served prediction, so no audit line.
     app = create_app(default_settings(model_path).model_copy(update={"audit_log": "off"}), background_load=False)
@@ -115,7 +115,7 @@ def btd_predict_table(model_path: Path, inputs: dict[str, Path]) -> str:
     """``btd predict /tmp/slice.png /tmp/MR_small.dcm``: the table, with the README's paths."""
     import io
 
-    from app.client import Outcome, local_classifier, write_table
+    from app.transports.cli.predict import Outcome, local_classifier, write_table
 
     classify, _, close = local_classifier(model_path, "none")
     try:

@@ -21,7 +21,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from app.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OOD_NAME, ModelMetadata, OodSpec, PreprocessSpec
+from app.core.contract import (
+    FEATURES_NAME,
+    INPUT_NAME,
+    LOGITS_NAME,
+    OOD_NAME,
+    ModelMetadata,
+    OodSpec,
+    PreprocessSpec,
+)
 
 LABELS = ("glioma", "meningioma", "notumor", "pituitary")
 

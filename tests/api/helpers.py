@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 from fastapi.testclient import TestClient
 
-from app.main import create_app
 from app.settings import Settings
+from app.transports.http.main import create_app
 
 TEST_HOST = "testserver"  # starlette's TestClient's Host
 
@@ -59,7 +59,7 @@ def dicom_testfile(name: str) -> bytes:
 def _spec() -> dict:
     import json
 
-    from app.api.spec import SPEC_PATH
+    from app.transports.http.spec import SPEC_PATH
 
     return json.loads(SPEC_PATH.read_text())
 

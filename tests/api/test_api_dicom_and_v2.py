@@ -10,9 +10,9 @@ import logging
 import numpy as np
 import pytest
 
-from app.contract import preprocess
-from app.inference.decode import decode
-from app.pacs.multipart import decode_related
+from app.core.contract import preprocess
+from app.core.decode import decode
+from app.transports.pacs.multipart import decode_related
 from tests.api.helpers import ServerProcess, assert_matches_spec, assert_problem, png_bytes
 from tests.pacs.dicom_checks import SENTINEL_NAME, mr_slice, read
 
@@ -108,7 +108,7 @@ def test_v2_image_bytes_match_the_native_prediction(client):
     np.testing.assert_allclose(body["outputs"][0]["data"], list(native["probabilities"].values()), atol=1e-6)
     # ... and a preprocessed tensor of the same image gives the same answer
     spec = client.get("/v1/model").json()["input"]
-    from app.contract import PreprocessSpec
+    from app.core.contract import PreprocessSpec
 
     tensor = preprocess(decode(image).pixels, PreprocessSpec.from_json(json.dumps(spec)))
     same = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [{
@@ -173,7 +173,7 @@ def test_v2_json_with_more_values_than_its_shapes_need_is_refused_before_parsing
 
 
 def test_v2_json_cost_counts_values_and_nesting():
-    from app.api.v2 import declared_shapes, json_values_at_most, tensor_values
+    from app.transports.http.v2 import declared_shapes, json_values_at_most, tensor_values
 
     assert tensor_values([2, 3]) == 6 + 1 + 2  # six numbers, the outer array and two rows
     assert tensor_values([4]) == 5 and tensor_values([-1, 3]) == 1 + 0

@@ -6,9 +6,9 @@ import threading
 import pytest
 from prometheus_client import REGISTRY
 
-from app.api.routes import get_settings
-from app.inference.service import InferenceService
+from app.engine.service import InferenceService
 from app.settings import Settings
+from app.transports.http.routes import get_settings
 from tests.api.helpers import (
     assert_matches_spec,
     assert_problem,

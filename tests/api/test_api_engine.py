@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from app.pacs.finding import finding_from_result
+from app.transports.pacs.finding import finding_from_result
 from tests.api.helpers import assert_matches_spec, assert_problem, running_app
 from tests.api.test_api_predict import Gate, assert_prediction
 from tests.model_factory import build_model

@@ -1,6 +1,6 @@
 """The committed OpenAPI document is the app's, and the app honours it (schemathesis, in-process).
 
-Regenerate the document after an API change with ``.venv/bin/python -m app.api.spec``."""
+Regenerate the document after an API change with ``.venv/bin/python -m app.transports.http.spec``."""
 
 import json
 import tempfile
@@ -10,18 +10,18 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 
-from app.api.spec import SPEC_PATH, generate, render
-from app.api_keys import key_line, new_key
-from app.main import create_app
 from app.settings import Settings
+from app.transports.http.api_keys import key_line, new_key
+from app.transports.http.main import create_app
+from app.transports.http.spec import SPEC_PATH, generate, render
 from tests.api import schemathesis_hooks  # noqa: F401  (registers the DICOM body serializer)
 from tests.api.helpers import TEST_HOST
 from tests.model_factory import build_model
 
 
 def test_committed_openapi_matches_the_app():
-    assert SPEC_PATH.is_file(), "run: .venv/bin/python -m app.api.spec"
-    assert SPEC_PATH.read_text() == render(generate()), "openapi/openapi.json is stale: run python -m app.api.spec"
+    assert SPEC_PATH.is_file(), "run: .venv/bin/python -m app.transports.http.spec"
+    assert SPEC_PATH.read_text() == render(generate()), "openapi/openapi.json is stale: run python -m app.transports.http.spec"
 
 
 def test_openapi_documents_problem_json_for_every_error_status():

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from app import metrics
-from app.api.headers import DOCS_CSP, NONE_CSP, PAGE_CSP
-from app.api.problems import BurstLog
-from app.api_keys import KeyFileError, KeyStore, key_line, new_key, parse_keys
-from app.main import create_app
+from app.engine import metrics
 from app.settings import Settings
+from app.transports.http.api_keys import KeyFileError, KeyStore, key_line, new_key, parse_keys
+from app.transports.http.headers import DOCS_CSP, NONE_CSP, PAGE_CSP
+from app.transports.http.main import create_app
+from app.transports.http.problems import BurstLog
 from tests.api.helpers import assert_problem, png_bytes, running_app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,9 +182,9 @@ def test_probes_and_the_page_stay_open_while_metrics_and_docs_are_protected_by_s
 
 
 def test_keys_file_is_reloaded_when_it_changes(tmp_path, model_path, monkeypatch):
-    import app.api_keys
+    import app.transports.http.api_keys
 
-    monkeypatch.setattr(app.api_keys, "RELOAD_CHECK_S", 0.0)
+    monkeypatch.setattr(app.transports.http.api_keys, "RELOAD_CHECK_S", 0.0)
     old, new = new_key(), new_key()
     path = tmp_path / "api-keys"
     path.write_text(key_line("old", old) + "\n")
@@ -223,7 +223,7 @@ def test_server_refuses_to_start_without_its_keys_file(tmp_path):
 
 
 def test_api_keys_command_prints_the_key_once_and_only_its_hash_to_stdout():
-    proc = subprocess.run([sys.executable, "-m", "app.api_keys", "new", "pacs-router", "--scopes", "predict"],
+    proc = subprocess.run([sys.executable, "-m", "app.transports.http.api_keys", "new", "pacs-router", "--scopes", "predict"],
                           cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
     key = proc.stderr.strip().rsplit(" ", 1)[-1]
     (line,) = parse_keys(proc.stdout, "stdout")
@@ -267,7 +267,7 @@ def test_requests_without_a_valid_key_are_throttled_per_address(model_path, tmp_
 
 
 def test_throttled_refusals_fold_into_one_audit_line_per_client_a_minute(monkeypatch):
-    from app.api import guard
+    from app.transports.http import guard
 
     now = [100.0]
     monkeypatch.setattr(guard.time, "monotonic", lambda: now[0])
@@ -365,7 +365,7 @@ def test_control_characters_in_the_path_are_400(client, path):
 def test_nul_byte_reaching_a_static_lookup_is_404():
     from fastapi import HTTPException
 
-    from app.web import STATIC_DIR, file_under
+    from app.transports.http.web import STATIC_DIR, file_under
 
     with pytest.raises(HTTPException) as raised:
         file_under(STATIC_DIR, "a\x00b")
@@ -413,7 +413,7 @@ def test_client_hanging_up_mid_upload_is_499_at_info_not_a_server_error(model_pa
 
 
 def test_burst_log_writes_one_line_per_interval_and_counts_the_rest(caplog, monkeypatch):
-    import app.api.problems as problems
+    from app.transports.http import problems
 
     now = [100.0]
     monkeypatch.setattr(problems.time, "monotonic", lambda: now[0])
@@ -469,7 +469,7 @@ def test_budget_is_reserved_only_after_the_guard_admits_the_request(model_path):
 def test_upload_budget_holds_the_bytes_that_arrived_not_the_announced_length(model_path):
     """Clients that announce a large body and send nothing hold no budget (issue 21: eight announcing
     32 MiB each refused every real upload until their body timeout)."""
-    from app.api.middleware import UploadBudget, _Body
+    from app.transports.http.middleware import UploadBudget, _Body
 
     settings = Settings(model_path=model_path, max_body_bytes=4096, max_upload_bytes=8192)
     budget = UploadBudget(settings.max_upload_bytes)

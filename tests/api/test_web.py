@@ -1,4 +1,4 @@
-"""The web routes (app/web.py): the page and /docs come from local files only, outside the API schema."""
+"""The web routes (app/transports/http/web.py): the page and /docs come from local files only, outside the API schema."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 from fastapi.testclient import TestClient
 
-from app.web import STATIC_DIR
+from app.transports.http.web import STATIC_DIR
 from tests.api.helpers import assert_problem
 
 # src="//cdn...", href="https://...", url(https://...), fetch("https://...")

@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 import pytest
 
-from app.api_keys import key_line, new_key
+from app.transports.http.api_keys import key_line, new_key
 from tests.api.helpers import ServerProcess
 from tests.model_factory import build_model
 

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from app.api_keys import key_line, new_key
+from app.transports.http.api_keys import key_line, new_key
 from tests.api.helpers import ServerProcess, png_bytes
 from tests.deploy.manifests import container_env, one, render
 from tests.model_factory import build_model

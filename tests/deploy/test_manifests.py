@@ -15,9 +15,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from app import metrics
-from app.main import create_app
+from app.engine import metrics
 from app.settings import Settings
+from app.transports.http.main import create_app
 from tests.deploy.manifests import (
     ADAPTER_VALUES,
     K8S,

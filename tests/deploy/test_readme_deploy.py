@@ -91,7 +91,7 @@ def load_script() -> str:
 def make_readme_keys(folder) -> None:
     """Step 6's key commands, as written (minus kubectl): the keys file and the load test's key."""
     script = without_cluster_commands(code_lines(step(6))).replace(".venv/bin/python", sys.executable)
-    assert "app.api_keys new" in script
+    assert "app.transports.http.api_keys new" in script
     subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=folder, check=True, timeout=60,
                    capture_output=True)
 

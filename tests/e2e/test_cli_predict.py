@@ -22,7 +22,7 @@ BTD = Path(sys.executable).parent / "btd"
 RUN_TIMEOUT_S = 180
 # Runs the same entry point as the console script, with torch and fastapi made unimportable.
 WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['fastapi'] = None; "
-                 "from model_export.cli import main; sys.argv[0] = 'btd'; sys.exit(main())")
+                 "from app.transports.cli.btd import main; sys.argv[0] = 'btd'; sys.exit(main())")
 
 
 def write_slices(folder: Path, count: int) -> list[Path]:

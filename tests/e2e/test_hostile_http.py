@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.api_keys import key_line, new_key
+from app.transports.http.api_keys import key_line, new_key
 from tests.api.helpers import ServerProcess, png_bytes
 from tests.hostile_inputs import png_text_bomb
 from tests.model_factory import build_model

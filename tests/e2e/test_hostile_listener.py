@@ -42,7 +42,7 @@ def listener(tmp_path_factory) -> Iterator[dict]:
     port, log_path = free_port(), folder / "listen.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "model_export.cli", "dicom-listen", "--port", str(port), "--model", str(model),
+            [sys.executable, "-m", "app.transports.cli.btd", "dicom-listen", "--port", str(port), "--model", str(model),
              "--dest", f"NOWHERE@127.0.0.1:{free_port()}", "--retries", "0", "--study-idle", "1"],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -182,7 +182,7 @@ def read_response(sock: socket.socket) -> bytes:
     try:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
-    except (ConnectionResetError, TimeoutError, socket.timeout):
+    except (ConnectionResetError, TimeoutError):
         pass
     return b"".join(chunks)
 

@@ -18,10 +18,10 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from app.contract import INPUT_NAME, LOGITS_NAME, ModelMetadata, preprocess  # noqa: E402
-from model_export import cli, pretrained  # noqa: E402
-from model_export.data import read_gray, shared_data_dir  # noqa: E402
-from tests.export.synthetic_mri import write_image_folder, write_split_file  # noqa: E402
+from app.core.contract import INPUT_NAME, LOGITS_NAME, ModelMetadata, preprocess
+from model_export import cli, pretrained
+from model_export.data import read_gray, shared_data_dir
+from tests.export.synthetic_mri import write_image_folder, write_split_file
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

@@ -112,7 +112,7 @@ def test_sigterm_drains_in_flight_requests(model_path):
 def test_schemathesis_cli_against_the_running_server(model_path, tmp_path):
     """The running server with API keys, as deployed: the documented security schemes are checked too
     (schemathesis' ignored_auth sends requests without the key and expects them refused)."""
-    from app.api_keys import key_line, new_key
+    from app.transports.http.api_keys import key_line, new_key
 
     key = new_key()
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.api.schemathesis_hooks", "PYTHONPATH": str(REPO)}

@@ -12,10 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from app.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, ModelMetadata, PreprocessSpec  # noqa: E402
-from model_export import export as exporter  # noqa: E402
-from model_export.resnet import ResNet50  # noqa: E402
-from tests.export.synthetic_mri import LABELS, write_image_folder  # noqa: E402
+from app.core.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, ModelMetadata, PreprocessSpec
+from model_export import export as exporter
+from model_export.resnet import ResNet50
+from tests.export.synthetic_mri import LABELS, write_image_folder
 
 SIZE = 64
 torch.set_num_threads(2)
@@ -155,7 +155,7 @@ def test_quantized_model_keeps_outputs_metadata_and_cam_weights(exported, tmp_pa
 
 
 def test_fp16_variant_computes_in_float16_with_float32_inputs_and_outputs(exported) -> None:
-    from app.inference.model import ModelFile, variant_path
+    from app.core.model import ModelFile, variant_path
 
     out = exporter.float16_variant(exported["fp32"])
     assert out == variant_path(exported["fp32"], "fp16") and out.name == "fp32-fp16.onnx"
@@ -199,7 +199,7 @@ def _ood_fit(model: ResNet50, seed: int = 0):
 
 @pytest.mark.parametrize("fp16", [False, True])
 def test_ood_score_is_a_third_output_equal_to_the_numpy_score(trained_like_model, tmp_path, fp16: bool) -> None:
-    from app.contract import OOD_NAME
+    from app.core.contract import OOD_NAME
     from model_export import ood
 
     fit = _ood_fit(trained_like_model)
@@ -227,7 +227,7 @@ def test_export_without_ood_keeps_two_outputs_and_no_ood_metadata(exported) -> N
 
 @pytest.mark.slow
 def test_quantization_keeps_the_ood_head_in_float(trained_like_model, tmp_path: Path) -> None:
-    from app.contract import OOD_NAME
+    from app.core.contract import OOD_NAME
     from model_export.data import scan_image_folder
     from model_export.quantize import head_node_names, quantize_model
 
@@ -247,8 +247,8 @@ def test_quantization_keeps_the_ood_head_in_float(trained_like_model, tmp_path: 
 
 
 def test_fp16_variant_of_a_model_with_an_ood_head_keeps_the_head_in_float32(trained_like_model, tmp_path) -> None:
-    from app.contract import OOD_NAME
-    from app.inference.model import ModelFile
+    from app.core.contract import OOD_NAME
+    from app.core.model import ModelFile
 
     path = exporter.export(trained_like_model, LABELS, PreprocessSpec(size=SIZE), tmp_path / "ood.onnx",
                            ood=_ood_fit(trained_like_model))

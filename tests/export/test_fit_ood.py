@@ -11,7 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from app.contract import PreprocessSpec
+from app.core.contract import PreprocessSpec
 from model_export import fit_ood
 from model_export.checkpoint import read_checkpoint, save_checkpoint
 from model_export.resnet import ResNet50

@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 skimage_data = pytest.importorskip("skimage.data")
 
-from app.contract import PreprocessSpec  # noqa: E402
-from model_export import pretrained  # noqa: E402
+from app.core.contract import PreprocessSpec
+from model_export import pretrained
 
 pytestmark = pytest.mark.slow
 

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.contract import NO_TUMOUR_LABEL, preprocess
-from app.inference.engine import Engine, EngineOptions
-from app.inference.model import file_sha256
-from app.inference.runner import RuntimeOptions
+from app.core.contract import NO_TUMOUR_LABEL, preprocess
+from app.core.model import file_sha256
+from app.engine.engine import Engine, EngineOptions
+from app.engine.runner import RuntimeOptions
 
 MODELS = Path(__file__).resolve().parents[2] / "models"
 SHIPPED = MODELS / "btd-resnet50.onnx"

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from app.api_keys import key_line, new_key
-from app.pacs.processing import CStoreSender, DicomNode, study_key
-from app.pacs.results import result_uid
+from app.transports.http.api_keys import key_line, new_key
+from app.transports.pacs.processing import CStoreSender, DicomNode, study_key
+from app.transports.pacs.results import result_uid
 from tests.api.helpers import ServerProcess, free_port
 from tests.model_factory import build_model
 from tests.pacs import orthanc
@@ -32,7 +32,7 @@ from tests.pacs.netns import in_private_network, private_network
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-BTD = [sys.executable, "-m", "model_export.cli"]
+BTD = [sys.executable, "-m", "app.transports.cli.btd"]
 STUDY = result_uid("test study")
 SERIES = result_uid("test series")
 SLICES = [("MR_small.dcm", 1), ("MR_small_RLE.dcm", 2), ("MR2_UNCR.dcm", 3)]  # real MR pixels, one RLE-compressed

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-import bench_gpu  # noqa: E402
+import bench_gpu
 
 
 def service(rate: float, p50: float, p95: float, cpu: float) -> dict:

@@ -14,7 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from app.client import (
+from app.core.result import Prediction
+from app.transports.cli.predict import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     EXIT_UNUSABLE,
@@ -28,7 +29,6 @@ from app.client import (
     result_record,
     write_output,
 )
-from app.inference.result import Prediction
 from tests.api.helpers import dicom_testfile, png_bytes
 from tests.model_factory import LABELS, build_model
 
@@ -201,7 +201,7 @@ def test_predict_local_classifies_files_and_writes_cam_overlays(
     args = parse(["--model", str(model_path), str(tmp_path / "in"), "--format", "json",
                   "--cam-dir", str(tmp_path / "cams"), "--no-progress"])
 
-    assert args.func(args) == EXIT_OK
+    assert args.run(args) == EXIT_OK
 
     records = json.loads(capsys.readouterr().out)
     assert [Path(r["file"]).name for r in records] == ["a.png", "b.dcm"]
@@ -222,7 +222,7 @@ def test_predict_local_exits_1_and_names_the_reason_when_a_file_is_broken(
     broken.write_bytes(good.read_bytes()[:40])
     args = parse(["--model", str(model_path), str(good), str(broken), "--format", "csv", "--no-progress"])
 
-    assert args.func(args) == EXIT_SOME_FAILED
+    assert args.run(args) == EXIT_SOME_FAILED
 
     captured = capsys.readouterr()
     rows = {Path(r["file"]).name: r for r in csv.DictReader(io.StringIO(captured.out))}
@@ -236,7 +236,7 @@ def test_predict_local_exits_2_when_the_model_file_is_missing(
 ) -> None:
     image = write_png(tmp_path / "a.png")
     args = parse(["--model", str(tmp_path / "absent.onnx"), str(image), "--no-progress"])
-    assert args.func(args) == EXIT_UNUSABLE
+    assert args.run(args) == EXIT_UNUSABLE
     assert "model file not found" in capsys.readouterr().err
 
 
@@ -250,7 +250,7 @@ def test_predict_url_exits_2_when_the_service_is_unreachable(
         port = s.getsockname()[1]
     image = write_png(tmp_path / "a.png")
     args = parse(["--url", f"http://127.0.0.1:{port}", str(image), "--no-progress", "--timeout", "5"])
-    assert args.func(args) == EXIT_UNUSABLE
+    assert args.run(args) == EXIT_UNUSABLE
     assert "cannot reach the service" in capsys.readouterr().err
 
 
@@ -266,7 +266,7 @@ def test_predict_url_sends_the_api_key_from_the_option_or_the_environment(
     how to give one; a wrong one exits 2; the right one, as --api-key or BTD_API_KEY, classifies."""
     import httpx
 
-    from app.api_keys import key_line, new_key
+    from app.transports.http.api_keys import key_line, new_key
     from tests.api.helpers import running_app
 
     key = new_key()
@@ -280,12 +280,12 @@ def test_predict_url_sends_the_api_key_from_the_option_or_the_environment(
         monkeypatch.setattr(httpx, "Client", in_process)
         url = "http://testserver"
         args = parse(["--url", url, str(image), "--no-progress"])
-        assert args.func(args) == EXIT_UNUSABLE
+        assert args.run(args) == EXIT_UNUSABLE
         assert "--api-key or set BTD_API_KEY" in capsys.readouterr().err
         args = parse(["--url", url, str(image), "--no-progress", "--api-key", "btd_wrong"])
-        assert args.func(args) == EXIT_UNUSABLE and "refused" in capsys.readouterr().err
+        assert args.run(args) == EXIT_UNUSABLE and "refused" in capsys.readouterr().err
         args = parse(["--url", url, str(image), "--no-progress", "--format", "json", "--api-key", key])
-        assert args.func(args) == EXIT_OK and json.loads(capsys.readouterr().out)[0]["ok"]
+        assert args.run(args) == EXIT_OK and json.loads(capsys.readouterr().out)[0]["ok"]
         monkeypatch.setenv("BTD_API_KEY", key)
         args = parse(["--url", url, str(image), "--no-progress", "--format", "json"])
-        assert args.func(args) == EXIT_OK and json.loads(capsys.readouterr().out)[0]["ok"]
+        assert args.run(args) == EXIT_OK and json.loads(capsys.readouterr().out)[0]["ok"]

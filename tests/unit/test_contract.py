@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from app.contract import (
+from app.core.contract import (
     ModelMetadata,
     OodSpec,
     PreprocessSpec,
@@ -192,7 +192,7 @@ def test_metadata_missing_key_is_named(drop):
 @pytest.mark.data
 @pytest.mark.skipif(not (shared_data_dir() / "figshare-cheng").is_dir(), reason="needs ../shared/data")
 def test_real_slice_border_offset_scale_and_contrast_give_near_identical_tensors():
-    from app.inference.decode import decode_path
+    from app.core.decode import decode_path
 
     for path in sorted((shared_data_dir() / "figshare-cheng" / "images" / "glioma").glob("*.jpg"))[:5]:
         gray = decode_path(path).pixels

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.errors import ServiceError
-from app.inference.decode import decode
+from app.core.decode import decode
+from app.core.errors import ServiceError
 from tests.api.helpers import running_app
 from tests.hostile_inputs import dicom_sample, small_jpeg
 from tests.process_watch import Memory

@@ -1,4 +1,4 @@
-"""Reading DICOM under limits (app.inference.dicom_read): deflate, element count at every nesting
+"""Reading DICOM under limits (app.core.dicom_read): deflate, element count at every nesting
 level, multi-valued value sizes; and the results' header, which must give the same DICOM results
 as the whole source header."""
 
@@ -9,17 +9,17 @@ import io
 import pydicom
 import pytest
 
-from app.errors import DecodeTooCostly, PayloadTooLarge
-from app.inference.decode import decode
-from app.inference.dicom_read import (
+from app.core.errors import DecodeTooCostly, PayloadTooLarge
+from app.core.decode import decode
+from app.core.dicom_read import (
     MAX_ELEMENTS,
     RESULTS_KEYWORDS,
     element_limits,
     read_dataset,
 )
-from app.inference.predictor import Predictor
-from app.pacs.finding import finding_from_result
-from app.pacs.results import build_results, encode
+from app.engine.predictor import Predictor
+from app.transports.pacs.finding import finding_from_result
+from app.transports.pacs.results import build_results, encode
 from tests.hostile_inputs import (
     deflated_dicom_bomb,
     dicom_element_bomb,

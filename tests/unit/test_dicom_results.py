@@ -1,4 +1,4 @@
-"""DICOM results (app.pacs.results): what the SR and the CAM overlay say, what they reference, that
+"""DICOM results (app.transports.pacs.results): what the SR and the CAM overlay say, what they reference, that
 dciodvfy accepts them and pydicom reads them back."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from app.errors import InvalidImage
-from app.inference.predictor import Predictor
-from app.pacs.finding import Finding, ModelIdentity, finding_from_result
-from app.pacs.multipart import decode_related, encode_related
-from app.pacs.processing import sr_summary
-from app.pacs.results import build_results, encode, patient_orientation, read_source
+from app.core.errors import InvalidImage
+from app.engine.predictor import Predictor
+from app.transports.pacs.finding import Finding, ModelIdentity, finding_from_result
+from app.transports.pacs.multipart import decode_related, encode_related
+from app.transports.pacs.processing import sr_summary
+from app.transports.pacs.results import build_results, encode, patient_orientation, read_source
 from tests.model_factory import build_model
 from tests.pacs.dicom_checks import SENTINEL_ID, SENTINEL_NAME, dciodvfy_errors, mr_slice, read
 

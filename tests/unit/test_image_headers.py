@@ -1,4 +1,4 @@
-"""Image sizes read from each container's header before decoding (app/inference/image_headers.py),
+"""Image sizes read from each container's header before decoding (app/core/image_headers.py),
 and decode refusing bombs and lying headers in every container and codec before allocating pixels."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from app.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from app.inference.decode import decode
-from app.inference.image_headers import (
+from app.core.decode import decode
+from app.core.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from app.core.image_headers import (
     MAX_J2K_TILES,
     MAX_JPEG_SCANS,
     HeaderError,
@@ -286,7 +286,7 @@ def test_decode_deflated_dicom_within_the_limit_still_decodes():
 
 
 def test_decode_compressed_syntax_without_a_header_reader_is_415(monkeypatch):
-    import app.inference.decode as decode_module
+    import app.core.decode as decode_module
 
     monkeypatch.setattr(decode_module, "_frame_header_readers", dict)
     with pytest.raises(UnsupportedMediaType, match="cannot be checked"):

@@ -102,7 +102,7 @@ def test_figshare_test_rows_of_real_data_are_the_293_test_groups():
 
 
 def test_cam_on_image_covers_the_model_crop_only():
-    from app.contract import Framing
+    from app.core.contract import Framing
     from model_export.localisation import cam_on_image
 
     features = np.ones((3, 4, 4), np.float32)  # a flat CAM over the whole model input

@@ -1,4 +1,4 @@
-"""The CT-look rule (app.inference.modality) on drawn heads: CT's bone ring around grey brain is
+"""The CT-look rule (app.core.modality) on drawn heads: CT's bone ring around grey brain is
 flagged; MR's bright scalp fat outside a dark skull, a uniform head and noise are not. Its measured
 rates on real slices are in the README (scripts/measure_ct_rule.py)."""
 
@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from app.inference.modality import looks_like_ct
-from app.inference.pipeline import not_mr_because
+from app.core.modality import looks_like_ct
+from app.engine.pipeline import not_mr_because
 
 
 def drawn_head(layers: list[tuple[int, int]], size: int = 224, seed: int = 0) -> np.ndarray:

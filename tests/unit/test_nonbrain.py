@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from app.inference.decode import decode
+from app.core.decode import decode
 from model_export import nonbrain
 
 

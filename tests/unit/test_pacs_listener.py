@@ -12,8 +12,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage
 
-from app.pacs.listener import STATUS_OUT_OF_RESOURCES, Listener, ListenerOptions
-from app.pacs.processing import (
+from app.transports.pacs.listener import STATUS_OUT_OF_RESOURCES, Listener, ListenerOptions
+from app.transports.pacs.processing import (
     DicomNode,
     LocalClassifier,
     Processor,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.contract import PreprocessSpec, preprocess
+from app.core.contract import PreprocessSpec, preprocess
 from model_export import augment
 from tests.export.synthetic_mri import synthetic_slice
 
@@ -131,7 +131,7 @@ def test_robust_unit_ignores_a_hot_pixel(slice_: np.ndarray) -> None:
 def test_augmented_view_of_a_real_head_still_frames_the_head(slice_: np.ndarray) -> None:
     """Whatever the augmentation draws, the contract's head crop still finds a head (a box covering a
     large share of the augmented image), so the model never trains on a zoomed-in fragment."""
-    from app.contract import PreprocessSpec, frame
+    from app.core.contract import PreprocessSpec, frame
 
     spec = PreprocessSpec()
     for seed in range(30):

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from app.contract import PreprocessSpec, preprocess
-from app.inference.decode import decode_path
+from app.core.contract import PreprocessSpec, preprocess
+from app.core.decode import decode_path
 from model_export import data, dedup
 from model_export.data import Sample
 from tests.export.synthetic_mri import LABELS, synthetic_slice, write_image_folder, write_split_file

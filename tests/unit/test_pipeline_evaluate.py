@@ -12,9 +12,9 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("sklearn")
 
-from model_export import evaluate  # noqa: E402
-from tests.export.synthetic_mri import write_image_folder, write_split_file  # noqa: E402
-from tests.model_factory import build_model  # noqa: E402
+from model_export import evaluate
+from tests.export.synthetic_mri import write_image_folder, write_split_file
+from tests.model_factory import build_model
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from app.contract import PreprocessSpec  # noqa: E402
-from model_export.augment import Augment  # noqa: E402
-from model_export.data import scan_image_folder  # noqa: E402
-from model_export.datasets import CachedFeatureDataset, SliceDataset  # noqa: E402
-from model_export.features import build_feature_cache  # noqa: E402
-from model_export.resnet import ResNet50  # noqa: E402
-from tests.export.synthetic_mri import write_image_folder  # noqa: E402
+from app.core.contract import PreprocessSpec
+from model_export.augment import Augment
+from model_export.data import scan_image_folder
+from model_export.datasets import CachedFeatureDataset, SliceDataset
+from model_export.features import build_feature_cache
+from model_export.resnet import ResNet50
+from tests.export.synthetic_mri import write_image_folder
 
 torch.set_num_threads(2)
 LABELS = ("glioma", "notumor")

@@ -14,9 +14,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from app.contract import PreprocessSpec  # noqa: E402
-from model_export import pretrained  # noqa: E402
-from model_export.resnet import ResNet50  # noqa: E402
+from app.core.contract import PreprocessSpec
+from model_export import pretrained
+from model_export.resnet import ResNet50
 
 torch.set_num_threads(2)
 

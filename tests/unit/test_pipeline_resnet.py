@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_export.resnet import FREEZE_CHOICES, ResNet50, apply_freeze, set_train_mode  # noqa: E402
+from model_export.resnet import FREEZE_CHOICES, ResNet50, apply_freeze, set_train_mode
 
 torch.set_num_threads(2)
 

@@ -9,9 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model_export import train  # noqa: E402
-from model_export.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
-from tests.export.synthetic_mri import write_image_folder, write_split_file  # noqa: E402
+from model_export import train
+from model_export.checkpoint import read_checkpoint, save_checkpoint
+from tests.export.synthetic_mri import write_image_folder, write_split_file
 
 torch.set_num_threads(2)
 

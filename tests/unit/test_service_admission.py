@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from app.errors import Overloaded
-from app.inference.admission import RETRY_AFTER_MAX_S, Admission
+from app.core.errors import Overloaded
+from app.engine.admission import RETRY_AFTER_MAX_S, Admission
 
 
 def test_a_full_queue_is_refused_with_retry_after():

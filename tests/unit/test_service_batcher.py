@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 
-from app.errors import ModelNotReady
-from app.inference.batcher import MicroBatcher
-from app.inference.result import ModelOutput
+from app.core.errors import ModelNotReady
+from app.core.result import ModelOutput
+from app.engine.batcher import MicroBatcher
 
 
 def outputs(tensors, features) -> list[ModelOutput]:

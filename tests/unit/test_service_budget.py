@@ -1,4 +1,4 @@
-"""The decode budget (app/inference/budget.py): each image's cost read cheaply from its header, decodes
+"""The decode budget (app/engine/budget.py): each image's cost read cheaply from its header, decodes
 waiting while the budget is full, admission refusing while more than a budget's worth waits; and
 the service sending DICOM decoding to a worker process while rasters stay in threads."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from app.errors import Overloaded
-from app.inference.budget import (
+from app.core.errors import Overloaded
+from app.engine.budget import (
     DICOM_BYTES_PER_PIXEL,
     RASTER_BYTES_PER_PIXEL,
     DecodeBudget,
@@ -184,8 +184,8 @@ class RecordingHost:
 
 
 def test_service_decodes_dicom_isolated_and_rasters_in_threads(tmp_path):
-    from app.inference.engine import Engine
-    from app.inference.service import InferenceService, ServiceOptions
+    from app.engine.engine import Engine
+    from app.engine.service import InferenceService, ServiceOptions
     from app.settings import Settings
     from tests.api.helpers import png_bytes
     from tests.model_factory import build_model
@@ -208,8 +208,8 @@ def test_service_decodes_dicom_isolated_and_rasters_in_threads(tmp_path):
 
 
 def test_cpu_default_host_is_threads_with_dicom_in_a_worker_process():
-    from app.inference.host import MixedHost, ProcessHost, ThreadHost
-    from app.inference.service import ServiceOptions, host_work
+    from app.engine.host import MixedHost, ProcessHost, ThreadHost
+    from app.engine.service import ServiceOptions, host_work
 
     mixed = host_work(ServiceOptions(host_workers=None), on_gpu=False)
     try:

@@ -11,8 +11,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from app.errors import InvalidImage, NoPixelData, PayloadTooLarge, UnsupportedMediaType
-from app.inference.decode import DEFAULT_MAX_PIXELS, DICOM, JPEG, PNG, decode, normalise_media_type, sniff
+from app.core.decode import DEFAULT_MAX_PIXELS, DICOM, JPEG, PNG, decode, normalise_media_type, sniff
+from app.core.errors import InvalidImage, NoPixelData, PayloadTooLarge, UnsupportedMediaType
 from app.settings import Settings
 
 
@@ -306,7 +306,7 @@ def test_decode_corrupt_compressed_dicom_logs_nothing_from_the_decoders(caplog):
 
 
 def test_decode_prefers_plugins_that_fail_cleanly_over_gdcm():
-    from app.inference.decode import _decoding_plugin
+    from app.core.decode import _decoding_plugin
 
     assert _decoding_plugin(dicom_file("MR_small_jp2klossless.dcm")) == "pylibjpeg"
     assert _decoding_plugin(dicom_file("MR_small.dcm")) == ""  # uncompressed
@@ -317,7 +317,7 @@ def test_decode_prefers_plugins_that_fail_cleanly_over_gdcm():
 def test_decode_mutated_files_raise_only_typed_errors(name):
     """Fuzzing: corrupt bytes, truncations and overwritten runs give a 4xx error, never another
     exception (a 500) and never a crash (python-gdcm aborted the process on such JPEG 2000 data)."""
-    from app.errors import ServiceError
+    from app.core.errors import ServiceError
 
     original = encode(name, GRAY8) if name.startswith(".") else read_testdata_bytes(name)
     rng = np.random.default_rng(zlib.crc32(name.encode()))  # the same cases every run
@@ -341,8 +341,8 @@ def test_decode_mutated_files_raise_only_typed_errors(name):
 _UNDER_ADDRESS_LIMIT = """
 import resource, sys
 import numpy as np
-from app.errors import ServiceError
-from app.inference.decode import decode
+from app.core.errors import ServiceError
+from app.core.decode import decode
 data, spare = open(sys.argv[1], "rb").read(), int(sys.argv[2])
 vm = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize"))) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + spare, resource.RLIM_INFINITY))
@@ -376,7 +376,7 @@ def test_decode_failure_under_an_address_space_limit_is_too_large_not_invalid(tm
     path = tmp_path / "j2k.dcm"
     path.write_bytes(data)
     # Everything the decode imports is loaded first, so the limit leaves `spare` for the decode itself.
-    script = "import app.inference.pipeline, pydicom, pydicom.pixels, pylibjpeg, openjpeg\n" + _UNDER_ADDRESS_LIMIT
+    script = "import app.engine.pipeline, pydicom, pydicom.pixels, pylibjpeg, openjpeg\n" + _UNDER_ADDRESS_LIMIT
     out = subprocess.run([sys.executable, "-c", script, str(path), str(spare_mib * 2**20)],
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.stdout.strip() == expected, out.stdout + out.stderr[-2000:]

@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from app.contract import ModelMetadata, PreprocessSpec
-from app.inference.batcher import MicroBatcher
-from app.inference.engine import Engine, EngineOptions, choose_model_file
-from app.inference.model import ModelFile, variant_path
-from app.inference.runner import Runner, RuntimeOptions
+from app.core.contract import ModelMetadata, PreprocessSpec
+from app.core.model import ModelFile, variant_path
+from app.engine.batcher import MicroBatcher
+from app.engine.engine import Engine, EngineOptions, choose_model_file
+from app.engine.runner import Runner, RuntimeOptions
 from tests.model_factory import LABELS, build_model
 
 SIZE, CHANNELS, FEAT = 8, 5, 2

@@ -11,13 +11,13 @@ import cv2
 import numpy as np
 import pytest
 
-from app.contract import PreprocessSpec
-from app.errors import DecodeTooCostly, InvalidImage, PayloadTooLarge
-from app.inference.engine import Engine, EngineOptions
-from app.inference.host import ProcessHost
-from app.inference.pipeline import PrepareOptions, prepare
-from app.inference.runner import RuntimeOptions
-from app.inference.service import InferenceService, ServiceOptions
+from app.core.contract import PreprocessSpec
+from app.core.errors import DecodeTooCostly, InvalidImage, PayloadTooLarge
+from app.engine.engine import Engine, EngineOptions
+from app.engine.host import ProcessHost
+from app.engine.pipeline import PrepareOptions, prepare
+from app.engine.runner import RuntimeOptions
+from app.engine.service import InferenceService, ServiceOptions
 from tests.model_factory import build_model
 
 OPTIONS = PrepareOptions(PreprocessSpec(size=64))

@@ -1,5 +1,5 @@
 """Postprocessing and CAM: calibrated probabilities, tumour decision, CAM maths and encodings,
-and the preprocess path the service uses (app.contract.preprocess through pipeline.prepare)."""
+and the preprocess path the service uses (app.core.contract.preprocess through pipeline.prepare)."""
 
 import base64
 
@@ -7,10 +7,9 @@ import cv2
 import numpy as np
 import pytest
 
-from app.contract import Framing, ModelMetadata, OodSpec, PreprocessSpec, preprocess
-from app.inference.decode import decode
-from app.inference.pipeline import PrepareOptions, ResultBuilder, prepare
-from app.inference.postprocess import (
+from app.core.contract import Framing, ModelMetadata, OodSpec, PreprocessSpec, preprocess
+from app.core.decode import decode
+from app.core.postprocess import (
     cam_grid,
     cam_images,
     class_activation_map,
@@ -20,7 +19,8 @@ from app.inference.postprocess import (
     tumour_probability,
     view_size,
 )
-from app.inference.result import ModelOutput
+from app.core.result import ModelOutput
+from app.engine.pipeline import PrepareOptions, ResultBuilder, prepare
 
 
 def png_image(b64: str) -> np.ndarray:

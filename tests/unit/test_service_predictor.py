@@ -6,11 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
-from app.errors import InvalidImage, UnsupportedMediaType
-from app.inference.engine import EngineOptions
-from app.inference.model import ModelContractError
-from app.inference.predictor import Predictor
-from app.inference.runner import RuntimeOptions
+from app.core.errors import InvalidImage, UnsupportedMediaType
+from app.core.model import ModelContractError
+from app.engine.engine import EngineOptions
+from app.engine.predictor import Predictor
+from app.engine.runner import RuntimeOptions
 from app.settings import Settings
 from tests.model_factory import LABELS, build_model
 

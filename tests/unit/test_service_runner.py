@@ -9,9 +9,9 @@ import onnx
 import pytest
 from onnx import helper
 
-from app.contract import ModelMetadata, PreprocessSpec
-from app.inference.model import ModelContractError, ModelFile
-from app.inference.runner import (
+from app.core.contract import ModelMetadata, PreprocessSpec
+from app.core.model import ModelContractError, ModelFile
+from app.engine.runner import (
     Runner,
     RuntimeOptions,
     _provider_options,
@@ -40,7 +40,7 @@ def test_explicit_providers_skip_missing_ones():
 
 
 def test_explicit_gpu_list_on_cpu_machine_warns_once_about_cpu_fallback(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="app.inference.runner"):
+    with caplog.at_level(logging.INFO, logger="app.engine.runner"):
         runner = load_runner(build_model(tmp_path / "m.onnx"), RuntimeOptions(providers=[TRT, CUDA, CPU]))
     assert runner.provider == CPU
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -124,7 +124,7 @@ def test_gpu_requested_but_unusable_warns_once_about_cpu_fallback(tmp_path, monk
     import onnxruntime as ort
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])  # CUDA "installed" but unusable
-    with caplog.at_level(logging.WARNING, logger="app.inference.runner"), warnings.catch_warnings():
+    with caplog.at_level(logging.WARNING, logger="app.engine.runner"), warnings.catch_warnings():
         # ONNX Runtime's own complaint about the provider this test pretends is installed: expected here
         warnings.filterwarnings("ignore", message=f"Specified provider '{CUDA}' is not in available provider names",
                                 category=UserWarning)
@@ -220,7 +220,7 @@ def test_load_rejects_an_ood_output_without_its_metadata(tmp_path):
 def test_bound_buffers_take_their_shapes_from_the_graph_or_refuse_a_cuda_graph(tmp_path):
     from types import SimpleNamespace
 
-    from app.inference.runner import _declared_shapes
+    from app.engine.runner import _declared_shapes
 
     fixed = SimpleNamespace(get_outputs=lambda: [SimpleNamespace(name="logits", shape=["N", 4]),
                                                  SimpleNamespace(name="features", shape=["N", 8, 7, 7])])

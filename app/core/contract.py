@@ -1,0 +1,407 @@
+"""The model contract: the only thing training/export and the service share.
+
+One place for each fact that crosses the ONNX file: tensor names, metadata keys, the
+preprocessing spec and the preprocessing function itself. Training's evaluation transform,
+the exporter and the service all call :func:`preprocess`, so the tensor a model sees in
+evaluation is the tensor it sees in production.
+
+Imports numpy and OpenCV only (no torch, no FastAPI), so both sides can use it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+CONTRACT_VERSION = "1"
+
+# ONNX graph input / output names.
+INPUT_NAME = "image"
+LOGITS_NAME = "logits"
+FEATURES_NAME = "features"
+# Optional output (models from 1.2.0): [N] out-of-distribution score, larger = less like the training
+# data; compared with the threshold in ``META_OOD``. Models without it cannot say.
+OOD_NAME = "ood_score"
+
+# Keys of the ONNX model's metadata_props (values are strings; structured ones are JSON).
+META_CONTRACT = "btd.contract_version"
+META_LABELS = "btd.labels"  # JSON list[str], in logit order
+META_PREPROCESS = "btd.preprocess"  # JSON PreprocessSpec
+META_CAM_WEIGHT = "btd.cam.weight"  # initializer name of the classifier weight [C, 2048]
+META_CAM_BIAS = "btd.cam.bias"  # initializer name of the classifier bias [C]
+META_TEMPERATURE = "btd.temperature"  # float, calibration temperature (logits / T)
+META_THRESHOLD = "btd.tumour_threshold"  # float, recommended tumour decision threshold
+META_NAME = "btd.model_name"
+META_VERSION = "btd.model_version"
+META_TRAINING_DATA = "btd.training_data"  # JSON summary of the training data
+META_METRICS = "btd.metrics"  # JSON test metrics measured on this file
+META_OOD = "btd.ood"  # JSON OodSpec, present when the graph has the ``OOD_NAME`` output
+
+# The label meaning "no tumour"; tumour probability is 1 - p(this label) when present.
+NO_TUMOUR_LABEL = "notumor"
+
+_INTERPOLATIONS = {
+    "area": cv2.INTER_AREA,
+    "linear": cv2.INTER_LINEAR,
+    "cubic": cv2.INTER_CUBIC,
+    "nearest": cv2.INTER_NEAREST,
+}
+SPEC_VERSIONS = (1, 2)
+CROPS = ("none", "head")
+ASPECTS = ("squash", "pad")
+INTENSITIES = ("minmax", "head-percentiles")
+# The head mask is found on a copy whose long side is at most this (fast, and robust to noise).
+MASK_SIDE = 128
+# A foreground smaller than this share of the image is not trusted as a head (blank, noise, a dot):
+# the whole image is used instead.
+MIN_HEAD_SHARE = 0.02
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a decoded 2-D grayscale slice becomes the model's input tensor.
+
+    Version 2 (source-invariant; models from 1.2.0): find the head (largest foreground region),
+    crop to its bounding box plus ``head_margin`` of its long side, pad to a square with background
+    (aspect kept), resize to ``size``, map the ``percentiles`` of the intensities inside the head to
+    [0, 1] (clipped), replicate to ``channels``, normalise with ``mean`` / ``std``. Borders, framing,
+    canvas size, aspect, offset and linear contrast then no longer reach the model.
+
+    Version 1 (models up to 1.1.0; still served): min-max to [0, 1] over the whole image, resize to
+    ``size`` squashing the aspect, replicate, normalise.
+    """
+
+    size: int = 224
+    interpolation: str = "area"
+    intensity: str = "head-percentiles"
+    channels: int = 3
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    version: int = 2
+    crop: str = "head"
+    head_margin: float = 0.04
+    aspect: str = "pad"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def __post_init__(self) -> None:
+        if self.version not in SPEC_VERSIONS:
+            raise ValueError(f"preprocessing spec version {self.version!r}, this service reads {SPEC_VERSIONS}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}")
+        if self.intensity not in INTENSITIES:
+            raise ValueError(f"unknown intensity scaling {self.intensity!r}")
+        if self.crop not in CROPS:
+            raise ValueError(f"unknown crop {self.crop!r}")
+        if self.aspect not in ASPECTS:
+            raise ValueError(f"unknown aspect handling {self.aspect!r}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError("mean and std need one value per channel")
+        if self.size <= 0:
+            raise ValueError("size must be positive")
+        if not 0.0 <= self.head_margin <= 1.0:
+            raise ValueError("head_margin must lie in [0, 1]")
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+
+    @classmethod
+    def legacy(cls, size: int = 224) -> PreprocessSpec:
+        """The version-1 preprocessing (whole-image min-max, squash), as models up to 1.1.0 expect."""
+        return cls(size=size, intensity="minmax", version=1, crop="none", aspect="squash")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> PreprocessSpec:
+        """Any stored version; a spec without ``version`` is version 1 (written before versions existed)."""
+        raw = json.loads(text)
+        raw["mean"] = tuple(raw["mean"])
+        raw["std"] = tuple(raw["std"])
+        if raw.get("version", 1) == 1:
+            defaults = asdict(cls.legacy())
+            raw = {**defaults, **{k: v for k, v in raw.items() if k in defaults}, "version": 1}
+        if "percentiles" in raw:
+            raw["percentiles"] = tuple(raw["percentiles"])
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class Framing:
+    """Where the model's square input lies in the decoded image, in that image's pixels: the
+    square ``[x, x + side) x [y, y + side)`` (it may reach past the image edges, where the input
+    is background padding). Maps model-space maps such as the CAM back onto the image."""
+
+    x: float
+    y: float
+    side: float  # for a squashed (version 1) input: width and height differ, see ``height``
+    height: float | None = None
+    head_found: bool | None = None  # version 2: whether a head was found (else the whole image was used)
+
+    @property
+    def box_height(self) -> float:
+        return self.side if self.height is None else self.height
+
+
+def scale_intensity(gray: np.ndarray) -> np.ndarray:
+    """Scale a 2-D image to [0, 1] in float32 by its own min and max (a flat image gives 0)."""
+    g = np.asarray(gray, dtype=np.float32)
+    lo = float(g.min())
+    hi = float(g.max())
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        return np.zeros_like(g, dtype=np.float32)
+    return (g - lo) * np.float32(1.0 / (hi - lo))
+
+
+def _fill_holes(region: np.ndarray) -> np.ndarray:
+    """Flood the background from outside; what the flood does not reach belongs to the region."""
+    flood = np.pad(region, 1)
+    cv2.floodFill(flood, None, (0, 0), 1)
+    return (region | (flood[1:-1, 1:-1] == 0)).astype(np.uint8)
+
+
+def _major_regions(binary: np.ndarray, share: float) -> np.ndarray | None:
+    """The connected regions at least ``share`` of the largest one's area (None when there is none)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    if count <= 1:
+        return None
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    keep = np.zeros(count, dtype=np.uint8)
+    keep[1:] = areas >= share * areas.max()
+    return keep[labels]
+
+
+_OPEN_THIN = np.ones((3, 3), np.uint8)
+_CLOSE_RING = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
+_OPEN_SOLID = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
+MAJOR_REGION_SHARE = 0.2
+
+
+def head_mask(unit: np.ndarray) -> np.ndarray:
+    """Boolean mask of the head in a [0, 1] image (see ``head_region``)."""
+    return head_region(unit)[0]
+
+
+def head_region(unit: np.ndarray) -> tuple[np.ndarray, float]:
+    """(boolean mask of the head, the foreground level in [0, 1] units) of a [0, 1] image; meant
+    for a small copy (``MASK_SIDE``).
+
+    Smooth (noise), threshold at half Otsu's level but never above a fifth of the 99th percentile
+    (a bright lesion must not lift the threshold above the brain), open 3x3 (specks, text), close
+    9x9 (a skull ring broken by dark fat or bone), fill holes, open 7x7 so that thin lines touching
+    the head (frames, rulers) are cut off, and keep every region of at least a fifth of the largest
+    one's area (the pieces of a head whose brain is dark, not a label in a corner)."""
+    smooth = cv2.GaussianBlur(unit, (0, 0), 1.5)
+    u8 = np.clip(smooth * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    otsu, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    p99 = int(np.searchsorted(np.cumsum(np.bincount(u8.reshape(-1), minlength=256)), 0.99 * u8.size))
+    level = max(1.0, min(0.5 * otsu, 0.2 * p99))
+    fg = cv2.morphologyEx((u8 > level).astype(np.uint8), cv2.MORPH_OPEN, _OPEN_THIN)
+    fg = cv2.morphologyEx(fg, cv2.MORPH_CLOSE, _CLOSE_RING)
+    solid = _fill_holes(fg)
+    trimmed = cv2.morphologyEx(solid, cv2.MORPH_OPEN, _OPEN_SOLID)
+    regions = _major_regions(trimmed, MAJOR_REGION_SHARE)
+    if regions is None:
+        regions = _major_regions(solid, MAJOR_REGION_SHARE)
+    mask = np.zeros(unit.shape, dtype=bool) if regions is None else regions.astype(bool)
+    return mask, level / 255.0
+
+
+def _moments_square(mask: np.ndarray, scale: float, origin: tuple[float, float],
+                    margin: float) -> tuple[float, float, float]:
+    """(x, y, side) in image pixels of the square around a mask drawn on a grid of ``scale`` image
+    pixels per cell starting at ``origin``: centre = centroid, half side = 2 standard deviations along
+    the longer axis (exactly the bounding box of an ellipse), plus ``margin`` of the side each way.
+    Moments average over the whole region, so they barely move with pixel size, noise or a stray
+    protrusion, where the extreme pixels of a bounding box would."""
+    ys, xs = np.nonzero(mask)
+    px, py = origin[0] + (xs + 0.5) * scale, origin[1] + (ys + 0.5) * scale
+    half = 2.0 * max(float(px.std()), float(py.std()), 0.5 * scale)
+    side = 2.0 * half * (1.0 + 2.0 * margin)
+    return float(px.mean()) - side / 2.0, float(py.mean()) - side / 2.0, side
+
+
+def _head_box(unit: np.ndarray, spec: PreprocessSpec) -> tuple[tuple[float, float, float], float | None]:
+    """((x, y, side) of the square crop in image pixels, the head's foreground level, or None when no
+    head was found and the square is the whole image).
+
+    Two passes: a coarse square from the whole image at ``MASK_SIDE``, then the head found again on
+    that square (widened) resampled to ``MASK_SIDE``, so the final square and level are measured
+    at the head's own scale and do not depend on the canvas around it."""
+    h, w = unit.shape
+    whole = (min(0.0, (w - h) / 2.0), min(0.0, (h - w) / 2.0), float(max(w, h)))
+    square = _crop_square(unit, whole, MASK_SIDE, cv2.INTER_AREA)
+    mask, level = head_region(square)
+    if mask.mean() < MIN_HEAD_SHARE:
+        return whole, None
+    coarse = _moments_square(mask, whole[2] / MASK_SIDE, whole[:2], 0.15)
+    square = _crop_square(unit, coarse, MASK_SIDE, cv2.INTER_AREA)
+    mask, level = head_region(square)
+    if mask.mean() < MIN_HEAD_SHARE:  # pragma: no cover - the coarse pass found a head in this square
+        return coarse, None
+    return _moments_square(mask, coarse[2] / MASK_SIDE, coarse[:2], spec.head_margin), level
+
+
+def _percentile_window(square: np.ndarray, level: float | None, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """(lo, hi) of the intensity window, taken on the model-size square, so the same pixels count
+    whatever the canvas, border or pixel size of the input: lo is the low percentile of the whole
+    square (the background, or the darkest tissue of a head that fills it), hi the high percentile
+    of the head (pixels above its foreground level), so a dark background does not dilute it."""
+    lo = float(np.percentile(square, percentiles[0]))
+    head = square[square > level] if level is not None else square
+    if head.size < 0.01 * square.size:
+        head = square
+    return lo, float(np.percentile(head, percentiles[1]))
+
+
+def _crop_square(img: np.ndarray, box: tuple[float, float, float], size: int, interpolation: int) -> np.ndarray:
+    """The square ``box`` of ``img`` (zero outside the image) resized to ``size``: one affine warp,
+    so crop, pad and resize cost one pass. Area interpolation is done as a resize of the cropped,
+    padded array (warpAffine has no area mode)."""
+    x, y, side = box
+    h, w = img.shape
+    if interpolation == cv2.INTER_AREA and side > size:
+        xi, yi, si = int(np.floor(x)), int(np.floor(y)), int(np.ceil(side))
+        crop = img[max(yi, 0) : min(yi + si, h), max(xi, 0) : min(xi + si, w)]
+        top, left = max(-yi, 0), max(-xi, 0)
+        bottom, right = max(si - top - crop.shape[0], 0), max(si - left - crop.shape[1], 0)
+        square = cv2.copyMakeBorder(crop, top, bottom, left, right, cv2.BORDER_CONSTANT, value=0.0)
+        return cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
+    scale = size / side
+    matrix = np.array([[scale, 0.0, -x * scale], [0.0, scale, -y * scale]], dtype=np.float64)
+    flags = cv2.INTER_LINEAR if interpolation == cv2.INTER_AREA else interpolation
+    return cv2.warpAffine(img, matrix, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+
+
+def frame(gray: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, Framing]:
+    """Decoded 2-D slice -> (the ``[size, size]`` float32 intensity image before normalisation,
+    where it lies in the slice)."""
+    if gray.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale image, got shape {gray.shape}")
+    unit = scale_intensity(gray)
+    interpolation = _INTERPOLATIONS[spec.interpolation]
+    h, w = unit.shape
+    level: float | None = None
+    if spec.version == 1 or (spec.crop == "none" and spec.aspect == "squash"):
+        square = cv2.resize(unit, (spec.size, spec.size), interpolation=interpolation)
+        framing = Framing(0.0, 0.0, float(w), height=float(h))
+        if spec.intensity == "head-percentiles":
+            level = head_region(cv2.resize(square, (MASK_SIDE, MASK_SIDE), interpolation=cv2.INTER_AREA))[1]
+    else:
+        if spec.crop == "head":
+            box, level = _head_box(unit, spec)
+        else:  # the whole image, padded to a square
+            side = float(max(w, h)) * (1.0 + 2.0 * spec.head_margin)
+            box = ((w - side) / 2.0, (h - side) / 2.0, side)
+        square = _crop_square(unit, box, spec.size, interpolation)
+        framing = Framing(*box, head_found=level is not None if spec.crop == "head" else None)
+    if spec.intensity == "head-percentiles":
+        lo, hi = _percentile_window(square, level, spec.percentiles)
+        span = hi - lo if hi > lo else 1.0
+        square = np.clip((square - lo) * np.float32(1.0 / span), 0.0, 1.0)
+    return square.astype(np.float32, copy=False), framing
+
+
+def normalise(unit: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """``[size, size]`` in [0, 1] -> ``[channels, size, size]`` normalised with the spec's mean / std."""
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    inv_std = (1.0 / np.asarray(spec.std, dtype=np.float32))[:, None, None]
+    return np.ascontiguousarray((unit[None] - mean) * inv_std, dtype=np.float32)
+
+
+def preprocess_framed(gray: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, Framing]:
+    """Decoded 2-D slice -> (float32 ``[channels, size, size]``, where the input lies in the slice)."""
+    unit, framing = frame(gray, spec)
+    return normalise(unit, spec), framing
+
+
+def preprocess(gray: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Decoded 2-D slice (any real dtype and range) -> float32 ``[channels, size, size]``."""
+    return preprocess_framed(gray, spec)[0]
+
+
+@dataclass(frozen=True)
+class OodSpec:
+    """How to read the model's ``OOD_NAME`` output: a score above ``threshold`` means the input is
+    unlike the training data (not a brain MR slice as the model knows them). ``method`` names how the
+    score is computed in the graph; ``calibration`` says how the threshold was chosen (for people)."""
+
+    threshold: float
+    method: str = "mahalanobis"
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> OodSpec:
+        raw = json.loads(text)
+        return cls(threshold=float(raw["threshold"]), method=str(raw.get("method", "mahalanobis")),
+                   calibration=dict(raw.get("calibration", {})))
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Everything the service reads from ``metadata_props``; written by the exporter."""
+
+    labels: tuple[str, ...]
+    preprocess: PreprocessSpec
+    cam_weight: str
+    cam_bias: str
+    temperature: float = 1.0
+    tumour_threshold: float = 0.5
+    model_name: str = "btd-resnet50"
+    model_version: str = "0.0.0"
+    training_data: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    ood: OodSpec | None = None
+
+    def to_props(self) -> dict[str, str]:
+        ood = {META_OOD: self.ood.to_json()} if self.ood is not None else {}
+        return {
+            **ood,
+            META_CONTRACT: CONTRACT_VERSION,
+            META_LABELS: json.dumps(list(self.labels)),
+            META_PREPROCESS: self.preprocess.to_json(),
+            META_CAM_WEIGHT: self.cam_weight,
+            META_CAM_BIAS: self.cam_bias,
+            META_TEMPERATURE: repr(float(self.temperature)),
+            META_THRESHOLD: repr(float(self.tumour_threshold)),
+            META_NAME: self.model_name,
+            META_VERSION: self.model_version,
+            META_TRAINING_DATA: json.dumps(self.training_data, sort_keys=True),
+            META_METRICS: json.dumps(self.metrics, sort_keys=True),
+        }
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str]) -> ModelMetadata:
+        """Parse metadata_props; raises ValueError naming the missing or bad key."""
+        version = props.get(META_CONTRACT)
+        if version != CONTRACT_VERSION:
+            raise ValueError(f"model contract version {version!r}, expected {CONTRACT_VERSION!r}")
+        try:
+            labels = tuple(json.loads(props[META_LABELS]))
+            if len(labels) < 2 or not all(isinstance(x, str) and x for x in labels):
+                raise ValueError(f"{META_LABELS} must list at least two class names")
+            return cls(
+                labels=labels,
+                preprocess=PreprocessSpec.from_json(props[META_PREPROCESS]),
+                cam_weight=props[META_CAM_WEIGHT],
+                cam_bias=props[META_CAM_BIAS],
+                temperature=float(props.get(META_TEMPERATURE, "1.0")),
+                tumour_threshold=float(props.get(META_THRESHOLD, "0.5")),
+                model_name=props.get(META_NAME, "unnamed"),
+                model_version=props.get(META_VERSION, "0.0.0"),
+                training_data=json.loads(props.get(META_TRAINING_DATA, "{}")),
+                metrics=json.loads(props.get(META_METRICS, "{}")),
+                ood=OodSpec.from_json(props[META_OOD]) if META_OOD in props else None,
+            )
+        except KeyError as exc:
+            raise ValueError(f"model metadata lacks {exc.args[0]}") from None
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"model metadata is malformed: {exc}") from None

@@ -1,0 +1,218 @@
+"""The pure steps around the model call, shared by every front end through ``Engine``:
+bytes -> ``prepare`` (decode, frame, normalise; runs in a host worker) -> the model ->
+``ResultBuilder.build`` (softmax with temperature, tumour decision, out-of-distribution verdict,
+CAM placed on the image) -> ``Prediction``. No FastAPI, no ONNX Runtime here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+from app.core.contract import Framing, ModelMetadata, PreprocessSpec, frame, normalise
+from app.core.errors import InvalidImage
+from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy, decode
+from app.core.modality import looks_like_ct
+from app.core.postprocess import (
+    cam_grid,
+    cam_images,
+    class_activation_map,
+    gray_view,
+    softmax,
+    tumour_probability,
+)
+from app.core.result import (
+    OOD_PHRASE,
+    CamBox,
+    CamGrid,
+    CamPng,
+    ModelIdentity,
+    ModelOutput,
+    Prediction,
+    Timings,
+)
+
+CamMode = Literal["none", "png", "grid"]
+CAM_MODES: tuple[str, ...] = get_args(CamMode)
+# An image whose short side is under this many pixels is too small to be a whole MR slice.
+MIN_SLICE_SIDE = 100
+OOD_WARNING = OOD_PHRASE + " ({why}); the probabilities are not a finding and no tumour decision is made"
+# Why an image is out of distribution -> the ``reason`` label of btd_out_of_distribution_total.
+OOD_REASONS = {"modality": "{not_mr}",
+               "model": "the model's out-of-distribution score {score:.3g} is over its threshold {threshold:.3g}",
+               "no-head": "no head was found in it",
+               "small-image": "it is {width}x{height} pixels, too small to be a whole slice"}
+
+
+# Why an image is not an MR slice (``Prepared.not_mr``) -> the words of its "modality" reason.
+NOT_MR = {"dicom": "the DICOM says it is not an MR image",
+          "ct-look": "it looks like a CT slice (a bright bone ring around grey brain), not MR"}
+
+
+def ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Everything ``prepare`` needs; plain and picklable, so host worker processes get it per task."""
+
+    spec: PreprocessSpec
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    multiframe: MultiframePolicy = "middle"
+
+
+@dataclass
+class Prepared:
+    """A request after decode and preprocess, ready for the model. It carries the model-size
+    intensity image (``unit``, a third of the input tensor's bytes: what a host worker sends back),
+    normalised into the input tensor where the batch is assembled."""
+
+    unit: np.ndarray  # float32 [size, size], the contract's ``frame`` output
+    spec: PreprocessSpec
+    framing: Framing  # where the model's input lies in the decoded image
+    image_size: tuple[int, int]  # (width, height) of the decoded image
+    media_type: str
+    warnings: list[str]
+    view: np.ndarray | None = None  # uint8 view of the slice for the CAM images (cam=png only)
+    not_mr: str | None = None  # why it is not an MR slice (a key of NOT_MR), None when nothing says so
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    # The DICOM attributes its DICOM results copy (``source=True``; patient data: never logged or answered)
+    source: Any = None
+
+    @property
+    def tensor(self) -> np.ndarray:
+        """The model input, float32 ``[channels, size, size]`` (the contract's ``preprocess``)."""
+        return normalise(self.unit, self.spec)
+
+    @property
+    def image_reasons(self) -> list[str]:
+        """Out-of-distribution reasons read from the image alone (not the model)."""
+        width, height = self.image_size
+        reasons = ["modality"] if self.not_mr else []
+        reasons += ["no-head"] if self.framing.head_found is False else []
+        return reasons + (["small-image"] if min(width, height) < MIN_SLICE_SIDE else [])
+
+
+def prepare(data: bytes, media_type: str | None, options: PrepareOptions, view: bool = False,
+            source: bool = False) -> Prepared:
+    """Bytes -> model input. Raises the typed errors of ``app.core.errors`` for bad input. ``view``: also
+    keep the 8-bit view of the slice that ``cam=png`` draws on; ``source``: also read the attributes a
+    DICOM's results copy, in the same read (``Prepared.source``), so a host worker reads a file once."""
+    start = time.perf_counter()
+    decoded = decode(data, media_type, max_pixels=options.max_pixels, multiframe=options.multiframe, source=source)
+    decode_ms = ms_since(start)
+    start = time.perf_counter()
+    if not np.isfinite(decoded.pixels).all():
+        raise InvalidImage("the image contains non-finite values")
+    unit, framing = frame(decoded.pixels, options.spec)
+    height, width = decoded.pixels.shape
+    prepared = Prepared(unit, options.spec, framing, (width, height), decoded.media_type, list(decoded.warnings),
+                        gray_view(decoded.pixels) if view else None, not_mr_because(decoded.modality, decoded.pixels),
+                        source=decoded.source)
+    prepared.timings_ms = {"decode": decode_ms, "preprocess": ms_since(start)}
+    return prepared
+
+
+def not_mr_because(modality: str | None, pixels: np.ndarray) -> str | None:
+    """Why a decoded slice is not MR: its DICOM Modality says another (``"dicom"``), or, when nothing
+    says (PNG, JPEG, a DICOM without Modality), it has CT's look (``"ct-look"``); else None."""
+    if modality == "MR":
+        return None
+    if modality:
+        return "dicom"
+    return "ct-look" if looks_like_ct(pixels) else None
+
+
+def cam_box(prepared: Prepared) -> CamBox:
+    f = prepared.framing
+    return CamBox(round(f.x, 2), round(f.y, 2), round(f.side, 2), round(f.box_height, 2))
+
+
+def render_cam_png(view: np.ndarray, grid: np.ndarray, framing: Framing, image_size: tuple[int, int]) -> dict:
+    """The CAM images (``cam_images``), on their own so a host worker can encode them."""
+    return cam_images(view, grid, framing, image_size)
+
+
+@dataclass(frozen=True)
+class ResultBuilder:
+    """Model outputs of one image -> ``Prediction``."""
+
+    metadata: ModelMetadata
+    cam_weights: np.ndarray  # float32 [C, K]
+    sha256: str
+    threshold: float
+
+    @property
+    def model_identity(self) -> ModelIdentity:
+        return ModelIdentity(self.metadata.model_name, self.metadata.model_version, self.sha256)
+
+    def cam_grid(self, output: ModelOutput) -> np.ndarray:
+        """The CAM of the predicted class at feature resolution."""
+        return class_activation_map(output.features, self.cam_weights, int(np.argmax(output.logits)))
+
+    def out_of_distribution(self, prepared: Prepared, ood_score: float | None) -> tuple[bool | None, list[str]]:
+        """(in_distribution, reasons it is not)."""
+        reasons = list(prepared.image_reasons)
+        if ood_score is not None and self.metadata.ood is not None and ood_score > self.metadata.ood.threshold:
+            reasons.insert(0, "model")
+        if reasons:
+            return False, reasons
+        return (True if ood_score is not None else None), []
+
+    def ood_warning(self, reasons: list[str], prepared: Prepared, ood_score: float | None) -> str:
+        width, height = prepared.image_size
+        threshold = self.metadata.ood.threshold if self.metadata.ood is not None else float("nan")
+        why = "; ".join(OOD_REASONS[r].format(score=ood_score if ood_score is not None else float("nan"),
+                                              threshold=threshold, width=width, height=height,
+                                              not_mr=NOT_MR.get(prepared.not_mr or "", "")) for r in reasons)
+        return OOD_WARNING.format(why=why)
+
+    def build(self, prepared: Prepared, output: ModelOutput, cam: str, *, started: float,
+              cam_result: dict | None = None, cam_ms: float = 0.0) -> Prediction:
+        """``cam_result``: the CAM images when they were rendered elsewhere (a host worker), for
+        ``cam="png"``; without them they are rendered here."""
+        labels = self.metadata.labels
+        probs = softmax(output.logits, self.metadata.temperature)
+        best = int(np.argmax(probs))
+        tumour = tumour_probability(probs, labels)
+        in_distribution, reasons = self.out_of_distribution(prepared, output.ood_score)
+        warnings = list(prepared.warnings)
+        if reasons:
+            warnings.append(self.ood_warning(reasons, prepared, output.ood_score))
+        cam_out = None
+        if cam != "none":
+            cam_start = time.perf_counter()
+            if cam == "grid":
+                cam_out = CamGrid(**cam_grid(self.cam_grid(output)), label=labels[best], box=cam_box(prepared))
+            else:
+                images = cam_result or render_cam_png(prepared.view, self.cam_grid(output), prepared.framing,
+                                                      prepared.image_size)
+                cam_out = CamPng(**images, label=labels[best], box=cam_box(prepared))
+            cam_ms += ms_since(cam_start)
+        timings = {**prepared.timings_ms, "queue": output.queue_ms, "inference": output.inference_ms, "cam": cam_ms}
+        timings["total"] = ms_since(started)
+        return Prediction(
+            model=self.model_identity,
+            label=labels[best],
+            probabilities={label: float(p) for label, p in zip(labels, probs)},
+            tumour_probability=tumour,
+            tumour_detected=None if tumour is None or in_distribution is False else bool(tumour >= self.threshold),
+            threshold=float(self.threshold),
+            cam=cam_out,
+            timings_ms=Timings(**{k: round(v, 3) for k, v in timings.items()}),
+            warnings=warnings,
+            in_distribution=in_distribution,
+            ood_score=None if output.ood_score is None else float(output.ood_score),
+            ood_threshold=None if self.metadata.ood is None else float(self.metadata.ood.threshold),
+            ood_reasons=reasons,
+        )
+
+
+def check_cam_mode(cam: str) -> str:
+    if cam not in CAM_MODES:
+        raise ValueError(f"cam must be one of {', '.join(CAM_MODES)}")
+    return cam

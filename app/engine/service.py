@@ -1,0 +1,200 @@
+"""The asynchronous front of the ``Engine`` behind the HTTP routes: admission control, host work in a
+pool, the micro-batcher, the request timeout and the metrics. Transport-free (no FastAPI): routes
+hand it bytes and get a ``Prediction`` or a typed error."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from app.core.decode import DICOM, sniff
+from app.core.errors import InferenceTimeout
+from app.core.result import ModelOutput, Prediction
+from app.engine import metrics
+from app.engine.admission import Admission
+from app.engine.batcher import MicroBatcher
+from app.engine.budget import DecodeBudget, decode_cost, worst_cost
+from app.engine.engine import Engine, EngineOptions
+from app.engine.host import HostWork, MixedHost, ProcessHost, ThreadHost
+from app.engine.pipeline import check_cam_mode, ms_since, prepare, render_cam_png
+from app.engine.runner import GPU_PROVIDERS, available_cpus
+
+
+@dataclass(frozen=True)
+class RawOutputs:
+    """What the Open Inference Protocol answers: the model's own outputs, no decision."""
+
+    logits: np.ndarray  # float32 [N, C]
+    ood_score: np.ndarray | None  # float32 [N]; None when the model has no OOD output
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    max_wait_s: float = 0.005  # longest the oldest request waits for company in the batcher
+    queue_size: int = 64  # requests that may wait for the model, decoding included
+    max_queue_wait_s: float = 1.0  # refuse new requests while the oldest waiting one has waited longer
+    request_timeout_s: float = 30.0
+    host_workers: int | None = None  # processes for decode/preprocess/CAM images; 0: threads; None: auto
+    host_task_timeout_s: float | None = None  # a host task past this: its worker is killed (None: no limit)
+    host_memory_limit_bytes: int | None = None  # address-space limit of each host worker process
+    decode_budget_bytes: int | None = None  # memory all decodes may take at once (app.engine.budget)
+    max_pixels: int = 4096 * 4096  # the largest image a cost reading counts (BTD_MAX_PIXELS)
+
+
+def auto_host_workers(on_gpu: bool) -> int:
+    """Host worker processes when not set: on a GPU node every core but one (the event loop's);
+    on the CPU none (threads): the model needs the cores there (README, "The inference engine")."""
+    return max(1, available_cpus() - 1) if on_gpu else 0
+
+
+ISOLATION_WORKERS = 1  # worker processes for DICOM beside the threads (CPU default)
+
+
+def host_work(options: ServiceOptions, on_gpu: bool = False) -> HostWork:
+    """Processes when asked for (or auto on a GPU node); threads when BTD_HOST_WORKERS=0; auto on the
+    CPU: threads, with DICOM decoding (GIL-bound, crash-prone codecs) in one worker process."""
+    workers = auto_host_workers(on_gpu) if options.host_workers is None else options.host_workers
+    limits = {"task_timeout_s": options.host_task_timeout_s, "memory_limit_bytes": options.host_memory_limit_bytes}
+    if workers > 0:
+        return ProcessHost(workers, **limits)
+    threads = ThreadHost(max(2, available_cpus()))
+    if options.host_workers is None:
+        return MixedHost(threads, ProcessHost(ISOLATION_WORKERS, **limits))
+    return threads
+
+
+class InferenceService:
+    def __init__(self, engine: Engine, options: ServiceOptions, host: HostWork | None = None) -> None:
+        self.engine = engine
+        self.options = options
+        self.host = host or host_work(options, engine.runner.provider in GPU_PROVIDERS)
+        self.admission = Admission(options.queue_size, options.max_queue_wait_s, on_depth=metrics.QUEUE_DEPTH.set)
+        self.decode_budget = DecodeBudget(options.decode_budget_bytes or worst_cost(options.max_pixels),
+                                          on_change=metrics.DECODE_BYTES.set)
+        self.batcher = MicroBatcher(self._run_batch, max_batch_size=engine.max_batch_size,
+                                    max_wait_s=options.max_wait_s, on_batch=metrics.BATCH_SIZE.observe)
+
+    @classmethod
+    def load(cls, model_path, engine_options: EngineOptions, options: ServiceOptions) -> InferenceService:
+        """Load, check and warm up the model and start the host workers (blocking: call it in a thread)."""
+        engine = Engine.load(model_path, engine_options)
+        service = cls(engine, options)
+        service.host.warm_up()
+        return service
+
+    def _run_batch(self, prepared, features):
+        started = time.perf_counter()
+        outputs = self.engine.infer_prepared(prepared, features)
+        self.admission.observe_batch(len(prepared), time.perf_counter() - started)
+        return outputs
+
+    def start(self) -> None:
+        self.batcher.start()
+        meta, runner = self.engine.metadata, self.engine.runner
+        metrics.set_model_info(meta.model_name, meta.model_version, self.engine.model.sha256, runner.provider)
+
+    async def predict(self, data: bytes, media_type: str | None, cam: str = "none", *,
+                      batch_file: bool = False) -> Prediction:
+        """One image -> ``Prediction``; typed errors for bad input, ``Overloaded`` above capacity,
+        ``InferenceTimeout`` past the request timeout. A ``batch_file`` of a request already past
+        ``refuse_if_full`` waits for the decode budget instead of being refused for it."""
+        return (await self._predict_admitted(data, media_type, cam, batch_file, False))[0]
+
+    async def predict_with_source(self, data: bytes, media_type: str | None, cam: str = "none") -> tuple[Prediction, Any]:
+        """``predict`` of a DICOM, and the attributes its DICOM results copy (``dicom_read.results_header``),
+        read with the pixels in the same isolated decode: the server never parses the file itself."""
+        return await self._predict_admitted(data, media_type, cam, False, True)
+
+    async def _predict_admitted(self, data: bytes, media_type: str | None, cam: str, batch_file: bool,
+                                source: bool) -> tuple[Prediction, Any]:
+        check_cam_mode(cam)
+        started = time.perf_counter()
+        cost = decode_cost(data, self.options.max_pixels)
+        if not batch_file:
+            self.decode_budget.check(cost)  # admission by decoded pixels, before the count and wait checks
+        ticket = self.admission.admit()
+        timeout = self.options.request_timeout_s
+        try:
+            with metrics.IN_FLIGHT.track_inprogress():  # admitted work: the upload is complete
+                result, source_header = await asyncio.wait_for(
+                    self._predict(data, media_type, cam, started, ticket, cost, source), timeout)
+        except asyncio.TimeoutError:
+            raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
+        finally:
+            self.admission.stop_waiting(ticket)
+        metrics.observe_prediction(result)
+        return result, source_header
+
+    async def _prepare(self, data: bytes, media_type: str | None, cost: int, view: bool = False,
+                       source: bool = False):
+        """Decode and preprocess within the decode budget; DICOM where its codecs cannot stall or crash
+        the server and its parsing runs under the worker's memory and time limits (a worker process,
+        unless BTD_HOST_WORKERS=0)."""
+        run = self.host.run_isolated if sniff(data) == DICOM else self.host.run
+        async with self.decode_budget.hold(cost):
+            return await run(prepare, data, media_type, self.engine.prepare_options, view, source)
+
+    async def _predict(self, data: bytes, media_type: str | None, cam: str, started: float,
+                       ticket: int, cost: int, source: bool = False) -> tuple[Prediction, Any]:
+        engine = self.engine
+        prepared = await self._prepare(data, media_type, cost, cam == "png", source)
+        output = await self.batcher.submit(prepared, cam != "none",
+                                           on_start=lambda: self.admission.stop_waiting(ticket))
+        cam_result, cam_ms = None, 0.0
+        if cam == "png":  # the images are encoded by the host workers too
+            cam_start = time.perf_counter()
+            cam_result = await self.host.run(render_cam_png, prepared.view, engine.builder.cam_grid(output),
+                                             prepared.framing, prepared.image_size)
+            cam_ms = ms_since(cam_start)
+        return engine.finish(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms), prepared.source
+
+    async def infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
+        """Model inputs ``[channels, size, size]`` (or image bytes, prepared as ``predict`` does) -> raw
+        logits ``[N, C]`` and OOD scores, through the micro-batcher: the same admission, queue and
+        timeout as ``predict``."""
+        timeout = self.options.request_timeout_s
+        metrics.IN_FLIGHT.inc(len(inputs))  # admitted work: one per image, as predict counts
+        try:
+            return await asyncio.wait_for(self._infer_raw(inputs), timeout)
+        except asyncio.TimeoutError:
+            raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
+        finally:
+            metrics.IN_FLIGHT.dec(len(inputs))
+
+    async def _infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
+        costs = [0 if isinstance(item, np.ndarray) else decode_cost(item, self.options.max_pixels) for item in inputs]
+        self.decode_budget.check(sum(costs))
+
+        async def one(item: np.ndarray | bytes, cost: int) -> ModelOutput:
+            ticket = self.admission.admit()
+            try:
+                model_input = item if isinstance(item, np.ndarray) else await self._prepare(item, None, cost)
+                out = await self.batcher.submit(model_input, False, on_start=lambda: self.admission.stop_waiting(ticket))
+            finally:
+                self.admission.stop_waiting(ticket)
+            return out
+
+        outs = await asyncio.gather(*(one(item, cost) for item, cost in zip(inputs, costs)))
+        scores = None if outs[0].ood_score is None else np.array([float(o.ood_score) for o in outs], np.float32)
+        return RawOutputs(np.stack([o.logits for o in outs]), scores)
+
+    def refuse_if_full(self) -> None:
+        """``Overloaded`` (503 with Retry-After) at once when a new request would be refused: for a
+        batch request, before its files are read and decoded (its files then wait for the decode
+        budget, they are not refused one by one)."""
+        self.decode_budget.check()
+        self.admission.check()
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /v1/model`` returns."""
+        return {**self.engine.describe(), "host_workers": self.host.workers, "host_work": self.host.kind,
+                "isolated_decoders": self.host.isolated}
+
+    async def close(self, timeout_s: float) -> None:
+        await self.batcher.close(timeout_s)
+        self.host.close()

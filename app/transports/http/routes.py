@@ -1,0 +1,203 @@
+"""HTTP routes: parse the request, call the inference service, shape the response. Nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.engine import metrics
+from app.transports.http import openapi_docs as docs
+from app.transports.http.dicom import ResultFormat, dicom_objects_wanted, dicom_response
+from app.transports.http.middleware import route_template
+from app.transports.http.problems import problem_of, problem_response, request_id_of
+from app.transports.http.schemas import BatchResponse, Health, ModelDescription, PredictResponse
+from app.transports.http.audit import AuditLog
+from app.core.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from app.core.decode import MEDIA_TYPES, normalise_media_type
+from app.engine.pipeline import CamMode
+from app.core.result import Prediction, Timings
+from app.engine.service import InferenceService
+from app.settings import Settings
+
+router = APIRouter()
+
+CAM_QUERY = Query("none", description="class activation map: none, png (images, base64) or grid (numbers)")
+FORMAT_QUERY = Query("json", alias="format", description="json, or dicom: a DICOM input's result objects (a Comprehensive SR and "
+                     "the CAM overlay as Secondary Capture) as multipart/related; the same as "
+                     'Accept: multipart/related; type="application/dicom". Accept: application/dicom gives the SR '
+                     "alone")
+SERVER_TIMING = (*metrics.STAGES.items(), ("total", "total"))  # (metric name, timings_ms key)
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's settings; tests may override this dependency."""
+    return request.app.state.settings
+
+
+def get_service(request: Request) -> InferenceService:
+    """The loaded inference service, or 503 until the model is loaded, checked and warmed up."""
+    state = request.app.state.runtime
+    if state.service is None:
+        raise ModelNotReady(state.not_ready_reason())
+    return state.service
+
+
+def _bare(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+async def _read_form(request: Request, max_files: int):
+    try:
+        return await request.form(max_files=max_files, max_fields=16)
+    except StarletteHTTPException as exc:
+        if "Too many files" in str(exc.detail):
+            raise PayloadTooLarge(f"at most {max_files} file(s) per request") from None
+        raise
+
+
+async def _read_upload(upload: UploadFile) -> tuple[bytes, str | None]:
+    try:
+        return await upload.read(), upload.content_type
+    finally:
+        await upload.close()
+
+
+async def read_single_image(request: Request) -> tuple[bytes, str | None]:
+    """The image of ``POST /v1/predict``: multipart field ``file``, or the raw body."""
+    content_type = _bare(request.headers.get("content-type"))
+    if content_type == "multipart/form-data":
+        form = await _read_form(request, max_files=1)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest("the multipart body needs a file field named 'file'")
+        return await _read_upload(upload)
+    if content_type and normalise_media_type(content_type) in (*MEDIA_TYPES, None):  # None: sniff the bytes
+        return await request.body(), content_type
+    raise UnsupportedMediaType(
+        "send multipart/form-data with a 'file' field, or the raw image with Content-Type "
+        f"{', '.join(MEDIA_TYPES)}"
+    )
+
+
+def _server_timing(timings: Timings) -> str:
+    return ", ".join(f"{name};dur={getattr(timings, key):.3f}" for name, key in SERVER_TIMING)
+
+
+def audit_prediction(request: Request, service: InferenceService, *, index: int | None = None,
+                     result: Prediction | None = None, error: ServiceError | None = None, **fields: Any) -> None:
+    """The audit line of one prediction, answered (``result``, or its ``fields`` where there is no
+    ``Prediction``, as for v2 logits) or refused (``error``)."""
+    audit: AuditLog = request.app.state.audit
+    if result is not None:
+        fields = {"label": result.label, "tumour_probability": result.tumour_probability,
+                  "tumour_detected": result.tumour_detected, "threshold": result.threshold,
+                  "in_distribution": result.in_distribution, "timings_ms": asdict(result.timings_ms)}
+    audit.prediction(
+        request_id=request_id_of(request), key=getattr(request.state, "api_key", None),
+        client=request.client.host if request.client else None, route=route_template(request.scope),
+        index=index,
+        status=200 if error is None else error.status, problem=None if error is None else error.slug,
+        model=asdict(service.engine.builder.model_identity), **fields)
+
+
+@router.post("/v1/predict", operation_id="predict", summary="Classify one slice (PNG, JPEG or DICOM)",
+             response_model=PredictResponse, responses=docs.PREDICT_RESPONSES, openapi_extra=docs.PREDICT_BODY)
+async def predict(request: Request, cam: CamMode = CAM_QUERY, result_format: ResultFormat = FORMAT_QUERY,
+                  service: InferenceService = Depends(get_service)) -> Response:
+    try:
+        data, media_type = await read_single_image(request)
+        objects = dicom_objects_wanted(result_format, request.headers.get("accept"))
+        if objects is not None:
+            dicom, result = await dicom_response(service, data, media_type, objects)
+        else:
+            result = await service.predict(data, media_type, cam)
+    except ServiceError as error:
+        audit_prediction(request, service, error=error)
+        raise
+    audit_prediction(request, service, result=result)
+    if objects is not None:
+        dicom.headers["Server-Timing"] = _server_timing(result.timings_ms)
+        return dicom
+    # Serialised straight from the typed result (response_model documents it; the API tests check
+    # every answer against the committed spec).
+    return Response(result.to_json(request_id_of(request)), media_type="application/json",
+                    headers={"Server-Timing": _server_timing(result.timings_ms)})
+
+
+@router.post("/v1/predict/batch", operation_id="predictBatch", summary="Classify several slices in one request",
+             response_model=BatchResponse, responses=docs.BATCH_RESPONSES, openapi_extra=docs.BATCH_BODY)
+async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
+                        service: InferenceService = Depends(get_service),
+                        settings: Settings = Depends(get_settings)) -> dict[str, Any]:
+    try:
+        if _bare(request.headers.get("content-type")) != "multipart/form-data":
+            raise UnsupportedMediaType("send multipart/form-data with one 'files' field per image")
+        service.refuse_if_full()  # an overloaded server answers the whole batch 503 + Retry-After
+        form = await _read_form(request, max_files=settings.max_batch_files)
+        uploads = [u for u in form.getlist("files") if isinstance(u, UploadFile)]
+        if not uploads:
+            raise InvalidRequest("the multipart body needs at least one file field named 'files'")
+    except ServiceError as error:  # the whole request refused: one line without a file index
+        audit_prediction(request, service, error=error)
+        raise
+    request_id = request_id_of(request)
+
+    async def one(index: int, upload: UploadFile) -> dict[str, Any]:
+        filename = upload.filename or f"file{index + 1}"
+        data, media_type = await _read_upload(upload)
+        try:
+            result = await service.predict(data, media_type, cam, batch_file=True)
+        except ServiceError as error:  # one bad file does not fail the others
+            metrics.ERRORS.labels(error.slug).inc()
+            audit_prediction(request, service, index=index, error=error)
+            return {"filename": filename, "ok": False, "problem": problem_of(error, request.url.path, request_id)}
+        audit_prediction(request, service, index=index, result=result)
+        return {"filename": filename, "ok": True, "result": {"request_id": request_id, **result.to_dict()}}
+
+    # All at once, so they meet in the micro-batcher; gather keeps request order.
+    return {"results": await asyncio.gather(*(one(i, u) for i, u in enumerate(uploads)))}
+
+
+@router.get("/v1/model", operation_id="getModel", summary="The loaded model: labels, input, metrics, provider",
+            response_model=ModelDescription, responses=docs.MODEL_RESPONSES, openapi_extra=docs.KEY_SECURITY)
+async def get_model(service: InferenceService = Depends(get_service)) -> dict[str, Any]:
+    return service.describe()
+
+
+def probe_failed(request: Request) -> JSONResponse:
+    """A health probe's 503: a state (loading, draining, failed), not an error. Probes come every few
+    seconds, so it is neither logged as a warning nor counted in ``btd_errors_total``; ``btd_ready``
+    shows it."""
+    reason = request.app.state.runtime.not_ready_reason()
+    body = problem_of(ModelNotReady(reason), request.url.path, request_id_of(request))
+    return problem_response(body, is_error=False)
+
+
+@router.get("/livez", operation_id="livez", summary="The process is alive", response_model=Health,
+            responses=docs.LIVEZ_RESPONSES)
+async def livez(request: Request) -> Any:
+    if request.app.state.runtime.load_error is not None:
+        return probe_failed(request)
+    return {"status": "ok"}
+
+
+@router.get("/readyz", operation_id="readyz",
+            summary="Ready for traffic: model loaded, contract checked, warmed up, not draining",
+            response_model=Health, responses=docs.NOT_READY_RESPONSES)
+async def readyz(request: Request) -> Any:
+    if not request.app.state.runtime.ready:
+        return probe_failed(request)
+    return {"status": "ok"}
+
+
+@router.get("/metrics", operation_id="metrics", summary="Prometheus metrics", response_class=Response,
+            responses=docs.METRICS_RESPONSES)
+async def prometheus_metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

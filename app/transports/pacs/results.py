@@ -1,0 +1,316 @@
+"""DICOM result objects for one classified slice, built with highdicom from the source's header:
+
+- a **Comprehensive SR** holding a TID 1500 *Imaging Measurement Report* (the template the IHE AI
+  Results profile uses): the finding, every class probability, the tumour probability, decision and
+  threshold, the algorithm (TID 4019: model name, version, sha256) and the decision-support wording;
+- a **Secondary Capture** image of the CAM overlay with a caption band (model, finding, "not a
+  diagnosis") burnt in, so that any viewer shows it.
+
+Both copy the patient and study modules of the source and reference it (Current Requested
+Procedure Evidence, the measurement group's source image, the SC's Source Image Sequence). Their
+UIDs are derived from the source's UIDs, the model's sha256 and the threshold, so the same slice
+through the same model gives the same objects: a retried send replaces instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import uuid
+from collections.abc import Sequence
+
+import cv2
+import highdicom as hd
+import numpy as np
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
+
+from app.core.errors import InvalidImage, ServiceError
+from app.core.decode import DEFAULT_MAX_PIXELS, quiet_pydicom
+from app.core.dicom_read import element_limits, read_dataset, results_header
+from app.transports.pacs.finding import Finding
+
+MANUFACTURER = "btd"
+LOCAL_SCHEME = "99BTD"  # a local coding scheme (PS3.16 8.2): the model's own class labels and quantities
+SR_SERIES_NUMBER = 9901
+OVERLAY_SERIES_NUMBER = 9902
+SERIES_DESCRIPTION = "btd AI result: decision support, not a diagnosis"
+DISCLAIMER = ("Decision support for trained readers, not a diagnosis. Computed by an automated "
+              "classifier of single MR slices; confirm on the images.")
+OVERLAY_MIN_SIDE = 512  # the overlay is scaled up to this long side, so its caption stays legible
+NO_UNITS = codes.UCUM.NoUnits
+# Patient and study attributes highdicom reads directly (type 2: present, possibly empty).
+TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+# highdicom logs the source's SOP Instance UID at INFO while copying modules: keep tag values out of our logs.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+_UID_NAMESPACE = uuid.UUID("5b0e8f6c-3c1e-4c2a-9d7e-6a1f0d2b7c41")
+
+
+def result_uid(*parts: object) -> str:
+    """A UID derived from ``parts`` (UUID-derived, "2.25." form, PS3.5 B.2): the same parts, the same UID."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(str(p) for p in parts)).int}"
+
+
+def read_source(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
+    """The attributes of a DICOM Part 10 file that its results copy (``dicom_read.results_header``),
+    read under ``dicom_read``'s limits, in this process: for a caller's own files (``btd predict``).
+    Bytes from a client or a PACS are read in an isolated worker instead, with the pixels
+    (``prepare(..., source=True)``). Messages never quote tag values (patient data)."""
+    with quiet_pydicom(), element_limits():
+        try:
+            return results_header(read_dataset(data, max_pixels, stop_before_pixels=True))
+        except (ServiceError, MemoryError):
+            raise
+        except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
+            raise InvalidImage(f"the DICOM header could not be read ({type(exc).__name__})") from None
+
+
+def _evidence(source: Dataset) -> Dataset:
+    """A copy of the header with the type-2 patient/study attributes present (empty when absent)."""
+    evidence = copy.deepcopy(source)
+    for keyword in TYPE2_COPIED:
+        if keyword not in evidence:
+            setattr(evidence, keyword, None)
+    return evidence
+
+
+def _local(value: str, meaning: str) -> Code:
+    return Code(value[:16], LOCAL_SCHEME, meaning[:64])
+
+
+def class_code(finding: Finding, label: str) -> Code:
+    """The model's class as a code of the local scheme (its label; the index where the label is too long)."""
+    value = label if len(label) <= 16 else f"CLASS-{finding.labels.index(label)}"
+    return _local(value, label)
+
+
+def _probability_code(finding: Finding, label: str) -> Code:
+    value = f"P-{label}" if len(label) <= 14 else f"P-CLASS-{finding.labels.index(label)}"
+    return _local(value, f"Probability of {label}")
+
+
+TUMOUR_PROBABILITY = _local("TUMOUR-P", "Tumour probability (1 - p(notumor))")
+TUMOUR_THRESHOLD = _local("TUMOUR-THRESHOLD", "Tumour decision threshold")
+OOD_SCORE = _local("OOD-SCORE", "Out-of-distribution score")
+OOD_THRESHOLD = _local("OOD-THRESHOLD", "Out-of-distribution threshold")
+IN_DISTRIBUTION = _local("IN-DISTRIBUTION", "Input like the model's training data")
+NO_FINDING = _local("NO-FINDING", "No finding: input unlike the training data")
+TUMOUR = Code("108369006", "SCT", "Neoplasm")
+
+
+def _num(name: Code, value: float, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=round(float(value), 6), unit=NO_UNITS, algorithm_id=algorithm)
+
+
+def algorithm_of(finding: Finding) -> hd.sr.AlgorithmIdentification:
+    """TID 4019: the model, its file's sha256 and the decision threshold."""
+    model = finding.model
+    return hd.sr.AlgorithmIdentification(
+        name=model.name, version=model.version, manufacturer=MANUFACTURER,
+        parameters=[f"sha256={model.sha256}", f"tumour_threshold={finding.threshold:g}"],
+    )
+
+
+def _measurement_group(source: Dataset, finding: Finding) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    algorithm = algorithm_of(finding)
+    measurements: list[hd.sr.Measurement] = []
+    evaluations: list[hd.sr.QualitativeEvaluation] = []
+    if finding.reportable:
+        measurements += [_num(_probability_code(finding, label), p, algorithm)
+                         for label, p in finding.probabilities.items()]
+        if finding.tumour_probability is not None:
+            measurements.append(_num(TUMOUR_PROBABILITY, finding.tumour_probability, algorithm))
+        measurements.append(_num(TUMOUR_THRESHOLD, finding.threshold, algorithm))
+        if finding.tumour_detected is not None:
+            evaluations.append(hd.sr.QualitativeEvaluation(
+                TUMOUR, codes.SCT.Present if finding.tumour_detected else codes.SCT.Absent))
+    if finding.ood_score is not None:
+        measurements.append(_num(OOD_SCORE, finding.ood_score, algorithm))
+        if finding.ood_threshold is not None:
+            measurements.append(_num(OOD_THRESHOLD, finding.ood_threshold, algorithm))
+    if finding.in_distribution is not None:
+        evaluations.append(hd.sr.QualitativeEvaluation(
+            IN_DISTRIBUTION, codes.SCT.Yes if finding.in_distribution else codes.SCT.No))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=result_uid("tracking", source.SOPInstanceUID, finding.model.sha256),
+            identifier=f"btd classification of one slice by {finding.model.name}"[:64]),
+        finding_type=class_code(finding, finding.label) if finding.reportable else NO_FINDING,
+        algorithm_id=algorithm,
+        measurements=measurements or None,
+        qualitative_evaluations=evaluations or None,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+    )
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=summary_text(finding),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
+
+
+def summary_text(finding: Finding) -> str:
+    """The finding in words, with the decision-support wording (the SR's comment, the overlay's caption)."""
+    model = finding.model
+    who = f"{model.name} {model.version} (sha256 {model.sha256[:12]})"
+    if not finding.reportable:
+        score = "" if finding.ood_score is None else f" (score {finding.ood_score:.3g}"
+        score += "" if not score or finding.ood_threshold is None else f" > threshold {finding.ood_threshold:.3g})"
+        score += ")" if score and finding.ood_threshold is None else ""
+        return (f"{who}: the input is unlike the model's training data{score}; no finding is reported. "
+                + DISCLAIMER)
+    text = f"{who}: most likely class {finding.label} ({finding.probabilities[finding.label]:.1%})"
+    if finding.tumour_probability is not None:
+        decision = "detected" if finding.tumour_detected else "not detected"
+        text += (f"; tumour probability {finding.tumour_probability:.1%}, tumour {decision} "
+                 f"at threshold {finding.threshold:.1%}")
+    return f"{text}. {DISCLAIMER}"
+
+
+def procedure_of(source: Dataset) -> Code:
+    """CID 100: MRI (body region unspecified: the slice's header may not say) for MR, else any imaging."""
+    if str(source.get("Modality", "")).upper() == "MR":
+        return codes.cid100.MRIUnspecifiedBodyRegion
+    return codes.cid100.ImagingProcedure
+
+
+def build_sr(source: Dataset, finding: Finding) -> hd.sr.ComprehensiveSR:
+    """The Comprehensive SR (TID 1500) of one finding about ``source``."""
+    model = finding.model
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=result_uid("device", model.sha256), name=model.name[:64], manufacturer_name=MANUFACTURER,
+        model_name=model.name[:64], serial_number=model.version[:64])
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(
+            observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device,
+                                                          observer_identifying_attributes=device)),
+        procedure_reported=procedure_of(source),
+        imaging_measurements=[_measurement_group(source, finding)],
+    )
+    scheme = CodingSchemeIdentificationItem(
+        designator=LOCAL_SCHEME, name="btd model classes and outputs", responsible_organization=MANUFACTURER)
+    key = (model.sha256, f"{finding.threshold:g}")
+    return hd.sr.ComprehensiveSR(
+        evidence=[_evidence(source)], content=report[0],
+        series_instance_uid=result_uid("sr-series", source.SeriesInstanceUID, *key), series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=result_uid("sr", source.SOPInstanceUID, *key), instance_number=_instance_number(source),
+        manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
+        series_description=SERIES_DESCRIPTION, manufacturer_model_name=model.name[:64],
+        software_versions=model.version[:64], coding_schemes=[scheme],
+    )
+
+
+def _instance_number(source: Dataset) -> int:
+    try:
+        return max(1, int(source.get("InstanceNumber") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def patient_orientation(source: Dataset) -> tuple[str, str] | None:
+    """Row and column directions as patient-orientation letters (PS3.3 C.7.6.1.1.1), from Image
+    Orientation (Patient): the main axes of each direction cosine, largest first; None without it."""
+    try:
+        cosines = [float(v) for v in source.ImageOrientationPatient]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if len(cosines) != 6:
+        return None
+
+    def letters(vector: Sequence[float]) -> str:
+        order = sorted(range(3), key=lambda i: -abs(vector[i]))
+        return "".join(("LPH" if vector[i] > 0 else "RAF")[i] for i in order if abs(vector[i]) > 0.25)[:3]
+
+    row, col = letters(cosines[:3]), letters(cosines[3:])
+    return (row, col) if row and col else None
+
+
+def _fit_text(text: str, width: int, max_scale: float) -> tuple[float, int]:
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    scale = max_scale
+    while scale > 0.3:
+        (w, _), _ = cv2.getTextSize(text, font, scale, 1)
+        if w <= width:
+            break
+        scale -= 0.05
+    return scale, max(1, round(scale * 1.5))
+
+
+def caption_lines(finding: Finding) -> list[str]:
+    """The caption burnt into the overlay (ASCII: the overlay's font has nothing else)."""
+    model = finding.model
+    lines = [f"{model.name} {model.version}"]
+    if finding.reportable:
+        lines[0] += f": {finding.label} {finding.probabilities[finding.label]:.0%}"
+        if finding.tumour_probability is not None:
+            decision = "DETECTED" if finding.tumour_detected else "not detected"
+            lines.append(f"tumour {finding.tumour_probability:.0%} (threshold {finding.threshold:.0%}): {decision}")
+    else:
+        lines.append("input unlike the training data: no finding")
+    lines.append("CAM: where the model looked. Decision support, not a diagnosis.")
+    return [line.encode("ascii", "replace").decode("ascii") for line in lines]
+
+
+def render_overlay(overlay: np.ndarray, lines: Sequence[str]) -> np.ndarray:
+    """The RGB overlay scaled up to ``OVERLAY_MIN_SIDE`` (long side) with a caption band below it."""
+    height, width = overlay.shape[:2]
+    scale = max(1.0, OVERLAY_MIN_SIDE / max(height, width))
+    if scale > 1.0:
+        overlay = cv2.resize(overlay, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_LINEAR)
+    height, width = overlay.shape[:2]
+    line_height = max(18, width // 24)
+    band = np.zeros((line_height * len(lines) + line_height // 2, width, 3), np.uint8)
+    for i, line in enumerate(lines):
+        font_scale, thickness = _fit_text(line, width - 8, line_height / 30.0)
+        cv2.putText(band, line, (4, line_height * (i + 1)), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (255, 255, 255),
+                    thickness, cv2.LINE_AA)
+    return np.ascontiguousarray(np.vstack([overlay, band]))
+
+
+def build_overlay(source: Dataset, finding: Finding) -> hd.sc.SCImage | None:
+    """The Secondary Capture of the CAM overlay (None when the finding has no overlay)."""
+    if finding.overlay is None:
+        return None
+    pixels = render_overlay(finding.overlay, caption_lines(finding))
+    orientation = patient_orientation(source)
+    key = (finding.model.sha256, f"{finding.threshold:g}")
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=_evidence(source), pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        coordinate_system="PATIENT", patient_orientation=("L", "P"),  # highdicom takes single letters: set below
+        series_instance_uid=result_uid("overlay-series", source.SeriesInstanceUID, *key),
+        series_number=OVERLAY_SERIES_NUMBER,
+        sop_instance_uid=result_uid("overlay", source.SOPInstanceUID, *key),
+        instance_number=_instance_number(source), manufacturer=MANUFACTURER,
+        transfer_syntax_uid=ExplicitVRLittleEndian, series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=finding.model.name[:64], software_versions=finding.model.version[:64],
+    )
+    sc.PatientOrientation = list(orientation) if orientation else None  # oblique: "PL"; unknown: empty (type 2)
+    sc.Laterality = source.get("Laterality") or None  # type 2C: the source's, else empty (a brain is not paired)
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.DerivationDescription = (f"class activation map of {finding.model.name} {finding.model.version} "
+                                "blended on the slice, caption added")[:1024]
+    sc.BurnedInAnnotation = "NO"  # the caption names the model and the finding, not the patient
+    sc.ImageComments = summary_text(finding)[:10240]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    return sc
+
+
+def build_results(source: Dataset, finding: Finding) -> list[Dataset]:
+    """The SR, then the overlay when the finding has one."""
+    overlay = build_overlay(source, finding)
+    return [build_sr(source, finding), *([overlay] if overlay is not None else [])]
+
+
+def encode(dataset: Dataset) -> bytes:
+    """DICOM Part 10 bytes (preamble, file meta, explicit VR little endian)."""
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
