@@ -15,7 +15,6 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any
