@@ -14,7 +14,7 @@ from scipy.optimize import minimize_scalar
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from app.core.contract import NO_TUMOUR_LABEL
-from app.core.postprocess import softmax  # the service's softmax: one definition of the probabilities
+from app.core.decision import calls_tumour, softmax, tumour_probability  # the service's decision
 
 __all__ = ["softmax"]
 
@@ -92,12 +92,6 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     return float(math.exp(result.x))
 
 
-def tumour_probability(probs: np.ndarray, labels: Sequence[str]) -> np.ndarray | None:
-    if NO_TUMOUR_LABEL not in labels:
-        return None
-    return 1.0 - probs[:, list(labels).index(NO_TUMOUR_LABEL)]
-
-
 def classification_report(
     logits: np.ndarray,
     y_true: np.ndarray,
@@ -142,7 +136,7 @@ def classification_report(
     tumour = tumour_probability(calibrated, labels)
     if tumour is not None:
         is_tumour = y_true != labels.index(NO_TUMOUR_LABEL)
-        called = tumour >= threshold
+        called = calls_tumour(tumour, threshold)
         report["threshold"] = float(threshold)
         report[TUMOUR_SENSITIVITY] = _ratio((called & is_tumour).sum(), is_tumour.sum()) if is_tumour.any() else None
         report[TUMOUR_SPECIFICITY] = (

@@ -1,33 +1,16 @@
-"""Pure functions from model outputs to the response: calibrated probabilities, the tumour
-decision, the class activation map (CAM) and its encodings. Arrays in, plain values out."""
+"""Pure functions from model outputs to the response's pictures: the class activation map (CAM)
+and its encodings. Arrays in, plain values out. (The probabilities and the decision: ``decision``.)"""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
-
 import cv2
 import numpy as np
 
-from app.core.contract import NO_TUMOUR_LABEL, Framing, scale_intensity
+from app.core.contract import Framing, scale_intensity
 
 MAX_VIEW_SIDE = 1024  # long side of the PNG images returned with a CAM
 HEATMAP_MAX_ALPHA = 0.6  # opacity of the heatmap where the CAM is 1
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Calibrated probabilities: softmax(logits / T) in float64 (sums to 1), along the last axis."""
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def tumour_probability(probabilities: Sequence[float], labels: Sequence[str]) -> float | None:
-    """1 - p(no tumour) when the model has a no-tumour class, else None."""
-    if NO_TUMOUR_LABEL not in labels:
-        return None
-    return float(1.0 - probabilities[list(labels).index(NO_TUMOUR_LABEL)])
 
 
 def class_activation_map(features: np.ndarray, weights: np.ndarray, class_index: int) -> np.ndarray:

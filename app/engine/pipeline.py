@@ -7,12 +7,14 @@ CAM placed on the image) -> ``Prediction``. No FastAPI, no ONNX Runtime here.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import numpy as np
 
 from app.core.contract import Framing, ModelMetadata, PreprocessSpec, frame, normalise
+from app.core.decision import Decision, decide
 from app.core.errors import InvalidImage
 from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy, decode
 from app.core.modality import looks_like_ct
@@ -21,8 +23,6 @@ from app.core.postprocess import (
     cam_images,
     class_activation_map,
     gray_view,
-    softmax,
-    tumour_probability,
 )
 from app.core.result import (
     OOD_PHRASE,
@@ -154,14 +154,12 @@ class ResultBuilder:
         """The CAM of the predicted class at feature resolution."""
         return class_activation_map(output.features, self.cam_weights, int(np.argmax(output.logits)))
 
-    def out_of_distribution(self, prepared: Prepared, ood_score: float | None) -> tuple[bool | None, list[str]]:
-        """(in_distribution, reasons it is not)."""
-        reasons = list(prepared.image_reasons)
-        if ood_score is not None and self.metadata.ood is not None and ood_score > self.metadata.ood.threshold:
-            reasons.insert(0, "model")
-        if reasons:
-            return False, reasons
-        return (True if ood_score is not None else None), []
+    def decide(self, logits: np.ndarray, ood_score: float | None, image_reasons: Sequence[str] = ()) -> Decision:
+        """The one decision (``app.core.decision``) with this model's labels, temperature and thresholds."""
+        meta = self.metadata
+        return decide(logits, meta.labels, temperature=meta.temperature, threshold=self.threshold,
+                      ood_score=ood_score, ood_threshold=None if meta.ood is None else meta.ood.threshold,
+                      image_reasons=image_reasons)
 
     def ood_warning(self, reasons: list[str], prepared: Prepared, ood_score: float | None) -> str:
         width, height = prepared.image_size
@@ -175,40 +173,36 @@ class ResultBuilder:
               cam_result: dict | None = None, cam_ms: float = 0.0) -> Prediction:
         """``cam_result``: the CAM images when they were rendered elsewhere (a host worker), for
         ``cam="png"``; without them they are rendered here."""
-        labels = self.metadata.labels
-        probs = softmax(output.logits, self.metadata.temperature)
-        best = int(np.argmax(probs))
-        tumour = tumour_probability(probs, labels)
-        in_distribution, reasons = self.out_of_distribution(prepared, output.ood_score)
+        decision = self.decide(output.logits, output.ood_score, prepared.image_reasons)
         warnings = list(prepared.warnings)
-        if reasons:
-            warnings.append(self.ood_warning(reasons, prepared, output.ood_score))
+        if decision.ood_reasons:
+            warnings.append(self.ood_warning(decision.ood_reasons, prepared, output.ood_score))
         cam_out = None
         if cam != "none":
             cam_start = time.perf_counter()
             if cam == "grid":
-                cam_out = CamGrid(**cam_grid(self.cam_grid(output)), label=labels[best], box=cam_box(prepared))
+                cam_out = CamGrid(**cam_grid(self.cam_grid(output)), label=decision.label, box=cam_box(prepared))
             else:
                 images = cam_result or render_cam_png(prepared.view, self.cam_grid(output), prepared.framing,
                                                       prepared.image_size)
-                cam_out = CamPng(**images, label=labels[best], box=cam_box(prepared))
+                cam_out = CamPng(**images, label=decision.label, box=cam_box(prepared))
             cam_ms += ms_since(cam_start)
         timings = {**prepared.timings_ms, "queue": output.queue_ms, "inference": output.inference_ms, "cam": cam_ms}
         timings["total"] = ms_since(started)
         return Prediction(
             model=self.model_identity,
-            label=labels[best],
-            probabilities={label: float(p) for label, p in zip(labels, probs)},
-            tumour_probability=tumour,
-            tumour_detected=None if tumour is None or in_distribution is False else bool(tumour >= self.threshold),
-            threshold=float(self.threshold),
+            label=decision.label,
+            probabilities=decision.probabilities,
+            tumour_probability=decision.tumour_probability,
+            tumour_detected=decision.tumour_detected,
+            threshold=decision.threshold,
             cam=cam_out,
             timings_ms=Timings(**{k: round(v, 3) for k, v in timings.items()}),
             warnings=warnings,
-            in_distribution=in_distribution,
-            ood_score=None if output.ood_score is None else float(output.ood_score),
-            ood_threshold=None if self.metadata.ood is None else float(self.metadata.ood.threshold),
-            ood_reasons=reasons,
+            in_distribution=decision.in_distribution,
+            ood_score=decision.ood_score,
+            ood_threshold=decision.ood_threshold,
+            ood_reasons=decision.ood_reasons,
         )
 
 

@@ -518,3 +518,23 @@ def test_open_inference_protocol_needs_the_key_but_not_its_probes(keyed, tmp_pat
     expected = [labels[max(range(len(labels)), key=lambda c: probabilities[i * len(labels) + c])] for i in range(2)]
     assert [(x["index"], x["key"], x["label"], x["status"]) for x in lines] == [
         (0, "pacs", expected[0], 200), (1, "pacs", expected[1], 200)]
+
+
+def test_v2_audit_line_makes_the_same_decision_as_v1_for_an_out_of_distribution_image(tmp_path):
+    # Every image is out of distribution for this model (its OOD threshold is below any score): /v1
+    # makes no tumour decision, and the v2 audit line of the same image must not make one either.
+    from tests.model_factory import build_model
+
+    model = build_model(tmp_path / "ood.onnx", ood_threshold=-1e9)
+    audit = tmp_path / "audit.jsonl"
+    with running_app(model, audit_log=str(audit)) as client:
+        v1 = client.post("/v1/predict", content=png_bytes(), headers=PNG).json()
+        request = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                               "data": [base64.b64encode(png_bytes()).decode()]}]}
+        name = client.get("/v1/model").json()["name"]
+        assert client.post(f"/v2/models/{name}/infer", json=request).status_code == 200
+    v1_line, v2_line = (json.loads(line) for line in audit.read_text().splitlines())
+    assert v1["in_distribution"] is False and v1["tumour_detected"] is None
+    for line in (v1_line, v2_line):
+        assert line["tumour_detected"] is None and line["in_distribution"] is False
+        assert line["label"] == v1["label"] and line["tumour_probability"] == pytest.approx(v1["tumour_probability"])

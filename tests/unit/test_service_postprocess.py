@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from app.core.contract import Framing, ModelMetadata, OodSpec, PreprocessSpec, preprocess
+from app.core.decision import decide, softmax, tumour_probability
 from app.core.decode import decode
 from app.core.postprocess import (
     cam_grid,
@@ -15,8 +16,6 @@ from app.core.postprocess import (
     class_activation_map,
     gray_view,
     place_cam,
-    softmax,
-    tumour_probability,
     view_size,
 )
 from app.core.result import ModelOutput
@@ -193,3 +192,30 @@ def test_place_cam_of_a_whole_image_framing_is_the_old_stretch():
     # a square framing reaching past the image: the part outside the image is dropped, shape stays the view's
     inside = place_cam(cam, Framing(-10.0, 5.0, 50.0), (90, 60), (45, 30))
     assert inside.shape == (30, 45) and inside[:, 21:].max() == 0 and inside[:2].max() == 0
+
+
+@pytest.mark.parametrize("score,reasons,expected", [
+    (None, (), (None, None)),  # no OOD output, no rule: the model cannot say; tumour called
+    (1.0, (), (True, None)),  # under the threshold: in distribution
+    (5.0, (), (False, ["model"])),  # over it: not assessed
+    (1.0, ("modality",), (False, ["modality"])),  # an image rule alone
+    (5.0, ("no-head", "small-image"), (False, ["model", "no-head", "small-image"])),  # model first
+])
+def test_decide_makes_no_tumour_decision_for_what_is_not_assessed(score, reasons, expected):
+    labels = ["glioma", "meningioma", "notumor", "pituitary"]
+    decision = decide(np.array([2.0, 0.0, 0.0, 0.0]), labels, temperature=1.0, threshold=0.5,
+                      ood_score=score, ood_threshold=None if score is None else 2.0, image_reasons=reasons)
+    in_distribution, why = expected
+    assert decision.in_distribution is in_distribution and decision.ood_reasons == (why or [])
+    assert decision.label == "glioma" and decision.tumour_probability > 0.5
+    assert decision.tumour_detected is (None if in_distribution is False else True)
+    assert decision.assessed is (in_distribution is not False)
+
+
+def test_decide_and_the_evaluation_share_the_tumour_rule():
+    # threshold inclusive, the same function on one image and on an array of them
+    labels = ["glioma", "notumor"]
+    logits = np.log(np.array([[0.3, 0.7], [0.31, 0.69]]))
+    assert [decide(row, labels, temperature=1.0, threshold=0.3).tumour_detected for row in logits] == [True, True]
+    assert list(tumour_probability(softmax(logits), labels) >= 0.3) == [True, True]
+    assert decide(logits[0], labels, temperature=1.0, threshold=0.3000001).tumour_detected is False

@@ -38,7 +38,7 @@ from pydantic import ValidationError
 
 from app.core.contract import OOD_NAME
 from app.core.errors import InvalidRequest, InvalidTensor, ModelNotFound, ServiceError
-from app.core.postprocess import softmax, tumour_probability
+from app.core.decision import softmax
 from app.engine.service import InferenceService, RawOutputs
 from app.settings import Settings
 from app.transports.http import openapi_docs as docs
@@ -391,15 +391,19 @@ def infer_response(infer: InferRequest, request_id: str, service: InferenceServi
                     headers={"Inference-Header-Content-Length": str(len(header))})
 
 
-def audit_fields(service: InferenceService, logits: np.ndarray) -> list[dict[str, Any]]:
+def audit_fields(service: InferenceService, raw: RawOutputs) -> list[dict[str, Any]]:
     """What the audit trail records of each image of an inference (the client gets logits and
-    probabilities): label, tumour probability and decision, as /v1/predict would have answered them."""
-    meta, threshold = service.engine.metadata, service.engine.builder.threshold
+    probabilities): label, tumour probability and decision, as /v1/predict would have answered them
+    (the same decision: an out-of-distribution score over the model's threshold makes no finding).
+    A v2 input is a tensor: no image rule (modality, head, size) can be read from it."""
+    builder = service.engine.builder
+    scores = [None] * len(raw.logits) if raw.ood_score is None else [float(s) for s in raw.ood_score]
     fields = []
-    for probabilities in softmax(logits, meta.temperature):
-        tumour = tumour_probability(probabilities, meta.labels)
-        fields.append({"label": meta.labels[int(np.argmax(probabilities))], "tumour_probability": tumour,
-                       "threshold": threshold, "tumour_detected": None if tumour is None else bool(tumour >= threshold)})
+    for logits, score in zip(raw.logits, scores):
+        decision = builder.decide(logits, score)
+        fields.append({"label": decision.label, "tumour_probability": decision.tumour_probability,
+                       "threshold": decision.threshold, "tumour_detected": decision.tumour_detected,
+                       "in_distribution": decision.in_distribution})
     return fields
 
 
@@ -415,7 +419,7 @@ async def _infer(request: Request, name: str, version: str | None, service: Infe
     except ServiceError as error:
         audit_prediction(request, service, error=error)
         raise
-    for index, fields in enumerate(audit_fields(service, raw.logits)):
+    for index, fields in enumerate(audit_fields(service, raw)):
         audit_prediction(request, service, index=index, **fields)
     return infer_response(infer, request_id_of(request), service, raw)
 
