@@ -9,7 +9,7 @@ limits (``app.core.dicom_read``: bounded inflation of a deflated dataset, elemen
 the worker's memory and time limits): a bomb is answered 0xC000 (cannot understand) and never queued;
 this process never parses what a sender sends. Objects other than MR Image Storage are accepted and
 skipped (a routing rule may send a whole study). One log line per study; no tag value is ever logged.
-Who may send: ``--allow-aet`` and TLS (README, "PACS integration").
+Who may send: ``--allow-aet`` and TLS (README, "PACS").
 """
 
 from __future__ import annotations
