@@ -118,6 +118,9 @@ class Settings(BaseSettings):
                                           "(a valid key is still served) and one audit line per client a minute")
     auth_failures_burst: int = Field(10, ge=1, description="requests without a valid API key a client address "
                                      "may send at once before the per-minute rate applies")
+    dicomweb_user: str | None = Field(None, description="HTTP basic user for DICOMweb servers (btd dicom-listen "
+                                      "--stow-url, btd dicomweb); kept off the command line")
+    dicomweb_password: SecretStr | None = Field(None, description="its password")
     audit_log: str = Field("stdout", description='one JSON line per prediction: "stdout", "off" or a file path')
     # Transport.
     tls_certfile: Path | None = Field(None, description="serve HTTPS with this certificate chain (PEM)")

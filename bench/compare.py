@@ -133,7 +133,7 @@ def test_sets(data_dir: Path) -> tuple[dict[str, list[Sample]], dict[str, set[Pa
 
 def scores(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:
     """Accuracy and macro F1 (over the classes present in the truth), named as the pipeline names them."""
-    from model_export.metrics import ACCURACY, MACRO_F1, macro_f1
+    from model_export.scores import ACCURACY, MACRO_F1, macro_f1
 
     labels = sorted(set(truth) | set(predicted))
     y_true = np.array([labels.index(x) for x in truth], dtype=np.int64)
@@ -176,7 +176,7 @@ def run(classifiers: Sequence[Classifier], sets: dict[str, list[Sample]], unseen
 
 
 def to_markdown(result: dict) -> str:
-    from model_export.metrics import ACCURACY, MACRO_F1
+    from model_export.scores import ACCURACY, MACRO_F1
 
     first = next(iter(result.values()))
     columns = [k for k in first if isinstance(first[k], dict)]

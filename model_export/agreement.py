@@ -78,17 +78,17 @@ def agreement(model_path: Path, pairs: Sequence[Pair]) -> dict:
     """Label and tumour-decision agreement between originals and copies, and each side's accuracy,
     through the service's own engine (decode, preprocess, model, calibration, decision)."""
     from app.engine.engine import EngineOptions
-    from app.engine.predictor import Predictor
+    from app.engine.engine import Engine
 
-    predictor = Predictor.load(model_path, EngineOptions(variant="fp32"))  # exactly this file
+    engine = Engine.load_single(model_path, EngineOptions(variant="fp32"))  # exactly this file
 
     def predict(paths: Sequence[Path]) -> list:
-        return [predictor.predict(p.read_bytes()) for p in tqdm(paths, desc="predicting", unit="image", leave=False)]
+        return [engine.predict(p.read_bytes()) for p in tqdm(paths, desc="predicting", unit="image", leave=False)]
 
     originals, copies = predict([p.original for p in pairs]), predict([p.copy for p in pairs])
     same_label = np.array([a.label == b.label for a, b in zip(originals, copies)])
     same_decision = np.array([a.tumour_detected == b.tumour_detected for a, b in zip(originals, copies)])
-    identity = predictor.model_identity
+    identity = engine.model_identity
     return {
         "model": {"name": identity.name, "version": identity.version, "sha256": identity.sha256},
         "pairs": len(pairs),

@@ -111,16 +111,6 @@ def random_pixel_size(img: np.ndarray, rng: np.random.Generator, long_side_range
     return cv2.resize(img, size, interpolation=interpolation)
 
 
-def random_resolution_change(img: np.ndarray, rng: np.random.Generator,
-                             fraction_range: tuple[float, float]) -> np.ndarray:
-    """Down-sample then up-sample to the same size with random interpolations (lost detail, same grid)."""
-    h, w = img.shape
-    fraction = rng.uniform(*fraction_range)
-    small = (max(8, round(w * fraction)), max(8, round(h * fraction)))
-    down = cv2.resize(img, small, interpolation=_INTERPOLATIONS[rng.integers(len(_INTERPOLATIONS))])
-    return cv2.resize(down, (w, h), interpolation=_INTERPOLATIONS[rng.integers(1, len(_INTERPOLATIONS))])
-
-
 # --- acquisition ----------------------------------------------------------------------------------
 
 def random_bias_field(img: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model_export import metrics
+from model_export import scores
 from model_export.checkpoint import read_checkpoint, save_checkpoint
 from model_export.data import limit_per_class, load_samples, select
 from model_export.evaluate import CheckpointModel, targets_for
@@ -86,7 +86,7 @@ def averaged_checkpoint(ckpts: Sequence[dict[str, Any]], sources: Sequence[str])
 
 def score(logits: np.ndarray, y: np.ndarray, classes: int) -> dict[str, float]:
     predicted = logits.argmax(1)
-    return {"accuracy": float((predicted == y).mean()), "macro_f1": metrics.macro_f1(y, predicted, classes)}
+    return {"accuracy": float((predicted == y).mean()), "macro_f1": scores.macro_f1(y, predicted, classes)}
 
 
 def main(config: AverageConfig) -> dict[str, Any]:
@@ -113,7 +113,7 @@ def main(config: AverageConfig) -> dict[str, Any]:
                  ingredients[source]["macro_f1"])
     logits = CheckpointModel(merged, config.threads).logits(chosen, config.batch_size, "scoring the average")
     averaged = score(logits, y, classes)
-    merged["temperature"] = metrics.fit_temperature(logits, y)
+    merged["temperature"] = scores.fit_temperature(logits, y)
     # The ensemble of the same ingredients (mean logits: their cost times the number of networks),
     # for comparison: what averaging the weights gives up, or gains, against it.
     merged["averaged_scores"] = {"split": config.split, "images": len(chosen), "average": averaged,

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from app.core.contract import INPUT_NAME, LOGITS_NAME, PreprocessSpec, preprocess
-from model_export import metrics
+from model_export import scores
 from model_export.data import Sample, limit_per_class, load_samples, read_gray, select
 
 log = logging.getLogger(__name__)
@@ -129,11 +129,11 @@ def evaluate_model(model: Model, samples: Sequence[Sample], calibration: Sequenc
     logits = model.logits(samples, batch_size, "evaluating")
     if calibration:
         cal_logits = model.logits(calibration, batch_size, "calibrating")
-        temperature = metrics.fit_temperature(cal_logits, targets_for(calibration, model.labels))
+        temperature = scores.fit_temperature(cal_logits, targets_for(calibration, model.labels))
         source = f"fit on {len(calibration)} calibration images"
     else:
         temperature, source = model.temperature, "stored in the model"
-    report = metrics.classification_report(logits, y, model.labels, temperature=temperature,
+    report = scores.classification_report(logits, y, model.labels, temperature=temperature,
                                            threshold=model.threshold if threshold is None else threshold)
     report["temperature_source"] = source
     return report, logits
@@ -165,7 +165,7 @@ def main(config: EvalConfig) -> dict:
         report["baseline"] = {
             "model": str(config.baseline),
             "accuracy": base_acc,
-            "macro_f1": metrics.macro_f1(y, base_logits.argmax(1), len(model.labels)),
+            "macro_f1": scores.macro_f1(y, base_logits.argmax(1), len(model.labels)),
             "accuracy_change": report["accuracy"] - base_acc,
             "prediction_agreement": float((base_logits.argmax(1) == logits.argmax(1)).mean()),
         }
@@ -179,14 +179,14 @@ def write_report(report: dict, logits: np.ndarray, samples: Sequence[Sample], la
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_report(report))
     y = targets_for(samples, labels)
-    probs = metrics.softmax(logits, report["temperature"])
+    probs = scores.softmax(logits, report["temperature"])
     with (out / "predictions.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "predicted", *[f"p_{label}" for label in labels]])
         for s, row in zip(samples, probs):
             writer.writerow([str(s.path), s.label, labels[int(row.argmax())], *[f"{p:.5f}" for p in row]])
     plot_confusion_matrix(np.array(report["confusion_matrix"]), labels, out / "confusion_matrix.png")
-    plot_roc_curves(metrics.roc_curves(logits, y, labels), report.get("per_class", {}), out / "roc_curves.png")
+    plot_roc_curves(scores.roc_curves(logits, y, labels), report.get("per_class", {}), out / "roc_curves.png")
 
 
 def _fmt(value) -> str:
@@ -204,12 +204,12 @@ def markdown_report(r: dict) -> str:
         "| metric | value |",
         "|---|---|",
     ]
-    for key in (metrics.ACCURACY, metrics.MACRO_F1, metrics.WEIGHTED_F1, metrics.MACRO_AUC,
-                metrics.TUMOUR_SENSITIVITY, metrics.TUMOUR_SPECIFICITY, "threshold", metrics.ECE,
-                metrics.ECE_CALIBRATED, "temperature"):
+    for key in (scores.ACCURACY, scores.MACRO_F1, scores.WEIGHTED_F1, scores.MACRO_AUC,
+                scores.TUMOUR_SENSITIVITY, scores.TUMOUR_SPECIFICITY, "threshold", scores.ECE,
+                scores.ECE_CALIBRATED, "temperature"):
         if key in r:
             lines.append(f"| {key} | {_fmt(r[key])} |")
-    lines += ["", f"Temperature {r['temperature_source']}. ECE: {metrics.ECE_BINS} equal-width bins, top label.",
+    lines += ["", f"Temperature {r['temperature_source']}. ECE: {scores.ECE_BINS} equal-width bins, top label.",
               "", "| class | precision | recall (sensitivity) | specificity | F1 | ROC-AUC | support |",
               "|---|---|---|---|---|---|---|"]
     for label, row in r["per_class"].items():

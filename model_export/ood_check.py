@@ -55,12 +55,12 @@ def _brain_paths(data_dir: Path, folder: str, index: str, path_column: str, spli
 
 def check(model_path: Path, data_dir: Path | None, brain_sets: Iterable[tuple[str, str, str, str, str]] = BRAIN_SETS) -> dict:
     from app.engine.engine import EngineOptions
-    from app.engine.predictor import Predictor
+    from app.engine.engine import Engine
 
-    predictor = Predictor.load(model_path, EngineOptions(variant="fp32"))  # exactly this file
-    identity = predictor.model_identity
+    engine = Engine.load_single(model_path, EngineOptions(variant="fp32"))  # exactly this file
+    identity = engine.model_identity
     images = non_brain_set()
-    predictions = [predictor.predict(i.data, i.media_type) for i in tqdm(images, desc="non-brain", leave=False)]
+    predictions = [engine.predict(i.data, i.media_type) for i in tqdm(images, desc="non-brain", leave=False)]
     summary = _flag_summary(predictions, [i.name for i in images])
     by_source = {}
     for source in sorted({i.source for i in images}):
@@ -68,7 +68,7 @@ def check(model_path: Path, data_dir: Path | None, brain_sets: Iterable[tuple[st
         by_source[source] = _flag_summary([p for _, p in chosen], [i.name for i, _ in chosen])
     result = {
         "model": {"name": identity.name, "version": identity.version, "sha256": identity.sha256},
-        "has_ood_output": predictor.engine.model.has_ood,
+        "has_ood_output": engine.model.has_ood,
         "non_brain": {**summary, "by_source": by_source},
         "brain": {},
     }
@@ -77,7 +77,7 @@ def check(model_path: Path, data_dir: Path | None, brain_sets: Iterable[tuple[st
             log.info("%s: not found under %s, skipped", name, data_dir)
             continue
         paths = _brain_paths(data_dir, *where)
-        brain = [predictor.predict(p.read_bytes()) for p in tqdm(paths, desc=name, leave=False)]
+        brain = [engine.predict(p.read_bytes()) for p in tqdm(paths, desc=name, leave=False)]
         summary = _flag_summary(brain, [p.name for p in paths])
         summary["flagged_names"] = [p.name for p, b in zip(paths, brain) if b.in_distribution is False]
         del summary["not_flagged"]

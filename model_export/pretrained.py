@@ -220,12 +220,3 @@ def imagenet_state_dict(directory: Path | None = None):  # -> dict[str, torch.Te
     tmp.write_bytes(buffer.getvalue())
     tmp.replace(converted)  # atomic: a half-written cache never gets loaded
     return state
-
-
-def imagenet_model():
-    """The converted ImageNet classifier (1000 classes), in eval mode."""
-    from model_export.resnet import ResNet50
-
-    model = ResNet50(IMAGENET_CLASSES, dropout=0.0, stride_in_1x1=True)
-    model.load_state_dict(imagenet_state_dict())
-    return model.eval()

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from app.core.contract import PreprocessSpec
-from model_export import metrics
+from model_export import scores
 from model_export.augment import Augment
 from model_export.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from model_export.data import (
@@ -365,7 +365,7 @@ def main(config: TrainConfig) -> Path:
         loss = train_one_epoch(net, lambda: set_train_mode(model, config.freeze), train_loader, criterion,
                                optimizer, schedule, scaler, config, runtime, epoch)
         logits, targets = predict(plain_net, val_loader, runtime, desc="validating")
-        val_f1 = runtime.main_value(metrics.macro_f1(targets, logits.argmax(1), len(labels)))
+        val_f1 = runtime.main_value(scores.macro_f1(targets, logits.argmax(1), len(labels)))
         val_acc = runtime.main_value(float((logits.argmax(1) == targets).mean()))
         seconds = time.perf_counter() - started
         history.append({"epoch": epoch + 1, "train_loss": loss, "val_macro_f1": val_f1, "val_accuracy": val_acc,
@@ -409,9 +409,9 @@ def _calibrate(best: Path, net: nn.Module, model: ResNet50, val_loader: DataLoad
     ckpt = read_checkpoint(best)
     model.load_state_dict(ckpt["model"])
     logits, targets = predict(net, val_loader, runtime, desc="calibrating")
-    temperature = metrics.fit_temperature(logits, targets)
-    ece_before = metrics.expected_calibration_error(metrics.softmax(logits), targets)
-    ece_after = metrics.expected_calibration_error(metrics.softmax(logits, temperature), targets)
+    temperature = scores.fit_temperature(logits, targets)
+    ece_before = scores.expected_calibration_error(scores.softmax(logits), targets)
+    ece_after = scores.expected_calibration_error(scores.softmax(logits, temperature), targets)
     ckpt["temperature"] = temperature
     save_checkpoint(best, ckpt)
     log.info("best val macro-F1 %.4f at epoch %d; temperature %.3f (val ECE %.4f -> %.4f); saved %s",

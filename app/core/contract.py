@@ -182,11 +182,6 @@ _OPEN_SOLID = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
 MAJOR_REGION_SHARE = 0.2
 
 
-def head_mask(unit: np.ndarray) -> np.ndarray:
-    """Boolean mask of the head in a [0, 1] image (see ``head_region``)."""
-    return head_region(unit)[0]
-
-
 def head_region(unit: np.ndarray) -> tuple[np.ndarray, float]:
     """(boolean mask of the head, the foreground level in [0, 1] units) of a [0, 1] image; meant
     for a small copy (``MASK_SIDE``).

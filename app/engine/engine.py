@@ -1,7 +1,7 @@
 """The one inference core: ``Engine`` owns the model file, its ONNX Runtime session(s) and batch
 buckets, the decision threshold, the out-of-distribution rule and the CAM weights. The HTTP
 service (``InferenceService``: async, batched, host work in a pool) and ``btd predict``
-(``Predictor``: synchronous) are thin wrappers around it; both get ``Prediction`` objects.
+(synchronous: ``Engine.predict``) get ``Prediction`` objects.
 
 It is built from plain ``EngineOptions`` (``Settings.engine_options()`` derives them, in one place)::
 
@@ -14,15 +14,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from app.core.contract import ModelMetadata
+from app.core.decision import Decision
 from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
 from app.core.model import ModelFile, variant_path
-from app.core.result import ModelOutput, Prediction
+from app.core.result import ModelIdentity, ModelOutput, Prediction
 from app.engine.pipeline import Prepared, PrepareOptions, ResultBuilder, check_cam_mode, ms_since, prepare
 from app.engine.runner import GPU_PROVIDERS, Runner, RuntimeOptions, choose_providers
 
@@ -86,9 +88,28 @@ class Engine:
             log.info("model %s: serving its %s variant, the file %s", path.name, variant, file)
         return cls(model, runner, options, variant)
 
+    @classmethod
+    def load_single(cls, path: str | Path, options: EngineOptions | None = None) -> Engine:
+        """``load`` for one image at a time (``btd predict``, the listener's in-process classifier,
+        evaluation through the engine): only the batch-1 bucket is opened and warmed up."""
+        options = options or EngineOptions()
+        return cls.load(path, replace(options, runtime=replace(options.runtime, buckets=(1,))))
+
     @property
-    def metadata(self):
+    def metadata(self) -> ModelMetadata:
         return self.model.metadata
+
+    @property
+    def model_identity(self) -> ModelIdentity:
+        return self.builder.model_identity
+
+    @property
+    def threshold(self) -> float:
+        return self.builder.threshold
+
+    def decide(self, logits: np.ndarray, ood_score: float | None, image_reasons: Sequence[str] = ()) -> Decision:
+        """The one decision (``app.core.decision``) with this model's labels, temperature and thresholds."""
+        return self.builder.decide(logits, ood_score, image_reasons)
 
     @property
     def max_batch_size(self) -> int:
@@ -110,10 +131,6 @@ class Engine:
                             None if out.ood_score is None else float(out.ood_score[i]))
                 for i, want in enumerate(features)]
 
-    def finish(self, prepared: Prepared, output: ModelOutput, cam: str, *, started: float,
-               cam_result: dict | None = None, cam_ms: float = 0.0) -> Prediction:
-        return self.builder.build(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms)
-
     def predict(self, data: bytes, media_type: str | None = None, cam: str = "none") -> Prediction:
         """Image bytes -> ``Prediction``, synchronously (batch 1). Raises the typed errors of
         ``app.core.errors`` for bad input; ValueError for a bad ``cam``."""
@@ -127,7 +144,7 @@ class Engine:
         infer_start = time.perf_counter()
         (output,) = self.infer([prepared.tensor], [cam != "none"])
         output = ModelOutput(output.logits, output.features, output.ood_score, 0.0, ms_since(infer_start), 1)
-        return self.finish(prepared, output, cam, started=started)
+        return self.builder.build(prepared, output, cam, started=started)
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/model`` returns."""

@@ -132,11 +132,6 @@ def cam_box(prepared: Prepared) -> CamBox:
     return CamBox(round(f.x, 2), round(f.y, 2), round(f.side, 2), round(f.box_height, 2))
 
 
-def render_cam_png(view: np.ndarray, grid: np.ndarray, framing: Framing, image_size: tuple[int, int]) -> dict:
-    """The CAM images (``cam_images``), on their own so a host worker can encode them."""
-    return cam_images(view, grid, framing, image_size)
-
-
 @dataclass(frozen=True)
 class ResultBuilder:
     """Model outputs of one image -> ``Prediction``."""
@@ -183,8 +178,8 @@ class ResultBuilder:
             if cam == "grid":
                 cam_out = CamGrid(**cam_grid(self.cam_grid(output)), label=decision.label, box=cam_box(prepared))
             else:
-                images = cam_result or render_cam_png(prepared.view, self.cam_grid(output), prepared.framing,
-                                                      prepared.image_size)
+                images = cam_result or cam_images(prepared.view, self.cam_grid(output), prepared.framing,
+                                                  prepared.image_size)
                 cam_out = CamPng(**images, label=decision.label, box=cam_box(prepared))
             cam_ms += ms_since(cam_start)
         timings = {**prepared.timings_ms, "queue": output.queue_ms, "inference": output.inference_ms, "cam": cam_ms}

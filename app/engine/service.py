@@ -21,7 +21,8 @@ from app.engine.batcher import MicroBatcher
 from app.engine.budget import DecodeBudget, decode_cost, worst_cost
 from app.engine.engine import Engine, EngineOptions
 from app.engine.host import HostWork, MixedHost, ProcessHost, ThreadHost
-from app.engine.pipeline import check_cam_mode, ms_since, prepare, render_cam_png
+from app.core.postprocess import cam_images
+from app.engine.pipeline import check_cam_mode, ms_since, prepare
 from app.engine.runner import GPU_PROVIDERS, available_cpus
 
 
@@ -148,10 +149,11 @@ class InferenceService:
         cam_result, cam_ms = None, 0.0
         if cam == "png":  # the images are encoded by the host workers too
             cam_start = time.perf_counter()
-            cam_result = await self.host.run(render_cam_png, prepared.view, engine.builder.cam_grid(output),
+            cam_result = await self.host.run(cam_images, prepared.view, engine.builder.cam_grid(output),
                                              prepared.framing, prepared.image_size)
             cam_ms = ms_since(cam_start)
-        return engine.finish(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms), prepared.source
+        return engine.builder.build(prepared, output, cam, started=started, cam_result=cam_result,
+                                    cam_ms=cam_ms), prepared.source
 
     async def infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
         """Model inputs ``[channels, size, size]`` (or image bytes, prepared as ``predict`` does) -> raw

@@ -24,7 +24,11 @@ def imagenet():
     except pretrained.PretrainedUnavailable as exc:
         pytest.skip(f"ImageNet weights unavailable: {exc}")
     torch.set_num_threads(2)
-    return pretrained.imagenet_model(), pretrained.read_imagenet_labels(tarball)
+    from model_export.resnet import ResNet50
+
+    model = ResNet50(pretrained.IMAGENET_CLASSES, dropout=0.0, stride_in_1x1=True)  # the converted classifier
+    model.load_state_dict(pretrained.imagenet_state_dict())
+    return model.eval(), pretrained.read_imagenet_labels(tarball)
 
 
 def rgb_input(photo: np.ndarray) -> torch.Tensor:

@@ -11,7 +11,7 @@ from app.core.contract import (
     OodSpec,
     PreprocessSpec,
     frame,
-    head_mask,
+    head_region,
     preprocess,
     preprocess_framed,
     scale_intensity,
@@ -106,7 +106,7 @@ def test_head_mask_ignores_a_frame_line_and_a_label():
     img = scale_intensity(_head((128, 128)))
     img[2, :] = 1.0  # a frame line touching nothing
     img[110:118, 4:20] = 1.0  # a burnt-in label in a corner
-    mask = head_mask(img)
+    mask, _ = head_region(img)
     assert not mask[2].any() and not mask[110:118, 4:20].any()
     assert mask[64, 64]
 

@@ -17,7 +17,7 @@ from app.core.dicom_read import (
     element_limits,
     read_dataset,
 )
-from app.engine.predictor import Predictor
+from app.engine.engine import Engine
 from app.transports.pacs.finding import finding_from_result
 from app.transports.pacs.results import build_results, encode
 from tests.hostile_inputs import (
@@ -81,8 +81,8 @@ def test_results_keywords_cover_what_highdicom_copies():
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory) -> Predictor:
-    return Predictor.load(build_model(tmp_path_factory.mktemp("m") / "m.onnx"))
+def predictor(tmp_path_factory) -> Engine:
+    return Engine.load_single(build_model(tmp_path_factory.mktemp("m") / "m.onnx"))
 
 
 @pytest.mark.parametrize("name", ["MR2_UNCR.dcm", "MR_small.dcm", "CT_small.dcm"])

@@ -8,7 +8,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from app.core.errors import InvalidImage
-from app.engine.predictor import Predictor
+from app.engine.engine import Engine
 from app.transports.pacs.finding import Finding, ModelIdentity, finding_from_result
 from app.transports.pacs.multipart import decode_related, encode_related
 from app.transports.pacs.processing import sr_summary
@@ -18,8 +18,8 @@ from tests.pacs.dicom_checks import SENTINEL_ID, SENTINEL_NAME, dciodvfy_errors,
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory) -> Predictor:
-    return Predictor.load(build_model(tmp_path_factory.mktemp("m") / "m.onnx"))
+def predictor(tmp_path_factory) -> Engine:
+    return Engine.load_single(build_model(tmp_path_factory.mktemp("m") / "m.onnx"))
 
 
 @pytest.fixture(scope="module")

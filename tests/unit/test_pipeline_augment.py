@@ -35,13 +35,6 @@ def test_horizontal_flip_mirrors_the_slice(slice_: np.ndarray) -> None:
     np.testing.assert_array_equal(flipped, slice_[:, ::-1])
 
 
-def test_resolution_change_keeps_the_size_but_loses_detail(slice_: np.ndarray) -> None:
-    unit = slice_ / slice_.max()
-    out = augment.random_resolution_change(unit, np.random.default_rng(0), (0.3, 0.3))
-    assert out.shape == unit.shape
-    assert np.abs(np.diff(out, axis=1)).mean() < np.abs(np.diff(unit, axis=1)).mean()
-
-
 def test_crop_or_border_changes_the_field_of_view(slice_: np.ndarray) -> None:
     out = augment.random_crop_or_border(slice_, np.random.default_rng(5), 0.2)
     assert out.shape != slice_.shape or not np.array_equal(out, slice_)

@@ -62,7 +62,7 @@ def _processor(args: argparse.Namespace, *, study_idle_s: float, default_stow: s
         raise ValueError("give one destination: --dest AET@HOST:PORT (C-STORE) or --stow-url URL (STOW-RS)")
     calling = args.calling_ae_title or getattr(args, "ae_title", None) or "BTD"
     sender = (CStoreSender(DicomNode.parse(args.dest), calling, args.timeout) if args.dest
-              else StowSender(stow_url, args.timeout))
+              else StowSender(stow_url, args.timeout, dicomweb_auth()))
     if args.url:
         classifier: Any = ServiceClassifier(args.url, args.timeout, args.api_key)
     else:
@@ -104,9 +104,20 @@ def run_dicomweb(args: argparse.Namespace) -> int:
     from app.transports.pacs.dicomweb import process_study
 
     processor = _processor(args, study_idle_s=0.0, default_stow=args.wado_url)
-    process_study(args.wado_url, args.study, processor, args.series)
+    process_study(args.wado_url, args.study, processor, args.series, dicomweb_auth())
     stats = processor.tracker.closed[0][1] if processor.tracker.closed else None
     return 0 if stats is not None and stats.failed == 0 and stats.send_failed == 0 else 1
+
+
+def dicomweb_auth() -> tuple[str, str] | None:
+    """HTTP basic credentials for DICOMweb servers from the settings (BTD_DICOMWEB_USER / _PASSWORD)."""
+    from app.settings import Settings
+
+    settings = Settings()
+    if not settings.dicomweb_user:
+        return None
+    password = settings.dicomweb_password.get_secret_value() if settings.dicomweb_password else ""
+    return settings.dicomweb_user, password
 
 
 def _ae_title(text: str) -> str:

@@ -11,7 +11,7 @@ a file named explicitly is always sent. A service with API keys needs ``--api-ke
 the output), 2 nothing could be done (no model, no service, no input, no valid API key), 141 the
 reader closed the output early (``| head``), as for any Unix tool killed by SIGPIPE.
 
-Local mode uses ``app.engine.predictor.Predictor`` (ONNX Runtime, no torch, no server); URL
+Local mode uses ``app.engine.engine.Engine`` at batch 1 (ONNX Runtime, no torch, no server); URL
 mode uses httpx and sends each file's bytes with its media type. Registered as a subcommand by
 ``app.transports.cli.btd`` through :func:`add_predict_parser`.
 """
@@ -136,22 +136,22 @@ def local_classifier(model_path: Path, cam: str) -> tuple[Classify, dict[str, An
             "or use --url to ask a running service."
         )
     from app.core.errors import ServiceError
-    from app.engine.predictor import Predictor
+    from app.engine.engine import Engine
     from app.settings import Settings
 
     try:
-        predictor = Predictor.load(model_path, Settings().engine_options())
+        engine = Engine.load_single(model_path, Settings().engine_options())
     except (ValueError, OSError) as exc:
         raise Unusable(f"cannot load the model {model_path}: {exc}") from None
 
     def classify(path: Path) -> Prediction:
         data = path.read_bytes()
         try:
-            return predictor.predict(data, media_type_of(data, path), cam=cam)
+            return engine.predict(data, media_type_of(data, path), cam=cam)
         except ServiceError as exc:
             raise FileFailed(f"{exc.title}: {exc.detail}") from None
 
-    return classify, asdict(predictor.model_identity), lambda: None
+    return classify, asdict(engine.model_identity), lambda: None
 
 
 def problem_reason(response: Any) -> str:

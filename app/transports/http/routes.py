@@ -104,7 +104,7 @@ def audit_prediction(request: Request, service: InferenceService, *, index: int 
         client=request.client.host if request.client else None, route=route_template(request.scope),
         index=index,
         status=200 if error is None else error.status, problem=None if error is None else error.slug,
-        model=asdict(service.engine.builder.model_identity), **fields)
+        model=asdict(service.engine.model_identity), **fields)
 
 
 @router.post("/v1/predict", operation_id="predict", summary="Classify one slice (PNG, JPEG or DICOM)",

@@ -124,7 +124,7 @@ def _model_metadata(service: InferenceService) -> dict[str, Any]:
                     {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, classes]},
                     *([{"name": OOD_OUTPUT, "datatype": "FP32", "shape": [-1]}] if meta.ood is not None else [])],
         "parameters": {"labels": list(meta.labels), "temperature": meta.temperature,
-                       "tumour_threshold": service.engine.builder.threshold, "sha256": service.engine.model.sha256,
+                       "tumour_threshold": service.engine.threshold, "sha256": service.engine.model.sha256,
                        **({"ood_threshold": meta.ood.threshold} if meta.ood is not None else {})},
     }
 
@@ -396,11 +396,11 @@ def audit_fields(service: InferenceService, raw: RawOutputs) -> list[dict[str, A
     probabilities): label, tumour probability and decision, as /v1/predict would have answered them
     (the same decision: an out-of-distribution score over the model's threshold makes no finding).
     A v2 input is a tensor: no image rule (modality, head, size) can be read from it."""
-    builder = service.engine.builder
+    engine = service.engine
     scores = [None] * len(raw.logits) if raw.ood_score is None else [float(s) for s in raw.ood_score]
     fields = []
     for logits, score in zip(raw.logits, scores):
-        decision = builder.decide(logits, score)
+        decision = engine.decide(logits, score)
         fields.append({"label": decision.label, "tumour_probability": decision.tumour_probability,
                        "threshold": decision.threshold, "tumour_detected": decision.tumour_detected,
                        "in_distribution": decision.in_distribution})

@@ -48,10 +48,11 @@ def fetch_instance(client, study_uid: str, series_uid: str, instance_uid: str,
     return parts[0][1]
 
 
-def process_study(wado_url: str, study_uid: str, processor: Processor, series_uid: str | None = None) -> int:
+def process_study(wado_url: str, study_uid: str, processor: Processor, series_uid: str | None = None,
+                  auth: tuple[str, str] | None = None) -> int:
     """Classify every MR slice of the study (or one series) at ``wado_url``; returns how many results
     reached the destination. One log line for the study."""
-    client = dicomweb_client(wado_url)
+    client = dicomweb_client(wado_url, auth=auth)
     key = study_key(study_uid)
     instances = client.search_for_instances(study_instance_uid=study_uid, series_instance_uid=series_uid,
                                             fields=[SOP_CLASS_TAG])

@@ -133,10 +133,10 @@ class LocalClassifier:
     its results copy are read, in an isolated worker process (``prepare(..., source=True)``)."""
 
     def __init__(self, model_path: Path) -> None:
-        from app.engine.predictor import Predictor
+        from app.engine.engine import Engine
 
-        self.predictor = Predictor.load(model_path)
-        meta = self.predictor.metadata
+        self.engine = Engine.load_single(model_path)
+        meta = self.engine.metadata
         self.description = f"{meta.model_name} {meta.model_version} in process"
         self._lock = threading.Lock()  # one ONNX Runtime run at a time: it already uses every core
         self._reader = isolated_reader()
@@ -145,7 +145,7 @@ class LocalClassifier:
     def classify(self, data: bytes) -> list[bytes]:
         from app.engine.pipeline import prepare
 
-        engine = self.predictor.engine
+        engine = self.engine
         try:
             started = time.perf_counter()
             prepared = self._reader.call(prepare, data, DICOM, engine.prepare_options, True, True)
@@ -262,28 +262,25 @@ class CStoreSender:
             assoc.release()
 
 
-def dicomweb_client(url: str, timeout_s: float = 30.0):
-    """A dicomweb-client for ``url``; HTTP basic credentials from ``BTD_DICOMWEB_USER`` and
-    ``BTD_DICOMWEB_PASSWORD`` when set (kept off the command line)."""
-    import os
-
+def dicomweb_client(url: str, timeout_s: float = 30.0, auth: tuple[str, str] | None = None):
+    """A dicomweb-client for ``url``, with HTTP basic credentials ``auth`` (user, password) when given
+    (the commands take them from ``Settings``: ``BTD_DICOMWEB_USER`` / ``BTD_DICOMWEB_PASSWORD``)."""
     import requests
     from dicomweb_client.api import DICOMwebClient
 
     session = requests.Session()
-    user = os.environ.get("BTD_DICOMWEB_USER")
-    if user:
-        session.auth = (user, os.environ.get("BTD_DICOMWEB_PASSWORD", ""))
+    if auth is not None:
+        session.auth = auth
     return DICOMwebClient(url.rstrip("/"), session=session, timeout=timeout_s)
 
 
 class StowSender:
     """DICOMweb STOW-RS (``POST {url}/studies``) with dicomweb-client."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 30.0, auth: tuple[str, str] | None = None) -> None:
         self.url = url.rstrip("/")
         self.description = f"STOW-RS {self.url}"
-        self.client = dicomweb_client(self.url, timeout_s)
+        self.client = dicomweb_client(self.url, timeout_s, auth)
 
     def send(self, objects: Sequence[bytes]) -> None:
         import requests

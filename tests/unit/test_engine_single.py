@@ -1,4 +1,4 @@
-"""The local Predictor (CLI mode): the engine at batch 1, typed results, typed errors for bad input."""
+"""The engine at batch 1 (``Engine.load_single``, what `btd predict` runs locally): typed results, typed errors for bad input."""
 
 import math
 
@@ -8,8 +8,7 @@ import pytest
 
 from app.core.errors import InvalidImage, UnsupportedMediaType
 from app.core.model import ModelContractError
-from app.engine.engine import EngineOptions
-from app.engine.predictor import Predictor
+from app.engine.engine import Engine, EngineOptions
 from app.engine.runner import RuntimeOptions
 from app.settings import Settings
 from tests.model_factory import LABELS, build_model
@@ -20,7 +19,7 @@ cv2.ellipse(HEAD, (55, 60), (40, 50), 0, 0, 360, 180, -1)  # a bright head on a 
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory):
-    return Predictor.load(build_model(tmp_path_factory.mktemp("m") / "model.onnx"))
+    return Engine.load_single(build_model(tmp_path_factory.mktemp("m") / "model.onnx"))
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -37,7 +36,7 @@ def test_predict_returns_probabilities_that_sum_to_one(predictor):
     assert result.cam is None and "request_id" not in result.to_dict()
     assert result.in_distribution is None and result.ood_score is None  # the model cannot say; no image rule fired
     assert predictor.metadata.labels == LABELS
-    assert list(predictor.engine.runner.buckets) == [1]  # one image at a time: only batch 1 is opened
+    assert list(predictor.runner.buckets) == [1]  # one image at a time: only batch 1 is opened
 
 
 def test_predict_grid_cam_has_feature_shape(predictor):
@@ -48,15 +47,15 @@ def test_predict_grid_cam_has_feature_shape(predictor):
 
 
 def test_predict_threshold_setting_overrides_model(tmp_path):
-    predictor = Predictor.load(build_model(tmp_path / "m.onnx"), Settings(tumour_threshold=1.0).engine_options())
+    predictor = Engine.load_single(build_model(tmp_path / "m.onnx"), Settings(tumour_threshold=1.0).engine_options())
     result = predictor.predict(_png(HEAD))
     assert result.threshold == 1.0 and result.tumour_detected is (result.tumour_probability >= 1.0)
 
 
 def test_predictor_uses_the_runtime_options_it_is_given(tmp_path):
     options = EngineOptions(runtime=RuntimeOptions(intra_op_threads=1, buckets=(1, 2, 4)))
-    predictor = Predictor.load(build_model(tmp_path / "m.onnx"), options)
-    assert predictor.engine.runner.sessions[1].get_session_options().intra_op_num_threads == 1
+    predictor = Engine.load_single(build_model(tmp_path / "m.onnx"), options)
+    assert predictor.runner.sessions[1].get_session_options().intra_op_num_threads == 1
 
 
 def test_predict_rejects_text_with_415(predictor):
@@ -76,4 +75,4 @@ def test_predict_rejects_unknown_cam_mode(predictor):
 
 def test_load_rejects_missing_model_file(tmp_path):
     with pytest.raises(ModelContractError, match="not found"):
-        Predictor.load(tmp_path / "absent.onnx")
+        Engine.load_single(tmp_path / "absent.onnx")
