@@ -103,6 +103,11 @@ class Prediction:
                     "pixels); empty otherwise")] = field(default_factory=list)
 
     @property
+    def assessed(self) -> bool:
+        """False when the image is not what the model was validated on: then there is no finding."""
+        return self.in_distribution is not False
+
+    @property
     def confidence(self) -> float:
         """Probability of the predicted label."""
         return self.probabilities[self.label]

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from app.transports.pacs.finding import finding_from_result
+from app.core.result import Prediction
 from tests.api.helpers import assert_matches_spec, assert_problem, running_app
 from tests.api.test_api_predict import Gate, assert_prediction
 from tests.model_factory import build_model
@@ -35,8 +35,8 @@ def test_model_ood_score_over_threshold_gives_a_warning_no_decision_and_a_count(
         body = assert_prediction(post(client, head_png()))
         assert body["in_distribution"] is False and isinstance(body["ood_score"], float)
         assert body["ood_threshold"] == -1.0  # the model's, so a reader sees how far over it the score is
-        finding = finding_from_result(body)  # what the DICOM results report
-        assert (finding.reportable, finding.ood_score, finding.ood_threshold) == (False, body["ood_score"], -1.0)
+        finding = Prediction.from_dict(body)  # what the DICOM results report
+        assert (finding.assessed, finding.ood_score, finding.ood_threshold) == (False, body["ood_score"], -1.0)
         assert body["tumour_detected"] is None and body["ood_reasons"] == ["model"]
         assert any("does not look like a brain MR slice" in w and "not a finding" in w for w in body["warnings"])
         assert client.get("/v1/model").json()["ood"]["threshold"] == -1.0

@@ -18,7 +18,6 @@ from app.core.dicom_read import (
     read_dataset,
 )
 from app.engine.engine import Engine
-from app.transports.pacs.finding import finding_from_result
 from app.transports.pacs.results import build_results, encode
 from tests.hostile_inputs import (
     deflated_dicom_bomb,
@@ -91,7 +90,7 @@ def test_results_from_the_header_equal_results_from_the_whole_source(predictor, 
     full = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     decoded = decode(data, source=True)
     assert decoded.source.PatientName == SENTINEL_NAME and "PixelData" not in decoded.source
-    finding = finding_from_result(predictor.predict(data, cam="png").to_dict())
+    finding = predictor.predict(data, cam="png")
     expected = [without_times(ds) for ds in build_results(full, finding)]
     assert [without_times(ds) for ds in build_results(decoded.source, finding)] == expected
 

@@ -3,13 +3,16 @@ dciodvfy accepts them and pydicom reads them back."""
 
 from __future__ import annotations
 
+import base64
+
+import cv2
 import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
 from app.core.errors import InvalidImage
+from app.core.result import Prediction
 from app.engine.engine import Engine
-from app.transports.pacs.finding import Finding, ModelIdentity, finding_from_result
 from app.transports.pacs.multipart import decode_related, encode_related
 from app.transports.pacs.processing import sr_summary
 from app.transports.pacs.results import build_results, encode, patient_orientation, read_source
@@ -31,7 +34,7 @@ def slice_and_result(predictor):
 
 def test_a_slice_too_small_to_be_whole_gives_no_reportable_finding(predictor):
     result = predictor.predict(mr_slice("MR_small.dcm"), cam="png").to_dict()
-    assert result["in_distribution"] is False and not finding_from_result(result).reportable
+    assert result["in_distribution"] is False and not Prediction.from_dict(result).assessed
 
 
 def _items(ds: Dataset) -> list[Dataset]:
@@ -55,7 +58,7 @@ def _texts(sr: Dataset) -> list[str]:
 def test_results_reference_the_source_and_copy_patient_and_study(slice_and_result):
     data, result = slice_and_result
     source = read(data)
-    sr_bytes, sc_bytes = (encode(ds) for ds in build_results(read_source(data), finding_from_result(result)))
+    sr_bytes, sc_bytes = (encode(ds) for ds in build_results(read_source(data), Prediction.from_dict(result)))
     sr, sc = read(sr_bytes), read(sc_bytes)
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33" and sr.Modality == "SR"  # Comprehensive SR
     assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
@@ -74,7 +77,7 @@ def test_results_reference_the_source_and_copy_patient_and_study(slice_and_resul
 
 def test_sr_holds_finding_probabilities_decision_model_and_wording(slice_and_result):
     data, result = slice_and_result
-    sr = build_results(read_source(data), finding_from_result(result))[0]
+    sr = build_results(read_source(data), Prediction.from_dict(result))[0]
     nums = _nums(sr)
     for label, p in result["probabilities"].items():
         assert nums[f"Probability of {label}"] == pytest.approx(p, abs=1e-6)
@@ -92,12 +95,12 @@ def test_sr_holds_finding_probabilities_decision_model_and_wording(slice_and_res
 def test_results_pass_dciodvfy_and_read_back(predictor, name):
     data = mr_slice(name)
     result = predictor.predict(data, cam="png").to_dict()
-    for ds in build_results(read_source(data), finding_from_result(result)):
+    for ds in build_results(read_source(data), Prediction.from_dict(result)):
         encoded = encode(ds)
         assert dciodvfy_errors(encoded) == [], ds.SOPClassUID.name
         back = read(encoded)
         assert back.SOPInstanceUID == ds.SOPInstanceUID
-    sc = read(encode(build_results(read_source(data), finding_from_result(result))[1]))
+    sc = read(encode(build_results(read_source(data), Prediction.from_dict(result))[1]))
     assert list(sc.PatientOrientation) == list(patient_orientation(read(data)))
     pixels = sc.pixel_array
     assert pixels.ndim == 3 and pixels.shape[2] == 3 and max(pixels.shape[:2]) >= 512  # legible caption
@@ -106,19 +109,24 @@ def test_results_pass_dciodvfy_and_read_back(predictor, name):
 
 def test_uids_are_derived_so_a_resend_replaces(slice_and_result):
     data, result = slice_and_result
-    finding = finding_from_result(result)
+    finding = Prediction.from_dict(result)
     first = [ds.SOPInstanceUID for ds in build_results(read_source(data), finding)]
     again = [ds.SOPInstanceUID for ds in build_results(read_source(data), finding)]
     other = dict(result, threshold=0.3)
-    moved = [ds.SOPInstanceUID for ds in build_results(read_source(data), finding_from_result(other))]
+    moved = [ds.SOPInstanceUID for ds in build_results(read_source(data), Prediction.from_dict(other))]
     assert first == again and not set(first) & set(moved)
 
 
 def test_out_of_distribution_sr_reports_no_finding():
-    finding = Finding(ModelIdentity("btd-resnet50", "1.2.0", "a" * 64), "glioma",
-                      {"glioma": 0.7, "meningioma": 0.1, "notumor": 0.1, "pituitary": 0.1}, 0.9, True, 0.5,
-                      in_distribution=False, ood_score=41.5, ood_threshold=30.0,
-                      overlay=np.zeros((64, 64, 3), np.uint8))
+    overlay = base64.b64encode(cv2.imencode(".png", np.zeros((64, 64, 3), np.uint8))[1].tobytes()).decode()
+    finding = Prediction.from_dict({
+        "model": {"name": "btd-resnet50", "version": "1.2.0", "sha256": "a" * 64}, "label": "glioma",
+        "probabilities": {"glioma": 0.7, "meningioma": 0.1, "notumor": 0.1, "pituitary": 0.1},
+        "tumour_probability": 0.9, "tumour_detected": None, "threshold": 0.5,
+        "cam": {"format": "png", "label": "glioma", "width": 64, "height": 64, "image_png": overlay,
+                "heatmap_png": overlay, "overlay_png": overlay, "box": {"x": 0, "y": 0, "width": 64, "height": 64}},
+        "timings_ms": {"decode": 0, "preprocess": 0, "queue": 0, "inference": 0, "cam": 0, "total": 0},
+        "warnings": [], "in_distribution": False, "ood_score": 41.5, "ood_threshold": 30.0, "ood_reasons": ["model"]})
     data = mr_slice()
     sr, sc = build_results(read_source(data), finding)
     nums, texts = _nums(sr), _texts(sr)

@@ -242,13 +242,12 @@ class DicomWriter:
         self.stems = {path: name.removesuffix(".cam.png") for path, name in CamWriter(folder, files).names.items()}
 
     def write(self, path: Path, result: Prediction) -> list[str]:
-        from app.transports.pacs.finding import finding_from_result
         from app.transports.pacs.results import build_results, encode, read_source
 
         data = path.read_bytes()
         if sniff(data[:SIGNATURE_BYTES]) != "application/dicom":
             return []  # DICOM results copy and reference a DICOM source
-        datasets = build_results(read_source(data), finding_from_result(result.to_dict()))  # InvalidImage: the caller's
+        datasets = build_results(read_source(data), result)  # InvalidImage: the caller's
         self.folder.mkdir(parents=True, exist_ok=True)
         written = []
         for ds, suffix in zip(datasets, (".sr.dcm", ".cam.dcm")):

@@ -12,7 +12,6 @@ from app.core.errors import NotAcceptable
 from app.core.decode import DICOM, sniff
 from app.core.result import Prediction
 from app.engine.service import InferenceService
-from app.transports.pacs.finding import finding_from_result
 from app.transports.pacs.multipart import encode_related, media_type_params
 from app.transports.pacs.results import build_results, encode
 
@@ -40,7 +39,7 @@ async def dicom_response(service: InferenceService, data: bytes, media_type: str
         raise NotAcceptable("DICOM results need a DICOM input: they copy its patient and study and reference it; "
                             "send a DICOM file, or ask for JSON")
     result, source = await service.predict_with_source(data, media_type, "png" if objects == "all" else "none")
-    datasets = await asyncio.to_thread(build_results, source, finding_from_result(result.to_dict()))
+    datasets = await asyncio.to_thread(build_results, source, result)
     if objects == "sr":
         return Response(await asyncio.to_thread(encode, datasets[0]), media_type=DICOM), result
     body, content_type = encode_related(await asyncio.to_thread(lambda: [encode(ds) for ds in datasets]))

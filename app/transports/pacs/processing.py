@@ -30,7 +30,6 @@ from pydicom.uid import UID
 
 from app.core.errors import ServiceError
 from app.core.decode import DICOM, quiet_pydicom
-from app.transports.pacs.finding import finding_from_result
 from app.transports.pacs.multipart import decode_related
 from app.transports.pacs.results import build_results, encode
 
@@ -151,7 +150,7 @@ class LocalClassifier:
             prepared = self._reader.call(prepare, data, DICOM, engine.prepare_options, True, True)
             with self._lock:
                 result = engine.predict_prepared(prepared, "png", started=started)
-            return [encode(ds) for ds in build_results(prepared.source, finding_from_result(result.to_dict()))]
+            return [encode(ds) for ds in build_results(prepared.source, result)]
         except ServiceError as exc:
             raise SliceFailed(f"{exc.title}: {exc.detail}") from None
 

@@ -1,9 +1,9 @@
 """DICOM result objects for one classified slice, built with highdicom from the source's header:
 
 - a **Comprehensive SR** holding a TID 1500 *Imaging Measurement Report* (the template the IHE AI
-  Results profile uses): the finding, every class probability, the tumour probability, decision and
+  Results profile uses): the result, every class probability, the tumour probability, decision and
   threshold, the algorithm (TID 4019: model name, version, sha256) and the decision-support wording;
-- a **Secondary Capture** image of the CAM overlay with a caption band (model, finding, "not a
+- a **Secondary Capture** image of the CAM overlay with a caption band (model, result, "not a
   diagnosis") burnt in, so that any viewer shows it.
 
 Both copy the patient and study modules of the source and reference it (Current Requested
@@ -14,6 +14,7 @@ through the same model gives the same objects: a retried send replaces instead o
 
 from __future__ import annotations
 
+import base64
 import copy
 import io
 import logging
@@ -29,10 +30,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
-from app.core.errors import InvalidImage, ServiceError
 from app.core.decode import DEFAULT_MAX_PIXELS, quiet_pydicom
 from app.core.dicom_read import element_limits, read_dataset, results_header
-from app.transports.pacs.finding import Finding
+from app.core.errors import InvalidImage, ServiceError
+from app.core.result import CamPng, Prediction
 
 MANUFACTURER = "btd"
 LOCAL_SCHEME = "99BTD"  # a local coding scheme (PS3.16 8.2): the model's own class labels and quantities
@@ -85,14 +86,14 @@ def _local(value: str, meaning: str) -> Code:
     return Code(value[:16], LOCAL_SCHEME, meaning[:64])
 
 
-def class_code(finding: Finding, label: str) -> Code:
+def class_code(result: Prediction, label: str) -> Code:
     """The model's class as a code of the local scheme (its label; the index where the label is too long)."""
-    value = label if len(label) <= 16 else f"CLASS-{finding.labels.index(label)}"
+    value = label if len(label) <= 16 else f"CLASS-{tuple(result.probabilities).index(label)}"
     return _local(value, label)
 
 
-def _probability_code(finding: Finding, label: str) -> Code:
-    value = f"P-{label}" if len(label) <= 14 else f"P-CLASS-{finding.labels.index(label)}"
+def _probability_code(result: Prediction, label: str) -> Code:
+    value = f"P-{label}" if len(label) <= 14 else f"P-CLASS-{tuple(result.probabilities).index(label)}"
     return _local(value, f"Probability of {label}")
 
 
@@ -109,66 +110,66 @@ def _num(name: Code, value: float, algorithm: hd.sr.AlgorithmIdentification) -> 
     return hd.sr.Measurement(name=name, value=round(float(value), 6), unit=NO_UNITS, algorithm_id=algorithm)
 
 
-def algorithm_of(finding: Finding) -> hd.sr.AlgorithmIdentification:
+def algorithm_of(result: Prediction) -> hd.sr.AlgorithmIdentification:
     """TID 4019: the model, its file's sha256 and the decision threshold."""
-    model = finding.model
+    model = result.model
     return hd.sr.AlgorithmIdentification(
         name=model.name, version=model.version, manufacturer=MANUFACTURER,
-        parameters=[f"sha256={model.sha256}", f"tumour_threshold={finding.threshold:g}"],
+        parameters=[f"sha256={model.sha256}", f"tumour_threshold={result.threshold:g}"],
     )
 
 
-def _measurement_group(source: Dataset, finding: Finding) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    algorithm = algorithm_of(finding)
+def _measurement_group(source: Dataset, result: Prediction) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    algorithm = algorithm_of(result)
     measurements: list[hd.sr.Measurement] = []
     evaluations: list[hd.sr.QualitativeEvaluation] = []
-    if finding.reportable:
-        measurements += [_num(_probability_code(finding, label), p, algorithm)
-                         for label, p in finding.probabilities.items()]
-        if finding.tumour_probability is not None:
-            measurements.append(_num(TUMOUR_PROBABILITY, finding.tumour_probability, algorithm))
-        measurements.append(_num(TUMOUR_THRESHOLD, finding.threshold, algorithm))
-        if finding.tumour_detected is not None:
+    if result.assessed:
+        measurements += [_num(_probability_code(result, label), p, algorithm)
+                         for label, p in result.probabilities.items()]
+        if result.tumour_probability is not None:
+            measurements.append(_num(TUMOUR_PROBABILITY, result.tumour_probability, algorithm))
+        measurements.append(_num(TUMOUR_THRESHOLD, result.threshold, algorithm))
+        if result.tumour_detected is not None:
             evaluations.append(hd.sr.QualitativeEvaluation(
-                TUMOUR, codes.SCT.Present if finding.tumour_detected else codes.SCT.Absent))
-    if finding.ood_score is not None:
-        measurements.append(_num(OOD_SCORE, finding.ood_score, algorithm))
-        if finding.ood_threshold is not None:
-            measurements.append(_num(OOD_THRESHOLD, finding.ood_threshold, algorithm))
-    if finding.in_distribution is not None:
+                TUMOUR, codes.SCT.Present if result.tumour_detected else codes.SCT.Absent))
+    if result.ood_score is not None:
+        measurements.append(_num(OOD_SCORE, result.ood_score, algorithm))
+        if result.ood_threshold is not None:
+            measurements.append(_num(OOD_THRESHOLD, result.ood_threshold, algorithm))
+    if result.in_distribution is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(
-            IN_DISTRIBUTION, codes.SCT.Yes if finding.in_distribution else codes.SCT.No))
+            IN_DISTRIBUTION, codes.SCT.Yes if result.in_distribution else codes.SCT.No))
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=result_uid("tracking", source.SOPInstanceUID, finding.model.sha256),
-            identifier=f"btd classification of one slice by {finding.model.name}"[:64]),
-        finding_type=class_code(finding, finding.label) if finding.reportable else NO_FINDING,
+            uid=result_uid("tracking", source.SOPInstanceUID, result.model.sha256),
+            identifier=f"btd classification of one slice by {result.model.name}"[:64]),
+        finding_type=class_code(result, result.label) if result.assessed else NO_FINDING,
         algorithm_id=algorithm,
         measurements=measurements or None,
         qualitative_evaluations=evaluations or None,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
     )
     group[0].ContentSequence.append(hd.sr.TextContentItem(
-        name=codes.DCM.Comment, value=summary_text(finding),
+        name=codes.DCM.Comment, value=summary_text(result),
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     return group
 
 
-def summary_text(finding: Finding) -> str:
+def summary_text(result: Prediction) -> str:
     """The finding in words, with the decision-support wording (the SR's comment, the overlay's caption)."""
-    model = finding.model
+    model = result.model
     who = f"{model.name} {model.version} (sha256 {model.sha256[:12]})"
-    if not finding.reportable:
-        score = "" if finding.ood_score is None else f" (score {finding.ood_score:.3g}"
-        score += "" if not score or finding.ood_threshold is None else f" > threshold {finding.ood_threshold:.3g})"
-        score += ")" if score and finding.ood_threshold is None else ""
+    if not result.assessed:
+        score = "" if result.ood_score is None else f" (score {result.ood_score:.3g}"
+        score += "" if not score or result.ood_threshold is None else f" > threshold {result.ood_threshold:.3g})"
+        score += ")" if score and result.ood_threshold is None else ""
         return (f"{who}: the input is unlike the model's training data{score}; no finding is reported. "
                 + DISCLAIMER)
-    text = f"{who}: most likely class {finding.label} ({finding.probabilities[finding.label]:.1%})"
-    if finding.tumour_probability is not None:
-        decision = "detected" if finding.tumour_detected else "not detected"
-        text += (f"; tumour probability {finding.tumour_probability:.1%}, tumour {decision} "
-                 f"at threshold {finding.threshold:.1%}")
+    text = f"{who}: most likely class {result.label} ({result.probabilities[result.label]:.1%})"
+    if result.tumour_probability is not None:
+        decision = "detected" if result.tumour_detected else "not detected"
+        text += (f"; tumour probability {result.tumour_probability:.1%}, tumour {decision} "
+                 f"at threshold {result.threshold:.1%}")
     return f"{text}. {DISCLAIMER}"
 
 
@@ -179,9 +180,9 @@ def procedure_of(source: Dataset) -> Code:
     return codes.cid100.ImagingProcedure
 
 
-def build_sr(source: Dataset, finding: Finding) -> hd.sr.ComprehensiveSR:
+def build_sr(source: Dataset, result: Prediction) -> hd.sr.ComprehensiveSR:
     """The Comprehensive SR (TID 1500) of one finding about ``source``."""
-    model = finding.model
+    model = result.model
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=result_uid("device", model.sha256), name=model.name[:64], manufacturer_name=MANUFACTURER,
         model_name=model.name[:64], serial_number=model.version[:64])
@@ -190,11 +191,11 @@ def build_sr(source: Dataset, finding: Finding) -> hd.sr.ComprehensiveSR:
             observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device,
                                                           observer_identifying_attributes=device)),
         procedure_reported=procedure_of(source),
-        imaging_measurements=[_measurement_group(source, finding)],
+        imaging_measurements=[_measurement_group(source, result)],
     )
     scheme = CodingSchemeIdentificationItem(
         designator=LOCAL_SCHEME, name="btd model classes and outputs", responsible_organization=MANUFACTURER)
-    key = (model.sha256, f"{finding.threshold:g}")
+    key = (model.sha256, f"{result.threshold:g}")
     return hd.sr.ComprehensiveSR(
         evidence=[_evidence(source)], content=report[0],
         series_instance_uid=result_uid("sr-series", source.SeriesInstanceUID, *key), series_number=SR_SERIES_NUMBER,
@@ -241,15 +242,15 @@ def _fit_text(text: str, width: int, max_scale: float) -> tuple[float, int]:
     return scale, max(1, round(scale * 1.5))
 
 
-def caption_lines(finding: Finding) -> list[str]:
+def caption_lines(result: Prediction) -> list[str]:
     """The caption burnt into the overlay (ASCII: the overlay's font has nothing else)."""
-    model = finding.model
+    model = result.model
     lines = [f"{model.name} {model.version}"]
-    if finding.reportable:
-        lines[0] += f": {finding.label} {finding.probabilities[finding.label]:.0%}"
-        if finding.tumour_probability is not None:
-            decision = "DETECTED" if finding.tumour_detected else "not detected"
-            lines.append(f"tumour {finding.tumour_probability:.0%} (threshold {finding.threshold:.0%}): {decision}")
+    if result.assessed:
+        lines[0] += f": {result.label} {result.probabilities[result.label]:.0%}"
+        if result.tumour_probability is not None:
+            decision = "DETECTED" if result.tumour_detected else "not detected"
+            lines.append(f"tumour {result.tumour_probability:.0%} (threshold {result.threshold:.0%}): {decision}")
     else:
         lines.append("input unlike the training data: no finding")
     lines.append("CAM: where the model looked. Decision support, not a diagnosis.")
@@ -272,13 +273,25 @@ def render_overlay(overlay: np.ndarray, lines: Sequence[str]) -> np.ndarray:
     return np.ascontiguousarray(np.vstack([overlay, band]))
 
 
-def build_overlay(source: Dataset, finding: Finding) -> hd.sc.SCImage | None:
-    """The Secondary Capture of the CAM overlay (None when the finding has no overlay)."""
-    if finding.overlay is None:
+def overlay_rgb(result: Prediction) -> np.ndarray | None:
+    """The CAM blended on the slice (RGB uint8, at the slice's aspect) when the result has the CAM
+    images (``cam=png``), else None."""
+    if not isinstance(result.cam, CamPng):
         return None
-    pixels = render_overlay(finding.overlay, caption_lines(finding))
+    image = cv2.imdecode(np.frombuffer(base64.b64decode(result.cam.overlay_png), np.uint8), cv2.IMREAD_COLOR)
+    if image is None:  # pragma: no cover - the service encodes these PNGs itself
+        raise ValueError("the CAM overlay PNG could not be decoded")
+    return np.ascontiguousarray(image[:, :, ::-1])
+
+
+def build_overlay(source: Dataset, result: Prediction) -> hd.sc.SCImage | None:
+    """The Secondary Capture of the CAM overlay (None when the finding has no overlay)."""
+    overlay = overlay_rgb(result)
+    if overlay is None:
+        return None
+    pixels = render_overlay(overlay, caption_lines(result))
     orientation = patient_orientation(source)
-    key = (finding.model.sha256, f"{finding.threshold:g}")
+    key = (result.model.sha256, f"{result.threshold:g}")
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=_evidence(source), pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", patient_orientation=("L", "P"),  # highdicom takes single letters: set below
@@ -287,15 +300,15 @@ def build_overlay(source: Dataset, finding: Finding) -> hd.sc.SCImage | None:
         sop_instance_uid=result_uid("overlay", source.SOPInstanceUID, *key),
         instance_number=_instance_number(source), manufacturer=MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian, series_description=SERIES_DESCRIPTION,
-        manufacturer_model_name=finding.model.name[:64], software_versions=finding.model.version[:64],
+        manufacturer_model_name=result.model.name[:64], software_versions=result.model.version[:64],
     )
     sc.PatientOrientation = list(orientation) if orientation else None  # oblique: "PL"; unknown: empty (type 2)
     sc.Laterality = source.get("Laterality") or None  # type 2C: the source's, else empty (a brain is not paired)
     sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.DerivationDescription = (f"class activation map of {finding.model.name} {finding.model.version} "
+    sc.DerivationDescription = (f"class activation map of {result.model.name} {result.model.version} "
                                 "blended on the slice, caption added")[:1024]
-    sc.BurnedInAnnotation = "NO"  # the caption names the model and the finding, not the patient
-    sc.ImageComments = summary_text(finding)[:10240]
+    sc.BurnedInAnnotation = "NO"  # the caption names the model and the result, not the patient
+    sc.ImageComments = summary_text(result)[:10240]
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
@@ -303,10 +316,10 @@ def build_overlay(source: Dataset, finding: Finding) -> hd.sc.SCImage | None:
     return sc
 
 
-def build_results(source: Dataset, finding: Finding) -> list[Dataset]:
+def build_results(source: Dataset, result: Prediction) -> list[Dataset]:
     """The SR, then the overlay when the finding has one."""
-    overlay = build_overlay(source, finding)
-    return [build_sr(source, finding), *([overlay] if overlay is not None else [])]
+    overlay = build_overlay(source, result)
+    return [build_sr(source, result), *([overlay] if overlay is not None else [])]
 
 
 def encode(dataset: Dataset) -> bytes:
