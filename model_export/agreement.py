@@ -77,8 +77,7 @@ def find_pairs(data_dir: Path, split: str = "test") -> tuple[list[Pair], int]:
 def agreement(model_path: Path, pairs: Sequence[Pair]) -> dict:
     """Label and tumour-decision agreement between originals and copies, and each side's accuracy,
     through the service's own engine (decode, preprocess, model, calibration, decision)."""
-    from app.engine.engine import EngineOptions
-    from app.engine.engine import Engine
+    from app.engine.engine import Engine, EngineOptions
 
     engine = Engine.load_single(model_path, EngineOptions(variant="fp32"))  # exactly this file
 

@@ -14,12 +14,13 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from app.core import formats
 from model_export.dedup import grouped_split
 from model_export.samples import Sample, read_gray  # noqa: F401  (read_gray: part of this module's API)
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")
+IMAGE_SUFFIXES = tuple(suffix for f in formats.FORMATS for suffix in f.suffixes)
 SPLITS = ("train", "val", "test")
 
 

@@ -54,8 +54,7 @@ def _brain_paths(data_dir: Path, folder: str, index: str, path_column: str, spli
 
 
 def check(model_path: Path, data_dir: Path | None, brain_sets: Iterable[tuple[str, str, str, str, str]] = BRAIN_SETS) -> dict:
-    from app.engine.engine import EngineOptions
-    from app.engine.engine import Engine
+    from app.engine.engine import Engine, EngineOptions
 
     engine = Engine.load_single(model_path, EngineOptions(variant="fp32"))  # exactly this file
     identity = engine.model_identity

@@ -20,8 +20,9 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 
-from app.core.errors import InvalidImage, NoPixelData, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from app.core import formats
 from app.core.dicom_read import element_limits, read_dataset, results_header
+from app.core.errors import InvalidImage, NoPixelData, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.core.image_headers import (
     FrameHeader,
     HeaderError,
@@ -31,12 +32,9 @@ from app.core.image_headers import (
     png_pixel_chunks,
 )
 
-PNG = "image/png"
-JPEG = "image/jpeg"
-DICOM = "application/dicom"
-MEDIA_TYPES = (PNG, JPEG, DICOM)
+PNG, JPEG, DICOM = (f.media_type for f in formats.FORMATS)  # the registry's media types, by name
+MEDIA_TYPES = tuple(formats.BY_MEDIA_TYPE)
 
-_SUFFIXES = {".png": PNG, ".jpg": JPEG, ".jpeg": JPEG, ".dcm": DICOM, ".dicom": DICOM}
 # 4096 x 4096: far above any MRI slice, and a colour image this size peaks near 0.4 GiB in decode
 # and preprocess, so a few at once stay inside the CPU pod's 2 GiB limit (k8s/base).
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -57,21 +55,17 @@ class DecodedImage:
 
 def sniff(data: bytes) -> str | None:
     """The media type the bytes' signature says, or None."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return PNG
-    if data.startswith(b"\xff\xd8\xff"):
-        return JPEG
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return DICOM
-    return None
+    found = formats.sniff(data)
+    return None if found is None else found.media_type
 
 
 def media_type_for_path(path: Path) -> str | None:
-    return _SUFFIXES.get(path.suffix.lower())
+    found = formats.format_for_suffix(path.suffix)
+    return None if found is None else found.media_type
 
 
 # What clients send for our types; generic types mean "look at the bytes".
-_ALIASES = {"image/jpg": JPEG, "image/pjpeg": JPEG, "image/x-png": PNG, "application/dicom+octet-stream": DICOM}
+_ALIASES = {alias: f.media_type for f in formats.FORMATS for alias in f.aliases}
 GENERIC_MEDIA_TYPES = ("", "application/octet-stream", "binary/octet-stream")
 
 
@@ -338,11 +332,6 @@ def _syntax_name(ds) -> str:
 _PLUGIN_PREFERENCE = ("pylibjpeg", "pydicom", "pyjpegls", "pillow")
 
 
-# Bytes a DICOM decode takes per decoded sample, at its peak (measured with tracemalloc: the codec's
-# planes, pydicom's copies and LUTs, the float slice); the decode budget costs DICOM with it too.
-DICOM_BYTES_PER_PIXEL = 32
-
-
 def _decoder_memory_fits(samples: int) -> bool:
     """Whether a decode of ``samples`` samples still has room under this process's address-space
     limit (a host worker's). Codecs report a failed allocation as their own error (OpenJPEG through
@@ -353,7 +342,7 @@ def _decoder_memory_fits(samples: int) -> bool:
     if resource.getrlimit(resource.RLIMIT_AS)[0] == resource.RLIM_INFINITY:
         return True
     try:
-        np.empty(samples * DICOM_BYTES_PER_PIXEL, np.uint8)  # address space only: no page is touched
+        np.empty(samples * formats.DICOM_BYTES_PER_PIXEL, np.uint8)  # address space only: no page is touched
     except MemoryError:
         return False
     return True

@@ -21,7 +21,7 @@ JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 
 # Frame headers: SOF0-3, 5-7, 9-11, 13-15 (C4 DHT, C8 JPG, CC DAC are not frames), DHP (hierarchical
 # mode's overall size) and SOF55 (JPEG-LS, ITU-T T.87).
-_JPEG_FRAME_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xDE, 0xF7})
+JPEG_FRAME_MARKERS = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xDE, 0xF7})
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RST0-7, SOI
 _SOS, _EOI, _DNL = 0xDA, 0xD9, 0xDC
 # More scans than any real progressive JPEG needs (libjpeg-turbo's fuzzers stop at 500): each scan
@@ -132,7 +132,7 @@ def jpeg_header(data: bytes) -> FrameHeader:
             raise HeaderError("a JPEG marker segment has an invalid length (truncated or corrupt)")
         segment = data[pos + 2 : pos + length]
         pos += length
-        if marker in _JPEG_FRAME_MARKERS:
+        if marker in JPEG_FRAME_MARKERS:
             if len(segment) < 6:
                 raise HeaderError("a JPEG frame header is too short")
             codec = "JPEG-LS" if marker == 0xF7 else "JPEG"

@@ -4,6 +4,7 @@ and its encodings. Arrays in, plain values out. (The probabilities and the decis
 from __future__ import annotations
 
 import base64
+
 import cv2
 import numpy as np
 

@@ -16,77 +16,29 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
-import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from app.core.decode import DICOM, DICOM_BYTES_PER_PIXEL, JPEG, PNG, sniff
+from app.core import formats
 from app.core.errors import Overloaded
-
-RASTER_BYTES_PER_PIXEL = 17
-HEADER_SCAN_BYTES = 64 * 1024  # where a cheap size reading looks (JPEG frame header, DICOM Rows / Columns)
-_JPEG_FRAMES = frozenset({*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xDE, 0xF7})
-# (0028,0002) Samples per Pixel, (0028,0010) Rows and (0028,0011) Columns, explicit VR "US" or
-# implicit VR, little endian.
-_DICOM_SIZE = re.compile(rb"\x28\x00(\x02|\x10|\x11)\x00(?:US\x02\x00|\x02\x00\x00\x00)(..)", re.DOTALL)
 
 
 def worst_cost(max_pixels: int) -> int:
-    return max_pixels * DICOM_BYTES_PER_PIXEL
+    return max_pixels * formats.DICOM_BYTES_PER_PIXEL
 
 
 def decode_cost(data: bytes, max_pixels: int) -> int:
     """Bytes that decoding and preprocessing ``data`` may take at most, from a cheap look at its header.
     A size over the pixel limit costs nothing: the decoder refuses it (413) before allocating."""
-    kind = sniff(data)
-    if kind == PNG and len(data) >= 24:
-        pixels = int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
-        return _cost(pixels, max_pixels, RASTER_BYTES_PER_PIXEL)
-    if kind == JPEG:
-        return _cost(_jpeg_pixels(data[:HEADER_SCAN_BYTES]), max_pixels, RASTER_BYTES_PER_PIXEL)
-    if kind == DICOM:
-        return _cost(_dicom_pixels(data[:HEADER_SCAN_BYTES]), max_pixels, DICOM_BYTES_PER_PIXEL) + len(data)
-    return 0  # not an image: refused before anything is decoded
-
-
-def _cost(pixels: int | None, max_pixels: int, per_pixel: int) -> int:
+    kind = formats.sniff(data)
+    if kind is None:
+        return 0  # not an image: refused before anything is decoded
+    pixels = kind.pixels(data[:formats.HEADER_SCAN_BYTES])
+    held = len(data) if kind.cost_includes_file else 0
     if pixels is None:  # not readable cheaply: the largest admissible image
-        return max_pixels * per_pixel
-    return 0 if pixels > max_pixels else pixels * per_pixel
-
-
-def _jpeg_pixels(head: bytes) -> int | None:
-    """width x height of the first frame header, reading segments only (no scan data), else None."""
-    pos = 2
-    while pos + 4 <= len(head):
-        if head[pos] != 0xFF:
-            return None
-        marker = head[pos + 1]
-        if marker == 0xFF:  # a fill byte
-            pos += 1
-            continue
-        length = struct.unpack_from(">H", head, pos + 2)[0]
-        if marker in _JPEG_FRAMES and pos + 9 <= len(head):
-            height, width = struct.unpack_from(">HH", head, pos + 5)
-            return width * height or None
-        if marker == 0xDA:  # the first scan comes before any frame header: not a size we can trust
-            return None
-        pos += 2 + length
-    return None
-
-
-def _dicom_pixels(head: bytes) -> int | None:
-    """The largest Rows x the largest Columns x the most Samples per Pixel found in the head (an
-    icon's are smaller than the image's; 3 samples when none is said), else None."""
-    found: dict[bytes, list[int]] = {b"\x02": [], b"\x10": [], b"\x11": []}
-    for match in _DICOM_SIZE.finditer(head):
-        found[match.group(1)].append(int.from_bytes(match.group(2), "little"))
-    rows, columns, samples = found[b"\x10"], found[b"\x11"], found[b"\x02"]
-    if not rows or not columns:
-        return None
-    return max(rows) * max(columns) * (max(samples) if samples else 3) or None
+        return max_pixels * kind.bytes_per_pixel + held
+    return (0 if pixels > max_pixels else pixels * kind.bytes_per_pixel) + held
 
 
 class DecodeBudget:

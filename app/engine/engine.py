@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from app.core import formats
 from app.core.contract import ModelMetadata
 from app.core.decision import Decision
 from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
@@ -162,4 +163,5 @@ class Engine:
             "variant": self.variant,
             "batch_buckets": list(self.runner.buckets),
             "ood": None if meta.ood is None else asdict(meta.ood),
+            "formats": formats.describe(),
         }

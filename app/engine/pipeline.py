@@ -15,8 +15,8 @@ import numpy as np
 
 from app.core.contract import Framing, ModelMetadata, PreprocessSpec, frame, normalise
 from app.core.decision import Decision, decide
-from app.core.errors import InvalidImage
 from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy, decode
+from app.core.errors import InvalidImage
 from app.core.modality import looks_like_ct
 from app.core.postprocess import (
     cam_grid,

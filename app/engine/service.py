@@ -14,6 +14,7 @@ import numpy as np
 
 from app.core.decode import DICOM, sniff
 from app.core.errors import InferenceTimeout
+from app.core.postprocess import cam_images
 from app.core.result import ModelOutput, Prediction
 from app.engine import metrics
 from app.engine.admission import Admission
@@ -21,7 +22,6 @@ from app.engine.batcher import MicroBatcher
 from app.engine.budget import DecodeBudget, decode_cost, worst_cost
 from app.engine.engine import Engine, EngineOptions
 from app.engine.host import HostWork, MixedHost, ProcessHost, ThreadHost
-from app.core.postprocess import cam_images
 from app.engine.pipeline import check_cam_mode, ms_since, prepare
 from app.engine.runner import GPU_PROVIDERS, available_cpus
 

@@ -215,3 +215,13 @@ def test_unexpected_error_is_500_problem_with_request_id_and_no_internals(client
     assert body["type"] == "/problems/internal-error" and body["instance"] == "/v1/model"
     assert response.headers["x-request-id"] == "trace-500" and body["request_id"] == "trace-500"
     assert "secret" not in response.text
+
+
+def test_the_api_document_and_v1_model_list_the_registered_formats(client):
+    from app.core import formats
+    from app.transports.http.openapi_docs import PREDICT_BODY
+
+    content = PREDICT_BODY["requestBody"]["content"]
+    assert {f.media_type for f in formats.FORMATS} <= set(content)
+    listed = client.get("/v1/model").json()["formats"]
+    assert [f["media_type"] for f in listed] == [f.media_type for f in formats.FORMATS]

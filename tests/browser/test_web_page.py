@@ -145,6 +145,10 @@ def test_heatmap_opacity_and_toggle_work_from_the_keyboard(browser_run: dict) ->
     assert report["toggledOff"] == {"checked": False, "heatmapVisible": False, "sliderDisabled": True}
     assert report["toggledOn"] == {"checked": True, "heatmapVisible": True}
     assert "file-input" in report["tabOrderBefore"]
+    # the file picker offers what the service reads, from /v1/model (app.core.formats), not a copy
+    from app.core.formats import FORMATS
+
+    assert set(report["accept"].split(",")) == {x for f in FORMATS for x in (*f.suffixes, f.media_type)}
 
 
 def test_page_shows_a_dropped_dicom_through_the_servers_rendering(browser_run: dict) -> None:

@@ -168,6 +168,7 @@ async function main() {
     report.notice = await page.textContent(".notice");
     report.unlabelled = await unlabelledControls(page);
     report.tabOrderBefore = await tabOrder(page, 3);
+    report.accept = await page.getAttribute("#file-input", "accept");
 
     // 1. A real slice: result, bars and the heatmap over the image.
     report.imageState = await upload(page, env("IMAGE"));

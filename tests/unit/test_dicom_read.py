@@ -9,7 +9,6 @@ import io
 import pydicom
 import pytest
 
-from app.core.errors import DecodeTooCostly, PayloadTooLarge
 from app.core.decode import decode
 from app.core.dicom_read import (
     MAX_ELEMENTS,
@@ -17,6 +16,7 @@ from app.core.dicom_read import (
     element_limits,
     read_dataset,
 )
+from app.core.errors import DecodeTooCostly, PayloadTooLarge
 from app.engine.engine import Engine
 from app.transports.pacs.results import build_results, encode
 from tests.hostile_inputs import (

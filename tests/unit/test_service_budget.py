@@ -13,13 +13,8 @@ import pydicom
 import pytest
 
 from app.core.errors import Overloaded
-from app.engine.budget import (
-    DICOM_BYTES_PER_PIXEL,
-    RASTER_BYTES_PER_PIXEL,
-    DecodeBudget,
-    decode_cost,
-    worst_cost,
-)
+from app.core.formats import DICOM_BYTES_PER_PIXEL, RASTER_BYTES_PER_PIXEL
+from app.engine.budget import DecodeBudget, decode_cost, worst_cost
 from tests.hostile_inputs import dicom_sample, jpeg_bomb, png_bomb, small_jpeg
 
 MAX_PIXELS = 4096 * 4096

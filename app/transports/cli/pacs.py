@@ -77,8 +77,8 @@ def _processor(args: argparse.Namespace, *, study_idle_s: float, default_stow: s
 
 
 def run_listen(args: argparse.Namespace) -> int:
-    from app.transports.pacs.listener import Listener, ListenerOptions
     from app.settings import Settings
+    from app.transports.pacs.listener import Listener, ListenerOptions
 
     options = ListenerOptions(
         ae_title=args.ae_title, host=args.host, port=args.port, allowed_calling_aets=tuple(args.allow_aet or ()),

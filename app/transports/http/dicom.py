@@ -8,8 +8,8 @@ from typing import Literal
 
 from fastapi import Response
 
-from app.core.errors import NotAcceptable
 from app.core.decode import DICOM, sniff
+from app.core.errors import NotAcceptable
 from app.core.result import Prediction
 from app.engine.service import InferenceService
 from app.transports.pacs.multipart import encode_related, media_type_params

@@ -34,13 +34,13 @@ from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.core.errors import CrossSiteRequest, Forbidden, InvalidHost, RateLimited, ServiceError, Unauthorized
 from app.engine import metrics
-from app.transports.http.middleware import route_template
-from app.transports.http.problems import log_service_error, problem_of, problem_response
+from app.settings import Settings
 from app.transports.http.api_keys import KeyStore
 from app.transports.http.audit import AuditLog
-from app.core.errors import CrossSiteRequest, Forbidden, InvalidHost, RateLimited, ServiceError, Unauthorized
-from app.settings import Settings
+from app.transports.http.middleware import route_template
+from app.transports.http.problems import log_service_error, problem_of, problem_response
 
 OPEN_PATHS = ("/livez", "/readyz", "/v2/health/live", "/v2/health/ready")
 # The model and its answers (the Open Inference Protocol's too); /v2's server metadata stays open.

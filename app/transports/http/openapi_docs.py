@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.core.formats import FORMATS
+
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 BINARY = {"type": "string", "format": "binary"}
 REQUEST_ID_HEADER = {"X-Request-ID": {"description": "the client's X-Request-ID, or a generated UUID",
@@ -118,12 +120,11 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
                  **{"Retry-After": RETRY_AFTER}),
 }
 
+_FORMAT_NAMES = ", ".join(f.name.split(" ")[0] for f in FORMATS[:-1]) + " or " + FORMATS[-1].name.split(" ")[0]
 PREDICT_BODY = {**KEY_SECURITY, "requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                       "properties": {"file": {**BINARY, "description": "PNG, JPEG or DICOM"}}}},
-    "image/png": {"schema": BINARY},
-    "image/jpeg": {"schema": BINARY},
-    "application/dicom": {"schema": BINARY},
+                                       "properties": {"file": {**BINARY, "description": _FORMAT_NAMES}}}},
+    **{f.media_type: {"schema": BINARY} for f in FORMATS},
     "application/octet-stream": {"schema": {**BINARY, "description": "any of the above, recognised by signature"}},
 }}}
 

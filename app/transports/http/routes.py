@@ -12,19 +12,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.core.decode import MEDIA_TYPES, normalise_media_type
+from app.core.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from app.core.result import Prediction, Timings
 from app.engine import metrics
+from app.engine.pipeline import CamMode
+from app.engine.service import InferenceService
+from app.settings import Settings
 from app.transports.http import openapi_docs as docs
+from app.transports.http.audit import AuditLog
 from app.transports.http.dicom import ResultFormat, dicom_objects_wanted, dicom_response
 from app.transports.http.middleware import route_template
 from app.transports.http.problems import problem_of, problem_response, request_id_of
 from app.transports.http.schemas import BatchResponse, Health, ModelDescription, PredictResponse
-from app.transports.http.audit import AuditLog
-from app.core.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from app.core.decode import MEDIA_TYPES, normalise_media_type
-from app.engine.pipeline import CamMode
-from app.core.result import Prediction, Timings
-from app.engine.service import InferenceService
-from app.settings import Settings
 
 router = APIRouter()
 

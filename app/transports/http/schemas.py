@@ -57,6 +57,12 @@ class BatchResponse(BaseModel):
     results: list[Annotated[BatchItemOk | BatchItemError, Field(discriminator="ok")]]
 
 
+class InputFormat(BaseModel):
+    media_type: str
+    name: str
+    suffixes: list[str] = Field(..., description="file name endings of this format, lower case, with the dot")
+
+
 class ModelDescription(BaseModel):
     name: str
     version: str
@@ -74,6 +80,7 @@ class ModelDescription(BaseModel):
     batch_buckets: list[int] = Field(..., description="the batch sizes the model runs at (batches are padded up)")
     ood: OodSpec | None = Field(..., description="how the model's out-of-distribution score is read; null when the "
                                 "model has no such output")
+    formats: list[InputFormat] = Field(..., description="the image formats /v1/predict reads (app.core.formats)")
     host_workers: int = Field(..., description="processes (or threads) that decode and preprocess")
     host_work: Literal["processes", "threads"]
     isolated_decoders: Literal["all", "dicom", "none"] = Field(

@@ -37,8 +37,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app.core.contract import OOD_NAME
-from app.core.errors import InvalidRequest, InvalidTensor, ModelNotFound, ServiceError
 from app.core.decision import softmax
+from app.core.errors import InvalidRequest, InvalidTensor, ModelNotFound, ServiceError
 from app.engine.service import InferenceService, RawOutputs
 from app.settings import Settings
 from app.transports.http import openapi_docs as docs

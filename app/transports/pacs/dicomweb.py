@@ -11,7 +11,13 @@ import logging
 from urllib.parse import quote
 
 from app.transports.pacs.multipart import decode_related
-from app.transports.pacs.processing import CLASSIFIED_SOP_CLASSES, Processor, SliceFailed, dicomweb_client, study_key
+from app.transports.pacs.processing import (
+    CLASSIFIED_SOP_CLASSES,
+    Processor,
+    SliceFailed,
+    dicomweb_client,
+    study_key,
+)
 
 log = logging.getLogger("btd.pacs")
 

@@ -27,8 +27,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from app.core.errors import ServiceError
 from app.core.decode import DEFAULT_MAX_PIXELS, read_study_uid
+from app.core.errors import ServiceError
 from app.transports.pacs.processing import CLASSIFIED_SOP_CLASSES, Processor, isolated_reader, study_key
 
 log = logging.getLogger("btd.pacs")

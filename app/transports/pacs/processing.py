@@ -28,8 +28,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from app.core.errors import ServiceError
 from app.core.decode import DICOM, quiet_pydicom
+from app.core.errors import ServiceError
 from app.transports.pacs.multipart import decode_related
 from app.transports.pacs.results import build_results, encode
 

@@ -13,9 +13,6 @@ const DISPLAY_NAMES = {
   pituitary: "Pituitary tumour",
 };
 
-// Media type from the file's first bytes (as the service checks), then from its name.
-const SUFFIX_TYPES = { png: "image/png", jpg: "image/jpeg", jpeg: "image/jpeg", dcm: "application/dicom", dicom: "application/dicom" };
-
 const $ = (id) => document.getElementById(id);
 
 // An API key, when the service asks for one (401): kept for this tab only, sent as X-API-Key.
@@ -48,20 +45,6 @@ function percent(p, digits = 1) {
 
 function milliseconds(ms) {
   return ms >= 100 ? `${Math.round(ms)} ms` : `${ms.toFixed(1)} ms`;
-}
-
-function sniffMediaType(head) {
-  const startsWith = (sig) => sig.every((b, i) => head[i] === b);
-  if (startsWith([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a])) return "image/png";
-  if (startsWith([0xff, 0xd8, 0xff])) return "image/jpeg";
-  if (head.length >= 132 && String.fromCharCode(...head.slice(128, 132)) === "DICM") return "application/dicom";
-  return null;
-}
-
-async function mediaTypeOf(file) {
-  const head = new Uint8Array(await file.slice(0, 132).arrayBuffer());
-  const suffix = (file.name.split(".").pop() || "").toLowerCase();
-  return sniffMediaType(head) || SUFFIX_TYPES[suffix] || file.type || "application/octet-stream";
 }
 
 // A problem+json (RFC 9457) body or anything else the server sent, as one sentence for people.
@@ -106,6 +89,14 @@ function modelLine(model) {
   return `${model.name} ${model.version}`;
 }
 
+// The file picker offers the formats the service says it reads (GET /v1/model "formats").
+function acceptFormats(formats) {
+  if (!formats.length) return;
+  $("file-input").accept = formats.flatMap((f) => [...f.suffixes, f.media_type]).join(",");
+  $("drop-help").textContent =
+    `Drop one MRI slice here (${formats.map((f) => f.name.split(" ")[0]).join(", ")}), or choose a file.`;
+}
+
 async function loadModelInfo() {
   try {
     const response = await fetch(API_MODEL, { headers: withKey({ Accept: "application/json" }) });
@@ -120,6 +111,7 @@ async function loadModelInfo() {
     }
     if (!response.ok) throw new Error(await problemText(response));
     const model = await response.json();
+    acceptFormats(model.formats || []);
     const providers = (model.providers || []).map((p) => p.replace("ExecutionProvider", "")).join(", ");
     $("model-info").textContent =
       `${modelLine(model)} (classes: ${model.labels.map(displayName).join(", ")}` +
@@ -282,7 +274,8 @@ async function analyse(file) {
   try {
     const response = await fetch(API_PREDICT, {
       method: "POST",
-      headers: withKey({ "Content-Type": await mediaTypeOf(file), Accept: "application/json" }),
+      // The service recognises the format by its signature: one place knows the formats.
+      headers: withKey({ "Content-Type": "application/octet-stream", Accept: "application/json" }),
       body: file,
     });
     if (response.status === 401) {
