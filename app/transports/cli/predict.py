@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from app.core.decode import media_type_for_path, sniff
+from app.core.decode import DICOM, media_type_for_path, sniff
+from app.core.formats import SIGNATURE_BYTES
 from app.core.result import OOD_PHRASE, CamPng, Prediction
 
 FORMATS = ("table", "csv", "json")
-SIGNATURE_BYTES = 132  # enough for the DICOM preamble + "DICM"
 GLOB_CHARS = set("*?[")
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_UNUSABLE = 0, 1, 2
@@ -245,7 +245,7 @@ class DicomWriter:
         from app.transports.pacs.results import build_results, encode, read_source
 
         data = path.read_bytes()
-        if sniff(data[:SIGNATURE_BYTES]) != "application/dicom":
+        if sniff(data[:SIGNATURE_BYTES]) != DICOM:
             return []  # DICOM results copy and reference a DICOM source
         datasets = build_results(read_source(data), result)  # InvalidImage: the caller's
         self.folder.mkdir(parents=True, exist_ok=True)
