@@ -78,7 +78,7 @@ def _argument(f: dataclasses.Field, hint: Any) -> tuple[list[str], dict[str, Any
     else:
         raise TypeError(f"{f.name}: no command-line form for {hint!r}")
 
-    if not required and default is not None:
+    if not required and default is not None and not meta.get(options.POSITIONAL):
         shown = "default: " + _show(default).replace("%", "%%")
         help_text = f"{help_text} ({shown})" if help_text else shown
     kw["help"] = help_text

@@ -40,10 +40,10 @@ HELP, GROUP, POSITIONAL = "help", "group", "positional"
 
 
 def option(default: Any = MISSING, *, help: str | None = None, group: str | None = None,
-           positional: bool = False) -> Any:
+           positional: bool = False, default_factory: Any = MISSING) -> Any:
     """A config field with its command-line help; ``positional`` makes it a positional argument (and
     a positional parameter of the dataclass), anything else is keyword-only."""
-    return dataclasses.field(default=default, kw_only=not positional,
+    return dataclasses.field(default=default, default_factory=default_factory, kw_only=not positional,
                              metadata={HELP: help, GROUP: group, POSITIONAL: positional})
 
 
