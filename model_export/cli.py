@@ -46,7 +46,7 @@ def _show(default: Any) -> str:
 def _argument(f: dataclasses.Field, hint: Any) -> tuple[list[str], dict[str, Any]]:
     """The ``add_argument`` call for one config field: (names, keywords)."""
     meta = f.metadata
-    help_text = meta.get(options.HELP)
+    help_text = (meta.get(options.HELP) or "").replace("%", "%%") or None  # argparse formats help with %
     default = f.default if f.default is not dataclasses.MISSING else (
         f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
     required = default is dataclasses.MISSING
@@ -104,7 +104,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
             continue
         names, kw = _argument(f, hints[f.name])
         group = f.metadata.get(options.GROUP)
-        target = parser if group is None else groups.setdefault(group, parser.add_argument_group(group))
+        if group is not None and group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        target = parser if group is None else groups[group]
         if names[0].startswith("--"):
             kw["dest"] = f.name
         target.add_argument(*names, **kw)

@@ -192,3 +192,13 @@ def test_a_checkpoint_records_the_options_as_plain_values() -> None:
     record = options.record(options.TrainConfig(data=Path("d"), cache_dir=Path("c")))
     assert record["data"] == "d" and record["cache_dir"] == "c" and record["out"] == "runs/btd"
     assert record["split_file"] is None and record["freeze"] == "layer4" and record["dropout"] == 0.2
+
+
+def test_help_text_is_taken_literally() -> None:
+    @dataclass(kw_only=True)
+    class Percent:
+        share: float = option(0.5, help="share of images, 0-100% as 0-1")
+
+    p = argparse.ArgumentParser(prog="percent")
+    cli.add_config_arguments(p, Percent)
+    assert "0-100% as 0-1 (default: 0.5)" in p.format_help()
