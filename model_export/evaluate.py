@@ -12,7 +12,6 @@ import csv
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +21,9 @@ from tqdm import tqdm
 from app.core.contract import INPUT_NAME, LOGITS_NAME, PreprocessSpec, preprocess
 from model_export import scores
 from model_export.data import Sample, limit_per_class, load_samples, read_gray, select
+from model_export.options import EvalConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalConfig:
-    model: Path
-    data: Path
-    split_file: Path | None = None
-    split: str = "test"
-    calibration_split: str = "val"
-    baseline: Path | None = None
-    threshold: float | None = None
-    out: Path = Path("runs/eval")
-    batch_size: int = 16
-    threads: int = 0
-    limit_per_class: int = 0
-    seed: int = 0
-    columns: dict[str, str] = field(default_factory=dict)
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
 
 
 def preprocessed_batches(samples: Sequence[Sample], spec: PreprocessSpec, batch_size: int,

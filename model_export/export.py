@@ -15,7 +15,6 @@ import copy
 import json
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from app.core.contract import (
 )
 from model_export.checkpoint import model_from_checkpoint, read_checkpoint
 from model_export.ood import OodFit
+from model_export.options import ExportConfig
 from model_export.resnet import Bottleneck, ResNet50
 
 log = logging.getLogger(__name__)
@@ -50,20 +50,6 @@ PARITY_ATOL = 1e-3
 
 class ParityError(RuntimeError):
     """ONNX Runtime's outputs differ from PyTorch's beyond tolerance: the export is not trusted."""
-
-
-@dataclass
-class ExportConfig:
-    checkpoint: Path
-    out: Path
-    report: Path | None = None
-    fp16_weights: bool = False
-    fp16: bool = False  # also write the float16-compute variant <out>-fp16.onnx
-    name: str = "btd-resnet50"
-    version: str = "0.0.0"
-    threshold: float = 0.5
-    temperature: float | None = None
-    opset: int = 17
 
 
 def fold_batchnorm(model: ResNet50) -> ResNet50:

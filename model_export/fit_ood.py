@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,24 +22,10 @@ from model_export import ood
 from model_export.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from model_export.data import Sample, limit_per_class, load_samples, select
 from model_export.datasets import SliceDataset
+from model_export.options import FitOodConfig
 from model_export.resnet import ResNet50
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FitOodConfig:
-    checkpoint: Path
-    data: Path
-    split_file: Path | None = None
-    components: int = ood.DEFAULT_COMPONENTS
-    quantile: float = ood.DEFAULT_QUANTILE
-    batch_size: int = 16
-    threads: int = 0
-    features: Path | None = None  # npz cache of the pooled features: read when present, else written
-    limit_per_class: int = 0
-    seed: int = 0
-    columns: dict[str, str] = field(default_factory=dict)
 
 
 def pooled_features(model: ResNet50, samples: Sequence[Sample], labels: Sequence[str], spec: PreprocessSpec,

@@ -16,7 +16,6 @@ import logging
 import random
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +34,11 @@ from app.core.contract import (
 )
 from app.core.model import ModelFile, metadata_of, read_proto
 from model_export.data import Sample, limit_per_class, load_samples, read_gray, select
+from model_export.options import QuantizeConfig
 
 log = logging.getLogger(__name__)
 
 QUANTIZATION_PROP = "btd.quantization"
-
-
-@dataclass
-class QuantizeConfig:
-    model: Path
-    data: Path
-    out: Path | None = None
-    split_file: Path | None = None
-    split: str = "train"
-    calibration_images: int = 128
-    limit_per_class: int = 0
-    seed: int = 0
-    columns: dict[str, str] = field(default_factory=dict)
 
 
 def weights_to_fp32(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,47 +40,10 @@ from model_export.data import (
 )
 from model_export.datasets import CachedFeatureDataset, SliceDataset
 from model_export.features import build_feature_cache
+from model_export.options import TrainConfig, record
 from model_export.resnet import ResNet50, apply_freeze, load_backbone, set_train_mode
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    split_file: str | None = None
-    out: str = "runs/btd"
-    image_size: int = 224
-    freeze: str = "layer4"
-    pretrained: bool = True
-    epochs: int = 8
-    batch_size: int = 32
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    schedule: str = "cosine"
-    label_smoothing: float = 0.1
-    grad_clip: float = 1.0
-    patience: int = 3
-    dropout: float = 0.2
-    seed: int = 0
-    deterministic: bool = False
-    augment: bool = True
-    feature_cache: str = "auto"  # auto: on when frozen through layer3 and on CPU
-    cache_dir: str | None = None
-    views: int = 2  # augmented views per training image in the feature cache
-    workers: int = 0
-    device: str = "auto"
-    amp: str = "auto"  # auto: on CUDA
-    channels_last: str = "auto"  # auto: on CUDA
-    threads: int = 0
-    limit_per_class: int = 0  # 0: all; N: at most N images per class and split (quick runs, tests)
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    resume: str | None = None
-    init_from: str | None = None  # start from this checkpoint's weights, fresh optimizer (two-stage fine-tuning)
-    columns: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -355,7 +318,7 @@ def main(config: TrainConfig) -> Path:
         history, stale = resume.get("history", []), resume.get("stale_epochs", 0)
         log.info("resumed from %s at epoch %d (best val macro-F1 %.4f)", config.resume, start_epoch + 1, best_f1)
 
-    base = {"args": asdict(config), "labels": list(labels), "preprocess": spec.to_json(),
+    base = {"args": record(config), "labels": list(labels), "preprocess": spec.to_json(),
             "training_data": summarise(samples)}
     for epoch in range(start_epoch, config.epochs):
         seed_epoch(config.seed, epoch)

@@ -87,5 +87,5 @@ def test_a_model_averaged_with_itself_scores_as_itself(data: dict, tmp_path: Pat
     a = write_checkpoint(tmp_path / "a.pt", 1)
     copy = tmp_path / "copy.pt"
     copy.write_bytes(a.read_bytes())
-    scores = average.main(average.AverageConfig([a, copy], tmp_path / "soup.pt", batch_size=4, **data))
+    scores = average.main(average.AverageConfig([a, copy], out=tmp_path / "soup.pt", batch_size=4, **data))
     assert scores["average"] == scores["ingredients"][str(a)] == scores["logit_ensemble"]

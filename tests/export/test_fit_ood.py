@@ -41,7 +41,8 @@ def checkpoint_and_data(tmp_path: Path) -> tuple[Path, Path, Path]:
 def test_fit_is_stored_and_a_refit_reuses_the_cached_features(checkpoint_and_data, monkeypatch) -> None:
     ckpt, data, split_file = checkpoint_and_data
     cache = ckpt.with_name("features.npz")
-    first = fit_ood.main(fit_ood.FitOodConfig(ckpt, data, split_file, components=8, quantile=0.9, features=cache))
+    first = fit_ood.main(fit_ood.FitOodConfig(ckpt, data=data, split_file=split_file, components=8,
+                                              quantile=0.9, features=cache))
     stored = read_checkpoint(ckpt)["ood"]
     assert stored["projection"].shape == (2048, 8) and stored["threshold"] == pytest.approx(first.threshold)
     assert stored["calibration"]["fit_images"] == 12 and stored["calibration"]["val_images"] == 4
@@ -51,7 +52,8 @@ def test_fit_is_stored_and_a_refit_reuses_the_cached_features(checkpoint_and_dat
         raise AssertionError("features were extracted again")
 
     monkeypatch.setattr(fit_ood, "pooled_features", no_extraction)
-    second = fit_ood.main(fit_ood.FitOodConfig(ckpt, data, split_file, components=4, quantile=0.5, features=cache))
+    second = fit_ood.main(fit_ood.FitOodConfig(ckpt, data=data, split_file=split_file, components=4,
+                                               quantile=0.5, features=cache))
     assert read_checkpoint(ckpt)["ood"]["projection"].shape == (2048, 4)
     assert second.threshold < first.threshold  # a lower quantile of scores in fewer dimensions
 
@@ -62,4 +64,4 @@ def test_a_cache_of_another_split_is_refused(checkpoint_and_data) -> None:
     np.savez(cache, key="another checkpoint", x_train=np.zeros((3, 2048), np.float32), y_train=np.zeros(3),
              x_val=np.zeros((1, 2048), np.float32))
     with pytest.raises(ValueError, match="delete it"):
-        fit_ood.main(fit_ood.FitOodConfig(ckpt, data, split_file, features=cache))
+        fit_ood.main(fit_ood.FitOodConfig(ckpt, data=data, split_file=split_file, features=cache))
