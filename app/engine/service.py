@@ -21,6 +21,7 @@ from app.engine.batcher import MicroBatcher
 from app.engine.budget import DecodeBudget, decode_cost, worst_cost
 from app.engine.engine import Engine, EngineOptions
 from app.engine.host import HostWork, MixedHost, ProcessHost, ThreadHost
+from app.engine.malloc import IdleTrim
 from app.engine.pipeline import check_cam_mode, ms_since, prepare, render_cam_png
 from app.engine.runner import GPU_PROVIDERS, available_cpus
 
@@ -35,7 +36,7 @@ class RawOutputs:
 
 @dataclass(frozen=True)
 class ServiceOptions:
-    max_wait_s: float = 0.005  # longest the oldest request waits for company in the batcher
+    max_wait_s: float | None = None  # longest the oldest request waits for company in the batcher; None: auto
     queue_size: int = 64  # requests that may wait for the model, decoding included
     max_queue_wait_s: float = 1.0  # refuse new requests while the oldest waiting one has waited longer
     request_timeout_s: float = 30.0
@@ -44,6 +45,17 @@ class ServiceOptions:
     host_memory_limit_bytes: int | None = None  # address-space limit of each host worker process
     decode_budget_bytes: int | None = None  # memory all decodes may take at once (app.engine.budget)
     max_pixels: int = 4096 * 4096  # the largest image a cost reading counts (BTD_MAX_PIXELS)
+
+
+# The batcher's wait when not set. On the CPU a batch costs more CPU an image than batch 1 and waiting
+# only adds latency: the model takes whatever waits when it is free (a burst still batches). On a GPU
+# a few ms buy full batches (README, "The inference engine").
+CPU_MAX_WAIT_S = 0.0
+GPU_MAX_WAIT_S = 0.005
+
+
+def auto_max_wait_s(on_gpu: bool) -> float:
+    return GPU_MAX_WAIT_S if on_gpu else CPU_MAX_WAIT_S
 
 
 def auto_host_workers(on_gpu: bool) -> int:
@@ -72,12 +84,15 @@ class InferenceService:
     def __init__(self, engine: Engine, options: ServiceOptions, host: HostWork | None = None) -> None:
         self.engine = engine
         self.options = options
-        self.host = host or host_work(options, engine.runner.provider in GPU_PROVIDERS)
+        on_gpu = engine.runner.provider in GPU_PROVIDERS
+        self.host = host or host_work(options, on_gpu)
+        self.max_wait_s = auto_max_wait_s(on_gpu) if options.max_wait_s is None else options.max_wait_s
         self.admission = Admission(options.queue_size, options.max_queue_wait_s, on_depth=metrics.QUEUE_DEPTH.set)
         self.decode_budget = DecodeBudget(options.decode_budget_bytes or worst_cost(options.max_pixels),
                                           on_change=metrics.DECODE_BYTES.set)
         self.batcher = MicroBatcher(self._run_batch, max_batch_size=engine.max_batch_size,
-                                    max_wait_s=options.max_wait_s, on_batch=metrics.BATCH_SIZE.observe)
+                                    max_wait_s=self.max_wait_s, on_batch=metrics.BATCH_SIZE.observe)
+        self.idle_trim = IdleTrim()  # freed memory goes back to the system once a burst is over
 
     @classmethod
     def load(cls, model_path, engine_options: EngineOptions, options: ServiceOptions) -> InferenceService:
@@ -111,7 +126,7 @@ class InferenceService:
         ticket = self.admission.admit()
         timeout = self.options.request_timeout_s
         try:
-            with metrics.IN_FLIGHT.track_inprogress():  # admitted work: the upload is complete
+            with metrics.IN_FLIGHT.track_inprogress(), self.idle_trim.busy():  # admitted: the upload is complete
                 result = await asyncio.wait_for(self._predict(data, media_type, cam, started, ticket, cost), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
@@ -148,7 +163,8 @@ class InferenceService:
         timeout = self.options.request_timeout_s
         metrics.IN_FLIGHT.inc(len(inputs))  # admitted work: one per image, as predict counts
         try:
-            return await asyncio.wait_for(self._infer_raw(inputs), timeout)
+            with self.idle_trim.busy():
+                return await asyncio.wait_for(self._infer_raw(inputs), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
         finally:
@@ -180,8 +196,9 @@ class InferenceService:
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/model`` returns."""
-        return {**self.engine.describe(), "host_workers": self.host.workers, "host_work": self.host.kind,
-                "isolated_decoders": self.host.isolated}
+        return {**self.engine.describe(), "max_batch_size": self.batcher.max_batch_size,
+                "max_wait_ms": self.max_wait_s * 1000.0, "host_workers": self.host.workers,
+                "host_work": self.host.kind, "isolated_decoders": self.host.isolated}
 
     async def close(self, timeout_s: float) -> None:
         await self.batcher.close(timeout_s)
