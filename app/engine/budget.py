@@ -37,10 +37,11 @@ def worst_cost(max_pixels: int) -> int:
     return max_pixels * DICOM_BYTES_PER_PIXEL
 
 
-def decode_cost(data: bytes, max_pixels: int) -> int:
+def decode_cost(data: bytes, max_pixels: int, kind: str | None = None) -> int:
     """Bytes that decoding and preprocessing ``data`` may take at most, from a cheap look at its header.
-    A size over the pixel limit costs nothing: the decoder refuses it (413) before allocating."""
-    kind = sniff(data)
+    A size over the pixel limit costs nothing: the decoder refuses it (413) before allocating.
+    ``kind``: ``sniff(data)`` when the caller has it already."""
+    kind = kind or sniff(data)
     if kind == PNG and len(data) >= 24:
         pixels = int.from_bytes(data[16:20], "big") * int.from_bytes(data[20:24], "big")
         return _cost(pixels, max_pixels, RASTER_BYTES_PER_PIXEL)

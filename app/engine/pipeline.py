@@ -86,11 +86,12 @@ class Prepared:
         return reasons + (["small-image"] if min(width, height) < MIN_SLICE_SIDE else [])
 
 
-def prepare(data: bytes, media_type: str | None, options: PrepareOptions, view: bool = False) -> Prepared:
+def prepare(data: bytes, media_type: str | None, options: PrepareOptions, view: bool = False,
+            sniffed: str | None = None) -> Prepared:
     """Bytes -> model input. Raises the typed errors of ``app.core.errors`` for bad input. ``view``: also
-    keep the 8-bit view of the slice that ``cam=png`` draws on."""
+    keep the 8-bit view of the slice that ``cam=png`` draws on; ``sniffed``: the bytes' sniffed type."""
     start = time.perf_counter()
-    decoded = decode(data, media_type, max_pixels=options.max_pixels, multiframe=options.multiframe)
+    decoded = decode(data, media_type, max_pixels=options.max_pixels, multiframe=options.multiframe, sniffed=sniffed)
     decode_ms = ms_since(start)
     start = time.perf_counter()
     if not np.isfinite(decoded.pixels).all():

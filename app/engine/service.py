@@ -120,14 +120,16 @@ class InferenceService:
         ``refuse_if_full`` waits for the decode budget instead of being refused for it."""
         check_cam_mode(cam)
         started = time.perf_counter()
-        cost = decode_cost(data, self.options.max_pixels)
+        kind = sniff(data)  # the one sniff of this request: the cost, the host and the decoder read it
+        cost = decode_cost(data, self.options.max_pixels, kind)
         if not batch_file:
             self.decode_budget.check(cost)  # admission by decoded pixels, before the count and wait checks
         ticket = self.admission.admit()
         timeout = self.options.request_timeout_s
         try:
             with metrics.IN_FLIGHT.track_inprogress(), self.idle_trim.busy():  # admitted: the upload is complete
-                result = await asyncio.wait_for(self._predict(data, media_type, cam, started, ticket, cost), timeout)
+                result = await asyncio.wait_for(self._predict(data, media_type, cam, started, ticket, cost, kind),
+                                                timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
         finally:
@@ -135,17 +137,17 @@ class InferenceService:
         metrics.observe_prediction(result)
         return result
 
-    async def _prepare(self, data: bytes, media_type: str | None, cost: int, view: bool = False):
+    async def _prepare(self, data: bytes, media_type: str | None, cost: int, kind: str | None, view: bool = False):
         """Decode and preprocess within the decode budget; DICOM where its codecs cannot stall or crash
-        the server (a worker process, unless BTD_HOST_WORKERS=0)."""
-        run = self.host.run_isolated if sniff(data) == DICOM else self.host.run
+        the server (a worker process, unless BTD_HOST_WORKERS=0). ``kind``: ``sniff(data)``."""
+        run = self.host.run_isolated if kind == DICOM else self.host.run
         async with self.decode_budget.hold(cost):
-            return await run(prepare, data, media_type, self.engine.prepare_options, view)
+            return await run(prepare, data, media_type, self.engine.prepare_options, view, kind)
 
     async def _predict(self, data: bytes, media_type: str | None, cam: str, started: float,
-                       ticket: int, cost: int) -> Prediction:
+                       ticket: int, cost: int, kind: str | None) -> Prediction:
         engine = self.engine
-        prepared = await self._prepare(data, media_type, cost, cam == "png")
+        prepared = await self._prepare(data, media_type, cost, kind, cam == "png")
         output = await self.batcher.submit(prepared, cam != "none",
                                            on_start=lambda: self.admission.stop_waiting(ticket))
         cam_result, cam_ms = None, 0.0
@@ -171,19 +173,21 @@ class InferenceService:
             metrics.IN_FLIGHT.dec(len(inputs))
 
     async def _infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
-        costs = [0 if isinstance(item, np.ndarray) else decode_cost(item, self.options.max_pixels) for item in inputs]
+        kinds = [None if isinstance(item, np.ndarray) else sniff(item) for item in inputs]
+        costs = [0 if kind is None else decode_cost(item, self.options.max_pixels, kind)
+                 for item, kind in zip(inputs, kinds)]
         self.decode_budget.check(sum(costs))
 
-        async def one(item: np.ndarray | bytes, cost: int) -> ModelOutput:
+        async def one(item: np.ndarray | bytes, cost: int, kind: str | None) -> ModelOutput:
             ticket = self.admission.admit()
             try:
-                model_input = item if isinstance(item, np.ndarray) else await self._prepare(item, None, cost)
+                model_input = item if isinstance(item, np.ndarray) else await self._prepare(item, None, cost, kind)
                 out = await self.batcher.submit(model_input, False, on_start=lambda: self.admission.stop_waiting(ticket))
             finally:
                 self.admission.stop_waiting(ticket)
             return out
 
-        outs = await asyncio.gather(*(one(item, cost) for item, cost in zip(inputs, costs)))
+        outs = await asyncio.gather(*(one(item, cost, kind) for item, cost, kind in zip(inputs, costs, kinds)))
         scores = None if outs[0].ood_score is None else np.array([float(o.ood_score) for o in outs], np.float32)
         return RawOutputs(np.stack([o.logits for o in outs]), scores)
 
