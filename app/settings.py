@@ -54,7 +54,10 @@ class Settings(BaseSettings):
         "of two up to BTD_MAX_BATCH_SIZE, and it) or a comma list; sizes above BTD_MAX_BATCH_SIZE are dropped"
     )
     cuda_graph: bool = Field(False, description="CUDA provider: replay each bucket as a CUDA graph")
-    max_wait_ms: float = Field(5.0, ge=0, le=1000, description="longest a request waits for others to fill a batch")
+    max_wait_ms: float | Literal["auto"] = Field(
+        "auto", description='longest a request waits for others to fill a batch: "auto" is 0 on the CPU provider (the '
+        "model takes whatever waits when it is free) and 5 on GPU providers"
+    )
     queue_size: int = Field(64, ge=1, description="requests that may wait for the model, decoding included; "
                             "beyond: 503 + Retry-After")
     max_queue_wait_ms: float = Field(
@@ -140,6 +143,15 @@ class Settings(BaseSettings):
             raise ValueError('give "auto" or a number of processes (0: threads)')
         return value
 
+    @field_validator("max_wait_ms")
+    @classmethod
+    def _check_wait(cls, value: float | str) -> float | str:
+        if isinstance(value, float) and value < 0:
+            raise ValueError("Input should be greater than or equal to 0")
+        if isinstance(value, float) and value > 1000:
+            raise ValueError("Input should be less than or equal to 1000")
+        return value
+
     @field_validator("batch_buckets")
     @classmethod
     def _check_buckets(cls, value: str) -> str:
@@ -214,7 +226,7 @@ class Settings(BaseSettings):
 
     def service_options(self) -> ServiceOptions:
         return ServiceOptions(
-            max_wait_s=self.max_wait_ms / 1000.0, queue_size=self.queue_size,
+            max_wait_s=None if self.max_wait_ms == "auto" else self.max_wait_ms / 1000.0, queue_size=self.queue_size,
             max_queue_wait_s=self.max_queue_wait_ms / 1000.0, request_timeout_s=self.request_timeout_s,
             host_workers=None if self.host_workers == "auto" else self.host_workers,
             host_task_timeout_s=min(self.host_task_timeout_s, self.request_timeout_s),

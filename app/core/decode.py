@@ -81,17 +81,19 @@ def normalise_media_type(declared: str | None) -> str | None:
 
 
 def decode(data: bytes, declared: str | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-           multiframe: MultiframePolicy = "middle", source: bool = False) -> DecodedImage:
+           multiframe: MultiframePolicy = "middle", source: bool = False,
+           sniffed: str | None = None) -> DecodedImage:
     """Decode image bytes. ``declared`` is the client's media type, checked against the signature;
     ``multiframe`` picks the frame of a multi-frame DICOM; ``source``: also read the DICOM attributes
-    its DICOM results copy (a 400 for any other input, or a DICOM without the UIDs they reference)."""
+    its DICOM results copy (a 400 for any other input, or a DICOM without the UIDs they reference);
+    ``sniffed``: ``sniff(data)`` when the caller has it already (one sniff per request)."""
     declared = normalise_media_type(declared)
     if declared is not None and declared not in MEDIA_TYPES:
         shown = declared if len(declared) <= 80 else declared[:80] + "..."
         raise UnsupportedMediaType(f"media type {shown!r} is not supported; send one of {', '.join(MEDIA_TYPES)}")
     if not data:
         raise InvalidImage("the image is empty (0 bytes)")
-    actual = sniff(data)
+    actual = sniffed or sniff(data)
     if actual is None:
         raise UnsupportedMediaType("the bytes are not a PNG, JPEG or DICOM (Part 10) file")
     if declared is not None and declared != actual:

@@ -28,17 +28,18 @@ def worst_cost(max_pixels: int) -> int:
     return max_pixels * formats.DICOM_BYTES_PER_PIXEL
 
 
-def decode_cost(data: bytes, max_pixels: int) -> int:
+def decode_cost(data: bytes, max_pixels: int, kind: str | None = None) -> int:
     """Bytes that decoding and preprocessing ``data`` may take at most, from a cheap look at its header.
-    A size over the pixel limit costs nothing: the decoder refuses it (413) before allocating."""
-    kind = formats.sniff(data)
-    if kind is None:
+    A size over the pixel limit costs nothing: the decoder refuses it (413) before allocating.
+    ``kind``: the media type ``sniff(data)`` gave, when the caller has it already."""
+    fmt = formats.BY_MEDIA_TYPE.get(kind) if kind else formats.sniff(data)
+    if fmt is None:
         return 0  # not an image: refused before anything is decoded
-    pixels = kind.pixels(data[:formats.HEADER_SCAN_BYTES])
-    held = len(data) if kind.cost_includes_file else 0
+    pixels = fmt.pixels(data[:formats.HEADER_SCAN_BYTES])
+    held = len(data) if fmt.cost_includes_file else 0
     if pixels is None:  # not readable cheaply: the largest admissible image
-        return max_pixels * kind.bytes_per_pixel + held
-    return (0 if pixels > max_pixels else pixels * kind.bytes_per_pixel) + held
+        return max_pixels * fmt.bytes_per_pixel + held
+    return (0 if pixels > max_pixels else pixels * fmt.bytes_per_pixel) + held
 
 
 class DecodeBudget:

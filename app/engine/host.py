@@ -1,5 +1,5 @@
 """Where the host work of a request runs: decoding and preprocessing (``pipeline.prepare``) and the
-CAM images (``pipeline.render_cam_png``), off the event loop.
+CAM images (``postprocess.cam_images``), off the event loop.
 
 - ``ProcessHost``: a pool of worker processes (pebble's ``ProcessPool``). Host work then scales with
   cores instead of stopping at one Python process (~430 slices/s on the GPU node), and a worker is

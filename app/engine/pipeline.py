@@ -98,12 +98,14 @@ class Prepared:
 
 
 def prepare(data: bytes, media_type: str | None, options: PrepareOptions, view: bool = False,
-            source: bool = False) -> Prepared:
+            source: bool = False, sniffed: str | None = None) -> Prepared:
     """Bytes -> model input. Raises the typed errors of ``app.core.errors`` for bad input. ``view``: also
     keep the 8-bit view of the slice that ``cam=png`` draws on; ``source``: also read the attributes a
-    DICOM's results copy, in the same read (``Prepared.source``), so a host worker reads a file once."""
+    DICOM's results copy, in the same read (``Prepared.source``), so a host worker reads a file once;
+    ``sniffed``: the bytes' sniffed type."""
     start = time.perf_counter()
-    decoded = decode(data, media_type, max_pixels=options.max_pixels, multiframe=options.multiframe, source=source)
+    decoded = decode(data, media_type, max_pixels=options.max_pixels, multiframe=options.multiframe, source=source,
+                     sniffed=sniffed)
     decode_ms = ms_since(start)
     start = time.perf_counter()
     if not np.isfinite(decoded.pixels).all():

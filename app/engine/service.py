@@ -22,6 +22,7 @@ from app.engine.batcher import MicroBatcher
 from app.engine.budget import DecodeBudget, decode_cost, worst_cost
 from app.engine.engine import Engine, EngineOptions
 from app.engine.host import HostWork, MixedHost, ProcessHost, ThreadHost
+from app.engine.malloc import IdleTrim
 from app.engine.pipeline import check_cam_mode, ms_since, prepare
 from app.engine.runner import GPU_PROVIDERS, available_cpus
 
@@ -36,7 +37,7 @@ class RawOutputs:
 
 @dataclass(frozen=True)
 class ServiceOptions:
-    max_wait_s: float = 0.005  # longest the oldest request waits for company in the batcher
+    max_wait_s: float | None = None  # longest the oldest request waits for company in the batcher; None: auto
     queue_size: int = 64  # requests that may wait for the model, decoding included
     max_queue_wait_s: float = 1.0  # refuse new requests while the oldest waiting one has waited longer
     request_timeout_s: float = 30.0
@@ -45,6 +46,17 @@ class ServiceOptions:
     host_memory_limit_bytes: int | None = None  # address-space limit of each host worker process
     decode_budget_bytes: int | None = None  # memory all decodes may take at once (app.engine.budget)
     max_pixels: int = 4096 * 4096  # the largest image a cost reading counts (BTD_MAX_PIXELS)
+
+
+# The batcher's wait when not set. On the CPU a batch costs more CPU an image than batch 1 and waiting
+# only adds latency: the model takes whatever waits when it is free (a burst still batches). On a GPU
+# a few ms buy full batches (README, "The inference engine").
+CPU_MAX_WAIT_S = 0.0
+GPU_MAX_WAIT_S = 0.005
+
+
+def auto_max_wait_s(on_gpu: bool) -> float:
+    return GPU_MAX_WAIT_S if on_gpu else CPU_MAX_WAIT_S
 
 
 def auto_host_workers(on_gpu: bool) -> int:
@@ -73,12 +85,15 @@ class InferenceService:
     def __init__(self, engine: Engine, options: ServiceOptions, host: HostWork | None = None) -> None:
         self.engine = engine
         self.options = options
-        self.host = host or host_work(options, engine.runner.provider in GPU_PROVIDERS)
+        on_gpu = engine.runner.provider in GPU_PROVIDERS
+        self.host = host or host_work(options, on_gpu)
+        self.max_wait_s = auto_max_wait_s(on_gpu) if options.max_wait_s is None else options.max_wait_s
         self.admission = Admission(options.queue_size, options.max_queue_wait_s, on_depth=metrics.QUEUE_DEPTH.set)
         self.decode_budget = DecodeBudget(options.decode_budget_bytes or worst_cost(options.max_pixels),
                                           on_change=metrics.DECODE_BYTES.set)
         self.batcher = MicroBatcher(self._run_batch, max_batch_size=engine.max_batch_size,
-                                    max_wait_s=options.max_wait_s, on_batch=metrics.BATCH_SIZE.observe)
+                                    max_wait_s=self.max_wait_s, on_batch=metrics.BATCH_SIZE.observe)
+        self.idle_trim = IdleTrim()  # freed memory goes back to the system once a burst is over
 
     @classmethod
     def load(cls, model_path, engine_options: EngineOptions, options: ServiceOptions) -> InferenceService:
@@ -115,15 +130,16 @@ class InferenceService:
                                 source: bool) -> tuple[Prediction, Any]:
         check_cam_mode(cam)
         started = time.perf_counter()
-        cost = decode_cost(data, self.options.max_pixels)
+        kind = sniff(data)  # the one sniff of this request: the cost, the host and the decoder read it
+        cost = decode_cost(data, self.options.max_pixels, kind)
         if not batch_file:
             self.decode_budget.check(cost)  # admission by decoded pixels, before the count and wait checks
         ticket = self.admission.admit()
         timeout = self.options.request_timeout_s
         try:
-            with metrics.IN_FLIGHT.track_inprogress():  # admitted work: the upload is complete
+            with metrics.IN_FLIGHT.track_inprogress(), self.idle_trim.busy():  # admitted: the upload is complete
                 result, source_header = await asyncio.wait_for(
-                    self._predict(data, media_type, cam, started, ticket, cost, source), timeout)
+                    self._predict(data, media_type, cam, started, ticket, cost, kind, source), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
         finally:
@@ -131,19 +147,19 @@ class InferenceService:
         metrics.observe_prediction(result)
         return result, source_header
 
-    async def _prepare(self, data: bytes, media_type: str | None, cost: int, view: bool = False,
+    async def _prepare(self, data: bytes, media_type: str | None, cost: int, kind: str | None, view: bool = False,
                        source: bool = False):
         """Decode and preprocess within the decode budget; DICOM where its codecs cannot stall or crash
         the server and its parsing runs under the worker's memory and time limits (a worker process,
-        unless BTD_HOST_WORKERS=0)."""
-        run = self.host.run_isolated if sniff(data) == DICOM else self.host.run
+        unless BTD_HOST_WORKERS=0). ``kind``: ``sniff(data)``, the request's one sniff."""
+        run = self.host.run_isolated if kind == DICOM else self.host.run
         async with self.decode_budget.hold(cost):
-            return await run(prepare, data, media_type, self.engine.prepare_options, view, source)
+            return await run(prepare, data, media_type, self.engine.prepare_options, view, source, kind)
 
     async def _predict(self, data: bytes, media_type: str | None, cam: str, started: float,
-                       ticket: int, cost: int, source: bool = False) -> tuple[Prediction, Any]:
+                       ticket: int, cost: int, kind: str | None, source: bool = False) -> tuple[Prediction, Any]:
         engine = self.engine
-        prepared = await self._prepare(data, media_type, cost, cam == "png", source)
+        prepared = await self._prepare(data, media_type, cost, kind, cam == "png", source)
         output = await self.batcher.submit(prepared, cam != "none",
                                            on_start=lambda: self.admission.stop_waiting(ticket))
         cam_result, cam_ms = None, 0.0
@@ -162,26 +178,29 @@ class InferenceService:
         timeout = self.options.request_timeout_s
         metrics.IN_FLIGHT.inc(len(inputs))  # admitted work: one per image, as predict counts
         try:
-            return await asyncio.wait_for(self._infer_raw(inputs), timeout)
+            with self.idle_trim.busy():
+                return await asyncio.wait_for(self._infer_raw(inputs), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
         finally:
             metrics.IN_FLIGHT.dec(len(inputs))
 
     async def _infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
-        costs = [0 if isinstance(item, np.ndarray) else decode_cost(item, self.options.max_pixels) for item in inputs]
+        kinds = [None if isinstance(item, np.ndarray) else sniff(item) for item in inputs]
+        costs = [0 if kind is None else decode_cost(item, self.options.max_pixels, kind)
+                 for item, kind in zip(inputs, kinds)]
         self.decode_budget.check(sum(costs))
 
-        async def one(item: np.ndarray | bytes, cost: int) -> ModelOutput:
+        async def one(item: np.ndarray | bytes, cost: int, kind: str | None) -> ModelOutput:
             ticket = self.admission.admit()
             try:
-                model_input = item if isinstance(item, np.ndarray) else await self._prepare(item, None, cost)
+                model_input = item if isinstance(item, np.ndarray) else await self._prepare(item, None, cost, kind)
                 out = await self.batcher.submit(model_input, False, on_start=lambda: self.admission.stop_waiting(ticket))
             finally:
                 self.admission.stop_waiting(ticket)
             return out
 
-        outs = await asyncio.gather(*(one(item, cost) for item, cost in zip(inputs, costs)))
+        outs = await asyncio.gather(*(one(item, cost, kind) for item, cost, kind in zip(inputs, costs, kinds)))
         scores = None if outs[0].ood_score is None else np.array([float(o.ood_score) for o in outs], np.float32)
         return RawOutputs(np.stack([o.logits for o in outs]), scores)
 
@@ -194,8 +213,9 @@ class InferenceService:
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/model`` returns."""
-        return {**self.engine.describe(), "host_workers": self.host.workers, "host_work": self.host.kind,
-                "isolated_decoders": self.host.isolated}
+        return {**self.engine.describe(), "max_batch_size": self.batcher.max_batch_size,
+                "max_wait_ms": self.max_wait_s * 1000.0, "host_workers": self.host.workers,
+                "host_work": self.host.kind, "isolated_decoders": self.host.isolated}
 
     async def close(self, timeout_s: float) -> None:
         await self.batcher.close(timeout_s)

@@ -184,3 +184,17 @@ def test_an_explicit_variant_must_exist(tmp_path):
     fp32 = build_model(tmp_path / "m.onnx")
     with pytest.raises(FileNotFoundError, match="m-int8.onnx"):
         Engine.load(fp32, EngineOptions(variant="int8"))
+
+
+def test_the_batch_wait_is_zero_on_the_cpu_unless_set(tmp_path):
+    from app.engine.service import GPU_MAX_WAIT_S, InferenceService, ServiceOptions, auto_max_wait_s
+
+    engine = Engine.load(build_model(tmp_path / "m.onnx"), EngineOptions(runtime=RuntimeOptions(intra_op_threads=1)))
+    for options, wait_ms in ((ServiceOptions(host_workers=0), 0.0), (ServiceOptions(host_workers=0, max_wait_s=0.003), 3.0)):
+        service = InferenceService(engine, options)
+        try:
+            assert service.batcher.max_wait_s * 1000 == pytest.approx(wait_ms)
+            assert service.describe()["max_wait_ms"] == pytest.approx(wait_ms)
+        finally:
+            service.host.close()
+    assert auto_max_wait_s(on_gpu=True) == GPU_MAX_WAIT_S == 0.005

@@ -99,3 +99,11 @@ def test_settings_become_the_cores_options_in_one_place(monkeypatch):
     assert Settings().engine_options().runtime.buckets == (1, 4, 12)
     monkeypatch.setenv("BTD_HOST_WORKERS", "auto")
     assert Settings().service_options().host_workers is None
+
+
+def test_max_wait_is_auto_unless_set(monkeypatch):
+    assert Settings().max_wait_ms == "auto" and Settings().service_options().max_wait_s is None
+    monkeypatch.setenv("BTD_MAX_WAIT_MS", "5")
+    assert Settings().service_options().max_wait_s == 0.005
+    monkeypatch.setenv("BTD_MAX_WAIT_MS", "0")
+    assert Settings().service_options().max_wait_s == 0.0

@@ -81,6 +81,9 @@ class ModelDescription(BaseModel):
     ood: OodSpec | None = Field(..., description="how the model's out-of-distribution score is read; null when the "
                                 "model has no such output")
     formats: list[InputFormat] = Field(..., description="the image formats /v1/predict reads (app.core.formats)")
+    max_batch_size: int = Field(..., description="the largest batch the micro-batcher sends to the model")
+    max_wait_ms: float = Field(..., description="longest the oldest request waits for others to fill a batch "
+                               "(BTD_MAX_WAIT_MS; auto: 0 on the CPU provider, 5 on GPU providers)")
     host_workers: int = Field(..., description="processes (or threads) that decode and preprocess")
     host_work: Literal["processes", "threads"]
     isolated_decoders: Literal["all", "dicom", "none"] = Field(
