@@ -8,7 +8,12 @@ exports of the same slice, so that "which collection does this look like" stops 
   between about 128 and 512 pixels);
 - acquisition: bias field (smooth multiplicative inhomogeneity), noise;
 - display and export: contrast curves (gamma, sigmoid, random monotone curves), window clipping,
-  blur and sharpening, JPEG re-compression at a random quality.
+  blur and sharpening, JPEG re-compression at a random quality;
+- sequence: the tissue contrast itself remapped inside the head (a random non-monotone curve, an
+  inversion that makes fluid bright as on T2, or a random shallow convolution network, "global
+  intensity non-linear" augmentation), so that which MR sequence a slice is stops telling the class:
+  our tumours are T1 post-contrast or FLAIR, our tumour-free slices mostly other sequences, and we
+  have no T2 at all.
 
 ``preprocess`` (version 2) crops to the head and maps its intensity percentiles to [0, 1], which
 undoes borders, offsets, scale and any linear brightness / contrast change, so the intensity
@@ -51,6 +56,7 @@ class AugmentConfig:
     noise_std: float = 0.04  # Gaussian or Rician noise, fraction of the range
     jpeg_quality_range: tuple[int, int] = (30, 95)
     jpeg_probability: float = 0.5
+    sequence_probability: float = 0.4  # tissue contrast remapped (curve, inversion or random network)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,6 +180,65 @@ def random_contrast_curve(img: np.ndarray, rng: np.random.Generator) -> np.ndarr
     return np.interp(x, xs, ys).astype(np.float32)
 
 
+# --- sequence -------------------------------------------------------------------------------------
+
+def head_mask(img: np.ndarray, level: float = 0.06) -> np.ndarray:
+    """Pixels brighter than ``level`` of the [0, 1] range, the head in an MR slice (air is dark on
+    every sequence): a sequence remap changes tissue, never the background."""
+    return cv2.medianBlur((img > level).astype(np.uint8), 5).astype(bool)
+
+
+def random_tissue_curve(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random curve on [0, 1], monotone or not, through 5-8 random knots: tissues swap
+    their order of brightness as they do between T1, T2, FLAIR and post-contrast."""
+    n = int(rng.integers(5, 9))
+    xs = np.linspace(0.0, 1.0, n)
+    ys = rng.uniform(0.05, 1.0, n)
+    fine = np.linspace(0.0, 1.0, 256)
+    curve = cv2.GaussianBlur(np.interp(fine, xs, ys).astype(np.float32)[None, :], (0, 0), 6.0)[0]
+    return curve[np.clip((img * 255).astype(np.int32), 0, 255)]
+
+
+def random_inversion(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """1 - x with a random gamma: fluid and oedema bright, white matter dark, as on T2."""
+    return np.power(1.0 - np.clip(img, 0.0, 1.0), rng.uniform(0.6, 1.6)).astype(np.float32)
+
+
+def random_intensity_network(img: np.ndarray, rng: np.random.Generator, layers: int = 3,
+                             width: int = 4) -> np.ndarray:
+    """A random shallow convolution network (3x3 kernels, leaky ReLU, fresh weights every call),
+    rescaled to [0, 1]: the global intensity non-linear (GIN) augmentation of Ouyang et al. 2022,
+    which changes contrast and texture locally while keeping the shapes."""
+    planes = [img.astype(np.float32)]
+    for layer in range(layers):
+        out_width = 1 if layer == layers - 1 else width
+        kernels = rng.normal(0.0, 1.0, (out_width, len(planes), 3, 3)).astype(np.float32)
+        outs = []
+        for o in range(out_width):
+            acc = np.zeros_like(planes[0])
+            for i, plane in enumerate(planes):
+                acc += cv2.filter2D(plane, -1, kernels[o, i], borderType=cv2.BORDER_REFLECT)
+            outs.append(acc if layer == layers - 1 else np.where(acc > 0, acc, 0.2 * acc))
+        planes = outs
+    out = planes[0]
+    lo, hi = np.percentile(out, (1.0, 99.0))
+    mixed = np.clip((out - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    alpha = rng.uniform(0.5, 1.0)  # blended with the original, as GIN does
+    return (alpha * mixed + (1.0 - alpha) * img).astype(np.float32)
+
+
+def random_sequence_contrast(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Inside the head only: a random tissue curve, an inversion or a random network; air stays dark."""
+    mask = head_mask(img)
+    if mask.mean() < 0.02:  # no head to remap
+        return img
+    kind = rng.integers(3)
+    remapped = (random_tissue_curve(img, rng) if kind == 0 else
+                random_inversion(img, rng) if kind == 1 else random_intensity_network(img, rng))
+    floor = 0.08  # the head stays brighter than the air around it
+    return np.where(mask, floor + (1.0 - floor) * remapped, img * 0.5).astype(np.float32)
+
+
 def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.GaussianBlur(img, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REPLICATE)
 
@@ -211,6 +276,8 @@ class Augment:
         if rng.random() < c.bias_field_probability:
             img = scale_intensity(random_bias_field(img, rng, c.bias_field_strength))
         img = robust_unit(random_noise(img, rng, c.noise_std))
+        if rng.random() < c.sequence_probability:
+            img = random_sequence_contrast(img, rng)
         img = random_gamma(img, rng, c.gamma_range)
         if rng.random() < c.curve_probability:
             img = random_contrast_curve(img, rng)

@@ -131,3 +131,28 @@ def test_augmented_view_of_a_real_head_still_frames_the_head(slice_: np.ndarray)
         img = augment.Augment()(slice_, np.random.default_rng(seed))
         _, framing = frame(img, spec)
         assert framing.side >= 0.45 * max(img.shape), seed
+
+
+def test_sequence_contrast_changes_the_head_and_keeps_the_air_dark():
+    from model_export.augment import head_mask, random_sequence_contrast
+
+    yy, xx = np.mgrid[:128, :128]
+    head = ((yy - 64) ** 2 + (xx - 64) ** 2) < 45**2
+    img = np.where(head, 0.3 + 0.5 * (xx / 128.0), 0.0).astype(np.float32)  # a head with a gradient
+    rng = np.random.default_rng(0)
+    outs = [random_sequence_contrast(img, rng) for _ in range(12)]
+    mask = head_mask(img)
+    for out in outs:
+        assert out.shape == img.shape and out.dtype == np.float32
+        assert out[~mask].max() <= 0.5 * img[~mask].max() + 1e-6  # air stays dark
+        assert out[mask].min() >= 0.08 - 1e-6  # the head stays brighter than the air
+    # the contrast inside the head really changes: some outputs reverse the left-right gradient
+    slopes = [np.corrcoef(out[mask], xx[mask])[0, 1] for out in outs]
+    assert min(slopes) < 0 < max(slopes)
+
+
+def test_sequence_contrast_leaves_an_image_without_a_head_alone():
+    from model_export.augment import random_sequence_contrast
+
+    img = np.zeros((64, 64), np.float32)
+    assert random_sequence_contrast(img, np.random.default_rng(0)) is img
