@@ -1,6 +1,11 @@
-"""Rebuild the shipped model from ../shared/data and measure it: one command, every step printed.
+"""Build the next release from ../shared/data and measure it: one command, every step printed.
 
     .venv/bin/python models/release.py [--data ../shared/data] [--work runs/release]
+
+This is the recipe of release 1.3.0, in training (issue: a model for every common MR sequence): it
+adds lgg-tcga-t1 (step 1) and the sequence augmentation of ``model_export.augment`` to the recipe
+that built the shipped 1.2.0 (the model card says how 1.2.0 was made; git history has its recipe).
+VERSION stays 1.2.0 until 1.3.0 is measured and shipped.
 
 Steps (each skipped when its output exists, so an interrupted run continues where it stopped; an
 interrupted training run continues with ``btd train ... --resume runs/release/train/last.pt``):
