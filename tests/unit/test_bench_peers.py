@@ -176,3 +176,34 @@ def test_peers_open_the_session_the_service_opens(monkeypatch) -> None:
         assert getattr(peer, attribute) == getattr(ours, attribute), attribute
     for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
         assert peer.get_session_config_entry(key) == ours.get_session_config_entry(key), key
+
+
+def test_a_peer_whose_virtualenv_cannot_be_built_is_reported_with_pips_last_lines(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("BTD_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def failing_run(step, stdout, **kwargs):
+        calls.append(step)
+        if "pip" in step:
+            stdout.write(b"Collecting kserve==0.21.0\nERROR: No matching distribution found for kserve==0.21.0\n")
+            stdout.flush()
+            return bench_peers.subprocess.CompletedProcess(step, 1)
+        return bench_peers.subprocess.CompletedProcess(step, 0)
+
+    monkeypatch.setattr(bench_peers.subprocess, "run", failing_run)
+    with pytest.raises(RuntimeError, match="No matching distribution found for kserve"):
+        bench_peers.ensure_venv("kserve")
+    assert [step[1:3] for step in calls] == [["-m", "venv"], ["-m", "pip"]]
+    assert "-c" in calls[1] and calls[1][calls[1].index("-c") + 1].endswith("requirements-kserve.lock")
+    assert not (tmp_path / "bench-peers" / "kserve" / ".btd-stamp").exists()  # rebuilt next time
+
+
+def test_a_built_virtualenv_is_reused_until_its_requirements_change(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("BTD_CACHE_DIR", str(tmp_path))
+    root = tmp_path / "bench-peers" / "fastapi"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "python").write_text("")
+    (root / ".btd-stamp").write_text(bench_peers.venv_stamp("fastapi"))
+    monkeypatch.setattr(bench_peers.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt an up-to-date venv"))
+    assert bench_peers.ensure_venv("fastapi") == root / "bin" / "python"
+    assert bench_peers.venv_stamp("fastapi") != bench_peers.venv_stamp("litserve")
