@@ -43,7 +43,10 @@ class Settings(BaseSettings):
     trt_engine_cache_dir: Path | None = Field(
         None, description="TensorRT: directory to cache built engines in (unset: no cache)"
     )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: the CPUs this process may use)")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads of each model run (0: the CPUs "
+                                  "this process may use, shared among BTD_MODEL_RUNS on the CPU)")
+    model_runs: int = Field(1, ge=1, le=64, description="batches the model runs at once on the CPU provider, the CPUs "
+                            "shared among them (GPU providers run one)")
     model_variant: ModelVariant = Field(
         "auto", description='which file of the model to serve: "auto" (<model>-int8.onnx on the CPU, <model>-fp16.onnx '
         'on a GPU, when beside the model file; else the model file), "fp32" (the model file), "fp16" or "int8"'
@@ -219,7 +222,7 @@ class Settings(BaseSettings):
         """The inference core's options (the one place settings become them)."""
         runtime = RuntimeOptions(
             providers=self.provider_list(), trt_fp16=self.trt_fp16, trt_engine_cache_dir=self.trt_engine_cache_dir,
-            intra_op_threads=self.intra_op_threads, buckets=self.buckets(), cuda_graph=self.cuda_graph,
+            intra_op_threads=self.intra_op_threads, model_runs=self.model_runs, buckets=self.buckets(), cuda_graph=self.cuda_graph,
         )
         return EngineOptions(runtime=runtime, variant=self.model_variant, tumour_threshold=self.tumour_threshold,
                              max_pixels=self.max_pixels, multiframe=self.multiframe)

@@ -38,17 +38,19 @@ class _Item:
 
 class MicroBatcher:
     def __init__(self, run_batch: RunBatch, *, max_batch_size: int, max_wait_s: float,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, max_runs: int = 1) -> None:
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
+        self.max_runs = max_runs  # batches in the model at once (the runner's model_runs)
         self._on_batch = on_batch or (lambda n: None)
         self._items: deque[_Item] = deque()
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btd-infer")
+        self._executor = ThreadPoolExecutor(max_workers=max_runs, thread_name_prefix="btd-infer")
+        self._runs = asyncio.Semaphore(max_runs)
+        self._running: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
         self._closing = False
-        self._busy = False
 
     @property
     def depth(self) -> int:
@@ -90,37 +92,46 @@ class MicroBatcher:
         return live
 
     async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            items = await self._next_batch()
-            if not items:
-                continue
-            started = time.perf_counter()
-            self._busy = True
+            await self._runs.acquire()  # a free model run first: meanwhile the queue keeps filling a batch
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run_batch,
-                                                     [item.tensor for item in items], [item.features for item in items])
-            except Exception as exc:  # a failing model call fails its batch, not the worker
-                log.exception("model call failed for a batch of %d", len(items))
-                for item in items:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
+                items = await self._next_batch()
+            except BaseException:
+                self._runs.release()
+                raise
+            if not items:
+                self._runs.release()
                 continue
-            finally:
-                self._busy = False
-            inference_ms = (time.perf_counter() - started) * 1000.0
-            self._on_batch(len(items))
-            for item, output in zip(items, outputs):
+            task = asyncio.get_running_loop().create_task(self._run(items))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_batch, [item.tensor for item in items], [item.features for item in items])
+        except Exception as exc:  # a failing model call fails its batch, not the worker
+            log.exception("model call failed for a batch of %d", len(items))
+            for item in items:
                 if not item.future.done():
-                    item.future.set_result(replace(output, queue_ms=(started - item.enqueued) * 1000.0,
-                                                   inference_ms=inference_ms, batch_size=len(items)))
+                    item.future.set_exception(exc)
+            return
+        finally:
+            self._runs.release()
+        inference_ms = (time.perf_counter() - started) * 1000.0
+        self._on_batch(len(items))
+        for item, output in zip(items, outputs):
+            if not item.future.done():
+                item.future.set_result(replace(output, queue_ms=(started - item.enqueued) * 1000.0,
+                                               inference_ms=inference_ms, batch_size=len(items)))
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Refuse new work, finish what is queued (up to ``timeout_s``), then stop the worker."""
         self._closing = True
         self._arrived.set()
         deadline = time.perf_counter() + timeout_s
-        while (self._items or self._busy) and time.perf_counter() < deadline:
+        while (self._items or self._running) and time.perf_counter() < deadline:
             await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()

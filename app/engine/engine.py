@@ -162,6 +162,8 @@ class Engine:
             "providers": self.runner.providers,
             "variant": self.variant,
             "batch_buckets": list(self.runner.buckets),
+            "model_runs": self.runner.model_runs,
+            "intra_op_threads": self.runner.intra_op_threads,
             "ood": None if meta.ood is None else asdict(meta.ood),
             "formats": formats.describe(),
         }

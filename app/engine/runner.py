@@ -21,7 +21,7 @@ import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,7 +47,12 @@ class RuntimeOptions:
     providers: Sequence[str] | None = None  # None: automatic
     trt_fp16: bool = False
     trt_engine_cache_dir: Path | None = None
-    intra_op_threads: int = 0  # 0: available_cpus()
+    intra_op_threads: int = 0  # 0: available_cpus(), shared among model_runs on the CPU
+    # Batches the model runs at once (CPU providers; GPU providers run one: one stream, bound buffers).
+    # ONNX Runtime alone on our 2-core CPU: two runs of one intra-op thread do 1.32x the images of one
+    # run of two threads, but a lone request takes 1.5x as long; through the service the throughput
+    # gain did not show (bench/bench_peers.py), so the default stays one run with every CPU.
+    model_runs: int = 1
     buckets: tuple[int, ...] = (1,)
     cuda_graph: bool = False  # CUDA provider: replay each bucket as a CUDA graph (needs I/O binding)
     session_per_bucket: bool | None = None  # None: on GPU providers
@@ -125,6 +130,14 @@ def _provider_options(provider: str, options: RuntimeOptions, channels: int = 3,
     opts["trt_profile_opt_shapes"] = shape.format(n=bucket or options.max_batch_size)
     opts["trt_profile_max_shapes"] = shape.format(n=bucket or options.max_batch_size)
     return opts
+
+
+def resolve_parallelism(options: RuntimeOptions, *, wants_gpu: bool) -> RuntimeOptions:
+    """``model_runs`` and ``intra_op_threads`` made explicit (see RuntimeOptions)."""
+    cpus = available_cpus()
+    runs = 1 if wants_gpu else max(1, options.model_runs)
+    threads = options.intra_op_threads or (cpus if wants_gpu else max(1, cpus // runs))
+    return replace(options, model_runs=runs, intra_op_threads=threads)
 
 
 def open_session(path: Path | bytes, options: RuntimeOptions, *, channels: int = 3, size: int = 224,
@@ -209,13 +222,15 @@ def _device_of(provider: str) -> str:
 @dataclass
 class Runner:
     """The model's sessions, one per bucket or one shared, with a zeroed input buffer per bucket.
-    ``run`` is thread-safe (one batch at a time)."""
+    ``run`` is thread-safe: with I/O binding one batch at a time (the bucket's bound buffers), else
+    ``model_runs`` batches may run at once, each in its own input array."""
 
     model: ModelFile
     sessions: dict[int, Session]  # bucket -> session (the same object for every bucket when shared)
     buckets: tuple[int, ...]
     io_binding: bool = False
     cuda_graph: bool = False
+    model_runs: int = 1  # batches ``run`` may run at once (threads); bound buffers allow one
     _executors: dict[int, Any] = field(default_factory=dict, repr=False)
     _inputs: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -228,6 +243,7 @@ class Runner:
         options = options or RuntimeOptions()
         spec = model.metadata.preprocess
         chosen = choose_providers(options.providers, ort.get_available_providers())
+        options = resolve_parallelism(options, wants_gpu=chosen[0] in GPU_PROVIDERS)
         per_bucket = options.session_per_bucket
         if per_bucket is None:
             per_bucket = chosen[0] in GPU_PROVIDERS and len(options.buckets) > 1
@@ -243,7 +259,8 @@ class Runner:
             sessions = {b: first for b in options.buckets}
         io_binding = on_gpu if options.io_binding is None else options.io_binding
         cuda_graph = options.cuda_graph and on_gpu and first.get_providers()[0] == "CUDAExecutionProvider"
-        runner = cls(model, sessions, options.buckets, io_binding=io_binding or cuda_graph, cuda_graph=cuda_graph)
+        runner = cls(model, sessions, options.buckets, io_binding=io_binding or cuda_graph, cuda_graph=cuda_graph,
+                     model_runs=1 if on_gpu or io_binding or cuda_graph else options.model_runs)
         wanted_gpu = [p for p in (options.providers or chosen) if p in GPU_PROVIDERS]
         if wanted_gpu and not on_gpu:  # one warning, whatever the cause
             log.warning(
@@ -302,19 +319,25 @@ class Runner:
         n = len(tensors)
         bucket = self.bucket_for(n)
         names = self._names(features)
-        with self._lock:
-            batch = self._input(bucket)
-            for i, tensor in enumerate(tensors):
-                batch[i] = tensor
-            batch[n:] = 0.0  # no earlier request's pixels in the padding
-            execute = self._executors.get(bucket) or _PlainExecutor(self.sessions[bucket])
-            values = dict(zip(names, execute(batch, names)))
-            out = RawOutputs(
-                np.array(values[LOGITS_NAME][:n], dtype=np.float32),
-                np.array(values[FEATURES_NAME][:n], dtype=np.float32) if features else None,
-                np.array(values[OOD_NAME][:n], dtype=np.float32).reshape(n) if OOD_NAME in values else None,
-            )
-        return out
+        if bucket in self._executors:  # bound buffers: one batch at a time
+            with self._lock:
+                return self._execute(self._executors[bucket], self._input(bucket), tensors, names)
+        spec = self.model.metadata.preprocess  # an array of its own: batches may run at once
+        batch = np.empty((bucket, spec.channels, spec.size, spec.size), np.float32)
+        return self._execute(_PlainExecutor(self.sessions[bucket]), batch, tensors, names)
+
+    @staticmethod
+    def _execute(execute: Any, batch: np.ndarray, tensors: Sequence[np.ndarray], names: list[str]) -> RawOutputs:
+        n = len(tensors)
+        for i, tensor in enumerate(tensors):
+            batch[i] = tensor
+        batch[n:] = 0.0  # no earlier request's pixels in the padding
+        values = dict(zip(names, execute(batch, names)))
+        return RawOutputs(
+            np.array(values[LOGITS_NAME][:n], dtype=np.float32),
+            np.array(values[FEATURES_NAME][:n], dtype=np.float32) if FEATURES_NAME in names else None,
+            np.array(values[OOD_NAME][:n], dtype=np.float32).reshape(n) if OOD_NAME in values else None,
+        )
 
     def warm_up(self) -> None:
         """Run every bucket once (cuDNN's algorithm search, TensorRT engine builds happen here) and

@@ -92,7 +92,8 @@ class InferenceService:
         self.decode_budget = DecodeBudget(options.decode_budget_bytes or worst_cost(options.max_pixels),
                                           on_change=metrics.DECODE_BYTES.set)
         self.batcher = MicroBatcher(self._run_batch, max_batch_size=engine.max_batch_size,
-                                    max_wait_s=self.max_wait_s, on_batch=metrics.BATCH_SIZE.observe)
+                                    max_wait_s=self.max_wait_s, on_batch=metrics.BATCH_SIZE.observe,
+                                    max_runs=engine.runner.model_runs)
         self.idle_trim = IdleTrim()  # freed memory goes back to the system once a burst is over
 
     @classmethod

@@ -64,7 +64,7 @@ def test_cam_grid_and_png_say_where_they_lie_in_the_image(model_path):
 
 
 def test_requests_are_refused_while_the_oldest_has_waited_too_long(model_path):
-    with running_app(model_path, max_batch_size=1, max_wait_ms=0, queue_size=64, max_queue_wait_ms=100) as client:
+    with running_app(model_path, max_batch_size=1, max_wait_ms=0, model_runs=1, queue_size=64, max_queue_wait_ms=100) as client:
         batcher = client.app.state.runtime.service.batcher
         gate = Gate(batcher._run_batch)
         batcher._run_batch = gate

@@ -211,7 +211,7 @@ def _gate_model(client) -> Gate:
 
 @contextmanager
 def full_queue(client) -> Iterator[list]:
-    """With queue_size=1 and max_batch_size=1: one request held in the model, one waiting in the
+    """With queue_size=1, max_batch_size=1 and model_runs=1: one request held in the model, one waiting in the
     queue, until exit; yields the list their responses are appended to (after exit)."""
     gate = _gate_model(client)
     post = lambda: client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png"})
@@ -233,7 +233,7 @@ def full_queue(client) -> Iterator[list]:
 
 
 def test_predict_full_queue_is_503_with_retry_after(model_path):
-    with running_app(model_path, max_batch_size=1, max_wait_ms=0, queue_size=1) as client:
+    with running_app(model_path, max_batch_size=1, max_wait_ms=0, model_runs=1, queue_size=1) as client:
         with full_queue(client) as results:
             response = client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png"})
         body = assert_problem(response, 503, "overloaded")
@@ -243,7 +243,7 @@ def test_predict_full_queue_is_503_with_retry_after(model_path):
 
 def test_batch_on_full_queue_is_503_with_retry_after(model_path):
     # not a 200 whose every file failed "overloaded": clients and proxies retry on 503 + Retry-After
-    with running_app(model_path, max_batch_size=1, max_wait_ms=0, queue_size=1) as client:
+    with running_app(model_path, max_batch_size=1, max_wait_ms=0, model_runs=1, queue_size=1) as client:
         with full_queue(client) as results:
             response = client.post("/v1/predict/batch", files=[("files", ("a.png", png_bytes(), "image/png"))])
         body = assert_problem(response, 503, "overloaded")

@@ -163,3 +163,50 @@ def test_request_waits_up_to_max_wait_for_company():
 
     first, second = run(main())
     assert first.batch_size == second.batch_size == 2 and model.batch_sizes == [2]
+
+
+@pytest.mark.parametrize("max_runs", [1, 2])
+def test_the_model_runs_as_many_batches_at_once_as_it_may(max_runs):
+    """Two requests, batch size 1: with two model runs both are in the model together; with one,
+    the second waits for the first (the runs overlap or they do not)."""
+    inside, peak, lock, release = [0], [0], threading.Lock(), threading.Event()
+
+    def model(tensors, features):
+        with lock:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        release.wait(0.3)  # hold the run long enough for a second to start, if it may
+        with lock:
+            inside[0] -= 1
+        return outputs(tensors, features)
+
+    async def main():
+        batcher = MicroBatcher(model, max_batch_size=1, max_wait_s=0.0, max_runs=max_runs)
+        batcher.start()
+        results = await asyncio.gather(batcher.submit(image(1.0)), batcher.submit(image(2.0)))
+        await batcher.close()
+        return [float(r.logits[0]) for r in results]
+
+    assert run(main()) == [1.0, 2.0]  # each result still with its request
+    assert peak[0] == max_runs
+
+
+def test_concurrent_runs_of_the_runner_give_each_batch_its_own_answers(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from app.core.model import ModelFile
+    from app.engine.runner import Runner, RuntimeOptions
+    from tests.model_factory import build_model
+
+    runner = Runner.load(ModelFile.load(build_model(tmp_path / "m.onnx")), RuntimeOptions(buckets=(1, 2), model_runs=2))
+    assert runner.model_runs == 2 and runner.intra_op_threads >= 1
+    runner.warm_up()
+    spec = runner.model.metadata.preprocess
+    rng = np.random.default_rng(0)
+    batches = [[rng.random((spec.channels, spec.size, spec.size), dtype=np.float32) for _ in range(1 + i % 2)]
+               for i in range(16)]
+    alone = [runner.run(b, features=False).logits for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda b: runner.run(b, features=False).logits, batches))
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -78,6 +78,8 @@ class ModelDescription(BaseModel):
     variant: Literal["fp32", "fp16", "int8"] = Field(
         ..., description="which file of the model is served: the model file (fp32) or its fp16 / int8 variant")
     batch_buckets: list[int] = Field(..., description="the batch sizes the model runs at (batches are padded up)")
+    model_runs: int = Field(..., description="batches the model runs at once (BTD_MODEL_RUNS)")
+    intra_op_threads: int = Field(..., description="ONNX Runtime intra-op threads of each run (BTD_INTRA_OP_THREADS)")
     ood: OodSpec | None = Field(..., description="how the model's out-of-distribution score is read; null when the "
                                 "model has no such output")
     formats: list[InputFormat] = Field(..., description="the image formats /v1/predict reads (app.core.formats)")
