@@ -66,7 +66,8 @@ class Engine:
         threshold = options.tumour_threshold
         self.builder = ResultBuilder(model.metadata, model.cam_weights, model.sha256,
                                      model.metadata.tumour_threshold if threshold is None else threshold)
-        self.prepare_options = PrepareOptions(model.metadata.preprocess, options.max_pixels, options.multiframe)
+        self.prepare_options = PrepareOptions(model.metadata.preprocess, options.max_pixels, options.multiframe,
+                                              model.metadata.validated)
 
     @classmethod
     def load(cls, path: str | Path, options: EngineOptions | None = None) -> Engine:
@@ -163,5 +164,6 @@ class Engine:
             "variant": self.variant,
             "batch_buckets": list(self.runner.buckets),
             "ood": None if meta.ood is None else asdict(meta.ood),
+            "validated_for": asdict(meta.validated),
             "formats": formats.describe(),
         }
