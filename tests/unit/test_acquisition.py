@@ -84,6 +84,36 @@ def test_real_headers_only_the_axial_t1_post_contrast_slice_passes_the_default_g
     assert unchecked(read_acquisition(_real("emri_small.dcm"))) == ["plane"]
 
 
+def test_every_mr_file_pydicom_and_pydicom_data_ship_is_read_and_only_the_axial_t1_post_contrast_passes():
+    from pathlib import Path
+
+    import pydicom.data
+
+    # pydicom's own test files and pydicom-data's (found by one of its files: listing them through
+    # get_testdata_files would try to download what is not installed)
+    folders = [Path(pydicom.data.__file__).parent]
+    external = get_testdata_file("MR2_UNCR.dcm")
+    folders += [Path(external).parent] if external else []
+    passing, seen = set(), 0
+    for path in sorted(str(p) for folder in folders for p in folder.rglob("*") if p.is_file()):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # not DICOM, or deliberately broken test data
+            continue
+        if str(ds.get("Modality", "")) != "MR":
+            continue
+        seen += 1
+        acquisition = read_acquisition(ds)
+        if not outside_validated(acquisition, DEFAULT_VALIDATED):
+            passing.add((path.rsplit("/", 1)[-1], acquisition.plane, acquisition.sequence))
+    assert seen >= 20
+    assert passing <= {("examples_overlay.dcm", "axial", "t1post"),
+                       ("MR-SIEMENS-DICOM-WithOverlays.dcm", "axial", "t1post")}
+    assert ("examples_overlay.dcm", "axial", "t1post") in passing
+
+
 # --- synthetic planes -----------------------------------------------------------------------------
 
 def _tilted(degrees: float, axis: str = "x") -> list[float]:
@@ -319,3 +349,11 @@ def test_validated_use_refuses_unknown_names():
         ValidatedUse(planes=("transverse",))
     with pytest.raises(ValueError):
         ValidatedUse(sequences=("dwi",))
+
+
+def test_the_model_card_states_the_default_validated_use():
+    from pathlib import Path
+
+    card = (Path(__file__).resolve().parents[2] / "models" / "MODEL_CARD.md").read_text()
+    planes, sequences = validated_words(DEFAULT_VALIDATED)
+    assert f"### Validated for: {planes} {sequences}" in card
