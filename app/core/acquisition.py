@@ -46,7 +46,7 @@ to 54.7 degrees axial: too loose to state a validated use.
    T1; nothing -> ``None``: the sequence could not be checked.
 
 A T1 is **T1 post-contrast** when a contrast agent is recorded: Contrast/Bolus Agent (or its code
-sequence) not empty, Enhanced MR's Contrast/Bolus Usage with an agent administered, or ``POST_CONTRAST``
+sequence) not empty (and not ``NONE``, ``NO``, ``N/A``, ...), Enhanced MR's Contrast/Bolus Usage with an agent administered, or ``POST_CONTRAST``
 in Image Type; else when Series Description / Protocol Name names one (``post``, ``gad``, ``gd``,
 ``contrast``, ``ce``, ``km``, ``+c``, ``c+``, ``t1c``, ``t1ce``, ``t1gd``, ...) and does not also
 say ``pre`` / ``native``. Otherwise it is T1 pre-contrast: the Contrast/Bolus module is required in
@@ -94,6 +94,8 @@ _T2_WORDS = {"t2", "t2w"}
 _POST_WORDS = {"post", "postcontrast", "gad", "gado", "gd", "contrast", "ce", "km", "kontrast", "mdc", "c+", "+c",
                "+gd", "t1c", "t1ce", "t1gd", "t1post", "t1km", "t1+c", "t1+", "t1+gd"}
 _PRE_WORDS = {"pre", "precontrast", "native", "nativ", "plain"}
+# What some sites write in Contrast/Bolus Agent when none was given.
+_NO_AGENT = {"NONE", "NO", "N/A", "NA", "NIL", "-", "0", "WITHOUT", "NATIVE", "NO CONTRAST"}
 _ACQUISITION_CONTRAST = {"T1": "t1", "T2": "t2", "FLUID_ATTENUATED": "flair"}
 
 
@@ -302,7 +304,8 @@ def _by_description(words: set[str]) -> SequenceName | None:
 
 
 def _contrast_given(ds: Any, frame: int, words: set[str], image_type: set[str]) -> bool:
-    if _present(ds.get("ContrastBolusAgent")) or _present(ds.get("ContrastBolusAgentSequence")):
+    agent = str(ds.get("ContrastBolusAgent") or "").strip().upper()
+    if (agent and agent not in _NO_AGENT) or _present(ds.get("ContrastBolusAgentSequence")):
         return True
     if "POST_CONTRAST" in image_type:
         return True

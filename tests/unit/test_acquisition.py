@@ -192,6 +192,8 @@ def _mr(scanning=None, tr=None, te=None, ti=None, *, agent=None, description=Non
     (_mr("SE", 500, 15), "t1"),
     (_mr("SE", 500, 15, agent="Gadovist 7.5 ml"), "t1post"),
     (_mr("SE", 500, 15, agent=""), "t1"),  # present but empty (type 2): no agent recorded
+    (_mr("SE", 500, 15, agent="NONE"), "t1"),  # what some sites write when none was given
+    (_mr("SE", 500, 15, agent="n/a"), "t1"),
     (_mr("SE", 4500, 100), "t2"),
     (_mr("SE", 4500, 100, agent="gadolinium"), "t2"),
     (_mr("SE", 2500, 15), "other"),  # proton density
