@@ -1,5 +1,6 @@
 """The pure steps around the model call, shared by every front end through ``Engine``:
-bytes -> ``prepare`` (decode, frame, normalise; runs in a host worker) -> the model ->
+bytes -> ``prepare`` (decode, frame, normalise, and the intended-use gate on an MR DICOM's headers:
+``app.core.acquisition``; runs in a host worker) -> the model ->
 ``ResultBuilder.build`` (softmax with temperature, tumour decision, out-of-distribution verdict,
 CAM placed on the image) -> ``Prediction``. No FastAPI, no ONNX Runtime here.
 """

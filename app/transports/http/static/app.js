@@ -156,7 +156,7 @@ const OOD_PHRASE = "the image does not look like a brain MR slice";
 const GATE_PHRASE = "the slice is outside what the model is validated for";
 const OOD_REASON_TEXT = {
   modality: "It is not an MR image (it looks like a CT scan, or its DICOM header names another kind of scan).",
-  plane: "Its DICOM header says it is not an axial slice; the model is validated on axial slices only.",
+  plane: "Its DICOM header names a slice plane the model is not validated for (e.g. sagittal or coronal).",
   sequence: "Its DICOM header names an MR sequence the model is not validated for.",
   model: "It does not look like the brain MR slices this model was trained on.",
   "no-head": "No head could be found in it.",
