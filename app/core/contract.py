@@ -415,8 +415,8 @@ class ValidatedUse:
 
 
 # Release 1.2.0's validated use (models/MODEL_CARD.md, "Intended use"): axial T1 post-contrast
-# (figshare, SARTAJ) and FLAIR (lgg-tcga-flair) slices. Br35H's sequences are unknown, so they add
-# no sequence; T1 pre-contrast and T2 slices were never labelled as such in training: not validated.
+# (figshare-cheng) and FLAIR (lgg-tcga-flair) slices. SARTAJ's and Br35H's sequences are not labelled,
+# so they add none; T1 pre-contrast and T2 slices were never labelled as such in training: not validated.
 # Models whose metadata has no ``META_VALIDATED`` (1.2.0 and older) get this list.
 DEFAULT_VALIDATED = ValidatedUse()
 
