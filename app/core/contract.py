@@ -41,6 +41,7 @@ META_VERSION = "btd.model_version"
 META_TRAINING_DATA = "btd.training_data"  # JSON summary of the training data
 META_METRICS = "btd.metrics"  # JSON test metrics measured on this file
 META_OOD = "btd.ood"  # JSON OodSpec, present when the graph has the ``OOD_NAME`` output
+META_VALIDATED = "btd.validated_for"  # JSON ValidatedUse; models without it get DEFAULT_VALIDATED
 
 # The label meaning "no tumour"; tumour probability is 1 - p(this label) when present.
 NO_TUMOUR_LABEL = "notumor"
@@ -382,6 +383,44 @@ class OodSpec:
                    calibration=dict(raw.get("calibration", {})))
 
 
+# The names of planes and sequences the intended-use gate reads from a DICOM's headers
+# (``app.core.acquisition`` has the rules).
+PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal", "oblique")
+SEQUENCES: tuple[str, ...] = ("t1", "t1post", "t2", "flair", "other")
+
+
+@dataclass(frozen=True)
+class ValidatedUse:
+    """What the model is validated for, as a DICOM's headers can say it (``app.core.acquisition``):
+    slice planes and sequences. An MR DICOM whose headers say another plane or sequence is not
+    assessed; one whose headers do not say is assessed with a warning. The model card states the
+    same list. Names: planes ``axial``, ``coronal``, ``sagittal``, ``oblique``; sequences ``t1``
+    (pre-contrast), ``t1post``, ``t2``, ``flair``, ``other``."""
+
+    planes: tuple[str, ...] = ("axial",)
+    sequences: tuple[str, ...] = ("t1post", "flair")
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.planes if p not in PLANES] + [s for s in self.sequences if s not in SEQUENCES]
+        if unknown:
+            raise ValueError(f"unknown plane or sequence names in the validated use: {unknown}")
+
+    def to_json(self) -> str:
+        return json.dumps({"planes": list(self.planes), "sequences": list(self.sequences)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ValidatedUse:
+        raw = json.loads(text)
+        return cls(planes=tuple(raw["planes"]), sequences=tuple(raw["sequences"]))
+
+
+# Release 1.2.0's validated use (models/MODEL_CARD.md, "Intended use"): axial T1 post-contrast
+# (figshare-cheng) and FLAIR (lgg-tcga-flair) slices. SARTAJ's and Br35H's sequences are not labelled,
+# so they add none; T1 pre-contrast and T2 slices were never labelled as such in training: not validated.
+# Models whose metadata has no ``META_VALIDATED`` (1.2.0 and older) get this list.
+DEFAULT_VALIDATED = ValidatedUse()
+
+
 @dataclass(frozen=True)
 class ModelMetadata:
     """Everything the service reads from ``metadata_props``; written by the exporter."""
@@ -397,11 +436,13 @@ class ModelMetadata:
     training_data: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     ood: OodSpec | None = None
+    validated: ValidatedUse = DEFAULT_VALIDATED
 
     def to_props(self) -> dict[str, str]:
         ood = {META_OOD: self.ood.to_json()} if self.ood is not None else {}
         return {
             **ood,
+            META_VALIDATED: self.validated.to_json(),
             META_CONTRACT: CONTRACT_VERSION,
             META_LABELS: json.dumps(list(self.labels)),
             META_PREPROCESS: self.preprocess.to_json(),
@@ -437,6 +478,8 @@ class ModelMetadata:
                 training_data=json.loads(props.get(META_TRAINING_DATA, "{}")),
                 metrics=json.loads(props.get(META_METRICS, "{}")),
                 ood=OodSpec.from_json(props[META_OOD]) if META_OOD in props else None,
+                validated=ValidatedUse.from_json(props[META_VALIDATED]) if META_VALIDATED in props
+                else DEFAULT_VALIDATED,
             )
         except KeyError as exc:
             raise ValueError(f"model metadata lacks {exc.args[0]}") from None

@@ -62,7 +62,8 @@ def decide(logits: np.ndarray, labels: Sequence[str], *, temperature: float, thr
            image_reasons: Sequence[str] = ()) -> Decision:
     """One image's ``[C]`` logits -> its ``Decision``. Out of distribution when the model's score is
     over its threshold (reason ``model``, listed first) or the image gave reasons of its own
-    (``modality``, ``no-head``, ``small-image``): then no tumour decision is made."""
+    (``modality``; ``plane`` and ``sequence``, the intended-use gate on a DICOM's headers; ``no-head``,
+    ``small-image``): then no tumour decision is made."""
     probabilities = softmax(np.asarray(logits).reshape(-1), temperature)
     tumour = tumour_probability(probabilities, labels)
     reasons = list(image_reasons)

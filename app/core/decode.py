@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from app.core import formats
+from app.core.acquisition import Acquisition, read_acquisition
 from app.core.dicom_read import element_limits, read_dataset, results_header
 from app.core.errors import InvalidImage, NoPixelData, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.core.image_headers import (
@@ -51,6 +52,8 @@ class DecodedImage:
     # A DICOM's attributes that DICOM results copy (``dicom_read.results_header``), when asked for
     source: Any = None
     modality: str | None = None  # a DICOM's Modality (upper case, "" when absent); None for PNG / JPEG
+    # What an MR DICOM's headers say about the plane and sequence (the intended-use gate); None otherwise
+    acquisition: Acquisition | None = None
 
 
 def sniff(data: bytes) -> str | None:
@@ -216,6 +219,7 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, sour
         raise PayloadTooLarge(f"image of {cols}x{rows} pixels exceeds the limit of {max_pixels} pixels")
     plugin = _decoding_plugin(ds)
     frame = (frames // 2 if multiframe == "middle" else 0) if frames > 1 else 0
+    acquisition = read_acquisition(ds, frame) if modality == "MR" else None  # the gate reads the headers
     if plugin:  # compressed: the codestream's own header must agree with Rows / Columns
         _check_encapsulated_frame(ds, frame, frames, rows, cols)
     try:
@@ -232,14 +236,15 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, sour
         warnings.append(f"multi-frame DICOM ({frames} frames): the {multiframe} frame ({frame + 1}) was used")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM, RGB after pydicom's conversion
         gray, more = _to_gray(arr[:, :, 2::-1])
-        return DecodedImage(gray, DICOM, warnings + more, header, modality)
+        return DecodedImage(gray, DICOM, warnings + more, header, modality, acquisition)
     if arr.ndim != 2:
         raise InvalidImage(f"the DICOM pixel data has an unexpected shape ({arr.ndim} dimensions)")
     values, more = _grayscale_luts(arr, ds)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "").upper()
     if photometric == "MONOCHROME1":  # low values are white: invert so high values are bright
         values = np.float32(values.max() + values.min()) - values
-    return DecodedImage(np.ascontiguousarray(values, dtype=np.float32), DICOM, warnings + more, header, modality)
+    return DecodedImage(np.ascontiguousarray(values, dtype=np.float32), DICOM, warnings + more, header, modality,
+                        acquisition)
 
 
 # The header reader for each compressed transfer syntax's frames. RLE has no size of its own: its

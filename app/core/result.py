@@ -14,8 +14,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
 
+from app.core.acquisition import Acquisition
+
 # How the warning of an out-of-distribution image begins (the CLI and the web page look for it).
 OOD_PHRASE = "the image does not look like a brain MR slice"
+# How the warning of a slice outside the model's validated use (plane, sequence) begins.
+GATE_PHRASE = "the slice is outside what the model is validated for"
+NOT_ASSESSED_PHRASES = (GATE_PHRASE, OOD_PHRASE)  # the warnings that say why an image is not assessed
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class CamGrid:
 
 
 Cam = Annotated[CamPng | CamGrid, Field(discriminator="format")]
-OodReason = Literal["modality", "model", "no-head", "small-image"]
+OodReason = Literal["modality", "plane", "sequence", "model", "no-head", "small-image"]
 
 
 @dataclass(frozen=True)
@@ -87,9 +92,11 @@ class Prediction:
     timings_ms: Timings
     warnings: list[str]
     in_distribution: Annotated[bool | None, Field(
-        description="false when the image does not look like a brain MR slice the model knows (it is not "
-                    "MR, the model's out-of-distribution score is over its threshold, no head was found, or the "
-                    "image is too small to be a whole slice); null when the model cannot say and no image rule fired")] = None
+        description="false when the image is not assessed: it does not look like a brain MR slice the model "
+                    "knows (it is not MR, the model's out-of-distribution score is over its threshold, no head "
+                    "was found, or the image is too small to be a whole slice), or its DICOM headers say a plane "
+                    "or sequence the model is not validated for; null when the model cannot say and no image "
+                    "rule fired")] = None
     ood_score: Annotated[float | None, Field(
         description="the model's out-of-distribution score (larger: less like its training data); null when "
                     "the model has no such output")] = None
@@ -97,10 +104,15 @@ class Prediction:
         description="the model's out-of-distribution threshold (calibrated on its validation split): a score "
                     "over it is out of distribution; null when the model has no such output")] = None
     ood_reasons: Annotated[list[OodReason], Field(
-        description="why the image is out of distribution: modality (a DICOM whose Modality is not MR, or a "
-                    "PNG / JPEG / DICOM without Modality that looks like a CT slice), model (its score is over "
-                    "the model's threshold), no-head (no head found), small-image (short side under 100 "
-                    "pixels); empty otherwise")] = field(default_factory=list)
+        description="why the image is not assessed: modality (a DICOM whose Modality is not MR, or a "
+                    "PNG / JPEG / DICOM without Modality that looks like a CT slice), plane and sequence (an MR "
+                    "DICOM whose headers say a plane or sequence outside the model's validated use: see "
+                    "acquisition and GET /v1/model), model (its score is over the model's threshold), no-head "
+                    "(no head found), small-image (short side under 100 pixels); empty otherwise")] = field(
+        default_factory=list)
+    acquisition: Annotated[Acquisition | None, Field(
+        description="what an MR DICOM's headers say about the slice (the intended-use gate reads them); null "
+                    "for a PNG, a JPEG or a DICOM of another modality (nothing to read)")] = None
 
     @property
     def assessed(self) -> bool:

@@ -66,7 +66,8 @@ class Engine:
         threshold = options.tumour_threshold
         self.builder = ResultBuilder(model.metadata, model.cam_weights, model.sha256,
                                      model.metadata.tumour_threshold if threshold is None else threshold)
-        self.prepare_options = PrepareOptions(model.metadata.preprocess, options.max_pixels, options.multiframe)
+        self.prepare_options = PrepareOptions(model.metadata.preprocess, options.max_pixels, options.multiframe,
+                                              model.metadata.validated)
 
     @classmethod
     def load(cls, path: str | Path, options: EngineOptions | None = None) -> Engine:
@@ -165,5 +166,6 @@ class Engine:
             "model_runs": self.runner.model_runs,
             "intra_op_threads": self.runner.intra_op_threads,
             "ood": None if meta.ood is None else asdict(meta.ood),
+            "validated_for": asdict(meta.validated),
             "formats": formats.describe(),
         }

@@ -51,8 +51,8 @@ OPEN_CONNECTIONS = Gauge("btd_open_connections", "Open HTTP connections (BTD_MAX
 READY = Gauge("btd_ready", "1 when the model is loaded, checked and warmed up and the server is not draining")
 OUT_OF_DISTRIBUTION = Counter(
     "btd_out_of_distribution_total",
-    "Images that do not look like a brain MR slice (no finding made), by reason: modality, model, no-head, "
-    "small-image",
+    "Images not assessed (no finding made), by reason: modality, plane, sequence (outside the model's validated "
+    "use), model, no-head, small-image",
     ["reason"],
 )
 HOST_WORKER_FAILURES = Counter(

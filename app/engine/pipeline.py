@@ -1,5 +1,6 @@
 """The pure steps around the model call, shared by every front end through ``Engine``:
-bytes -> ``prepare`` (decode, frame, normalise; runs in a host worker) -> the model ->
+bytes -> ``prepare`` (decode, frame, normalise, and the intended-use gate on an MR DICOM's headers:
+``app.core.acquisition``; runs in a host worker) -> the model ->
 ``ResultBuilder.build`` (softmax with temperature, tumour decision, out-of-distribution verdict,
 CAM placed on the image) -> ``Prediction``. No FastAPI, no ONNX Runtime here.
 """
@@ -13,7 +14,23 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from app.core.contract import Framing, ModelMetadata, PreprocessSpec, frame, normalise
+from app.core.acquisition import (
+    PLANE_WORDS,
+    SEQUENCE_WORDS,
+    Acquisition,
+    outside_validated,
+    unchecked,
+    validated_words,
+)
+from app.core.contract import (
+    DEFAULT_VALIDATED,
+    Framing,
+    ModelMetadata,
+    PreprocessSpec,
+    ValidatedUse,
+    frame,
+    normalise,
+)
 from app.core.decision import Decision, decide
 from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy, decode
 from app.core.errors import InvalidImage
@@ -25,6 +42,7 @@ from app.core.postprocess import (
     gray_view,
 )
 from app.core.result import (
+    GATE_PHRASE,
     OOD_PHRASE,
     CamBox,
     CamGrid,
@@ -39,12 +57,22 @@ CamMode = Literal["none", "png", "grid"]
 CAM_MODES: tuple[str, ...] = get_args(CamMode)
 # An image whose short side is under this many pixels is too small to be a whole MR slice.
 MIN_SLICE_SIDE = 100
-OOD_WARNING = OOD_PHRASE + " ({why}); the probabilities are not a finding and no tumour decision is made"
+NOT_A_FINDING = "; the probabilities are not a finding and no tumour decision is made"
+OOD_WARNING = OOD_PHRASE + " ({why})" + NOT_A_FINDING
+GATE_WARNING = GATE_PHRASE + " ({why})" + NOT_A_FINDING
 # Why an image is out of distribution -> the ``reason`` label of btd_out_of_distribution_total.
 OOD_REASONS = {"modality": "{not_mr}",
                "model": "the model's out-of-distribution score {score:.3g} is over its threshold {threshold:.3g}",
                "no-head": "no head was found in it",
                "small-image": "it is {width}x{height} pixels, too small to be a whole slice"}
+# The intended-use gate's reasons (``app.core.acquisition``): a warning of their own (GATE_PHRASE).
+GATE_REASONS = {"plane": "its DICOM headers say the plane is {plane}; the model is validated on {planes} slices",
+                "sequence": "its DICOM headers say the sequence is {sequence}; the model is validated on {sequences}"}
+# What an MR DICOM's headers did not say: assessed, with this warning.
+UNCHECKED = {"plane": "the slice's plane could not be checked (the DICOM has no usable Image Orientation "
+                      "(Patient)); the model is validated on {planes} slices",
+             "sequence": "the slice's sequence could not be checked (the DICOM's acquisition attributes and "
+                         "Series Description do not say it); the model is validated on {sequences}"}
 
 
 # Why an image is not an MR slice (``Prepared.not_mr``) -> the words of its "modality" reason.
@@ -63,6 +91,7 @@ class PrepareOptions:
     spec: PreprocessSpec
     max_pixels: int = DEFAULT_MAX_PIXELS
     multiframe: MultiframePolicy = "middle"
+    validated: ValidatedUse = DEFAULT_VALIDATED  # the model's validated use: the intended-use gate
 
 
 @dataclass
@@ -82,6 +111,8 @@ class Prepared:
     timings_ms: dict[str, float] = field(default_factory=dict)
     # The DICOM attributes its DICOM results copy (``source=True``; patient data: never logged or answered)
     source: Any = None
+    acquisition: Acquisition | None = None  # what an MR DICOM's headers say (plane, sequence)
+    outside: list[str] = field(default_factory=list)  # the gate's reasons: "plane", "sequence"
 
     @property
     def tensor(self) -> np.ndarray:
@@ -90,9 +121,10 @@ class Prepared:
 
     @property
     def image_reasons(self) -> list[str]:
-        """Out-of-distribution reasons read from the image alone (not the model)."""
+        """Reasons not to assess the image read from the image alone (not the model): not MR, a plane
+        or sequence outside the model's validated use (the headers), no head, too small."""
         width, height = self.image_size
-        reasons = ["modality"] if self.not_mr else []
+        reasons = ["modality"] if self.not_mr else list(self.outside)
         reasons += ["no-head"] if self.framing.head_found is False else []
         return reasons + (["small-image"] if min(width, height) < MIN_SLICE_SIDE else [])
 
@@ -114,9 +146,17 @@ def prepare(data: bytes, media_type: str | None, options: PrepareOptions, view: 
     height, width = decoded.pixels.shape
     prepared = Prepared(unit, options.spec, framing, (width, height), decoded.media_type, list(decoded.warnings),
                         gray_view(decoded.pixels) if view else None, not_mr_because(decoded.modality, decoded.pixels),
-                        source=decoded.source)
+                        source=decoded.source, acquisition=decoded.acquisition,
+                        outside=outside_validated(decoded.acquisition, options.validated))
+    prepared.warnings += unchecked_warnings(decoded.acquisition, options.validated)
     prepared.timings_ms = {"decode": decode_ms, "preprocess": ms_since(start)}
     return prepared
+
+
+def unchecked_warnings(acquisition: Acquisition | None, validated: ValidatedUse) -> list[str]:
+    """The warnings of what an MR DICOM's headers did not say (the slice is assessed all the same)."""
+    planes, sequences = validated_words(validated)
+    return [UNCHECKED[name].format(planes=planes, sequences=sequences) for name in unchecked(acquisition)]
 
 
 def not_mr_because(modality: str | None, pixels: np.ndarray) -> str | None:
@@ -158,13 +198,27 @@ class ResultBuilder:
                       ood_score=ood_score, ood_threshold=None if meta.ood is None else meta.ood.threshold,
                       image_reasons=image_reasons)
 
-    def ood_warning(self, reasons: list[str], prepared: Prepared, ood_score: float | None) -> str:
-        width, height = prepared.image_size
-        threshold = self.metadata.ood.threshold if self.metadata.ood is not None else float("nan")
-        why = "; ".join(OOD_REASONS[r].format(score=ood_score if ood_score is not None else float("nan"),
-                                              threshold=threshold, width=width, height=height,
-                                              not_mr=NOT_MR.get(prepared.not_mr or "", "")) for r in reasons)
-        return OOD_WARNING.format(why=why)
+    def ood_warnings(self, reasons: list[str], prepared: Prepared, ood_score: float | None) -> list[str]:
+        """The warnings that say why the image is not assessed: the gate's (plane, sequence) first, then
+        the out-of-distribution one (modality, model, no-head, small-image); one or both."""
+        out = []
+        gate = [r for r in reasons if r in GATE_REASONS]
+        if gate and prepared.acquisition is not None:
+            planes, sequences = validated_words(self.metadata.validated)
+            acquisition = prepared.acquisition
+            why = "; ".join(GATE_REASONS[r].format(
+                plane=PLANE_WORDS.get(acquisition.plane or "", "unknown"), planes=planes, sequences=sequences,
+                sequence=SEQUENCE_WORDS.get(acquisition.sequence or "", "unknown")) for r in gate)
+            out.append(GATE_WARNING.format(why=why))
+        other = [r for r in reasons if r in OOD_REASONS]
+        if other:
+            width, height = prepared.image_size
+            threshold = self.metadata.ood.threshold if self.metadata.ood is not None else float("nan")
+            why = "; ".join(OOD_REASONS[r].format(score=ood_score if ood_score is not None else float("nan"),
+                                                  threshold=threshold, width=width, height=height,
+                                                  not_mr=NOT_MR.get(prepared.not_mr or "", "")) for r in other)
+            out.append(OOD_WARNING.format(why=why))
+        return out
 
     def build(self, prepared: Prepared, output: ModelOutput, cam: str, *, started: float,
               cam_result: dict | None = None, cam_ms: float = 0.0) -> Prediction:
@@ -173,7 +227,7 @@ class ResultBuilder:
         decision = self.decide(output.logits, output.ood_score, prepared.image_reasons)
         warnings = list(prepared.warnings)
         if decision.ood_reasons:
-            warnings.append(self.ood_warning(decision.ood_reasons, prepared, output.ood_score))
+            warnings += self.ood_warnings(decision.ood_reasons, prepared, output.ood_score)
         cam_out = None
         if cam != "none":
             cam_start = time.perf_counter()
@@ -200,6 +254,7 @@ class ResultBuilder:
             ood_score=decision.ood_score,
             ood_threshold=decision.ood_threshold,
             ood_reasons=decision.ood_reasons,
+            acquisition=prepared.acquisition,
         )
 
 

@@ -53,9 +53,12 @@ def test_predict_raw_body_returns_prediction(client, content_type, data):
 def test_predict_multipart_with_generic_part_type_sniffs_bytes(client):
     data = dicom_testfile("MR_small.dcm")
     body = assert_prediction(client.post("/v1/predict", files={"file": ("x.dcm", data, "application/octet-stream")}))
-    # an MR slice of a normal kind, but 64x64: too small to be a whole slice, so no finding is made
-    assert body["ood_reasons"] == ["small-image"] and body["in_distribution"] is False
-    assert len(body["warnings"]) == 1 and "64x64 pixels, too small" in body["warnings"][0]
+    # an axial T2 MR slice (spin echo, TR 4000 ms, TE 240 ms: outside the validated use) and 64x64, too
+    # small to be a whole slice: no finding is made, and each kind of reason has its warning
+    assert body["ood_reasons"] == ["sequence", "small-image"] and body["in_distribution"] is False
+    assert body["acquisition"] == {"plane": "axial", "sequence": "t2"}
+    assert len(body["warnings"]) == 2 and "the sequence is T2" in body["warnings"][0]
+    assert "64x64 pixels, too small" in body["warnings"][1]
     assert body["tumour_detected"] is None
 
 

@@ -59,3 +59,16 @@ def test_favicon_is_served_so_a_page_load_logs_no_404(client: TestClient) -> Non
         assert response.status_code == 200 and response.headers["content-type"].startswith("image/svg+xml")
         assert response.content.startswith(b"<svg")
     assert 'rel="icon"' in client.get("/").text
+
+
+def test_page_knows_the_not_assessed_phrases_and_every_reason() -> None:
+    import typing
+
+    from app.core.result import GATE_PHRASE, OOD_PHRASE, OodReason
+
+    script = (STATIC_DIR / "app.js").read_text()
+    assert f'const OOD_PHRASE = "{OOD_PHRASE}";' in script and f'const GATE_PHRASE = "{GATE_PHRASE}";' in script
+    texts = script[script.index("const OOD_REASON_TEXT = {"):]
+    texts = texts[:texts.index("};")]
+    for reason in typing.get_args(OodReason):
+        assert re.search(rf'(^|\s)"?{re.escape(reason)}"?:', texts, re.MULTILINE), f"no plain words for {reason}"

@@ -14,6 +14,9 @@ from pydicom.data import get_testdata_file
 
 SENTINEL_NAME = "SENTINEL^PATIENTNAME"
 SENTINEL_ID = "SENTINEL-ID-4711"
+# Headers that make a slice one the model is validated for (axial, T1 post-contrast): MR2_UNCR.dcm is
+# an oblique T1 pre-contrast slice, which the intended-use gate does not assess.
+AXIAL_T1_POST = {"ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "ContrastBolusAgent": "gadolinium"}
 
 
 def dciodvfy_errors(data: bytes) -> list[str]:
@@ -29,9 +32,12 @@ def dciodvfy_errors(data: bytes) -> list[str]:
 
 
 def mr_slice(name: str = "MR_small.dcm", *, study_uid: str | None = None, series_uid: str | None = None,
-             sop_uid: str | None = None, number: int | None = None) -> bytes:
-    """A real MR slice from pydicom's test data, given the sentinel patient (and new UIDs when asked)."""
+             sop_uid: str | None = None, number: int | None = None, headers: dict | None = None) -> bytes:
+    """A real MR slice from pydicom's test data, given the sentinel patient (and new UIDs, or other
+    ``headers`` by keyword, when asked)."""
     ds = pydicom.dcmread(get_testdata_file(name))
+    for keyword, value in (headers or {}).items():
+        setattr(ds, keyword, value)
     ds.PatientName, ds.PatientID = SENTINEL_NAME, SENTINEL_ID
     for keyword, value in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
                            ("SOPInstanceUID", sop_uid)):

@@ -17,7 +17,7 @@ from app.transports.pacs.multipart import decode_related, encode_related
 from app.transports.pacs.processing import sr_summary
 from app.transports.pacs.results import build_results, encode, patient_orientation, read_source
 from tests.model_factory import build_model
-from tests.pacs.dicom_checks import SENTINEL_ID, SENTINEL_NAME, dciodvfy_errors, mr_slice, read
+from tests.pacs.dicom_checks import AXIAL_T1_POST, SENTINEL_ID, SENTINEL_NAME, dciodvfy_errors, mr_slice, read
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,9 @@ def predictor(tmp_path_factory) -> Engine:
 
 @pytest.fixture(scope="module")
 def slice_and_result(predictor):
-    """A whole slice (MR_small.dcm, 64x64, is out of distribution: no finding to report)."""
-    data = mr_slice("MR2_UNCR.dcm")
+    """A whole slice the model is validated for (MR_small.dcm, 64x64 and T2, is not assessed: no finding
+    to report; MR2_UNCR.dcm is oblique T1 pre-contrast: its headers are made axial T1 post-contrast)."""
+    data = mr_slice("MR2_UNCR.dcm", headers=AXIAL_T1_POST)
     return data, predictor.predict(data, cam="png").to_dict()
 
 
@@ -107,6 +108,45 @@ def test_results_pass_dciodvfy_and_read_back(predictor, name):
     assert "not a diagnosis" in str(sc.ImageComments)
 
 
+def _codes(sr: Dataset) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in _items(sr):
+        if item.ValueType == "CODE":
+            out.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning, []).append(
+                item.ConceptCodeSequence[0].CodeValue)
+    return out
+
+
+def test_sr_states_the_plane_and_sequence_the_headers_say(slice_and_result):
+    data, result = slice_and_result
+    assert result["acquisition"] == {"plane": "axial", "sequence": "t1post"}
+    sr = build_results(read_source(data), Prediction.from_dict(result))[0]
+    codes = _codes(sr)
+    assert codes["Image plane, from the source's headers"] == ["AXIAL"]
+    assert codes["MR sequence, from the source's headers"] == ["T1POST"]
+    assert "Not assessed because" not in codes
+
+
+@pytest.mark.parametrize("headers,reasons,words", [
+    ({"ImageOrientationPatient": [0, 1, 0, 0, 0, -1], "ContrastBolusAgent": "gadolinium"}, ["PLANE"],
+     "the plane is sagittal"),
+    ({"ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "RepetitionTime": 4500, "EchoTime": 100}, ["SEQUENCE"],
+     "the sequence is T2"),
+])
+def test_sr_of_a_slice_outside_the_validated_use_says_why_and_reports_no_finding(predictor, headers, reasons, words):
+    data = mr_slice("MR2_UNCR.dcm", headers=headers)
+    result = predictor.predict(data, cam="png")
+    assert not result.assessed and [r.upper() for r in result.ood_reasons if r in ("plane", "sequence")] == reasons
+    sr, sc = build_results(read_source(data), result)
+    codes = _codes(sr)
+    assert set(reasons) <= set(codes["Not assessed because"])
+    assert not any(name.startswith("Probability of") for name in _nums(sr))
+    assert sr_summary(sr) == ("No finding: input not assessed", None)
+    assert any(words in t and "outside the model's validated use" in t and "no finding" in t for t in _texts(sr))
+    assert "no finding" in str(sc.ImageComments)
+    assert dciodvfy_errors(encode(sr)) == [] and dciodvfy_errors(encode(sc)) == []
+
+
 def test_uids_are_derived_so_a_resend_replaces(slice_and_result):
     data, result = slice_and_result
     finding = Prediction.from_dict(result)
@@ -134,7 +174,7 @@ def test_out_of_distribution_sr_reports_no_finding():
     assert "Tumour probability (1 - p(notumor))" not in nums
     assert nums["Out-of-distribution score"] == pytest.approx(41.5)
     assert nums["Out-of-distribution threshold"] == pytest.approx(30.0)
-    assert sr_summary(sr) == ("No finding: input unlike the training data", None)
+    assert sr_summary(sr) == ("No finding: input not assessed", None)
     assert any("unlike the model's training data" in t and "no finding" in t for t in texts)
     assert "no finding" in str(sc.ImageComments)
     assert dciodvfy_errors(encode(sr)) == []

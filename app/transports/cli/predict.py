@@ -34,7 +34,7 @@ from typing import Any, TextIO
 
 from app.core.decode import DICOM, media_type_for_path, sniff
 from app.core.formats import SIGNATURE_BYTES
-from app.core.result import OOD_PHRASE, CamPng, Prediction
+from app.core.result import NOT_ASSESSED_PHRASES, OOD_PHRASE, CamPng, Prediction
 
 FORMATS = ("table", "csv", "json")
 GLOB_CHARS = set("*?[")
@@ -331,10 +331,11 @@ def summary_fields(outcome: Outcome) -> dict[str, Any]:
 
 
 def ood_note(result: Prediction) -> str:
-    """The out-of-distribution warning, when there is one (shown instead of a finding)."""
+    """The warnings that say why the image is not assessed, when it is not (shown instead of a finding):
+    outside the validated use (plane, sequence) and / or out of distribution."""
     if result.in_distribution is not False:
         return ""
-    return next((w for w in result.warnings if w.startswith(OOD_PHRASE)), OOD_PHRASE)
+    return "; ".join(w for w in result.warnings if w.startswith(NOT_ASSESSED_PHRASES)) or OOD_PHRASE
 
 
 def fmt_number(value: float | None, digits: int = 3) -> str:

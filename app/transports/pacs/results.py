@@ -30,6 +30,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
+from app.core.acquisition import PLANE_WORDS, SEQUENCE_WORDS
 from app.core.decode import DEFAULT_MAX_PIXELS, quiet_pydicom
 from app.core.dicom_read import element_limits, read_dataset, results_header
 from app.core.errors import InvalidImage, ServiceError
@@ -102,8 +103,31 @@ TUMOUR_THRESHOLD = _local("TUMOUR-THRESHOLD", "Tumour decision threshold")
 OOD_SCORE = _local("OOD-SCORE", "Out-of-distribution score")
 OOD_THRESHOLD = _local("OOD-THRESHOLD", "Out-of-distribution threshold")
 IN_DISTRIBUTION = _local("IN-DISTRIBUTION", "Input like the model's training data")
-NO_FINDING = _local("NO-FINDING", "No finding: input unlike the training data")
+NO_FINDING = _local("NO-FINDING", "No finding: input not assessed")
 TUMOUR = Code("108369006", "SCT", "Neoplasm")
+# What the source's headers say (the intended-use gate, app.core.acquisition), and why a slice is not assessed.
+PLANE = _local("PLANE", "Image plane, from the source's headers")
+SEQUENCE = _local("SEQUENCE", "MR sequence, from the source's headers")
+NOT_ASSESSED_BECAUSE = _local("NOT-ASSESSED", "Not assessed because")
+REASONS = {"modality": "Not an MR image", "plane": "Plane outside the model's validated use",
+           "sequence": "Sequence outside the model's validated use", "model": "Input unlike the training data",
+           "no-head": "No head found in the image", "small-image": "Image too small to be a whole slice"}
+
+
+def _acquisition_evaluations(result: Prediction) -> list[hd.sr.QualitativeEvaluation]:
+    """The plane and sequence the source's headers say, and each reason the slice is not assessed, as
+    codes of the local scheme."""
+    out = []
+    acquisition = result.acquisition
+    if acquisition is not None and acquisition.plane is not None:
+        out.append(hd.sr.QualitativeEvaluation(PLANE, _local(acquisition.plane.upper(), PLANE_WORDS[acquisition.plane])))
+    if acquisition is not None and acquisition.sequence is not None:
+        out.append(hd.sr.QualitativeEvaluation(
+            SEQUENCE, _local(acquisition.sequence.upper(), SEQUENCE_WORDS[acquisition.sequence])))
+    if not result.assessed:
+        out += [hd.sr.QualitativeEvaluation(NOT_ASSESSED_BECAUSE, _local(reason.upper(), REASONS[reason]))
+                for reason in result.ood_reasons]
+    return out
 
 
 def _num(name: Code, value: float, algorithm: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
@@ -139,6 +163,7 @@ def _measurement_group(source: Dataset, result: Prediction) -> hd.sr.Measurement
     if result.in_distribution is not None:
         evaluations.append(hd.sr.QualitativeEvaluation(
             IN_DISTRIBUTION, codes.SCT.Yes if result.in_distribution else codes.SCT.No))
+    evaluations += _acquisition_evaluations(result)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=result_uid("tracking", source.SOPInstanceUID, result.model.sha256),
@@ -160,17 +185,31 @@ def summary_text(result: Prediction) -> str:
     model = result.model
     who = f"{model.name} {model.version} (sha256 {model.sha256[:12]})"
     if not result.assessed:
-        score = "" if result.ood_score is None else f" (score {result.ood_score:.3g}"
-        score += "" if not score or result.ood_threshold is None else f" > threshold {result.ood_threshold:.3g})"
-        score += ")" if score and result.ood_threshold is None else ""
-        return (f"{who}: the input is unlike the model's training data{score}; no finding is reported. "
-                + DISCLAIMER)
+        why = _outside_words(result)
+        if set(result.ood_reasons) - {"plane", "sequence"}:
+            score = "" if result.ood_score is None else f" (score {result.ood_score:.3g}"
+            score += "" if not score or result.ood_threshold is None else f" > threshold {result.ood_threshold:.3g})"
+            score += ")" if score and result.ood_threshold is None else ""
+            why.append(f"the input is unlike the model's training data{score}")
+        return f"{who}: not assessed: {'; '.join(why)}; no finding is reported. " + DISCLAIMER
     text = f"{who}: most likely class {result.label} ({result.probabilities[result.label]:.1%})"
     if result.tumour_probability is not None:
         decision = "detected" if result.tumour_detected else "not detected"
         text += (f"; tumour probability {result.tumour_probability:.1%}, tumour {decision} "
                  f"at threshold {result.threshold:.1%}")
     return f"{text}. {DISCLAIMER}"
+
+
+def _outside_words(result: Prediction) -> list[str]:
+    """The gate's reasons in words (the plane and sequence the headers say)."""
+    acquisition, words = result.acquisition, []
+    if acquisition is not None and "plane" in result.ood_reasons:
+        words.append(f"the source's headers say the plane is {PLANE_WORDS.get(acquisition.plane or '', 'unknown')}, "
+                     "outside the model's validated use")
+    if acquisition is not None and "sequence" in result.ood_reasons:
+        words.append(f"the source's headers say the sequence is "
+                     f"{SEQUENCE_WORDS.get(acquisition.sequence or '', 'unknown')}, outside the model's validated use")
+    return words
 
 
 def procedure_of(source: Dataset) -> Code:
@@ -251,6 +290,8 @@ def caption_lines(result: Prediction) -> list[str]:
         if result.tumour_probability is not None:
             decision = "DETECTED" if result.tumour_detected else "not detected"
             lines.append(f"tumour {result.tumour_probability:.0%} (threshold {result.threshold:.0%}): {decision}")
+    elif set(result.ood_reasons) <= {"plane", "sequence"}:
+        lines.append("outside the model's validated use (plane or sequence): no finding")
     else:
         lines.append("input unlike the training data: no finding")
     lines.append("CAM: where the model looked. Decision support, not a diagnosis.")

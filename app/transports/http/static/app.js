@@ -148,32 +148,43 @@ function renderProbabilities(probabilities, topLabel) {
   }
 }
 
-// The service says an image is out of distribution (not a brain MR slice as the model knows them): it
-// is not assessed. The page then names no class and shows no class activation map; it says why in
-// plain words (from ood_reasons), and keeps the service's technical warning in a collapsed section.
+// The service says an image is not assessed: it is out of distribution (not a brain MR slice as the
+// model knows them), or its DICOM headers say a plane or sequence the model is not validated for. The
+// page then names no class and shows no class activation map; it says why in plain words (from
+// ood_reasons), and keeps the service's technical warnings in a collapsed section.
 const OOD_PHRASE = "the image does not look like a brain MR slice";
+const GATE_PHRASE = "the slice is outside what the model is validated for";
 const OOD_REASON_TEXT = {
   modality: "It is not an MR image (it looks like a CT scan, or its DICOM header names another kind of scan).",
+  plane: "Its DICOM header names a slice plane the model is not validated for (e.g. sagittal or coronal).",
+  sequence: "Its DICOM header names an MR sequence the model is not validated for.",
   model: "It does not look like the brain MR slices this model was trained on.",
   "no-head": "No head could be found in it.",
   "small-image": "It is too small to be a whole MR slice.",
 };
+const GATE_REASONS = ["plane", "sequence"];
 
 function notAssessed(result) {
   return result.in_distribution === false;
 }
 
+function isNotAssessedWarning(w) {
+  return w.startsWith(OOD_PHRASE) || w.startsWith(GATE_PHRASE);
+}
+
 function plainReason(result) {
-  const reasons = (result.ood_reasons || []).map((r) => OOD_REASON_TEXT[r]).filter(Boolean);
-  return (
-    "Not assessed: this tool reads brain MR slices only, and this image does not look like one. " +
-    (reasons.length ? reasons.join(" ") + " " : "") +
-    "No finding is made; check the image and the study it came from."
-  );
+  const codes = result.ood_reasons || [];
+  const reasons = codes.map((r) => OOD_REASON_TEXT[r]).filter(Boolean);
+  const lead = codes.length && codes.every((r) => GATE_REASONS.includes(r))
+    ? "Not assessed: this slice is outside what the model is validated for. "
+    : "Not assessed: this tool reads brain MR slices only, and this image does not look like one. ";
+  return lead + (reasons.length ? reasons.join(" ") + " " : "") +
+    "No finding is made; check the image and the study it came from.";
 }
 
 function technicalWarning(result) {
-  return (result.warnings || []).find((w) => w.startsWith(OOD_PHRASE)) || null;
+  const found = (result.warnings || []).filter(isNotAssessedWarning);
+  return found.length ? found.join("; ") : null;
 }
 
 function decisionText(result) {
@@ -249,7 +260,7 @@ function renderResult(fileName, result, roundTripMs) {
   const warnings = $("warnings");
   warnings.replaceChildren(
     ...(result.warnings || [])
-      .filter((w) => !w.startsWith(OOD_PHRASE)) // the not-assessed reason is shown above
+      .filter((w) => !isNotAssessedWarning(w)) // the not-assessed reason is shown above
       .map((w) => Object.assign(document.createElement("li"), { textContent: w })),
   );
   warnings.hidden = warnings.children.length === 0;
