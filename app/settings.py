@@ -136,7 +136,7 @@ class Settings(BaseSettings):
                                            "postgresql+psycopg://btd:PASSWORD@db:5432/btd for several replicas "
                                            f"(unset: sqlite:///BTD_DATA_DIR/{DATABASE_FILE})")
     records_retention_days: float = Field(365.0, ge=0, description="records older than this are deleted; 0: kept")
-    records_max_rows: int = Field(10_000_000, ge=0, description="beyond this many records the oldest are "
+    records_max_rows: int = Field(1_000_000, ge=0, description="beyond this many records the oldest are "
                                   "deleted; 0: no bound")
     records_queue_size: int = Field(10_000, ge=1, description="records waiting for the database; beyond, new "
                                     "ones are lost (counted in btd_records_lost_total), never the answers")

@@ -8,6 +8,7 @@ to head, so a service starting on an empty data directory creates it.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class RecordStore:
         data directory is created first."""
         if self.is_sqlite and self.url.database not in (None, "", ":memory:"):
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at import
         from alembic import command
 
         config = alembic_config(self.url)

@@ -153,7 +153,7 @@ def start_records(settings: Settings) -> RecordWriter | None:
         return None
     writer = RecordWriter(options)
     writer.start()
-    log.info("recording predictions in %s (BTD_RECORDS=false: off)", safe_url(options.url))
+    log.info("recording predictions in %s (BTD_RECORDS=false turns it off)", safe_url(options.url))
     return writer
 
 
