@@ -86,7 +86,8 @@ def test_v1_predict_batch_and_v2_infer_answers_are_recorded(model_path: Path, tm
     assert batch_b["pixels_sha256"] != batch_a["pixels_sha256"]
     assert second["request_id"] == again.headers["x-request-id"] != first["request_id"]
     assert batch_a["label"] == batch.json()["results"][0]["result"]["label"]
-    probabilities = np.array([o["data"] for o in v2.json()["outputs"] if o["name"] == "probabilities"][0]).reshape(2, -1)
+    probabilities = np.array(next(o["data"] for o in v2.json()["outputs"] if o["name"] == "probabilities"))
+    probabilities = probabilities.reshape(2, -1)
     np.testing.assert_allclose(list(tensor_a["probabilities"].values()), probabilities[0], atol=1e-6)
     assert tensor_a["media_type"] == "tensor" and tensor_a["intensity_p50"] is None
     assert tensor_a["pixels_sha256"] != tensor_b["pixels_sha256"] and tensor_a["total_ms"] is None

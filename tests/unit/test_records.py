@@ -343,3 +343,37 @@ def test_the_writer_never_holds_the_caller(database_url: str):
     writer.close()
     assert max(times) < 0.01
     assert threading.active_count() < 50
+
+
+# -- settings ---------------------------------------------------------------------------------------
+
+
+def test_settings_default_to_sqlite_in_the_data_directory(monkeypatch, tmp_path: Path):
+    from app.settings import Settings
+
+    monkeypatch.delenv("BTD_DATABASE_URL", raising=False)
+    monkeypatch.setenv("BTD_DATA_DIR", str(tmp_path))
+    options = Settings().record_options()
+    assert options.url == f"sqlite:///{tmp_path.resolve() / 'btd.db'}"
+    assert (options.max_age_days, options.max_rows, options.queue_size) == (365, 1_000_000, 10_000)
+    monkeypatch.setenv("BTD_RECORDS", "false")
+    assert Settings().record_options() is None
+
+
+def test_settings_take_a_postgres_url_and_keep_its_password_out_of_repr(monkeypatch):
+    from app.settings import Settings
+
+    monkeypatch.setenv("BTD_DATABASE_URL", "postgresql+psycopg://btd:hunter2@db:5432/btd")
+    monkeypatch.setenv("BTD_RECORDS_RETENTION_DAYS", "30")
+    settings = Settings()
+    assert settings.record_options().url.endswith("@db:5432/btd") and settings.record_options().max_age_days == 30
+    assert "hunter2" not in repr(settings) and "hunter2" not in safe_url(settings.database())
+
+
+def test_settings_refuse_a_database_url_the_service_cannot_use(monkeypatch):
+    from app.settings import InvalidSettings, load_settings
+
+    for url in ("not a url", "oracle+nosuchdriver://x/y"):
+        monkeypatch.setenv("BTD_DATABASE_URL", url)
+        with pytest.raises(InvalidSettings, match="BTD_DATABASE_URL"):
+            load_settings()

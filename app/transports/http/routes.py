@@ -12,8 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.core.decode import MEDIA_TYPES, normalise_media_type
 from app.core.decision import Decision
+from app.core.decode import MEDIA_TYPES, normalise_media_type
 from app.core.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.core.result import Prediction, Timings
 from app.engine import metrics
