@@ -65,6 +65,8 @@ RECORDS_LOST = Counter(
     "database refused), queue-full (the database too slow or down for longer than the queue holds), shutdown "
     "(still waiting when the process stopped)", ["reason"],
 )
+for _reason in ("database", "queue-full", "shutdown"):  # exported at 0 from the start: rate() and alerts see them
+    RECORDS_LOST.labels(_reason)
 RECORDS_WAITING = Gauge("btd_records_waiting", "Prediction records waiting for the database (BTD_RECORDS_QUEUE_SIZE)")
 
 # The method label takes these; any other verb a client invents is "other" (bounded label values).
