@@ -131,16 +131,11 @@ class InferenceService:
         ``refuse_if_full`` waits for the decode budget instead of being refused for it."""
         return (await self.answer(data, media_type, cam, batch_file=batch_file)).prediction
 
-    async def predict_with_source(self, data: bytes, media_type: str | None, cam: str = "none") -> tuple[Prediction, Any]:
-        """``predict`` of a DICOM, and the attributes its DICOM results copy (``dicom_read.results_header``),
-        read with the pixels in the same isolated decode: the server never parses the file itself."""
-        answer = await self.answer(data, media_type, cam, source=True)
-        return answer.prediction, answer.source
-
     async def answer(self, data: bytes, media_type: str | None, cam: str = "none", *, batch_file: bool = False,
                      source: bool = False) -> Answer:
         """``predict``, with what a prediction record keeps of the input (``Answer.facts``) and, with
-        ``source``, the attributes a DICOM's results copy (as ``predict_with_source``)."""
+        ``source``, the attributes a DICOM's results copy (``dicom_read.results_header``), read with the
+        pixels in the same isolated decode: the server never parses the file itself."""
         return await self._predict_admitted(data, media_type, cam, batch_file, source)
 
     async def _predict_admitted(self, data: bytes, media_type: str | None, cam: str, batch_file: bool,
