@@ -34,6 +34,9 @@ class RawOutputs:
     logits: np.ndarray  # float32 [N, C]
     ood_score: np.ndarray | None  # float32 [N]; None when the model has no OOD output
     facts: tuple[InputFacts, ...] = ()  # per input, what a prediction record keeps of it
+    # per input, the out-of-distribution reasons its image gave (image bytes: modality, no-head,
+    # small-image; a tensor gives none), for the one decision its audit line and record are made of
+    image_reasons: tuple[list[str], ...] = ()
 
 
 class Answer(NamedTuple):
@@ -203,23 +206,25 @@ class InferenceService:
                  for item, kind in zip(inputs, kinds)]
         self.decode_budget.check(sum(costs))
 
-        async def one(item: np.ndarray | bytes, cost: int, kind: str | None) -> tuple[ModelOutput, InputFacts | None]:
+        async def one(item: np.ndarray | bytes, cost: int,
+                      kind: str | None) -> tuple[ModelOutput, InputFacts | None, list[str]]:
             ticket = self.admission.admit()
             try:
                 if isinstance(item, np.ndarray):
-                    model_input, facts = item, tensor_facts(item)
+                    model_input, facts, reasons = item, tensor_facts(item), []
                 else:
                     model_input = await self._prepare(item, None, cost, kind)
-                    facts = model_input.facts
+                    facts, reasons = model_input.facts, model_input.image_reasons
                 out = await self.batcher.submit(model_input, False, on_start=lambda: self.admission.stop_waiting(ticket))
             finally:
                 self.admission.stop_waiting(ticket)
-            return out, facts
+            return out, facts, reasons
 
         answered = await asyncio.gather(*(one(item, cost, kind) for item, cost, kind in zip(inputs, costs, kinds)))
-        outs = [out for out, _ in answered]
+        outs = [out for out, _, _ in answered]
         scores = None if outs[0].ood_score is None else np.array([float(o.ood_score) for o in outs], np.float32)
-        return RawOutputs(np.stack([o.logits for o in outs]), scores, tuple(facts for _, facts in answered))
+        return RawOutputs(np.stack([o.logits for o in outs]), scores, tuple(facts for _, facts, _ in answered),
+                          tuple(reasons for _, _, reasons in answered))
 
     def refuse_if_full(self) -> None:
         """``Overloaded`` (503 with Retry-After) at once when a new request would be refused: for a

@@ -177,3 +177,19 @@ def test_sqlite_locked_mid_load_fails_no_prediction_and_counts_lost_records(mode
         blocker.close()
     written = len(rows(f"sqlite:///{path}"))
     assert written + (lost() - before) == 68
+
+
+def test_v2_image_bytes_are_decided_as_v1_decides_them(model_path: Path, tmp_path: Path):
+    # A 96x128 slice is too small to be a whole slice: v1 makes no finding; a v2 record of the same
+    # bytes must say the same (one decision), though the client gets only logits and probabilities.
+    small = png_bytes((96, 128), seed=7)
+    with running_app(model_path, data_dir=tmp_path) as client:
+        v1 = client.post("/v1/predict", content=small, headers={"Content-Type": "image/png"})
+        v2 = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [
+            {"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(small).decode()]}]})
+    assert v1.status_code == v2.status_code == 200
+    assert v1.json()["in_distribution"] is False and "small-image" in v1.json()["ood_reasons"]
+    v1_record, v2_record = rows(f"sqlite:///{tmp_path / 'btd.db'}")
+    for field in ("assessed", "not_assessed_reasons", "tumour_detected", "label", "pixels_sha256"):
+        assert v1_record[field] == v2_record[field], field
+    assert v2_record["assessed"] is False and "small-image" in v2_record["not_assessed_reasons"]

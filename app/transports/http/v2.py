@@ -394,11 +394,12 @@ def infer_response(infer: InferRequest, request_id: str, service: InferenceServi
 def decisions(service: InferenceService, raw: RawOutputs) -> list[Decision]:
     """What the audit trail and the prediction records keep of each image of an inference (the
     client gets logits and probabilities): the decision /v1/predict would have answered (the same
-    one: an out-of-distribution score over the model's threshold makes no finding). A v2 input is a
-    tensor: no image rule (modality, head, size) can be read from it."""
+    one: an out-of-distribution score over the model's threshold, or an image rule, makes no
+    finding). Image bytes give their image rules' reasons (modality, head, size); a tensor gives none."""
     engine = service.engine
     scores = [None] * len(raw.logits) if raw.ood_score is None else [float(s) for s in raw.ood_score]
-    return [engine.decide(logits, score) for logits, score in zip(raw.logits, scores)]
+    reasons = raw.image_reasons or ([],) * len(raw.logits)
+    return [engine.decide(logits, score, why) for logits, score, why in zip(raw.logits, scores, reasons)]
 
 
 async def _infer(request: Request, name: str, version: str | None, service: InferenceService,
