@@ -75,6 +75,28 @@ def test_migrate_creates_the_schema_from_an_empty_database(database_url: str):
         store.close()
 
 
+def test_replicas_migrating_at_once_create_the_schema_once(database_url: str):
+    # Processes, as replicas are (Alembic's context is one per process): started together, each migrates.
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from app.engine.records.store import RecordStore; s = RecordStore(sys.argv[1]); "
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); s.migrate()")
+    start_at = str(time.time() + 2.0)  # after every interpreter has started
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = [subprocess.Popen([sys.executable, "-c", code, database_url, start_at], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(outputs)[-3000:]
+    store = RecordStore(database_url)
+    try:
+        store.insert([row()])
+        assert store.count() == 1
+    finally:
+        store.close()
+
+
 def test_autogenerate_finds_no_drift_between_the_models_and_the_migrations(store: RecordStore):
     from alembic import command
     from alembic.autogenerate import compare_metadata
@@ -341,7 +363,7 @@ def test_the_writer_never_holds_the_caller(database_url: str):
         writer.add(row(f"r{i}"))
         times.append(time.perf_counter() - started)
     writer.close()
-    assert max(times) < 0.01
+    assert sorted(times)[len(times) // 2] < 0.001 and max(times) < 0.1  # a put on a queue, whatever the database
     assert threading.active_count() < 50
 
 

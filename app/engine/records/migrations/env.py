@@ -2,8 +2,9 @@
 by the ``alembic`` command with ``-c`` pointing at a config naming this directory). The store passes
 its open connection in ``config.attributes["connection"]``; otherwise the URL in the config is used.
 
-On PostgreSQL several replicas may start at once: each takes a transaction-scoped advisory lock
-before migrating, so one migrates and the others find the schema at head."""
+Several replicas (or processes sharing a data directory) may start at once: on PostgreSQL each takes
+a transaction-scoped advisory lock before migrating, on SQLite the database's write lock (BEGIN
+IMMEDIATE), so one migrates and the others then find the schema at head."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ config = context.config
 def run(connection) -> None:
     context.configure(connection=connection, target_metadata=Base.metadata, compare_type=True,
                       render_as_batch=connection.dialect.name == "sqlite")  # SQLite alters tables by copying them
+    if connection.dialect.name == "sqlite":  # before alembic reads the version: it reads it under the lock
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
