@@ -158,19 +158,19 @@ def test_sqlite_locked_mid_load_fails_no_prediction_and_counts_lost_records(mode
 
     path = tmp_path / "btd.db"
     before = lost()
-    blocker = None
     with running_app(model_path, data_dir=tmp_path, records_queue_size=4) as client:
         assert load(client, 8) == [200] * 8
         deadline = time.monotonic() + 10
         while len(rows(f"sqlite:///{path}")) < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
 
-        def lock() -> None:  # another process holds the write lock: the database is "down" for writes
-            nonlocal blocker
-            blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            blocker.execute("BEGIN EXCLUSIVE")
-
-        statuses = load(client, 60, on_half=lock)
+        # Another process takes the write lock: the database is "down" for writes. The writer's next
+        # batch then waits its busy timeout (5 s) while the load goes on; the queue (4) overflows.
+        blocker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN EXCLUSIVE")
+        statuses = load(client, 5)
+        time.sleep(0.6)  # past the writer's linger (0.2 s): its batch is now waiting for the lock
+        statuses += load(client, 55)
         assert statuses == [200] * 60  # 0 failed predictions
         assert lost() - before > 0  # the full queue dropped records (counted), answers went on
         blocker.execute("ROLLBACK")
