@@ -58,8 +58,8 @@ RUN (python3 -m pip uninstall --yes --disable-pip-version-check pip setuptools w
  && groupadd --system --gid 10001 btd \
  && useradd --system --uid 10001 --gid btd --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin btd \
- && mkdir -p /var/cache/btd/trt \
- && chown -R btd:btd /var/cache/btd
+ && mkdir -p /var/cache/btd/trt /var/lib/btd \
+ && chown -R btd:btd /var/cache/btd /var/lib/btd
 COPY --from=builder /opt/venv /opt/venv
 COPY app/ /srv/btd/app/
 # The model and, when the context has it, its INT8 variant.
@@ -77,7 +77,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
     BTD_HOST=0.0.0.0 \
     BTD_PORT=8000 \
     BTD_MODEL_PATH=/models/btd-resnet50.onnx \
-    BTD_TRT_ENGINE_CACHE_DIR=/var/cache/btd/trt
+    BTD_TRT_ENGINE_CACHE_DIR=/var/cache/btd/trt \
+    BTD_DATA_DIR=/var/lib/btd
 
 WORKDIR /srv/btd
 USER 10001:10001

@@ -20,11 +20,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
 from app.engine.budget import worst_cost
 from app.engine.engine import EngineOptions, ModelVariant
+from app.engine.records.options import RecordOptions, sqlite_url
 from app.engine.runner import RuntimeOptions, default_buckets
 from app.engine.service import ServiceOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "btd-resnet50.onnx"
+DEFAULT_DATA_DIR = REPO_ROOT / "data"
+DATABASE_FILE = "btd.db"
 KNOWN_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
@@ -128,6 +131,18 @@ class Settings(BaseSettings):
                                       "--stow-url, btd dicomweb); kept off the command line")
     dicomweb_password: SecretStr | None = Field(None, description="its password")
     audit_log: str = Field("stdout", description='one JSON line per prediction: "stdout", "off" or a file path')
+    # Prediction records (README, "Prediction records").
+    records: bool = Field(True, description="record every answer (no patient data) in the database")
+    data_dir: Path = Field(DEFAULT_DATA_DIR, description=f"where the embedded SQLite database ({DATABASE_FILE}) "
+                           "lives when BTD_DATABASE_URL is unset; created when missing")
+    database_url: SecretStr | None = Field(None, description="SQLAlchemy URL of the records database, e.g. "
+                                           "postgresql+psycopg://btd:PASSWORD@db:5432/btd for several replicas "
+                                           f"(unset: sqlite:///BTD_DATA_DIR/{DATABASE_FILE})")
+    records_retention_days: float = Field(365.0, ge=0, description="records older than this are deleted; 0: kept")
+    records_max_rows: int = Field(1_000_000, ge=0, description="beyond this many records the oldest are "
+                                  "deleted; 0: no bound")
+    records_queue_size: int = Field(10_000, ge=1, description="records waiting for the database; beyond, new "
+                                    "ones are lost (counted in btd_records_lost_total), never the answers")
     # Transport.
     tls_certfile: Path | None = Field(None, description="serve HTTPS with this certificate chain (PEM)")
     tls_keyfile: Path | None = Field(None, description="the private key of BTD_TLS_CERTFILE (PEM)")
@@ -192,6 +207,16 @@ class Settings(BaseSettings):
                              f"{worst_cost(self.max_pixels)} bytes for BTD_MAX_PIXELS={self.max_pixels}")
         if self.max_upload_bytes < self.max_body_bytes:
             raise ValueError("BTD_MAX_UPLOAD_BYTES must be at least BTD_MAX_BODY_BYTES (one largest request)")
+        if self.database_url is not None:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+            try:
+                make_url(self.database_url.get_secret_value()).get_dialect()
+            except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+                raise ValueError("BTD_DATABASE_URL: not a database URL this service can use (" +
+                                 type(exc).__name__ + "); give e.g. postgresql+psycopg://USER:PASSWORD@HOST:5432/DB "
+                                 "or sqlite:////PATH/btd.db") from None
         if self.audit_log.strip() == "":
             raise ValueError('BTD_AUDIT_LOG: give "stdout", "off" or a file path')
         return self
@@ -226,6 +251,19 @@ class Settings(BaseSettings):
         )
         return EngineOptions(runtime=runtime, variant=self.model_variant, tumour_threshold=self.tumour_threshold,
                              max_pixels=self.max_pixels, multiframe=self.multiframe)
+
+    def database(self) -> str:
+        """The records database's URL (it may hold a password: never log it as is)."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        return sqlite_url(self.data_dir / DATABASE_FILE)
+
+    def record_options(self) -> RecordOptions | None:
+        """The record writer's options, or None when BTD_RECORDS is off."""
+        if not self.records:
+            return None
+        return RecordOptions(url=self.database(), queue_size=self.records_queue_size,
+                             max_age_days=self.records_retention_days, max_rows=self.records_max_rows)
 
     def service_options(self) -> ServiceOptions:
         return ServiceOptions(

@@ -7,6 +7,11 @@ rounds), their ratio, and median/p95 latency. Not a test: figures depend on the 
 
     .venv/bin/python bench/bench_service.py                       # shipped model, or a stand-in
     .venv/bin/python bench/bench_service.py --model models/btd-resnet50.onnx --concurrency 16
+    .venv/bin/python bench/bench_service.py --compare records --concurrency 16   # prediction records off vs on
+
+``--compare records`` runs two servers with the same batching, one with ``BTD_RECORDS=false`` and one
+recording every answer in SQLite (README, "Prediction records"), and reports their throughput ratio,
+the records written and those lost.
 
 Without a model file, a contract-conforming stand-in is built (tests/model_factory.py; one
 32x32-stride conv to 2048 channels on 224x224, roughly a tenth of ResNet-50's compute).
@@ -75,6 +80,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--compare", choices=("batching", "records"), default="batching",
+                        help="batching: batch 1 vs dynamic; records: prediction records off vs on (same batching)")
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory(prefix="btd-bench-")
@@ -87,8 +94,13 @@ def main() -> int:
     data, media_type, image_note = sample_image()
     common = {"BTD_MAX_WAIT_MS": str(args.max_wait_ms), "BTD_QUEUE_SIZE": str(4 * args.concurrency),
               "BTD_LOG_LEVEL": "warning"}
-    configs = {"batch 1": {"BTD_MAX_BATCH_SIZE": "1", **common},
-               f"dynamic (max {args.max_batch_size})": {"BTD_MAX_BATCH_SIZE": str(args.max_batch_size), **common}}
+    if args.compare == "records":
+        common["BTD_MAX_BATCH_SIZE"] = str(args.max_batch_size)
+        configs = {"records off": {"BTD_RECORDS": "false", **common},
+                   "records on": {"BTD_RECORDS": "true", "BTD_DATA_DIR": str(Path(tmp.name) / "data"), **common}}
+    else:
+        configs = {"batch 1": {"BTD_MAX_BATCH_SIZE": "1", **common},
+                   f"dynamic (max {args.max_batch_size})": {"BTD_MAX_BATCH_SIZE": str(args.max_batch_size), **common}}
     servers = {name: ServerProcess(model, **env) for name, env in configs.items()}
     results: dict[str, list[tuple[float, list[float]]]] = {name: [] for name in servers}
     try:
@@ -101,10 +113,12 @@ def main() -> int:
                 results[name].append(asyncio.run(closed_loop(server.url, data, media_type, args.requests,
                                                              args.concurrency)))
         batch_counts = {name: _mean_batch(server.url) for name, server in servers.items()}
+        lost = {name: _metric_sum(server.url, "btd_records_lost_total") for name, server in servers.items()}
     finally:
         for server in servers.values():
             if server.proc is not None:
-                server.__exit__(None, None, None)
+                server.__exit__(None, None, None)  # SIGTERM: the record writer flushes
+        recorded = _records(Path(tmp.name) / "data" / "btd.db") if args.compare == "records" else None
         tmp.cleanup()
 
     print(f"model: {model_note}\nimage: {image_note}\nconcurrency {args.concurrency}, {args.requests} requests x "
@@ -116,9 +130,28 @@ def main() -> int:
         p95 = lat[int(0.95 * (len(lat) - 1))]
         print(f"{name:>18}: {throughput[name]:7.1f} img/s  latency median {statistics.median(lat):7.1f} ms, "
               f"p95 {p95:7.1f} ms, mean batch {batch_counts[name]:.2f}")
-    base, dynamic = throughput.values()
-    print(f"throughput ratio dynamic / batch 1: {dynamic / base:.2f}")
+    base, other = throughput.values()
+    if args.compare == "records":
+        sent = args.concurrency + args.requests * args.rounds
+        print(f"throughput ratio records on / off: {other / base:.3f}; records written {recorded} of {sent} "
+              f"answers, lost (btd_records_lost_total) {lost['records on']:.0f}")
+    else:
+        print(f"throughput ratio dynamic / batch 1: {other / base:.2f}")
     return 0
+
+
+def _metric_sum(url: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in httpx.get(url + "/metrics").text.splitlines()
+               if line.startswith((name + "{", name + " ")))
+
+
+def _records(path: Path) -> int | None:
+    import sqlite3
+
+    if not path.is_file():
+        return None
+    with sqlite3.connect(path) as connection:
+        return connection.execute("SELECT count(*) FROM prediction_records").fetchone()[0]
 
 
 def _mean_batch(url: str) -> float:

@@ -59,6 +59,15 @@ HOST_WORKER_FAILURES = Counter(
     "btd_host_worker_failures_total", "Host worker processes stopped and replaced, by reason: timeout, crash, memory",
     ["reason"],
 )
+RECORDS_WRITTEN = Counter("btd_records_written_total", "Prediction records written to the database")
+RECORDS_LOST = Counter(
+    "btd_records_lost_total", "Prediction records lost (the answer was given): reason database (a batch the "
+    "database refused), queue-full (the database too slow or down for longer than the queue holds), shutdown "
+    "(still waiting when the process stopped)", ["reason"],
+)
+for _reason in ("database", "queue-full", "shutdown"):  # exported at 0 from the start: rate() and alerts see them
+    RECORDS_LOST.labels(_reason)
+RECORDS_WAITING = Gauge("btd_records_waiting", "Prediction records waiting for the database (BTD_RECORDS_QUEUE_SIZE)")
 
 # The method label takes these; any other verb a client invents is "other" (bounded label values).
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")

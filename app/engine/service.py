@@ -8,7 +8,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from app.engine.budget import DecodeBudget, decode_cost, worst_cost
 from app.engine.engine import Engine, EngineOptions
 from app.engine.host import HostWork, MixedHost, ProcessHost, ThreadHost
 from app.engine.malloc import IdleTrim
-from app.engine.pipeline import check_cam_mode, ms_since, prepare
+from app.engine.pipeline import InputFacts, check_cam_mode, ms_since, prepare, tensor_facts
 from app.engine.runner import GPU_PROVIDERS, available_cpus
 
 
@@ -33,6 +33,19 @@ class RawOutputs:
 
     logits: np.ndarray  # float32 [N, C]
     ood_score: np.ndarray | None  # float32 [N]; None when the model has no OOD output
+    facts: tuple[InputFacts, ...] = ()  # per input, what a prediction record keeps of it
+    # per input, the out-of-distribution reasons its image gave (image bytes: modality, no-head,
+    # small-image; a tensor gives none), for the one decision its audit line and record are made of
+    image_reasons: tuple[list[str], ...] = ()
+
+
+class Answer(NamedTuple):
+    """One answered image: the prediction, the DICOM attributes its results copy (when asked for),
+    and what a prediction record keeps of the input."""
+
+    prediction: Prediction
+    source: Any
+    facts: InputFacts | None
 
 
 @dataclass(frozen=True)
@@ -120,15 +133,17 @@ class InferenceService:
         """One image -> ``Prediction``; typed errors for bad input, ``Overloaded`` above capacity,
         ``InferenceTimeout`` past the request timeout. A ``batch_file`` of a request already past
         ``refuse_if_full`` waits for the decode budget instead of being refused for it."""
-        return (await self._predict_admitted(data, media_type, cam, batch_file, False))[0]
+        return (await self.answer(data, media_type, cam, batch_file=batch_file)).prediction
 
-    async def predict_with_source(self, data: bytes, media_type: str | None, cam: str = "none") -> tuple[Prediction, Any]:
-        """``predict`` of a DICOM, and the attributes its DICOM results copy (``dicom_read.results_header``),
-        read with the pixels in the same isolated decode: the server never parses the file itself."""
-        return await self._predict_admitted(data, media_type, cam, False, True)
+    async def answer(self, data: bytes, media_type: str | None, cam: str = "none", *, batch_file: bool = False,
+                     source: bool = False) -> Answer:
+        """``predict``, with what a prediction record keeps of the input (``Answer.facts``) and, with
+        ``source``, the attributes a DICOM's results copy (``dicom_read.results_header``), read with the
+        pixels in the same isolated decode: the server never parses the file itself."""
+        return await self._predict_admitted(data, media_type, cam, batch_file, source)
 
     async def _predict_admitted(self, data: bytes, media_type: str | None, cam: str, batch_file: bool,
-                                source: bool) -> tuple[Prediction, Any]:
+                                source: bool) -> Answer:
         check_cam_mode(cam)
         started = time.perf_counter()
         kind = sniff(data)  # the one sniff of this request: the cost, the host and the decoder read it
@@ -139,14 +154,14 @@ class InferenceService:
         timeout = self.options.request_timeout_s
         try:
             with metrics.IN_FLIGHT.track_inprogress(), self.idle_trim.busy():  # admitted: the upload is complete
-                result, source_header = await asyncio.wait_for(
+                answer = await asyncio.wait_for(
                     self._predict(data, media_type, cam, started, ticket, cost, kind, source), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
         finally:
             self.admission.stop_waiting(ticket)
-        metrics.observe_prediction(result)
-        return result, source_header
+        metrics.observe_prediction(answer.prediction)
+        return answer
 
     async def _prepare(self, data: bytes, media_type: str | None, cost: int, kind: str | None, view: bool = False,
                        source: bool = False):
@@ -158,7 +173,7 @@ class InferenceService:
             return await run(prepare, data, media_type, self.engine.prepare_options, view, source, kind)
 
     async def _predict(self, data: bytes, media_type: str | None, cam: str, started: float,
-                       ticket: int, cost: int, kind: str | None, source: bool = False) -> tuple[Prediction, Any]:
+                       ticket: int, cost: int, kind: str | None, source: bool = False) -> Answer:
         engine = self.engine
         prepared = await self._prepare(data, media_type, cost, kind, cam == "png", source)
         output = await self.batcher.submit(prepared, cam != "none",
@@ -169,8 +184,8 @@ class InferenceService:
             cam_result = await self.host.run(cam_images, prepared.view, engine.builder.cam_grid(output),
                                              prepared.framing, prepared.image_size)
             cam_ms = ms_since(cam_start)
-        return engine.builder.build(prepared, output, cam, started=started, cam_result=cam_result,
-                                    cam_ms=cam_ms), prepared.source
+        prediction = engine.builder.build(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms)
+        return Answer(prediction, prepared.source, prepared.facts)
 
     async def infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
         """Model inputs ``[channels, size, size]`` (or image bytes, prepared as ``predict`` does) -> raw
@@ -192,18 +207,25 @@ class InferenceService:
                  for item, kind in zip(inputs, kinds)]
         self.decode_budget.check(sum(costs))
 
-        async def one(item: np.ndarray | bytes, cost: int, kind: str | None) -> ModelOutput:
+        async def one(item: np.ndarray | bytes, cost: int,
+                      kind: str | None) -> tuple[ModelOutput, InputFacts | None, list[str]]:
             ticket = self.admission.admit()
             try:
-                model_input = item if isinstance(item, np.ndarray) else await self._prepare(item, None, cost, kind)
+                if isinstance(item, np.ndarray):
+                    model_input, facts, reasons = item, tensor_facts(item), []
+                else:
+                    model_input = await self._prepare(item, None, cost, kind)
+                    facts, reasons = model_input.facts, model_input.image_reasons
                 out = await self.batcher.submit(model_input, False, on_start=lambda: self.admission.stop_waiting(ticket))
             finally:
                 self.admission.stop_waiting(ticket)
-            return out
+            return out, facts, reasons
 
-        outs = await asyncio.gather(*(one(item, cost, kind) for item, cost, kind in zip(inputs, costs, kinds)))
+        answered = await asyncio.gather(*(one(item, cost, kind) for item, cost, kind in zip(inputs, costs, kinds)))
+        outs = [out for out, _, _ in answered]
         scores = None if outs[0].ood_score is None else np.array([float(o.ood_score) for o in outs], np.float32)
-        return RawOutputs(np.stack([o.logits for o in outs]), scores)
+        return RawOutputs(np.stack([o.logits for o in outs]), scores, tuple(facts for _, facts, _ in answered),
+                          tuple(reasons for _, _, reasons in answered))
 
     def refuse_if_full(self) -> None:
         """``Overloaded`` (503 with Retry-After) at once when a new request would be refused: for a

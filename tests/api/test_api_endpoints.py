@@ -182,7 +182,8 @@ def test_metrics_expose_every_service_metric(client):
     text = response.text
     for name in ("btd_http_request_duration_seconds_bucket", "btd_stage_duration_seconds_bucket",
                  "btd_batch_size_bucket", "btd_queue_depth", "btd_in_flight_requests", "btd_predictions_total",
-                 "btd_prediction_confidence_bucket", "btd_errors_total", "btd_model_info", "btd_ready"):
+                 "btd_prediction_confidence_bucket", "btd_errors_total", "btd_model_info", "btd_ready",
+                 "btd_records_written_total", 'btd_records_lost_total{reason="database"}', "btd_records_waiting"):
         assert name in text, name
     assert 'route="/v1/predict",status="200"' in text
     assert 'btd_errors_total{type="unsupported-media-type"}' in text

@@ -61,6 +61,7 @@ def test_image_serves_hardened_offline_and_stops_cleanly_on_sigterm(image):
     name = f"btd-test-{uuid.uuid4().hex[:12]}"
     podman("run", "--detach", "--name", name, *ULIMITS, "--network", "none", "--read-only",
            "--tmpfs", "/tmp:rw,mode=1777", "--tmpfs", "/var/cache/btd:rw,mode=1777",
+           "--tmpfs", "/var/lib/btd:rw,mode=1777",
            "--cap-drop", "ALL", "--security-opt", "no-new-privileges", image)
     try:
         deadline = time.monotonic() + 90

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from app.transports.cli.predict import API_KEY_ENV
+from app.transports.cli.store import add_store_argument, open_store
 
 log = logging.getLogger("btd.pacs")
 
@@ -43,6 +44,7 @@ def _add_common(parser: argparse.ArgumentParser, *, stow_default_help: str = "")
     retry.add_argument("--max-backoff", type=float, default=30.0, help="longest wait in seconds (30)")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds for DICOM association/DIMSE/network steps and service calls (30)")
+    add_store_argument(parser)
 
 
 def _processor(args: argparse.Namespace, *, study_idle_s: float, default_stow: str | None = None):
@@ -63,6 +65,8 @@ def _processor(args: argparse.Namespace, *, study_idle_s: float, default_stow: s
     calling = args.calling_ae_title or getattr(args, "ae_title", None) or "BTD"
     sender = (CStoreSender(DicomNode.parse(args.dest), calling, args.timeout) if args.dest
               else StowSender(stow_url, args.timeout, dicomweb_auth()))
+    if args.url and args.store is not None:
+        raise ValueError("--store records answers made here; with --url the service records its own")
     if args.url:
         classifier: Any = ServiceClassifier(args.url, args.timeout, args.api_key)
     else:
@@ -71,7 +75,7 @@ def _processor(args: argparse.Namespace, *, study_idle_s: float, default_stow: s
         model = Path(args.model) if args.model else Settings().model_path
         if not model.is_file():
             raise FileNotFoundError(f"model file not found: {model}; pass --model FILE or --url URL")
-        classifier = LocalClassifier(model)
+        classifier = LocalClassifier(model, open_store(args.store))
     retry = RetryPolicy(args.retries, args.backoff, args.max_backoff)
     return Processor(classifier, sender, StudyTracker(sender.description, study_idle_s), retry)
 
@@ -104,7 +108,12 @@ def run_dicomweb(args: argparse.Namespace) -> int:
     from app.transports.pacs.dicomweb import process_study
 
     processor = _processor(args, study_idle_s=0.0, default_stow=args.wado_url)
-    process_study(args.wado_url, args.study, processor, args.series, dicomweb_auth())
+    try:
+        process_study(args.wado_url, args.study, processor, args.series, dicomweb_auth())
+    finally:
+        close = getattr(processor.classifier, "close", None)
+        if close is not None:  # the isolated reader, and --store's records written
+            close()
     stats = processor.tracker.closed[0][1] if processor.tracker.closed else None
     return 0 if stats is not None and stats.failed == 0 and stats.send_failed == 0 else 1
 

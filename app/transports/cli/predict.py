@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -127,9 +128,10 @@ class FileFailed(Exception):
     """One file could not be classified; the message is the reason shown to the user."""
 
 
-def local_classifier(model_path: Path, cam: str) -> tuple[Classify, dict[str, Any], Callable[[], None]]:
+def local_classifier(model_path: Path, cam: str,
+                     store: str | None = None) -> tuple[Classify, dict[str, Any], Callable[[], None]]:
     """Classify with the model file in this process. Returns the function, the model's identity and
-    a closer (nothing to close here)."""
+    a closer (which writes the records, with ``store``: ``--store``)."""
     if not model_path.is_file():
         raise Unusable(
             f"model file not found: {model_path}. Export one (btd export), pass --model FILE, "
@@ -144,14 +146,22 @@ def local_classifier(model_path: Path, cam: str) -> tuple[Classify, dict[str, An
     except (ValueError, OSError) as exc:
         raise Unusable(f"cannot load the model {model_path}: {exc}") from None
 
+    from app.transports.cli.store import open_store, record
+
+    records = open_store(store)
+
     def classify(path: Path) -> Prediction:
         data = path.read_bytes()
         try:
-            return engine.predict(data, media_type_of(data, path), cam=cam)
+            started = time.perf_counter()
+            prepared = engine.prepare(data, media_type_of(data, path), cam)
+            result = engine.predict_prepared(prepared, cam, started=started)
         except ServiceError as exc:
             raise FileFailed(f"{exc.title}: {exc.detail}") from None
+        record(records, "cli", engine, result, prepared.facts)
+        return result
 
-    return classify, asdict(engine.model_identity), lambda: None
+    return classify, asdict(engine.model_identity), records.close if records is not None else lambda: None
 
 
 def problem_reason(response: Any) -> str:
@@ -399,6 +409,8 @@ def predict_files(args: argparse.Namespace) -> list[Outcome]:
     if not files and not missing:
         raise Unusable("no image files found in the given paths")
     cam = "png" if args.cam_dir or args.dicom_dir else "none"
+    if args.url and args.store is not None:
+        raise Unusable("--store records answers made here; with --url the service records its own")
     if args.url:
         classify, model, close = remote_classifier(args.url, cam, args.timeout, args.api_key)
         jobs, where = args.jobs, args.url
@@ -409,7 +421,7 @@ def predict_files(args: argparse.Namespace) -> list[Outcome]:
             model_path = Path(args.model) if args.model else load_settings().model_path
         except InvalidSettings as exc:
             raise Unusable(f"invalid settings:\n{textwrap.indent(str(exc), '  ')}") from None
-        classify, model, close = local_classifier(model_path, cam)
+        classify, model, close = local_classifier(model_path, cam, args.store)
         jobs, where = 1, "this machine"  # one ONNX Runtime session already uses the cores
     if not args.no_progress:
         about = f"model {model['name']} {model['version']} on {where}"
@@ -488,6 +500,9 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"API key for a service that asks for one, sent as X-API-Key (default: ${API_KEY_ENV}; the "
              "variable keeps the key out of the process list)")
     add("--no-progress", action="store_true", help="no progress bar on stderr")
+    from app.transports.cli.store import add_store_argument
+
+    add_store_argument(parser)
     parser.set_defaults(run=run_predict)
     return parser
 

@@ -10,8 +10,7 @@ from fastapi import Response
 
 from app.core.decode import DICOM, sniff
 from app.core.errors import NotAcceptable
-from app.core.result import Prediction
-from app.engine.service import InferenceService
+from app.engine.service import Answer, InferenceService
 from app.transports.pacs.multipart import encode_related, media_type_params
 from app.transports.pacs.results import build_results, encode
 
@@ -31,16 +30,16 @@ def dicom_objects_wanted(result_format: str, accept: str | None) -> DicomObjects
 
 
 async def dicom_response(service: InferenceService, data: bytes, media_type: str | None,
-                         objects: DicomObjects) -> tuple[Response, Prediction]:
-    """Classify a DICOM slice: (the response carrying its result objects, the prediction they hold,
-    for timings and the audit trail); 406 for any other input. The file is parsed only where its pixels
+                         objects: DicomObjects) -> tuple[Response, Answer]:
+    """Classify a DICOM slice: (the response carrying its result objects, the answer they hold, for
+    timings, the audit trail and the record); 406 for any other input. The file is parsed only where its pixels
     are decoded (the isolated worker, under its limits), which returns the attributes the results copy."""
     if sniff(data) != DICOM:
         raise NotAcceptable("DICOM results need a DICOM input: they copy its patient and study and reference it; "
                             "send a DICOM file, or ask for JSON")
-    result, source = await service.predict_with_source(data, media_type, "png" if objects == "all" else "none")
-    datasets = await asyncio.to_thread(build_results, source, result)
+    answer = await service.answer(data, media_type, "png" if objects == "all" else "none", source=True)
+    datasets = await asyncio.to_thread(build_results, answer.source, answer.prediction)
     if objects == "sr":
-        return Response(await asyncio.to_thread(encode, datasets[0]), media_type=DICOM), result
+        return Response(await asyncio.to_thread(encode, datasets[0]), media_type=DICOM), answer
     body, content_type = encode_related(await asyncio.to_thread(lambda: [encode(ds) for ds in datasets]))
-    return Response(body, media_type=content_type), result
+    return Response(body, media_type=content_type), answer

@@ -19,6 +19,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app.engine import metrics
+from app.engine.records.store import safe_url
+from app.engine.records.writer import RecordWriter
 from app.engine.service import InferenceService
 from app.settings import Settings
 from app.transports.http import openapi_docs as docs
@@ -37,6 +39,7 @@ log = logging.getLogger("app")
 API_TITLE = "btd: brain-MRI tumour classification"
 API_VERSION = "1.0.0"
 LIFESPAN_CLOSE_S = 2.0
+RECORDS_CLOSE_S = 5.0  # the longest the record writer may take to write what waits at shutdown
 API_DESCRIPTION = (
     "Classifies brain-MRI slices (PNG, JPEG, DICOM) into tumour classes with calibrated probabilities and an "
     "optional class activation map. Decision support for trained readers, not a diagnostic device. "
@@ -98,6 +101,7 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
     async def lifespan(app: FastAPI):
         state: RuntimeState = app.state.runtime
         state.draining, state.load_error = False, None  # a fresh start (the app may be started again)
+        app.state.records = start_records(settings)
         loading = asyncio.create_task(_load_model(app, on_fatal))
         if not background_load:
             await loading
@@ -112,12 +116,16 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
                 # The server already waited for in-flight requests; what is left belongs to cancelled ones.
                 await state.service.close(min(settings.drain_timeout_s, LIFESPAN_CLOSE_S))
                 state.service = None
+            records, app.state.records = app.state.records, None
+            if records is not None:  # the answers given are in; their records are written (or counted lost)
+                await asyncio.to_thread(records.close, min(settings.drain_timeout_s, RECORDS_CLOSE_S))
 
     app = FastAPI(title=API_TITLE, version=API_VERSION, description=API_DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.runtime = RuntimeState()
     app.state.audit = AuditLog(settings.audit_log)
+    app.state.records = None  # the record writer while the lifespan runs (BTD_RECORDS)
     install_problem_handlers(app)
     # Innermost first: the guard (hosts, cross-site, keys, rate), CORS outside it (a preflight carries
     # no key), the request context outermost (request id, headers and metrics on every answer).
@@ -135,6 +143,18 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
         app.include_router(web_router)
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def start_records(settings: Settings) -> RecordWriter | None:
+    """The prediction record writer, started (its thread migrates the database first, so a database
+    that is down never delays the model's load or an answer), or None with BTD_RECORDS off."""
+    options = settings.record_options()
+    if options is None:
+        return None
+    writer = RecordWriter(options)
+    writer.start()
+    log.info("recording predictions in %s (BTD_RECORDS=false turns it off)", safe_url(options.url))
+    return writer
 
 
 def key_store(settings: Settings) -> KeyStore | None:

@@ -12,11 +12,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.core.decision import Decision
 from app.core.decode import MEDIA_TYPES, normalise_media_type
 from app.core.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.core.result import Prediction, Timings
 from app.engine import metrics
-from app.engine.pipeline import CamMode
+from app.engine.pipeline import CamMode, InputFacts
+from app.engine.records.rows import prediction_row
+from app.engine.records.writer import RecordWriter
 from app.engine.service import InferenceService
 from app.settings import Settings
 from app.transports.http import openapi_docs as docs
@@ -91,20 +94,30 @@ def _server_timing(timings: Timings) -> str:
 
 
 def audit_prediction(request: Request, service: InferenceService, *, index: int | None = None,
-                     result: Prediction | None = None, error: ServiceError | None = None, **fields: Any) -> None:
-    """The audit line of one prediction, answered (``result``, or its ``fields`` where there is no
-    ``Prediction``, as for v2 logits) or refused (``error``)."""
+                     result: Prediction | None = None, decision: Decision | None = None,
+                     facts: InputFacts | None = None, error: ServiceError | None = None) -> None:
+    """The audit line of one prediction, answered (``result``, or its ``decision`` where there is no
+    ``Prediction``, as for v2 logits) or refused (``error``); and an answer's prediction record
+    (``BTD_RECORDS``), from the same values, with what ``facts`` says of its input."""
     audit: AuditLog = request.app.state.audit
+    answer = result if result is not None else decision
+    fields: dict[str, Any] = {}
+    if answer is not None:
+        fields = {"label": answer.label, "tumour_probability": answer.tumour_probability,
+                  "tumour_detected": answer.tumour_detected, "threshold": answer.threshold,
+                  "in_distribution": answer.in_distribution}
     if result is not None:
-        fields = {"label": result.label, "tumour_probability": result.tumour_probability,
-                  "tumour_detected": result.tumour_detected, "threshold": result.threshold,
-                  "in_distribution": result.in_distribution, "timings_ms": asdict(result.timings_ms)}
+        fields["timings_ms"] = asdict(result.timings_ms)
+    request_id, route, model = request_id_of(request), route_template(request.scope), service.engine.model_identity
     audit.prediction(
-        request_id=request_id_of(request), key=getattr(request.state, "api_key", None),
-        client=request.client.host if request.client else None, route=route_template(request.scope),
-        index=index,
+        request_id=request_id, key=getattr(request.state, "api_key", None),
+        client=request.client.host if request.client else None, route=route, index=index,
         status=200 if error is None else error.status, problem=None if error is None else error.slug,
-        model=asdict(service.engine.model_identity), **fields)
+        model=asdict(model), **fields)
+    records: RecordWriter | None = getattr(request.app.state, "records", None)
+    if records is not None and answer is not None and error is None:
+        records.add(prediction_row(request_id=request_id, transport="http-v2" if result is None else "http-v1",
+                                   model=model, answer=answer, facts=facts, item=index, route=route))
 
 
 @router.post("/v1/predict", operation_id="predict", summary="Classify one slice (PNG, JPEG or DICOM)",
@@ -115,13 +128,14 @@ async def predict(request: Request, cam: CamMode = CAM_QUERY, result_format: Res
         data, media_type = await read_single_image(request)
         objects = dicom_objects_wanted(result_format, request.headers.get("accept"))
         if objects is not None:
-            dicom, result = await dicom_response(service, data, media_type, objects)
+            dicom, answer = await dicom_response(service, data, media_type, objects)
         else:
-            result = await service.predict(data, media_type, cam)
+            answer = await service.answer(data, media_type, cam)
     except ServiceError as error:
         audit_prediction(request, service, error=error)
         raise
-    audit_prediction(request, service, result=result)
+    result = answer.prediction
+    audit_prediction(request, service, result=result, facts=answer.facts)
     if objects is not None:
         dicom.headers["Server-Timing"] = _server_timing(result.timings_ms)
         return dicom
@@ -153,12 +167,13 @@ async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
         filename = upload.filename or f"file{index + 1}"
         data, media_type = await _read_upload(upload)
         try:
-            result = await service.predict(data, media_type, cam, batch_file=True)
+            answer = await service.answer(data, media_type, cam, batch_file=True)
         except ServiceError as error:  # one bad file does not fail the others
             metrics.ERRORS.labels(error.slug).inc()
             audit_prediction(request, service, index=index, error=error)
             return {"filename": filename, "ok": False, "problem": problem_of(error, request.url.path, request_id)}
-        audit_prediction(request, service, index=index, result=result)
+        result = answer.prediction
+        audit_prediction(request, service, index=index, result=result, facts=answer.facts)
         return {"filename": filename, "ok": True, "result": {"request_id": request_id, **result.to_dict()}}
 
     # All at once, so they meet in the micro-batcher; gather keeps request order.

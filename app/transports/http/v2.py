@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from app.core.contract import OOD_NAME
-from app.core.decision import softmax
+from app.core.decision import Decision, softmax
 from app.core.errors import InvalidRequest, InvalidTensor, ModelNotFound, ServiceError
 from app.engine.service import InferenceService, RawOutputs
 from app.settings import Settings
@@ -391,20 +391,15 @@ def infer_response(infer: InferRequest, request_id: str, service: InferenceServi
                     headers={"Inference-Header-Content-Length": str(len(header))})
 
 
-def audit_fields(service: InferenceService, raw: RawOutputs) -> list[dict[str, Any]]:
-    """What the audit trail records of each image of an inference (the client gets logits and
-    probabilities): label, tumour probability and decision, as /v1/predict would have answered them
-    (the same decision: an out-of-distribution score over the model's threshold makes no finding).
-    A v2 input is a tensor: no image rule (modality, head, size) can be read from it."""
+def decisions(service: InferenceService, raw: RawOutputs) -> list[Decision]:
+    """What the audit trail and the prediction records keep of each image of an inference (the
+    client gets logits and probabilities): the decision /v1/predict would have answered (the same
+    one: an out-of-distribution score over the model's threshold, or an image rule, makes no
+    finding). Image bytes give their image rules' reasons (modality, head, size); a tensor gives none."""
     engine = service.engine
     scores = [None] * len(raw.logits) if raw.ood_score is None else [float(s) for s in raw.ood_score]
-    fields = []
-    for logits, score in zip(raw.logits, scores):
-        decision = engine.decide(logits, score)
-        fields.append({"label": decision.label, "tumour_probability": decision.tumour_probability,
-                       "threshold": decision.threshold, "tumour_detected": decision.tumour_detected,
-                       "in_distribution": decision.in_distribution})
-    return fields
+    reasons = raw.image_reasons or ([],) * len(raw.logits)
+    return [engine.decide(logits, score, why) for logits, score, why in zip(raw.logits, scores, reasons)]
 
 
 async def _infer(request: Request, name: str, version: str | None, service: InferenceService,
@@ -419,8 +414,9 @@ async def _infer(request: Request, name: str, version: str | None, service: Infe
     except ServiceError as error:
         audit_prediction(request, service, error=error)
         raise
-    for index, fields in enumerate(audit_fields(service, raw)):
-        audit_prediction(request, service, index=index, **fields)
+    facts = raw.facts or (None,) * len(raw.logits)
+    for index, (decision, input_facts) in enumerate(zip(decisions(service, raw), facts)):
+        audit_prediction(request, service, index=index, decision=decision, facts=input_facts)
     return infer_response(infer, request_id_of(request), service, raw)
 
 

@@ -18,6 +18,7 @@ import io
 import logging
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from pydicom.uid import UID
 
 from app.core.decode import DICOM, quiet_pydicom
 from app.core.errors import ServiceError
+from app.engine.records.rows import prediction_row
+from app.engine.records.writer import RecordWriter
 from app.transports.pacs.multipart import decode_related
 from app.transports.pacs.results import build_results, encode
 
@@ -131,10 +134,11 @@ class LocalClassifier:
     """The model file, in this process (ONNX Runtime; no server). The slice is decoded, and the attributes
     its results copy are read, in an isolated worker process (``prepare(..., source=True)``)."""
 
-    def __init__(self, model_path: Path) -> None:
+    def __init__(self, model_path: Path, records: RecordWriter | None = None) -> None:
         from app.engine.engine import Engine
 
         self.engine = Engine.load_single(model_path)
+        self.records = records  # each answer's prediction record (``--store``), or None
         meta = self.engine.metadata
         self.description = f"{meta.model_name} {meta.model_version} in process"
         self._lock = threading.Lock()  # one ONNX Runtime run at a time: it already uses every core
@@ -150,12 +154,18 @@ class LocalClassifier:
             prepared = self._reader.call(prepare, data, DICOM, engine.prepare_options, True, True)
             with self._lock:
                 result = engine.predict_prepared(prepared, "png", started=started)
-            return [encode(ds) for ds in build_results(prepared.source, result)]
+            objects = [encode(ds) for ds in build_results(prepared.source, result)]
         except ServiceError as exc:
             raise SliceFailed(f"{exc.title}: {exc.detail}") from None
+        if self.records is not None:  # a new request id: no DICOM UID is kept
+            self.records.add(prediction_row(request_id=str(uuid.uuid4()), transport="listener",
+                                            model=engine.model_identity, answer=result, facts=prepared.facts))
+        return objects
 
     def close(self) -> None:
         self._reader.close()
+        if self.records is not None:
+            self.records.close()
 
 
 class ServiceClassifier:

@@ -1,0 +1,76 @@
+"""The prediction record's table, declared once with SQLAlchemy 2: the Alembic migrations
+(``migrations/versions``) create it, and a test checks that autogenerate finds no difference between
+this declaration and the migrated database (no hand-written DDL drift).
+
+One row per answered image. Never patient data: no DICOM attribute but Modality (and the MR
+sequence and plane when a header said), no file name, no client address or API key, no pixels (a
+hash of the model-size intensity image and a few intensity percentiles).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Integer, MetaData, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Constraint and index names fixed by convention, so migrations on SQLite and PostgreSQL name them alike.
+NAMING = {"ix": "ix_%(column_0_label)s", "uq": "uq_%(table_name)s_%(column_0_name)s",
+          "ck": "ck_%(table_name)s_%(constraint_name)s",
+          "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s", "pk": "pk_%(table_name)s"}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY (its rowid); PostgreSQL gets a bigint identity.
+RowId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class PredictionRecord(Base):
+    __tablename__ = "prediction_records"
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True,
+                                                  comment="when the answer was given (UTC)")
+    request_id: Mapped[str] = mapped_column(String(128), index=True)
+    item: Mapped[int | None] = mapped_column(Integer, comment="the image's index in a batch or v2 request")
+    transport: Mapped[str] = mapped_column(String(16), comment="http-v1, http-v2, cli, listener")
+    route: Mapped[str | None] = mapped_column(String(128), comment="the HTTP route template")
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64), index=True)
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    pixels_sha256: Mapped[str | None] = mapped_column(String(64), comment="sha256 of the model-size float32 "
+                                                      "intensity image (or of the tensor sent)")
+    media_type: Mapped[str | None] = mapped_column(String(64))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    sequence: Mapped[str | None] = mapped_column(String(32))
+    plane: Mapped[str | None] = mapped_column(String(16))
+    intensity_p01: Mapped[float | None] = mapped_column(Float)
+    intensity_p05: Mapped[float | None] = mapped_column(Float)
+    intensity_p50: Mapped[float | None] = mapped_column(Float)
+    intensity_p95: Mapped[float | None] = mapped_column(Float)
+    intensity_p99: Mapped[float | None] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(64))
+    probabilities: Mapped[dict[str, Any]] = mapped_column(JSON, comment="calibrated, by label")
+    tumour_probability: Mapped[float | None] = mapped_column(Float)
+    tumour_detected: Mapped[bool | None] = mapped_column(Boolean)
+    threshold: Mapped[float] = mapped_column(Float)
+    ood_score: Mapped[float | None] = mapped_column(Float)
+    ood_threshold: Mapped[float | None] = mapped_column(Float)
+    assessed: Mapped[bool] = mapped_column(Boolean)
+    not_assessed_reasons: Mapped[str | None] = mapped_column(String(128), comment="comma list: modality, model, "
+                                                             "no-head, small-image")
+    decode_ms: Mapped[float | None] = mapped_column(Float)
+    preprocess_ms: Mapped[float | None] = mapped_column(Float)
+    queue_ms: Mapped[float | None] = mapped_column(Float)
+    inference_ms: Mapped[float | None] = mapped_column(Float)
+    cam_ms: Mapped[float | None] = mapped_column(Float)
+    total_ms: Mapped[float | None] = mapped_column(Float)
+
+
+RECORDS = PredictionRecord.__table__
