@@ -54,9 +54,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench_gpu import sample_image  # the same slice as the GPU benchmark (bench/ is on the path)
+
 REPO = Path(__file__).resolve().parents[1]
 PEERS_DIR = REPO / "bench" / "peers"
-DATA_DIR = REPO.parent / "shared" / "data"
 DEFAULT_MODEL = REPO / "models" / "btd-resnet50.onnx"
 LEVELS = (1, 4, 16)
 ALL_TARGETS = ("ort", "inproc", "ours", "ours-b1", "fastapi", "kserve", "litserve", "bentoml", "ray")
@@ -658,20 +659,6 @@ def served_by_service(port: int) -> dict:
 
 
 # ---------------------------------------------------------------- the run
-
-
-def sample_image() -> tuple[bytes, str]:
-    real = sorted((DATA_DIR / "figshare-cheng" / "images" / "glioma").glob("*.jpg"))[:1]
-    if real:
-        return real[0].read_bytes(), f"{real[0].name} (512x512 JPEG, ../shared/data)"
-    import cv2
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    img = np.zeros((512, 512), np.uint8)
-    cv2.ellipse(img, (256, 256), (170, 210), 0, 0, 360, 150, -1)
-    img = cv2.add(img, rng.integers(0, 40, img.shape, dtype=np.uint8))
-    return cv2.imencode(".jpg", img)[1].tobytes(), "synthetic 512x512 JPEG"
 
 
 def installed_versions(python: Path, packages: Sequence[str]) -> dict[str, str | None]:
