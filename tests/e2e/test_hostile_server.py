@@ -63,17 +63,6 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
                            f"(+{r['growth_mb']:.0f})  livez worst {r['livez_worst_s']:.3f} s" for r in RESULTS))
 
 
-@pytest.fixture(scope="module")
-def watch(server) -> Iterator[LivezWatch]:
-    with LivezWatch(server.url) as livez:
-        yield livez
-
-
-@pytest.fixture(scope="module")
-def memory(server) -> Memory:
-    return Memory(server.proc.pid)
-
-
 class Attack:
     status: str = ""
     seconds: float = 0.0
