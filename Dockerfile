@@ -78,7 +78,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
     BTD_PORT=8000 \
     BTD_MODEL_PATH=/models/btd-resnet50.onnx \
     BTD_TRT_ENGINE_CACHE_DIR=/var/cache/btd/trt \
-    BTD_DATA_DIR=/var/lib/btd
+    BTD_RECORDS_DIR=/var/lib/btd
 
 WORKDIR /srv/btd
 USER 10001:10001

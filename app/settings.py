@@ -26,7 +26,7 @@ from app.engine.service import ServiceOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = REPO_ROOT / "models" / "btd-resnet50.onnx"
-DEFAULT_DATA_DIR = REPO_ROOT / "data"
+DEFAULT_RECORDS_DIR = REPO_ROOT / "data"
 DATABASE_FILE = "btd.db"
 KNOWN_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -133,11 +133,11 @@ class Settings(BaseSettings):
     audit_log: str = Field("stdout", description='one JSON line per prediction: "stdout", "off" or a file path')
     # Prediction records (README, "Prediction records").
     records: bool = Field(True, description="record every answer (no patient data) in the database")
-    data_dir: Path = Field(DEFAULT_DATA_DIR, description=f"where the embedded SQLite database ({DATABASE_FILE}) "
+    records_dir: Path = Field(DEFAULT_RECORDS_DIR, description=f"where the embedded SQLite database ({DATABASE_FILE}) "
                            "lives when BTD_DATABASE_URL is unset; created when missing")
     database_url: SecretStr | None = Field(None, description="SQLAlchemy URL of the records database, e.g. "
                                            "postgresql+psycopg://btd:PASSWORD@db:5432/btd for several replicas "
-                                           f"(unset: sqlite:///BTD_DATA_DIR/{DATABASE_FILE})")
+                                           f"(unset: sqlite:///BTD_RECORDS_DIR/{DATABASE_FILE})")
     records_retention_days: float = Field(365.0, ge=0, description="records older than this are deleted; 0: kept")
     records_max_rows: int = Field(1_000_000, ge=0, description="beyond this many records the oldest are "
                                   "deleted; 0: no bound")
@@ -256,7 +256,7 @@ class Settings(BaseSettings):
         """The records database's URL (it may hold a password: never log it as is)."""
         if self.database_url is not None:
             return self.database_url.get_secret_value()
-        return sqlite_url(self.data_dir / DATABASE_FILE)
+        return sqlite_url(self.records_dir / DATABASE_FILE)
 
     def record_options(self) -> RecordOptions | None:
         """The record writer's options, or None when BTD_RECORDS is off."""

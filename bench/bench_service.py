@@ -97,7 +97,7 @@ def main() -> int:
     if args.compare == "records":
         common["BTD_MAX_BATCH_SIZE"] = str(args.max_batch_size)
         configs = {"records off": {"BTD_RECORDS": "false", **common},
-                   "records on": {"BTD_RECORDS": "true", "BTD_DATA_DIR": str(Path(tmp.name) / "data"), **common}}
+                   "records on": {"BTD_RECORDS": "true", "BTD_RECORDS_DIR": str(Path(tmp.name) / "data"), **common}}
     else:
         configs = {"batch 1": {"BTD_MAX_BATCH_SIZE": "1", **common},
                    f"dynamic (max {args.max_batch_size})": {"BTD_MAX_BATCH_SIZE": str(args.max_batch_size), **common}}

@@ -18,9 +18,9 @@ import shutil
 import tempfile
 import warnings
 
-if "BTD_DATA_DIR" not in os.environ and "BTD_DATABASE_URL" not in os.environ:
-    os.environ["BTD_DATA_DIR"] = tempfile.mkdtemp(prefix="btd-test-data-")
-    atexit.register(shutil.rmtree, os.environ["BTD_DATA_DIR"], True)
+if "BTD_RECORDS_DIR" not in os.environ and "BTD_DATABASE_URL" not in os.environ:
+    os.environ["BTD_RECORDS_DIR"] = tempfile.mkdtemp(prefix="btd-test-data-")
+    atexit.register(shutil.rmtree, os.environ["BTD_RECORDS_DIR"], True)
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated",

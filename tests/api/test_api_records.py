@@ -48,7 +48,7 @@ def sentinel_dicom() -> bytes:
 
 def test_v1_predict_batch_and_v2_infer_answers_are_recorded(model_path: Path, tmp_path: Path):
     image, other = png_bytes((160, 200), seed=1), png_bytes((160, 200), seed=2)
-    with running_app(model_path, data_dir=tmp_path) as client:
+    with running_app(model_path, records_dir=tmp_path) as client:
         one = client.post("/v1/predict", content=image, headers={"Content-Type": "image/png", "X-Request-ID": "r-one"})
         again = client.post("/v1/predict", content=image, headers={"Content-Type": "image/png"})
         batch = client.post("/v1/predict/batch", files=[("files", ("a.png", image, "image/png")),
@@ -95,7 +95,7 @@ def test_v1_predict_batch_and_v2_infer_answers_are_recorded(model_path: Path, tm
 
 def test_a_sentinel_patient_never_reaches_the_database(model_path: Path, tmp_path: Path):
     data = sentinel_dicom()
-    with running_app(model_path, data_dir=tmp_path) as client:
+    with running_app(model_path, records_dir=tmp_path) as client:
         for query in ("", "?format=dicom"):
             response = client.post(f"/v1/predict{query}", content=data, headers={"Content-Type": "application/dicom"})
             assert response.status_code == 200
@@ -110,7 +110,7 @@ def test_a_sentinel_patient_never_reaches_the_database(model_path: Path, tmp_pat
 
 
 def test_records_off_writes_nothing(model_path: Path, tmp_path: Path):
-    with running_app(model_path, data_dir=tmp_path, records=False) as client:
+    with running_app(model_path, records_dir=tmp_path, records=False) as client:
         assert client.post("/v1/predict", content=png_bytes(), headers={"Content-Type": "image/png"}).status_code == 200
     assert not (tmp_path / "btd.db").exists()
 
@@ -158,7 +158,7 @@ def test_sqlite_locked_mid_load_fails_no_prediction_and_counts_lost_records(mode
 
     path = tmp_path / "btd.db"
     before = lost()
-    with running_app(model_path, data_dir=tmp_path, records_queue_size=4) as client:
+    with running_app(model_path, records_dir=tmp_path, records_queue_size=4) as client:
         assert load(client, 8) == [200] * 8
         deadline = time.monotonic() + 10
         while len(rows(f"sqlite:///{path}")) < 8 and time.monotonic() < deadline:
@@ -183,7 +183,7 @@ def test_v2_image_bytes_are_decided_as_v1_decides_them(model_path: Path, tmp_pat
     # A 96x128 slice is too small to be a whole slice: v1 makes no finding; a v2 record of the same
     # bytes must say the same (one decision), though the client gets only logits and probabilities.
     small = png_bytes((96, 128), seed=7)
-    with running_app(model_path, data_dir=tmp_path) as client:
+    with running_app(model_path, records_dir=tmp_path) as client:
         v1 = client.post("/v1/predict", content=small, headers={"Content-Type": "image/png"})
         v2 = client.post(f"/v2/models/{MODEL}/infer", json={"inputs": [
             {"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(small).decode()]}]})

@@ -374,7 +374,7 @@ def test_settings_default_to_sqlite_in_the_data_directory(monkeypatch, tmp_path:
     from app.settings import Settings
 
     monkeypatch.delenv("BTD_DATABASE_URL", raising=False)
-    monkeypatch.setenv("BTD_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("BTD_RECORDS_DIR", str(tmp_path))
     options = Settings().record_options()
     assert options.url == f"sqlite:///{tmp_path.resolve() / 'btd.db'}"
     assert (options.max_age_days, options.max_rows, options.queue_size) == (365, 1_000_000, 10_000)

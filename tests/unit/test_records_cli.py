@@ -52,7 +52,7 @@ def test_btd_predict_with_a_store_records_each_local_answer(model_path: Path, tm
 
 def test_btd_predict_store_defaults_to_the_settings_database(model_path: Path, tmp_path: Path, monkeypatch):
     monkeypatch.delenv("BTD_DATABASE_URL", raising=False)
-    monkeypatch.setenv("BTD_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("BTD_RECORDS_DIR", str(tmp_path))
     image = tmp_path / "a.png"
     image.write_bytes(png_bytes())
     assert predict_main(["--model", str(model_path), str(image), "--store", "--no-progress"]) == 0

@@ -1,6 +1,6 @@
 """``--store [URL]`` of the commands that classify in this process (``btd predict``, ``btd dicom-listen``,
 ``btd dicomweb``): their answers are recorded like the service's (README, "Prediction records"), in
-URL or, without one, the service's database (``BTD_DATABASE_URL``, else SQLite in ``BTD_DATA_DIR``),
+URL or, without one, the service's database (``BTD_DATABASE_URL``, else SQLite in ``BTD_RECORDS_DIR``),
 with its retention and bound. With ``--url`` the service records its own answers."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from app.engine.records.rows import Transport, prediction_row
 from app.engine.records.writer import RecordWriter
 
 STORE_HELP = ("record each answer (no patient data) in the prediction records database: URL, or without one "
-              "BTD_DATABASE_URL / SQLite in BTD_DATA_DIR (README, \"Prediction records\"); not with --url, where "
+              "BTD_DATABASE_URL / SQLite in BTD_RECORDS_DIR (README, \"Prediction records\"); not with --url, where "
               "the service records its own")
 
 
