@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
-from app.engine.records.schema import RECORDS
+from app.engine.records.store import RecordStore
 from tests.api.helpers import png_bytes, running_app
 from tests.pacs.dicom_checks import mr_slice
 from tests.postgres import started_postgres
@@ -24,12 +23,8 @@ SENTINEL = "Sentinel^Patient"
 
 
 def rows(url: str) -> list[dict]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return [dict(r) for r in connection.execute(sa.select(RECORDS).order_by(RECORDS.c.id)).mappings()]
-    finally:
-        engine.dispose()
+    with RecordStore(url) as store:
+        return store.rows()
 
 
 def lost() -> float:

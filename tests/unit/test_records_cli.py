@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import sqlalchemy as sa
 
 from app.engine.records.options import RecordOptions
-from app.engine.records.schema import RECORDS
+from app.engine.records.store import RecordStore
 from app.engine.records.writer import RecordWriter
 from app.transports.cli.predict import main as predict_main
 from tests.api.helpers import png_bytes
@@ -27,12 +26,8 @@ def model_path(tmp_path_factory) -> Path:
 
 
 def rows(url: str) -> list[dict]:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return [dict(r) for r in connection.execute(sa.select(RECORDS).order_by(RECORDS.c.id)).mappings()]
-    finally:
-        engine.dispose()
+    with RecordStore(url) as store:
+        return store.rows()
 
 
 def test_btd_predict_with_a_store_records_each_local_answer(model_path: Path, tmp_path: Path, capsys):

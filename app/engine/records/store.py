@@ -109,5 +109,16 @@ class RecordStore:
         with self.engine.connect() as connection:
             return int(connection.execute(select(func.count()).select_from(RECORDS)).scalar_one())
 
+    def rows(self) -> list[dict[str, Any]]:
+        """Every record, oldest first, as plain dicts."""
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(select(RECORDS).order_by(RECORDS.c.id)).mappings()]
+
     def close(self) -> None:
         self.engine.dispose()
+
+    def __enter__(self) -> RecordStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
