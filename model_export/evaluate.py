@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from app.core import metric_plots
 from app.core.contract import INPUT_NAME, LOGITS_NAME, PreprocessSpec, preprocess
 from model_export import scores
 from model_export.data import Sample, limit_per_class, load_samples, read_gray, select
@@ -211,40 +212,8 @@ def markdown_report(r: dict) -> str:
 
 
 def plot_confusion_matrix(cm: np.ndarray, labels: Sequence[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=120)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    threshold = cm.max() / 2 if cm.size else 0
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > threshold else "black")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    metric_plots.save(metric_plots.confusion_figure(cm, labels), path)
 
 
 def plot_roc_curves(curves: dict, per_class: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=120)
-    for label, (fpr, tpr) in curves.items():
-        ax.plot(fpr, tpr, label=f"{label} (AUC {per_class.get(label, {}).get('roc_auc', float('nan')):.3f})")
-    ax.plot([0, 1], [0, 1], "k:", linewidth=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title("one-vs-rest ROC")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    metric_plots.save(metric_plots.roc_figure(curves, per_class), path)

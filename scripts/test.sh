@@ -37,7 +37,7 @@ fi
 # the suite was last run with (docker/requirements-dev.lock; refreshed on purpose, see its generator).
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -c docker/requirements-dev.lock \
-  -e '.[cpu,train,dev,dicom-codecs]'
+  -e '.[cpu,train,dev,dicom-codecs,report]'
 
 # Node packages for the browser tests (no browser download: Debian's chromium is used).
 if [ -f tests/browser/package.json ]; then

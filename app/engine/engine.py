@@ -142,11 +142,17 @@ class Engine:
 
     def predict_prepared(self, prepared: Prepared, cam: str = "none", *, started: float) -> Prediction:
         """``predict`` of an image prepared elsewhere (an isolated worker); ``cam="png"`` needs its view."""
+        return self.predict_prepared_output(prepared, cam, started=started)[0]
+
+    def predict_prepared_output(self, prepared: Prepared, cam: str = "none", *,
+                                started: float) -> tuple[Prediction, ModelOutput]:
+        """``predict_prepared`` and the model outputs the prediction was built from (``btd validate``
+        measures the logits, as ``btd evaluate`` does)."""
         check_cam_mode(cam)
         infer_start = time.perf_counter()
         (output,) = self.infer([prepared.tensor], [cam != "none"])
         output = ModelOutput(output.logits, output.features, output.ood_score, 0.0, ms_since(infer_start), 1)
-        return self.builder.build(prepared, output, cam, started=started)
+        return self.builder.build(prepared, output, cam, started=started), output
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/model`` returns."""

@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 EXTRAS = PROJECT["optional-dependencies"]
 # What each import package may use: the service installs the base dependencies with an ONNX Runtime
-# (and optionally the DICOM codecs); the pipeline adds the train extra.
+# (and optionally the DICOM codecs; btd validate the report extra); the pipeline adds the train extra.
 ALLOWED = {
-    "app": PROJECT["dependencies"] + EXTRAS["cpu"] + EXTRAS["gpu"] + EXTRAS["dicom-codecs"],
+    "app": PROJECT["dependencies"] + EXTRAS["cpu"] + EXTRAS["gpu"] + EXTRAS["dicom-codecs"] + EXTRAS["report"],
     "model_export": PROJECT["dependencies"] + EXTRAS["cpu"] + EXTRAS["train"],
 }
 # Imported through a declared dependency that exposes it as part of its own API.

@@ -1,6 +1,7 @@
 """``btd``: one command line for the service side and the training pipeline.
 
     btd predict ...            (app.transports.cli.predict)
+    btd validate ...           (app.transports.cli.validate: a site's acceptance test)
     btd dicom-listen / dicomweb  (app.transports.cli.pacs)
     btd train / evaluate / average / fit-ood / export / quantize   (model_export.cli)
 
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 
 from app.transports.cli.pacs import add_pacs_parsers
 from app.transports.cli.predict import add_predict_parser
+from app.transports.cli.validate import add_validate_parser
 
 # The commands' own loggers say what they do at INFO; everything else (httpx logs every request at
 # INFO, the service's modules log for a server's operators) speaks only at WARNING unless -v.
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     training.add_training_parsers(sub)
     add_predict_parser(sub)
+    add_validate_parser(sub)
     add_pacs_parsers(sub)
     return parser
 

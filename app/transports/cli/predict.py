@@ -31,11 +31,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from app.core.decode import DICOM, media_type_for_path, sniff
 from app.core.formats import SIGNATURE_BYTES
 from app.core.result import NOT_ASSESSED_PHRASES, OOD_PHRASE, CamPng, Prediction
+
+if TYPE_CHECKING:
+    from app.engine.engine import Engine
 
 FORMATS = ("table", "csv", "json")
 GLOB_CHARS = set("*?[")
@@ -128,24 +131,38 @@ class FileFailed(Exception):
     """One file could not be classified; the message is the reason shown to the user."""
 
 
-def local_classifier(model_path: Path, cam: str,
-                     store: str | None = None) -> tuple[Classify, dict[str, Any], Callable[[], None]]:
-    """Classify with the model file in this process. Returns the function, the model's identity and
-    a closer (which writes the records, with ``store``: ``--store``)."""
+def model_path_of(args: argparse.Namespace) -> Path:
+    """``--model``, else ``BTD_MODEL_PATH`` (the settings), else the shipped model."""
+    from app.settings import InvalidSettings, load_settings
+
+    try:
+        return Path(args.model) if args.model else load_settings().model_path
+    except InvalidSettings as exc:
+        raise Unusable(f"invalid settings:\n{textwrap.indent(str(exc), '  ')}") from None
+
+
+def open_engine(model_path: Path, advice: str = "") -> Engine:
+    """The model file in this process at batch 1, with the service's settings (``BTD_MODEL_VARIANT``,
+    threads, threshold); Unusable when it is missing or breaks the contract."""
     if not model_path.is_file():
-        raise Unusable(
-            f"model file not found: {model_path}. Export one (btd export), pass --model FILE, "
-            "or use --url to ask a running service."
-        )
-    from app.core.errors import ServiceError
+        raise Unusable(f"model file not found: {model_path}. Export one (btd export), pass --model FILE"
+                       f"{', ' + advice if advice else ''}.")
     from app.engine.engine import Engine
     from app.settings import Settings
 
     try:
-        engine = Engine.load_single(model_path, Settings().engine_options())
+        return Engine.load_single(model_path, Settings().engine_options())
     except (ValueError, OSError) as exc:
         raise Unusable(f"cannot load the model {model_path}: {exc}") from None
 
+
+def local_classifier(model_path: Path, cam: str,
+                     store: str | None = None) -> tuple[Classify, dict[str, Any], Callable[[], None]]:
+    """Classify with the model file in this process. Returns the function, the model's identity and
+    a closer (which writes the records, with ``store``: ``--store``)."""
+    from app.core.errors import ServiceError
+
+    engine = open_engine(model_path, "or use --url to ask a running service")
     from app.transports.cli.store import open_store, record
 
     records = open_store(store)
@@ -415,13 +432,7 @@ def predict_files(args: argparse.Namespace) -> list[Outcome]:
         classify, model, close = remote_classifier(args.url, cam, args.timeout, args.api_key)
         jobs, where = args.jobs, args.url
     else:
-        from app.settings import InvalidSettings, load_settings
-
-        try:
-            model_path = Path(args.model) if args.model else load_settings().model_path
-        except InvalidSettings as exc:
-            raise Unusable(f"invalid settings:\n{textwrap.indent(str(exc), '  ')}") from None
-        classify, model, close = local_classifier(model_path, cam, args.store)
+        classify, model, close = local_classifier(model_path_of(args), cam, args.store)
         jobs, where = 1, "this machine"  # one ONNX Runtime session already uses the cores
     if not args.no_progress:
         about = f"model {model['name']} {model['version']} on {where}"
