@@ -80,30 +80,29 @@ def read_labels(folder: Path, labels_csv: Path, model_labels: Sequence[str], *,
         raise Unusable(f"{labels_csv} is not a UTF-8 CSV file: {exc}") from None
     if not rows:
         raise Unusable(f"{labels_csv} has no rows below its header")
-    root = folder.resolve()
     problems: list[str] = []
     labelled: list[LabelledFile] = []
-    seen: dict[Path, int] = {}
+    seen: dict[PurePosixPath, int] = {}
     for line, row in rows:
         name, label = (row.get("file") or "").strip(), (row.get("label") or "").strip()
-        relative = PurePosixPath(name.replace("\\", "/"))
-        path = (folder / relative).resolve() if name else None
+        relative = PurePosixPath(name.replace("\\", "/"))  # PurePosixPath drops "." parts and doubled "/"
         if label not in model_labels:
             problems.append(f"line {line}: label {label!r} is not one of the model's labels ({', '.join(model_labels)})")
-        if not name or relative.is_absolute() or ".." in relative.parts or path is None or not path.is_relative_to(root):
-            problems.append(f"line {line}: file {name!r} is not a path relative to {folder}")
-        elif not path.is_file():
+        if not name or relative.is_absolute() or ".." in relative.parts:
+            problems.append(f"line {line}: file {name!r} is not a path relative to {folder} (without '..')")
+        elif not (folder / relative).is_file():
             problems.append(f"line {line}: no file {name!r} under {folder}")
-        elif path in seen:
-            problems.append(f"line {line}: file {name!r} is already labelled on line {seen[path]}")
+        elif relative in seen:
+            problems.append(f"line {line}: file {name!r} is already labelled on line {seen[relative]}")
         else:
-            seen[path] = line
+            seen[relative] = line
             labelled.append(LabelledFile(folder / relative, label))
     if problems:
         raise Unusable(f"{labels_csv}: {len(problems)} problem(s):{_listed(problems)}")
     if not ignore_unlabelled:
         images, _ = collect_inputs([str(folder)])
-        unlabelled = [str(p.relative_to(folder).as_posix()) for p in images if p.resolve() not in seen]
+        unlabelled = [p.relative_to(folder).as_posix() for p in images
+                      if PurePosixPath(p.relative_to(folder).as_posix()) not in seen]
         if unlabelled:
             raise Unusable(f"{len(unlabelled)} image(s) under {folder} have no row in {labels_csv} (add them, or "
                            f"pass --ignore-unlabelled to measure only the labelled ones):{_listed(unlabelled)}")
