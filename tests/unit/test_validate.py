@@ -156,7 +156,7 @@ def test_the_report_holds_no_patient_data_no_file_names_and_fetches_nothing(repo
 def test_the_html_shows_the_figures_and_the_model_cards_beside_the_sites(report: dict) -> None:
     html = report["html"]
     assert html.count("<svg") == 2 and 'id="confusion-matrix"' in html
-    card = re.search(r'data-metric="accuracy">.*?<td class="card">([^<]*)</td>', html, re.S)
+    card = re.search(r'data-metric="accuracy">.*?<td class="card">([^<]*)</td>', html, re.DOTALL)
     assert card and card.group(1).strip() == "25.0%"  # the test model's btd.metrics: accuracy 0.25
     for kind in ("sequence", "plane", "manufacturer", "field_strength"):
         assert f'id="subgroup-{kind}"' in html
