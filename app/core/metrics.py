@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import pairwise
+from statistics import NormalDist
 
 import numpy as np
-from scipy.stats import norm, rankdata
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from app.core.contract import NO_TUMOUR_LABEL
@@ -171,7 +172,7 @@ def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> t
     """Wilson score interval of a proportion ``successes / n`` (None when n is 0)."""
     if n <= 0:
         return None
-    z = float(norm.ppf(0.5 + confidence / 2))
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
