@@ -192,22 +192,26 @@ def _resampled_macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int
     return (f1 * present).sum(axis=1) / present.sum(axis=1)
 
 
-def _resampled_macro_auc(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Macro one-vs-rest ROC AUC of each row of [B, n] (``scores``: [B, n, C]), by the Mann-Whitney
-    statistic (the area sklearn computes, ties counting half), over the classes with both outcomes in
-    the row; NaN for a row with none."""
+def _resampled_macro_auc(y_true: np.ndarray, probs: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Macro one-vs-rest ROC AUC of each resample (row of ``index``, [B, n], into ``y_true`` and
+    ``probs`` [n, C]), by the Mann-Whitney statistic (the area sklearn computes, ties counting half),
+    over the classes with both outcomes in the row; NaN for a row with none."""
     aucs = []
-    for c in range(scores.shape[2]):
-        positive = y_true == c
+    for c in range(probs.shape[1]):
+        positive = y_true[index] == c
         n_pos = positive.sum(axis=1).astype(np.float64)
-        n_neg = y_true.shape[1] - n_pos
-        ranks = rankdata(scores[:, :, c], axis=1)
+        n_neg = index.shape[1] - n_pos
+        ranks = rankdata(probs[:, c][index], axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             auc = ((ranks * positive).sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
         aucs.append(np.where((n_pos > 0) & (n_neg > 0), auc, np.nan))
     stacked = np.stack(aucs, axis=1)
     valid = ~np.isnan(stacked)
     return np.where(valid.any(axis=1), np.nansum(stacked, axis=1) / np.maximum(valid.sum(axis=1), 1), np.nan)
+
+
+# Resampled values held at once (a chunk of resamples x images): bounds the bootstrap's memory (~100 MB).
+BOOTSTRAP_CHUNK_VALUES = 2_000_000
 
 
 def bootstrap_intervals(logits: np.ndarray, y_true: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -219,12 +223,17 @@ def bootstrap_intervals(logits: np.ndarray, y_true: np.ndarray, *, resamples: in
     if n < 2 or resamples < 1:
         return {MACRO_F1: None, MACRO_AUC: None}
     probs = softmax(logits)
-    index = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    y = y_true[index]
+    predicted = probs.argmax(axis=1)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, BOOTSTRAP_CHUNK_VALUES // n)
+    f1s, aucs = [], []
+    for start in range(0, resamples, chunk):
+        index = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        f1s.append(_resampled_macro_f1(y_true[index], predicted[index], num_classes))
+        aucs.append(_resampled_macro_auc(y_true, probs, index))
     tails = (100 * (1 - confidence) / 2, 100 * (1 + confidence) / 2)
     out: dict[str, tuple[float, float] | None] = {}
-    for name, values in ((MACRO_F1, _resampled_macro_f1(y, probs.argmax(axis=1)[index], num_classes)),
-                         (MACRO_AUC, _resampled_macro_auc(y, probs[index]))):
+    for name, values in ((MACRO_F1, np.concatenate(f1s)), (MACRO_AUC, np.concatenate(aucs))):
         values = values[~np.isnan(values)]
         out[name] = tuple(float(v) for v in np.percentile(values, tails)) if len(values) else None
     return out
