@@ -245,6 +245,11 @@ class SeriesResult:
         return _SERIES_RESULT.dump_python(self, mode="json")
 
     @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SeriesResult:
+        """A response body (a remote service's) back into the typed result (validated)."""
+        return _SERIES_RESULT.validate_python({k: v for k, v in data.items() if k != "request_id"})
+
+    @classmethod
     def build(cls, source: Literal["dicom", "nifti"], ordering: Ordering,
               slices: Sequence[tuple[float | None, str | None, int | None, Prediction]],
               warnings: Sequence[str] = ()) -> SeriesResult:
