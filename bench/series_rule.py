@@ -37,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from app.core.result import Prediction
 from app.core.series import SERIES_MIN_RUN, aggregate
+from model_export.data import shared_data_dir
 
-DATA = Path(os.environ.get("BTD_DATA_DIR", ROOT.parent / "shared" / "data"))
+DATA = shared_data_dir()  # $BTD_DATA_DIR, else ../shared/data
 MIN_RUNS = (1, 2, 3, 4)
 
 

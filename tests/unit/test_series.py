@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from app.core.errors import BadRequest, PayloadTooLarge
 from app.core.result import ModelIdentity, Prediction, Timings
 from app.core.series import (
     MAX_KEY_SLICES,
@@ -18,7 +19,6 @@ from app.core.series import (
     plan_dicom_series,
     series_probability,
 )
-from app.core.errors import BadRequest, PayloadTooLarge
 
 MODEL = ModelIdentity("m", "1", "0" * 64)
 THRESHOLD = 0.5

@@ -469,11 +469,13 @@ def write_series_table(outcome: Outcome, out: TextIO) -> None:
         where = "" if item.position is None else f"{item.position:g}"
         frame = "" if item.frame_number is None else f"#{item.frame_number}"
         rows.append(Outcome(f"{item.index:>4} {where:>8} {frame}".rstrip(), result=item.result))
-    write_table(rows, out, first="SLICE POSITION")
+    write_table(rows, out, first="SLICE POSITION", short_notes=True)
     out.write(f"FINDING {finding_line(result)}\n")
 
 
-def write_table(outcomes: Sequence[Outcome], out: TextIO, first: str = "FILE") -> None:
+def write_table(outcomes: Sequence[Outcome], out: TextIO, first: str = "FILE", short_notes: bool = False) -> None:
+    """The table; ``short_notes``: a not-assessed row names its reasons, not the whole warning (a
+    series' slices: the warnings are in --format json)."""
     series = [o for o in outcomes if o.series is not None]
     outcomes = [o for o in outcomes if o.series is None]
     header = [first, "LABEL", "P", "TUMOUR P", "TUMOUR", "MS", "NOTE"]
@@ -483,8 +485,9 @@ def write_table(outcomes: Sequence[Outcome], out: TextIO, first: str = "FILE") -
         if not o.ok:
             rows.append([s["file"], "FAILED", "", "", "", "", s["error"]])
         elif s["warning"]:  # out of distribution: the warning instead of a finding
+            note = f"not assessed: {', '.join(o.result.ood_reasons)}" if short_notes and o.result else s["warning"]
             rows.append([s["file"], "NOT ASSESSED", "-", "-", "-", fmt_number(s["total_ms"], 1),
-                         " ".join(filter(None, [s["warning"], s["cam_file"]]))])
+                         " ".join(filter(None, [note, s["cam_file"]]))])
         else:
             rows.append([s["file"], s["label"], fmt_number(s["probability"]), fmt_number(s["tumour_probability"]),
                          s["tumour_detected"], fmt_number(s["total_ms"], 1), s["cam_file"]])
