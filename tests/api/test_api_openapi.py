@@ -33,7 +33,6 @@ def test_openapi_documents_problem_json_for_every_error_status():
     expected = {"predict": {"200", "400", "406", "413", "415", "422", "503", "504"} | access | upload,
                 "predictBatch": {"200", "400", "413", "415", "422", "503"} | access | upload,
                 "predictSeries": {"200", "400", "406", "413", "415", "422", "503", "504"} | access | upload,
-                "predictSeries": {"200", "400", "406", "413", "415", "422", "503", "504"} | access | upload,
                 "getModel": {"200", "400", "503"} | access, "readyz": {"200", "400", "503"},
                 "livez": {"200", "400", "503"}, "metrics": {"200", "400"} | access,  # 400: invalid-host
                 "v2ServerMetadata": {"200", "400"}, "v2Live": {"200", "400", "503"}, "v2Ready": {"200", "400", "503"},
