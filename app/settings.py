@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     # A series (POST /v1/predict/series, btd predict --series / NIfTI): its body is BTD_MAX_BODY_BYTES at most.
     max_series_slices: int = Field(512, ge=1, le=10_000, description="most slices in one series (DICOM frames or "
                                    "NIfTI slices, along every axis of a volume; 413 beyond)")
-    max_volume_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024, description="largest NIfTI volume once a "
+    max_volume_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024, description="largest NIfTI volume once a "
                                   ".nii.gz is inflated (413 beyond: a decompression bomb stops there)")
     series_timeout_s: float = Field(300.0, gt=0, description="time to process one series once received (504 beyond)")
     multiframe: MultiframePolicy = Field(

@@ -30,14 +30,39 @@ GZIP_MAGIC = b"\x1f\x8b"
 NIFTI1_HEADER, NIFTI2_HEADER = 348, 540
 
 
+# Memory a volume takes while it is read, as a multiple of its (inflated) file size: the bytes and the
+# stored values; its float32 slices are made one at a time (``Volume.slice``). The service holds this
+# much of its decode budget while it reads a volume.
+VOLUME_MEMORY_FACTOR = 2
+
+
 @dataclass
 class Volume:
-    """A volume's axial slices, feet to head."""
+    """A volume's axial slices, feet to head: its stored values reoriented to RAS+ (a view), each slice
+    made in float32 when it is asked for, so the whole volume is never held in float."""
 
-    slices: list[np.ndarray]  # float32 [rows, columns] each
+    stored: np.ndarray  # [x, y, z] in RAS+, the file's data type
+    slope: float
+    inter: float
     positions: list[float]  # each slice's height (RAS z, mm) in the volume's world space
-    shape: tuple[int, int, int]  # after reorientation: (x, y, z) voxels
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(v) for v in self.stored.shape)  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return self.stored.shape[2]
+
+    def slice(self, k: int) -> np.ndarray:
+        """Slice ``k`` (from the feet), float32 [rows, columns]: rows anterior to posterior, columns the
+        patient's right to left (radiological), scale applied, non-finite voxels set to its lowest value."""
+        plane = np.asarray(self.stored[:, :, k], dtype=np.float32) * np.float32(self.slope) + np.float32(self.inter)
+        plane = np.ascontiguousarray(plane.T[::-1, ::-1])
+        finite = np.isfinite(plane)
+        if not finite.all():
+            plane[~finite] = plane[finite].min() if finite.any() else 0.0
+        return plane
 
 
 def is_gzip(data: bytes) -> bool:
@@ -126,16 +151,9 @@ def read_volume(data: bytes, *, max_bytes: int, max_slices: int, max_pixels: int
         raise InvalidImage(f"the NIfTI data could not be read ({type(exc).__name__})") from None
     if canonical.dtype.kind not in "iuf":
         raise InvalidImage(f"the NIfTI data type {canonical.dtype} is not a grayscale number type")
-    slope, inter = image.dataobj.slope, image.dataobj.inter
-    slices, positions, warnings = [], [], []
-    for k in range(canonical.shape[2]):
-        plane = np.asarray(canonical[:, :, k], dtype=np.float32) * np.float32(slope) + np.float32(inter)
-        plane = np.ascontiguousarray(plane.T[::-1, ::-1])  # rows anterior->posterior, columns right->left
-        finite = np.isfinite(plane)
-        if not finite.all():
-            plane[~finite] = plane[finite].min() if finite.any() else 0.0
-            if not warnings:
-                warnings.append("the volume has non-finite voxels; they were set to their slice's lowest value")
-        slices.append(plane)
-        positions.append(round(float((affine @ np.array([0.0, 0.0, k, 1.0]))[2]), 3))
-    return Volume(slices, positions, tuple(int(v) for v in canonical.shape), warnings)  # type: ignore[arg-type]
+    slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
+    warnings = []
+    if canonical.dtype.kind == "f" and not np.isfinite(canonical).all():
+        warnings.append("the volume has non-finite voxels; they were set to their slice's lowest value")
+    positions = [round(float((affine @ np.array([0.0, 0.0, k, 1.0]))[2]), 3) for k in range(canonical.shape[2])]
+    return Volume(canonical, slope, inter, positions, warnings)

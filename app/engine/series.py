@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from app.core.decode import DICOM, read_slice_geometry
 from app.core.errors import InferenceTimeout
-from app.core.nifti import NIFTI_MEDIA_TYPE, Volume, read_volume
+from app.core.nifti import NIFTI_MEDIA_TYPE, VOLUME_MEMORY_FACTOR, Volume, is_gzip, read_volume
 from app.core.series import SeriesResult, plan_dicom_series
 from app.engine.engine import Engine
 from app.engine.pipeline import InputFacts, prepare_slice
@@ -28,7 +28,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class SeriesLimits:
     max_slices: int = 512  # BTD_MAX_SERIES_SLICES
-    max_volume_bytes: int = 256 * 1024 * 1024  # BTD_MAX_VOLUME_BYTES: a NIfTI file, inflated
+    max_volume_bytes: int = 128 * 1024 * 1024  # BTD_MAX_VOLUME_BYTES: a NIfTI file, inflated
     timeout_s: float = 300.0  # BTD_SERIES_TIMEOUT_S: a whole series, once received
 
 
@@ -57,9 +57,9 @@ def predict_volume_sync(engine: Engine, data: bytes, limits: SeriesLimits, cam: 
     """A NIfTI volume -> its result, at batch 1 in this process."""
     volume = _volume(data, limits, engine.options.max_pixels)
     slices = []
-    for position, pixels in zip(volume.positions, volume.slices):
+    for k, position in enumerate(volume.positions):
         started = time.perf_counter()
-        prepared = prepare_slice(pixels, NIFTI_MEDIA_TYPE, engine.prepare_options, cam == "png")
+        prepared = prepare_slice(volume.slice(k), NIFTI_MEDIA_TYPE, engine.prepare_options, cam == "png")
         slices.append((position, None, None, engine.predict_prepared(prepared, cam, started=started)))
     return SeriesResult.build("nifti", "position", slices, volume.warnings)
 
@@ -118,10 +118,18 @@ async def answer_volume(service: InferenceService, data: bytes, limits: SeriesLi
     return await _within(_nifti(service, data, limits, cam), limits.timeout_s)
 
 
+def volume_cost(data: bytes, limits: SeriesLimits) -> int:
+    """Memory reading a NIfTI body may take (its decode budget): a .nii.gz's inflated size is known only
+    once inflated, so it is costed at the limit."""
+    return VOLUME_MEMORY_FACTOR * (limits.max_volume_bytes if is_gzip(data) else len(data))
+
+
 async def _nifti(service: InferenceService, data: bytes, limits: SeriesLimits,
                  cam: str) -> tuple[SeriesResult, list[InputFacts | None]]:
-    volume = await service.host.run(_volume, data, limits, service.options.max_pixels)
-    answers: list[Answer] = await _bounded(
-        [lambda s=s: service.answer_slice(s, NIFTI_MEDIA_TYPE, cam) for s in volume.slices], _concurrency(service))
-    slices = [(pos, None, None, a.prediction) for pos, a in zip(volume.positions, answers)]
+    async with service.decode_budget.hold(volume_cost(data, limits)):  # held while the volume lives
+        volume = await service.host.run(_volume, data, limits, service.options.max_pixels)
+        answers: list[Answer] = await _bounded(
+            [lambda k=k: service.answer_slice(volume.slice(k), NIFTI_MEDIA_TYPE, cam) for k in range(len(volume))],
+            _concurrency(service))
+        slices = [(pos, None, None, a.prediction) for pos, a in zip(volume.positions, answers)]
     return SeriesResult.build("nifti", "position", slices, volume.warnings), [a.facts for a in answers]
