@@ -33,6 +33,12 @@ MAX_KEY_SLICES = 5  # the key slices a finding names (a Key Object Selection a r
 PARALLEL_COS = 0.99  # slice normals within ~8 degrees of each other count as one stack
 
 Ordering = Literal["position", "instance-number", "received"]
+ORDERING_WARNINGS = {  # said in the answer when the slices could not be placed along the normal
+    "instance-number": "the slices were ordered by Instance Number (then frame): their headers give no usable "
+                       "positions along one slice normal, so neighbours in the series may not be neighbours in space",
+    "received": "the slices are in the order received: their headers give neither usable positions nor Instance "
+                "Numbers, so neighbours in the series may not be neighbours in space",
+}
 
 
 @dataclass(frozen=True)
@@ -255,7 +261,8 @@ class SeriesResult:
               warnings: Sequence[str] = ()) -> SeriesResult:
         """The result of slices given in slice order as (position, instance UID, frame number, prediction)."""
         results = [SliceResult(i, pos, uid, frame, p) for i, (pos, uid, frame, p) in enumerate(slices)]
-        return cls(source, ordering, aggregate([r.result for r in results]), results, list(warnings))
+        said = [ORDERING_WARNINGS[ordering]] if ordering in ORDERING_WARNINGS else []
+        return cls(source, ordering, aggregate([r.result for r in results]), results, said + list(warnings))
 
 
 _SERIES_RESULT = TypeAdapter(SeriesResult)

@@ -90,6 +90,7 @@ def test_the_frames_of_an_enhanced_mr_are_slices(client):
     body = post_dicom(client, [data]).json()
     assert [(s["instance_uid"], s["frame_number"], s["position"]) for s in body["slices"]] == [
         (uid, 2, 0.0), (uid, 3, 4.0), (uid, 1, 8.0)]
+    assert body["warnings"] == []
     assert not any("multi-frame" in w for s in body["slices"] for w in s["result"]["warnings"])
 
 
@@ -102,6 +103,21 @@ def test_a_nifti_volume_answers_its_axial_slices(client):
         assert body["source"] == "nifti" and len(body["slices"]) == 5
         assert [s["position"] for s in body["slices"]] == [0.0, 2.5, 5.0, 7.5, 10.0]
         assert all(s["instance_uid"] is None for s in body["slices"])
+
+
+def test_instances_without_positions_are_ordered_by_instance_number_and_say_so(client):
+    received = [mr(0.0, 2), mr(0.0, 1)]
+    parts = []
+    for data, _ in received:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        del ds.ImagePositionPatient
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        parts.append(buffer.getvalue())
+    body = post_dicom(client, parts).json()
+    assert body["ordering"] == "instance-number" and "Instance Number" in body["warnings"][0]
+    assert [s["instance_uid"] for s in body["slices"]] == [received[1][1], received[0][1]]
+    assert [s["position"] for s in body["slices"]] == [None, None]
 
 
 def test_instances_of_two_series_are_refused(client):
