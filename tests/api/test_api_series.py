@@ -158,6 +158,9 @@ def test_limits_on_slices_and_inflated_volume(model_path):
     with running_app(model_path, max_series_slices=2, max_volume_bytes=1 << 20) as client:
         response = post_dicom(client, [mr(float(z), z)[0] for z in range(3)])
         assert "BTD_MAX_SERIES_SLICES" in assert_problem(response, 413, "payload-too-large")["detail"]
+        many, content_type = encode_related([b"x"] * 100_000)  # refused before it is split into parts
+        response = client.post(SERIES, content=many, headers={"Content-Type": content_type})
+        assert "more than 2 parts" in assert_problem(response, 413, "payload-too-large")["detail"]
         bomb = gzip.compress(b"\0" * (2 << 20))
         response = client.post(SERIES, content=bomb, headers={"Content-Type": "application/gzip"})
         assert "inflates" in assert_problem(response, 413, "payload-too-large")["detail"]

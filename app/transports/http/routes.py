@@ -203,15 +203,20 @@ NIFTI_MEDIA_TYPES = ("", "application/octet-stream", "application/gzip", "applic
                      "application/nifti")
 
 
-async def read_series(request: Request) -> tuple[list[bytes], bytes | None]:
-    """(DICOM instances, None) of a multipart/related body, or ([], the NIfTI volume's bytes)."""
+async def read_series(request: Request, max_slices: int) -> tuple[list[bytes], bytes | None]:
+    """(DICOM instances, None) of a multipart/related body, or ([], the NIfTI volume's bytes). More parts
+    than ``max_slices`` (each instance is a slice at least) are refused before they are split."""
     content_type = request.headers.get("content-type") or ""
     bare, params = media_type_params(content_type)
     if bare == "multipart/related":
         if params.get("type", DICOM).lower() != DICOM:
             raise UnsupportedMediaType('a series in multipart/related must have type="application/dicom" parts')
+        body = await request.body()
+        delimiter = b"--" + params.get("boundary", "").encode("latin-1")
+        if params.get("boundary") and body.count(delimiter) - 1 > max_slices:
+            raise PayloadTooLarge(f"the series has more than {max_slices} parts (BTD_MAX_SERIES_SLICES)")
         try:
-            parts = decode_related(await request.body(), content_type)
+            parts = decode_related(body, content_type)
         except ValueError as exc:
             raise BadRequest(f"the multipart/related body is malformed: {exc}") from None
         if not parts:
@@ -240,8 +245,8 @@ async def predict_series(request: Request, result_format: ResultFormat = FORMAT_
     try:
         if dicom_objects_wanted(result_format, request.headers.get("accept")) is not None:
             raise NotAcceptable("DICOM results of a series are not served yet; ask for JSON")
-        instances, volume = await read_series(request)
         limits = settings.series_limits()
+        instances, volume = await read_series(request, limits.max_slices)
         if volume is not None:
             series, facts = await answer_volume(service, volume, limits)
         else:
