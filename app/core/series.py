@@ -114,7 +114,7 @@ def aggregate(predictions: Sequence[Prediction], *, min_run: int = SERIES_MIN_RU
     probability, start = series_probability(probs, min_run)
     detected = probability >= threshold
     if not detected:
-        return SeriesFinding(assessed=True, tumour_detected=False, tumour_probability=round(probability, 6),
+        return SeriesFinding(assessed=True, tumour_detected=False, tumour_probability=probability,
                              label=NO_TUMOUR_LABEL, key_slices=[], **common)
     # the stretch of consecutive assessed slices over the threshold that holds the best run
     lo, hi = start, start + max(1, min(min_run, len(probs))) - 1
@@ -124,7 +124,7 @@ def aggregate(predictions: Sequence[Prediction], *, min_run: int = SERIES_MIN_RU
         hi += 1
     stretch = sorted(range(lo, hi + 1), key=lambda j: -probs[j])[:MAX_KEY_SLICES]
     tumour_slices = [p for _, p in assessed if p.tumour_probability is not None and p.tumour_probability >= threshold]
-    return SeriesFinding(assessed=True, tumour_detected=True, tumour_probability=round(probability, 6),
+    return SeriesFinding(assessed=True, tumour_detected=True, tumour_probability=probability,
                          label=_vote(tumour_slices, exclude=NO_TUMOUR_LABEL),
                          key_slices=sorted(assessed[j][0] for j in stretch), **common)
 
