@@ -22,6 +22,7 @@ from app.engine.budget import worst_cost
 from app.engine.engine import EngineOptions, ModelVariant
 from app.engine.records.options import RecordOptions, sqlite_url
 from app.engine.runner import RuntimeOptions, default_buckets
+from app.engine.series import SeriesLimits
 from app.engine.service import ServiceOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +85,12 @@ class Settings(BaseSettings):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest decoded image, in pixels (413 beyond)")
     request_timeout_s: float = Field(30.0, gt=0, description="time to process one request once received (504 beyond)")
     max_batch_files: int = Field(16, ge=1, le=256, description="most files in one /v1/predict/batch request")
+    # A series (POST /v1/predict/series, btd predict --series / NIfTI): its body is BTD_MAX_BODY_BYTES at most.
+    max_series_slices: int = Field(512, ge=1, le=10_000, description="most slices in one series (DICOM frames or "
+                                   "NIfTI slices, along every axis of a volume; 413 beyond)")
+    max_volume_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024, description="largest NIfTI volume once a "
+                                  ".nii.gz is inflated (413 beyond: a decompression bomb stops there)")
+    series_timeout_s: float = Field(300.0, gt=0, description="time to process one series once received (504 beyond)")
     multiframe: MultiframePolicy = Field(
         "middle", description='frame of a multi-frame DICOM to classify: "middle" or "first" (a warning says which)'
     )
@@ -251,6 +258,10 @@ class Settings(BaseSettings):
         )
         return EngineOptions(runtime=runtime, variant=self.model_variant, tumour_threshold=self.tumour_threshold,
                              max_pixels=self.max_pixels, multiframe=self.multiframe)
+
+    def series_limits(self) -> SeriesLimits:
+        """A series' limits (the one place settings become them)."""
+        return SeriesLimits(self.max_series_slices, self.max_volume_bytes, self.series_timeout_s)
 
     def database(self) -> str:
         """The records database's URL (it may hold a password: never log it as is)."""

@@ -23,7 +23,7 @@ from app.engine.budget import DecodeBudget, decode_cost, worst_cost
 from app.engine.engine import Engine, EngineOptions
 from app.engine.host import HostWork, MixedHost, ProcessHost, ThreadHost
 from app.engine.malloc import IdleTrim
-from app.engine.pipeline import InputFacts, check_cam_mode, ms_since, prepare, tensor_facts
+from app.engine.pipeline import InputFacts, check_cam_mode, ms_since, prepare, prepare_slice, tensor_facts
 from app.engine.runner import GPU_PROVIDERS, available_cpus
 
 
@@ -136,18 +136,27 @@ class InferenceService:
         return (await self.answer(data, media_type, cam, batch_file=batch_file)).prediction
 
     async def answer(self, data: bytes, media_type: str | None, cam: str = "none", *, batch_file: bool = False,
-                     source: bool = False) -> Answer:
+                     source: bool = False, frame_index: int | None = None) -> Answer:
         """``predict``, with what a prediction record keeps of the input (``Answer.facts``) and, with
         ``source``, the attributes a DICOM's results copy (``dicom_read.results_header``), read with the
-        pixels in the same isolated decode: the server never parses the file itself."""
-        return await self._predict_admitted(data, media_type, cam, batch_file, source)
+        pixels in the same isolated decode: the server never parses the file itself. ``frame_index``:
+        this frame of a multi-frame DICOM (a series' slice) instead of the BTD_MULTIFRAME policy's."""
+        return await self._predict_admitted(data, media_type, cam, batch_file, source, frame_index)
 
-    async def _predict_admitted(self, data: bytes, media_type: str | None, cam: str, batch_file: bool,
-                                source: bool) -> Answer:
+    async def answer_slice(self, pixels: np.ndarray, media_type: str, cam: str = "none") -> Answer:
+        """``answer`` of a slice decoded elsewhere (a NIfTI volume's): the same admission, batching and
+        timeout; no decode budget (the volume is in memory already, within its own limit)."""
+        return await self._predict_admitted(pixels, media_type, cam, True, False, None)
+
+    async def _predict_admitted(self, data: bytes | np.ndarray, media_type: str | None, cam: str, batch_file: bool,
+                                source: bool, frame_index: int | None = None) -> Answer:
         check_cam_mode(cam)
         started = time.perf_counter()
-        kind = sniff(data)  # the one sniff of this request: the cost, the host and the decoder read it
-        cost = decode_cost(data, self.options.max_pixels, kind)
+        if isinstance(data, np.ndarray):
+            kind, cost = None, 0
+        else:
+            kind = sniff(data)  # the one sniff of this request: the cost, the host and the decoder read it
+            cost = decode_cost(data, self.options.max_pixels, kind)
         if not batch_file:
             self.decode_budget.check(cost)  # admission by decoded pixels, before the count and wait checks
         ticket = self.admission.admit()
@@ -155,7 +164,7 @@ class InferenceService:
         try:
             with metrics.IN_FLIGHT.track_inprogress(), self.idle_trim.busy():  # admitted: the upload is complete
                 answer = await asyncio.wait_for(
-                    self._predict(data, media_type, cam, started, ticket, cost, kind, source), timeout)
+                    self._predict(data, media_type, cam, started, ticket, cost, kind, source, frame_index), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
         finally:
@@ -163,19 +172,23 @@ class InferenceService:
         metrics.observe_prediction(answer.prediction)
         return answer
 
-    async def _prepare(self, data: bytes, media_type: str | None, cost: int, kind: str | None, view: bool = False,
-                       source: bool = False):
+    async def _prepare(self, data: bytes | np.ndarray, media_type: str | None, cost: int, kind: str | None,
+                       view: bool = False, source: bool = False, frame_index: int | None = None):
         """Decode and preprocess within the decode budget; DICOM where its codecs cannot stall or crash
         the server and its parsing runs under the worker's memory and time limits (a worker process,
-        unless BTD_HOST_WORKERS=0). ``kind``: ``sniff(data)``, the request's one sniff."""
+        unless BTD_HOST_WORKERS=0). ``kind``: ``sniff(data)``, the request's one sniff. A decoded slice
+        (an array) is only preprocessed."""
+        if isinstance(data, np.ndarray):
+            return await self.host.run(prepare_slice, data, media_type, self.engine.prepare_options, view)
         run = self.host.run_isolated if kind == DICOM else self.host.run
         async with self.decode_budget.hold(cost):
-            return await run(prepare, data, media_type, self.engine.prepare_options, view, source, kind)
+            return await run(prepare, data, media_type, self.engine.prepare_options, view, source, kind, frame_index)
 
-    async def _predict(self, data: bytes, media_type: str | None, cam: str, started: float,
-                       ticket: int, cost: int, kind: str | None, source: bool = False) -> Answer:
+    async def _predict(self, data: bytes | np.ndarray, media_type: str | None, cam: str, started: float,
+                       ticket: int, cost: int, kind: str | None, source: bool = False,
+                       frame_index: int | None = None) -> Answer:
         engine = self.engine
-        prepared = await self._prepare(data, media_type, cost, kind, cam == "png", source)
+        prepared = await self._prepare(data, media_type, cost, kind, cam == "png", source, frame_index)
         output = await self.batcher.submit(prepared, cam != "none",
                                            on_start=lambda: self.admission.stop_waiting(ticket))
         cam_result, cam_ms = None, 0.0

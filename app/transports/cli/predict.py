@@ -3,6 +3,8 @@
     btd predict scans/ extra.dcm 'more/**/*.png'                # the shipped model, on this machine
     btd predict --url http://127.0.0.1:8000 scans/ --format csv  # a running service
     btd predict scans/ --cam-dir cams/                           # also write CAM overlays as PNG
+    btd predict --series study/series3/                          # a folder of DICOM instances: one series
+    btd predict brain.nii.gz                                     # a NIfTI volume: a series of axial slices
 
 PATHs are files, folders (searched recursively) or glob patterns. In folders, files count as
 images by extension (.png .jpg .jpeg .dcm .dicom) or by signature (DICOM often has no extension);
@@ -10,6 +12,10 @@ a file named explicitly is always sent. A service with API keys needs ``--api-ke
 ``BTD_API_KEY``. Exit status: 0 all files classified, 1 some file failed (each with its reason in
 the output), 2 nothing could be done (no model, no service, no input, no valid API key), 141 the
 reader closed the output early (``| head``), as for any Unix tool killed by SIGPIPE.
+
+A series (``--series DIR``: each folder one series of DICOM instances; or a NIfTI file, ``.nii`` /
+``.nii.gz``, recognised by name or header) prints each slice's result in slice order and the series
+finding (``app.core.series``: the rule and its measured figures are in the README's "Series").
 
 Local mode uses ``app.engine.engine.Engine`` at batch 1 (ONNX Runtime, no torch, no server); URL
 mode uses httpx and sends each file's bytes with its media type. Registered as a subcommand by
@@ -35,7 +41,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from app.core.decode import DICOM, media_type_for_path, sniff
 from app.core.formats import SIGNATURE_BYTES
+from app.core.nifti import looks_like_nifti
 from app.core.result import NOT_ASSESSED_PHRASES, OOD_PHRASE, CamPng, Prediction
+from app.core.series import SeriesResult
 
 if TYPE_CHECKING:
     from app.engine.engine import Engine
@@ -62,16 +70,45 @@ class Outcome:
     cam_file: str | None = None
     dicom_files: list[str] | None = None
 
+    series: SeriesResult | None = None  # a series input's result (its slices and finding)
+
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    """A NIfTI volume by name, or (a file named explicitly) by its single-file NIfTI header."""
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SIGNATURE_BYTES + 540)
+    except OSError:
+        return False
+    return not head.startswith(b"\x1f\x8b") and looks_like_nifti(head)
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The DICOM files of a series folder (by signature, recursively, hidden ones left out), sorted."""
+    found = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        with open(path, "rb") as f:
+            if sniff(f.read(SIGNATURE_BYTES)) == DICOM:
+                found.append(path)
+    return found
 
 
 # ---------------------------------------------------------------- finding the files
 
 
 def looks_like_image(path: Path) -> bool:
-    if media_type_for_path(path):
+    if media_type_for_path(path) or path.name.lower().endswith(NIFTI_SUFFIXES):
         return True
     try:
         with open(path, "rb") as f:
@@ -125,6 +162,15 @@ def media_type_of(data: bytes, path: Path) -> str | None:
 # ---------------------------------------------------------------- the two back ends
 
 Classify = Callable[[Path], Prediction]  # raises FileFailed on failure
+ClassifySeries = Callable[[Path], SeriesResult]  # a series folder or a NIfTI file; raises FileFailed
+
+
+@dataclass
+class Backend:
+    classify: Classify
+    classify_series: ClassifySeries
+    model: dict[str, Any]
+    close: Callable[[], None]
 
 
 class FileFailed(Exception):
@@ -160,11 +206,18 @@ def local_classifier(model_path: Path, cam: str,
                      store: str | None = None) -> tuple[Classify, dict[str, Any], Callable[[], None]]:
     """Classify with the model file in this process. Returns the function, the model's identity and
     a closer (which writes the records, with ``store``: ``--store``)."""
-    from app.core.errors import ServiceError
+    backend = local_backend(model_path, cam, store)
+    return backend.classify, backend.model, backend.close
 
-    engine = open_engine(model_path, "or use --url to ask a running service")
+
+def local_backend(model_path: Path, cam: str, store: str | None = None) -> Backend:
+    """Classify images and series with the model file in this process."""
+    from app.core.errors import ServiceError
+    from app.engine.series import predict_dicom_series_sync, predict_volume_sync
+    from app.settings import Settings
     from app.transports.cli.store import open_store, record
 
+    engine = open_engine(model_path, "or use --url to ask a running service")
     records = open_store(store)
 
     def classify(path: Path) -> Prediction:
@@ -178,7 +231,19 @@ def local_classifier(model_path: Path, cam: str,
         record(records, "cli", engine, result, prepared.facts)
         return result
 
-    return classify, asdict(engine.model_identity), records.close if records is not None else lambda: None
+    limits = Settings().series_limits()
+
+    def classify_series(path: Path) -> SeriesResult:
+        try:
+            if path.is_dir():
+                instances = [f.read_bytes() for f in dicom_files(path)]
+                return predict_dicom_series_sync(engine, instances, limits, "none")
+            return predict_volume_sync(engine, path.read_bytes(), limits, "none")
+        except ServiceError as exc:
+            raise FileFailed(f"{exc.title}: {exc.detail}") from None
+
+    return Backend(classify, classify_series, asdict(engine.model_identity),
+                   records.close if records is not None else lambda: None)
 
 
 def problem_reason(response: Any) -> str:
@@ -196,6 +261,12 @@ def remote_classifier(
 ) -> tuple[Classify, dict[str, Any], Callable[[], None]]:
     """Classify through a running service (with ``api_key`` as X-API-Key when given). Returns the
     function, the model's identity and a closer."""
+    backend = remote_backend(url, cam, timeout, api_key)
+    return backend.classify, backend.model, backend.close
+
+
+def remote_backend(url: str, cam: str, timeout: float, api_key: str | None = None) -> Backend:
+    """Classify images and series through a running service."""
     import httpx
 
     headers = {"Accept": "application/json", **({"X-API-Key": api_key} if api_key else {})}
@@ -229,8 +300,26 @@ def remote_classifier(
         except ValueError as exc:  # not JSON, or not the shape of a prediction
             raise FileFailed(f"the service's answer is not a prediction: {exc}") from None
 
+    def classify_series(path: Path) -> SeriesResult:
+        from app.transports.pacs.multipart import encode_related
+
+        if path.is_dir():
+            body, content_type = encode_related([f.read_bytes() for f in dicom_files(path)])
+        else:
+            body, content_type = path.read_bytes(), "application/octet-stream"
+        try:
+            response = client.post("/v1/predict/series", content=body, headers={"Content-Type": content_type})
+        except httpx.HTTPError as exc:
+            raise FileFailed(f"request failed: {type(exc).__name__}: {exc}") from None
+        if response.status_code != 200:
+            raise FileFailed(problem_reason(response))
+        try:
+            return SeriesResult.from_dict(response.json())
+        except ValueError as exc:
+            raise FileFailed(f"the service's answer is not a series result: {exc}") from None
+
     identity = {k: model.get(k) for k in ("name", "version", "sha256")}
-    return classify, identity, client.close
+    return Backend(classify, classify_series, identity, client.close)
 
 
 # ---------------------------------------------------------------- running and writing
@@ -369,23 +458,61 @@ def fmt_number(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def write_table(outcomes: Sequence[Outcome], out: TextIO) -> None:
-    header = ["FILE", "LABEL", "P", "TUMOUR P", "TUMOUR", "MS", "NOTE"]
+def finding_line(result: SeriesResult) -> str:
+    """The series finding in one line."""
+    f = result.finding
+    counts = f"{f.slices_assessed} of {f.slices_assessed + f.slices_not_assessed} slices assessed"
+    if f.not_assessed_reasons:
+        counts += " (not assessed: " + ", ".join(f"{r} {n}" for r, n in f.not_assessed_reasons.items()) + ")"
+    if not f.assessed:
+        return f"NOT ASSESSED: no slice of the series was assessed; {counts}"
+    if f.tumour_detected is None:
+        return f"label {f.label} (the model makes no tumour finding); {counts}"
+    verdict = f"TUMOUR suspected ({f.label})" if f.tumour_detected else "no tumour"
+    keys = f"; key slices {', '.join(map(str, f.key_slices))}" if f.key_slices else ""
+    return (f"{verdict}: series tumour probability {f.tumour_probability:.3f} (threshold {f.threshold:.3f})"
+            f"{keys}; {counts}")
+
+
+def write_series_table(outcome: Outcome, out: TextIO) -> None:
+    """One series: its slices in order, then its finding."""
+    result = outcome.series
+    assert result is not None
+    out.write(f"\nSERIES {outcome.path} ({result.source}, {len(result.slices)} slices, ordered by "
+              f"{result.ordering})\n")
+    rows = []
+    for item in result.slices:
+        where = "" if item.position is None else f"{item.position:g}"
+        frame = "" if item.frame_number is None else f"#{item.frame_number}"
+        rows.append(Outcome(f"{item.index:>4} {where:>8} {frame}".rstrip(), result=item.result))
+    write_table(rows, out, first="SLICE POSITION", short_notes=True)
+    out.write(f"FINDING {finding_line(result)}\n")
+
+
+def write_table(outcomes: Sequence[Outcome], out: TextIO, first: str = "FILE", short_notes: bool = False) -> None:
+    """The table; ``short_notes``: a not-assessed row names its reasons, not the whole warning (a
+    series' slices: the warnings are in --format json)."""
+    series = [o for o in outcomes if o.series is not None]
+    outcomes = [o for o in outcomes if o.series is None]
+    header = [first, "LABEL", "P", "TUMOUR P", "TUMOUR", "MS", "NOTE"]
     rows = []
     for o in outcomes:
         s = summary_fields(o)
         if not o.ok:
             rows.append([s["file"], "FAILED", "", "", "", "", s["error"]])
         elif s["warning"]:  # out of distribution: the warning instead of a finding
+            note = f"not assessed: {', '.join(o.result.ood_reasons)}" if short_notes and o.result else s["warning"]
             rows.append([s["file"], "NOT ASSESSED", "-", "-", "-", fmt_number(s["total_ms"], 1),
-                         " ".join(filter(None, [s["warning"], s["cam_file"]]))])
+                         " ".join(filter(None, [note, s["cam_file"]]))])
         else:
             rows.append([s["file"], s["label"], fmt_number(s["probability"]), fmt_number(s["tumour_probability"]),
                          s["tumour_detected"], fmt_number(s["total_ms"], 1), s["cam_file"]])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
-    for row in [header, *rows]:
+    for row in [header, *rows] if rows else []:
         cells = [str(c).ljust(w) for c, w in zip(row, widths, strict=False)] + [str(row[-1])]
         out.write("  ".join(cells).rstrip() + "\n")
+    for o in series:
+        write_series_table(o, out)
 
 
 def write_csv(outcomes: Sequence[Outcome], out: TextIO, labels: Sequence[str]) -> None:
@@ -401,8 +528,15 @@ def write_csv(outcomes: Sequence[Outcome], out: TextIO, labels: Sequence[str]) -
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
 
 
+def series_record(outcome: Outcome) -> dict[str, Any]:
+    return {"file": outcome.path, "ok": outcome.ok,
+            "series": outcome.series.to_dict() if outcome.series else None, "error": outcome.error}
+
+
 def json_record(outcome: Outcome) -> dict[str, Any]:
     """The response (without base64 images) and where the CAM overlay was written."""
+    if outcome.series is not None:
+        return series_record(outcome)
     return {"file": outcome.path, "ok": outcome.ok, "result": result_record(outcome.result), "cam_file": outcome.cam_file,
             "dicom_files": outcome.dicom_files, "error": outcome.error}
 
@@ -420,29 +554,61 @@ def write_output(outcomes: Sequence[Outcome], fmt: str, out: TextIO) -> None:
         write_table(outcomes, out)
 
 
+def split_inputs(args: argparse.Namespace) -> tuple[list[Path], list[Path], list[Outcome]]:
+    """(image files, series inputs: folders with ``--series`` and NIfTI files, failures)."""
+    if args.series:
+        folders = [Path(a) for a in args.paths if Path(a).is_dir()]
+        missing = [Outcome(a, error="--series needs a folder of DICOM instances") for a in args.paths
+                   if not Path(a).is_dir()]
+        missing += [Outcome(str(f), error="no DICOM file in this folder") for f in folders if not dicom_files(f)]
+        return [], [f for f in folders if dicom_files(f)], missing
+    files, missing = collect_inputs(args.paths)
+    volumes = [f for f in files if is_nifti(f)]
+    return [f for f in files if f not in volumes], volumes, missing
+
+
+def classify_series_all(inputs: Sequence[Path], classify_series: ClassifySeries) -> list[Outcome]:
+    outcomes = []
+    for path in inputs:
+        try:
+            outcomes.append(Outcome(str(path), series=classify_series(path)))
+        except FileFailed as exc:
+            outcomes.append(Outcome(str(path), error=str(exc)))
+        except OSError as exc:
+            outcomes.append(Outcome(str(path), error=f"cannot read a file: {exc.strerror or exc}"))
+    return outcomes
+
+
 def predict_files(args: argparse.Namespace) -> list[Outcome]:
     """Run the whole command except output; raises Unusable when nothing can be done."""
-    files, missing = collect_inputs(args.paths)
-    if not files and not missing:
+    files, series, missing = split_inputs(args)
+    if not files and not series and not missing:
         raise Unusable("no image files found in the given paths")
+    if series and args.format == "csv":
+        raise Unusable("a series prints as a table or JSON (--format table or json), not CSV")
+    if series and (args.cam_dir or args.dicom_dir):
+        raise Unusable("--cam-dir and --dicom-dir are for single images, not series")
     cam = "png" if args.cam_dir or args.dicom_dir else "none"
     if args.url and args.store is not None:
         raise Unusable("--store records answers made here; with --url the service records its own")
     if args.url:
-        classify, model, close = remote_classifier(args.url, cam, args.timeout, args.api_key)
+        backend = remote_backend(args.url, cam, args.timeout, args.api_key)
         jobs, where = args.jobs, args.url
     else:
-        classify, model, close = local_classifier(model_path_of(args), cam, args.store)
+        backend = local_backend(model_path_of(args), cam, args.store)
         jobs, where = 1, "this machine"  # one ONNX Runtime session already uses the cores
     if not args.no_progress:
-        about = f"model {model['name']} {model['version']} on {where}"
-        print(f"btd predict: {len(files)} files, {about}", file=sys.stderr)
+        about = f"model {backend.model['name']} {backend.model['version']} on {where}"
+        counted = f"{len(files)} files" + (f", {len(series)} series" if series else "")
+        print(f"btd predict: {counted}, {about}", file=sys.stderr)
     cams = CamWriter(Path(args.cam_dir), files) if args.cam_dir else None
     dicoms = DicomWriter(Path(args.dicom_dir), files) if args.dicom_dir else None
     try:
-        outcomes = classify_all(files, classify, jobs=jobs, progress=not args.no_progress, cams=cams, dicoms=dicoms)
+        outcomes = classify_all(files, backend.classify, jobs=jobs, progress=not args.no_progress, cams=cams,
+                                dicoms=dicoms) if files else []
+        outcomes += classify_series_all(series, backend.classify_series)
     finally:
-        close()
+        backend.close()
     return missing + outcomes
 
 
@@ -510,6 +676,8 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     add("--api-key", default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
         help=f"API key for a service that asks for one, sent as X-API-Key (default: ${API_KEY_ENV}; the "
              "variable keeps the key out of the process list)")
+    add("--series", action="store_true", help="each PATH is a folder holding one series of DICOM instances: print "
+        "its slices in order and the series finding (NIfTI files, .nii / .nii.gz, are series without it)")
     add("--no-progress", action="store_true", help="no progress bar on stderr")
     from app.transports.cli.store import add_store_argument
 

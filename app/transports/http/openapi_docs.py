@@ -93,6 +93,28 @@ BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: _COMMON[503],
 }
 
+SERIES_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the series finding (app.core.series.aggregate: the rule is in its 'rule' member) and "
+                         "every slice's prediction in slice order", "headers": REQUEST_ID_HEADER},
+    400: problem("bad-request: malformed multipart body, no instance, instances of more than one series (Series "
+                 "Instance UID) or without one; invalid-image: an unreadable DICOM instance, a body that is not a "
+                 "single-file NIfTI-1/2 volume, a 2-D or 4-D NIfTI (one 3-D volume only), corrupt or truncated gzip; "
+                 + INVALID_HOST),
+    **_ACCESS,
+    406: problem("not-acceptable: DICOM results (format=dicom, a DICOM Accept header) are not served for a series "
+                 "yet; ask for JSON"),
+    **_UPLOAD,
+    413: problem("payload-too-large: body over BTD_MAX_BODY_BYTES, more slices than BTD_MAX_SERIES_SLICES, a NIfTI "
+                 "over BTD_MAX_VOLUME_BYTES once inflated, a slice over BTD_MAX_PIXELS"),
+    415: problem("unsupported-media-type: neither multipart/related of application/dicom parts nor a NIfTI body "
+                 "(application/octet-stream, application/gzip, application/x-gzip, application/x-nifti); a part "
+                 "that is not DICOM"),
+    422: _COMMON[422],
+    503: _COMMON[503],
+    504: problem("timeout: the series took longer than BTD_SERIES_TIMEOUT_S, or a slice longer than "
+                 "BTD_REQUEST_TIMEOUT_S"),
+}
+
 NOT_READY_RESPONSES: dict[int | str, dict[str, Any]] = {
     **_HOST,
     503: problem("model-not-ready: the model is not loaded, checked and warmed up yet, or the server is draining"),
@@ -132,6 +154,15 @@ BATCH_BODY = {**KEY_SECURITY, "requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
         "files": {"type": "array", "items": BINARY, "description": "one part per image (BTD_MAX_BATCH_FILES at most)"},
     }}},
+}}}
+
+SERIES_BODY = {**KEY_SECURITY, "requestBody": {"required": True, "content": {
+    "multipart/related": {"schema": {**BINARY, "description": 'type="application/dicom", as STOW-RS sends: one part '
+                                     "per DICOM instance of one series (single-frame, or Enhanced MR multi-frame: "
+                                     "every frame is a slice)"}},
+    "application/octet-stream": {"schema": {**BINARY, "description": "one NIfTI-1/2 volume, .nii or .nii.gz "
+                                            "(recognised by its bytes: gzip's signature, then the NIfTI header)"}},
+    "application/gzip": {"schema": {**BINARY, "description": "one .nii.gz volume"}},
 }}}
 
 # ---------------------------------------------------------------- Open Inference Protocol (KServe v2)

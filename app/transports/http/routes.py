@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import asdict
 from typing import Any
 
@@ -13,13 +14,23 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.core.decision import Decision
-from app.core.decode import MEDIA_TYPES, normalise_media_type
-from app.core.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from app.core.decode import DICOM, MEDIA_TYPES, normalise_media_type
+from app.core.errors import (
+    BadRequest,
+    InvalidRequest,
+    ModelNotReady,
+    NotAcceptable,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
+from app.core.nifti import looks_like_nifti
 from app.core.result import Prediction, Timings
 from app.engine import metrics
 from app.engine.pipeline import CamMode, InputFacts
 from app.engine.records.rows import prediction_row
 from app.engine.records.writer import RecordWriter
+from app.engine.series import answer_dicom_series, answer_volume
 from app.engine.service import InferenceService
 from app.settings import Settings
 from app.transports.http import openapi_docs as docs
@@ -27,7 +38,14 @@ from app.transports.http.audit import AuditLog
 from app.transports.http.dicom import ResultFormat, dicom_objects_wanted, dicom_response
 from app.transports.http.middleware import route_template
 from app.transports.http.problems import problem_of, problem_response, request_id_of
-from app.transports.http.schemas import BatchResponse, Health, ModelDescription, PredictResponse
+from app.transports.http.schemas import (
+    BatchResponse,
+    Health,
+    ModelDescription,
+    PredictResponse,
+    SeriesResponse,
+)
+from app.transports.pacs.multipart import decode_related, media_type_params
 
 router = APIRouter()
 
@@ -178,6 +196,68 @@ async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
 
     # All at once, so they meet in the micro-batcher; gather keeps request order.
     return {"results": await asyncio.gather(*(one(i, u) for i, u in enumerate(uploads)))}
+
+
+# What a NIfTI body may say it is; the bytes decide (gzip's signature, then the NIfTI header: app.core.nifti).
+NIFTI_MEDIA_TYPES = ("", "application/octet-stream", "application/gzip", "application/x-gzip", "application/x-nifti",
+                     "application/nifti")
+
+
+async def read_series(request: Request, max_slices: int) -> tuple[list[bytes], bytes | None]:
+    """(DICOM instances, None) of a multipart/related body, or ([], the NIfTI volume's bytes). More parts
+    than ``max_slices`` (each instance is a slice at least) are refused before they are split."""
+    content_type = request.headers.get("content-type") or ""
+    bare, params = media_type_params(content_type)
+    if bare == "multipart/related":
+        if params.get("type", DICOM).lower() != DICOM:
+            raise UnsupportedMediaType('a series in multipart/related must have type="application/dicom" parts')
+        body = await request.body()
+        delimiter = b"--" + params.get("boundary", "").encode("latin-1")
+        if params.get("boundary") and body.count(delimiter) - 1 > max_slices:
+            raise PayloadTooLarge(f"the series has more than {max_slices} parts (BTD_MAX_SERIES_SLICES)")
+        try:
+            parts = decode_related(body, content_type)
+        except ValueError as exc:
+            raise BadRequest(f"the multipart/related body is malformed: {exc}") from None
+        if not parts:
+            raise BadRequest("the series has no DICOM instance")
+        if any(media_type_params(part_type)[0] not in (DICOM, "") for part_type, _ in parts):
+            raise UnsupportedMediaType("every part of a series must be application/dicom")
+        return [data for _, data in parts], None
+    if bare in NIFTI_MEDIA_TYPES:
+        data = await request.body()
+        if not data:
+            raise BadRequest("the body is empty: send a NIfTI volume or multipart/related DICOM instances")
+        if not looks_like_nifti(data):
+            raise UnsupportedMediaType("the body is not a NIfTI volume (.nii or .nii.gz); send DICOM instances as "
+                                       'multipart/related; type="application/dicom"')
+        return [], data
+    raise UnsupportedMediaType('send DICOM instances as multipart/related; type="application/dicom", or one NIfTI '
+                               f"volume as {', '.join(t for t in NIFTI_MEDIA_TYPES if t)}")
+
+
+@router.post("/v1/predict/series", operation_id="predictSeries",
+             summary="Classify a series: DICOM instances of one series, or a NIfTI volume",
+             response_model=SeriesResponse, responses=docs.SERIES_RESPONSES, openapi_extra=docs.SERIES_BODY)
+async def predict_series(request: Request, result_format: ResultFormat = FORMAT_QUERY,
+                         service: InferenceService = Depends(get_service),
+                         settings: Settings = Depends(get_settings)) -> Response:
+    try:
+        if dicom_objects_wanted(result_format, request.headers.get("accept")) is not None:
+            raise NotAcceptable("DICOM results of a series are not served yet; ask for JSON")
+        limits = settings.series_limits()
+        instances, volume = await read_series(request, limits.max_slices)
+        if volume is not None:
+            series, facts = await answer_volume(service, volume, limits)
+        else:
+            series, facts = await answer_dicom_series(service, instances, limits)
+    except ServiceError as error:
+        audit_prediction(request, service, error=error)
+        raise
+    for item, fact in zip(series.slices, facts):
+        audit_prediction(request, service, index=item.index, result=item.result, facts=fact)
+    body = {"request_id": request_id_of(request), **series.to_dict()}
+    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
 
 @router.get("/v1/model", operation_id="getModel", summary="The loaded model: labels, input, metrics, provider",

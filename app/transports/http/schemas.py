@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from app.core.contract import OodSpec, PreprocessSpec, ValidatedUse
 from app.core.result import Prediction
+from app.core.series import SeriesResult
 
 
 class Problem(BaseModel):
@@ -25,20 +26,22 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = Field(None, description="validation errors (422 validation-error only)")
 
 
-def _response_model() -> type[BaseModel]:
-    """``PredictResponse``: ``request_id`` and then every field of the core's ``Prediction`` (one
-    definition of the result's shape, in ``app.core.result``)."""
-    hints = typing.get_type_hints(Prediction, include_extras=True)
+def _response_model(result: type, name: str, doc: str) -> type[BaseModel]:
+    """``request_id`` and then every field of a core result dataclass (one definition of the result's
+    shape, in ``app.core``)."""
+    hints = typing.get_type_hints(result, include_extras=True)
     fields: dict[str, Any] = {"request_id": (str, ...)}
-    for f in dataclasses.fields(Prediction):
+    for f in dataclasses.fields(result):
         if f.default_factory is not dataclasses.MISSING:
             fields[f.name] = (hints[f.name], Field(default_factory=f.default_factory))
         else:
             fields[f.name] = (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
-    return create_model("PredictResponse", __doc__="One prediction.", **fields)
+    return create_model(name, __doc__=doc, **fields)
 
 
-PredictResponse = _response_model()
+PredictResponse = _response_model(Prediction, "PredictResponse", "One prediction.")
+SeriesResponse = _response_model(SeriesResult, "SeriesResponse", "A series: its finding and its slices' predictions, "
+                                 "in slice order.")
 
 
 class BatchItemOk(BaseModel):

@@ -1,0 +1,166 @@
+"""POST /v1/predict/series: DICOM instances (multipart/related, as STOW-RS sends) or a NIfTI volume."""
+
+from __future__ import annotations
+
+import gzip
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from app.transports.pacs.multipart import encode_related
+from tests.api.helpers import assert_matches_spec, assert_problem, png_bytes, running_app
+
+nib = pytest.importorskip("nibabel")
+SERIES = "/v1/predict/series"
+SERIES_UID = generate_uid()
+
+
+def mr(z: float, number: int, *, series_uid: str = SERIES_UID) -> tuple[bytes, str]:
+    """pydicom's 64x64 MR slice at height ``z`` (axial), as (bytes, SOP Instance UID)."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    uid = generate_uid()
+    ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.file_meta.MediaStorageSOPInstanceUID = series_uid, uid, uid
+    ds.InstanceNumber, ds.ImageOrientationPatient, ds.ImagePositionPatient = number, [1, 0, 0, 0, 1, 0], [0, 0, z]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue(), uid
+
+
+def enhanced_mr(heights: list[float]) -> tuple[bytes, str]:
+    """A multi-frame MR whose frames lie at ``heights`` (Plane Position Sequence per frame, Plane
+    Orientation shared), as an Enhanced MR object places them."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    frames = len(heights)
+    ds.PixelData = b"".join(ds.PixelData for _ in range(frames))
+    ds.NumberOfFrames = frames
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient"):
+        delattr(ds, keyword)
+    shared, orientation = Dataset(), Dataset()
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    shared.PlaneOrientationSequence = [orientation]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for z in heights:
+        item, position = Dataset(), Dataset()
+        position.ImagePositionPatient = [0, 0, z]
+        item.PlanePositionSequence = [position]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    uid = generate_uid()
+    ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.file_meta.MediaStorageSOPInstanceUID = SERIES_UID, uid, uid
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue(), uid
+
+
+def post_dicom(client, parts: list[bytes], **kwargs):
+    body, content_type = encode_related(parts)
+    return client.post(SERIES, content=body, headers={"Content-Type": content_type}, **kwargs)
+
+
+def nifti(shape=(64, 64, 5), *, compress: bool = True) -> bytes:
+    data = np.random.default_rng(0).integers(0, 1000, shape).astype(np.int16)
+    raw = nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.5, 1.0])).to_bytes()
+    return gzip.compress(raw) if compress else raw
+
+
+def test_dicom_instances_are_ordered_along_the_normal_and_aggregated(client):
+    received = [mr(10.0, 1), mr(-5.0, 3), mr(2.5, 2)]  # instance numbers contradict the positions
+    response = post_dicom(client, [data for data, _ in received])
+    assert response.status_code == 200, response.text
+    assert_matches_spec(response)
+    body = response.json()
+    assert body["source"] == "dicom" and body["ordering"] == "position"
+    assert [s["instance_uid"] for s in body["slices"]] == [received[i][1] for i in (1, 2, 0)]
+    assert [s["position"] for s in body["slices"]] == [-5.0, 2.5, 10.0]
+    assert [s["index"] for s in body["slices"]] == [0, 1, 2]
+    finding = body["finding"]
+    assert finding["slices_assessed"] + finding["slices_not_assessed"] == 3
+    assert finding["threshold"] == body["slices"][0]["result"]["threshold"]
+    assert finding["rule"] and body["request_id"] == response.headers["x-request-id"]
+
+
+def test_the_frames_of_an_enhanced_mr_are_slices(client):
+    data, uid = enhanced_mr([8.0, 0.0, 4.0])
+    body = post_dicom(client, [data]).json()
+    assert [(s["instance_uid"], s["frame_number"], s["position"]) for s in body["slices"]] == [
+        (uid, 2, 0.0), (uid, 3, 4.0), (uid, 1, 8.0)]
+    assert body["warnings"] == []
+    assert not any("multi-frame" in w for s in body["slices"] for w in s["result"]["warnings"])
+
+
+def test_a_nifti_volume_answers_its_axial_slices(client):
+    for body_bytes, content_type in ((nifti(), "application/gzip"), (nifti(compress=False), "application/octet-stream")):
+        response = client.post(SERIES, content=body_bytes, headers={"Content-Type": content_type})
+        assert response.status_code == 200, response.text
+        assert_matches_spec(response)
+        body = response.json()
+        assert body["source"] == "nifti" and len(body["slices"]) == 5
+        assert [s["position"] for s in body["slices"]] == [0.0, 2.5, 5.0, 7.5, 10.0]
+        assert all(s["instance_uid"] is None for s in body["slices"])
+
+
+def test_instances_without_positions_are_ordered_by_instance_number_and_say_so(client):
+    received = [mr(0.0, 2), mr(0.0, 1)]
+    parts = []
+    for data, _ in received:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        del ds.ImagePositionPatient
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        parts.append(buffer.getvalue())
+    body = post_dicom(client, parts).json()
+    assert body["ordering"] == "instance-number" and "Instance Number" in body["warnings"][0]
+    assert [s["instance_uid"] for s in body["slices"]] == [received[1][1], received[0][1]]
+    assert [s["position"] for s in body["slices"]] == [None, None]
+
+
+def test_instances_of_two_series_are_refused(client):
+    response = post_dicom(client, [mr(0.0, 1)[0], mr(5.0, 2, series_uid=generate_uid())[0]])
+    assert "2 series" in assert_problem(response, 400, "bad-request")["detail"]
+
+
+@pytest.mark.parametrize("shape, words", [((64, 64, 5, 3), "4-D"), ((64, 64), "2-D")])
+def test_a_nifti_that_is_not_one_volume_is_refused(client, shape, words):
+    response = client.post(SERIES, content=nifti(shape), headers={"Content-Type": "application/gzip"})
+    assert words in assert_problem(response, 400, "invalid-image")["detail"]
+
+
+def test_bad_bodies_are_4xx_problems(client):
+    assert_problem(client.post(SERIES, content=png_bytes(), headers={"Content-Type": "application/octet-stream"}),
+                   415, "unsupported-media-type")
+    assert_problem(client.post(SERIES, content=b"", headers={"Content-Type": "application/octet-stream"}),
+                   400, "bad-request")
+    assert_problem(client.post(SERIES, content=png_bytes(), headers={"Content-Type": "image/png"}),
+                   415, "unsupported-media-type")
+    empty = b"--b--\r\n"
+    assert_problem(client.post(SERIES, content=empty, headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}),
+                   400, "bad-request")
+    body, content_type = encode_related([png_bytes()], part_type="image/png")
+    assert_problem(client.post(SERIES, content=body, headers={"Content-Type": content_type}), 415,
+                   "unsupported-media-type")
+    body, content_type = encode_related([png_bytes()])  # said to be DICOM, is not
+    assert_problem(client.post(SERIES, content=body, headers={"Content-Type": content_type}), 415,
+                   "unsupported-media-type")
+
+
+def test_dicom_results_of_a_series_are_not_served_yet(client):
+    response = post_dicom(client, [mr(0.0, 1)[0]], params={"format": "dicom"})
+    assert_problem(response, 406, "not-acceptable")
+
+
+def test_limits_on_slices_and_inflated_volume(model_path):
+    with running_app(model_path, max_series_slices=2, max_volume_bytes=1 << 20) as client:
+        response = post_dicom(client, [mr(float(z), z)[0] for z in range(3)])
+        assert "BTD_MAX_SERIES_SLICES" in assert_problem(response, 413, "payload-too-large")["detail"]
+        many, content_type = encode_related([b"x"] * 100_000)  # refused before it is split into parts
+        response = client.post(SERIES, content=many, headers={"Content-Type": content_type})
+        assert "more than 2 parts" in assert_problem(response, 413, "payload-too-large")["detail"]
+        bomb = gzip.compress(b"\0" * (2 << 20))
+        response = client.post(SERIES, content=bomb, headers={"Content-Type": "application/gzip"})
+        assert "inflates" in assert_problem(response, 413, "payload-too-large")["detail"]
