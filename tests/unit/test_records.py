@@ -21,7 +21,7 @@ from app.engine.pipeline import INTENSITY_PERCENTILES, InputFacts, intensity_per
 from app.engine.records import writer as writer_module
 from app.engine.records.options import RecordOptions
 from app.engine.records.rows import prediction_row
-from app.engine.records.schema import RECORDS, Base
+from app.engine.records.schema import FEEDBACK, RECORDS, Base
 from app.engine.records.store import RecordStore, alembic_config, safe_url
 from app.engine.records.writer import RecordWriter
 from tests.postgres import postgres, started_postgres  # noqa: F401  (the session's PostgreSQL server)
@@ -66,11 +66,12 @@ def test_migrate_creates_the_schema_from_an_empty_database(database_url: str):
         store.migrate()
         store.migrate()  # at head already: nothing to do
         inspector = sa.inspect(store.engine)
-        assert {"prediction_records", "alembic_version"} <= set(inspector.get_table_names())
+        assert {"prediction_records", "reader_feedback", "alembic_version"} <= set(inspector.get_table_names())
         columns = {c["name"] for c in inspector.get_columns("prediction_records")}
         assert columns == {c.name for c in RECORDS.columns}
+        assert {c["name"] for c in inspector.get_columns("reader_feedback")} == {c.name for c in FEEDBACK.columns}
         with store.engine.connect() as connection:
-            assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+            assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
     finally:
         store.close()
 
