@@ -20,12 +20,13 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from sqlalchemy import Connection, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from app.core.contract import NO_TUMOUR_LABEL
-from app.core.errors import InvalidRequest, PredictionNotFound
+from app.core.errors import InvalidRequest, PredictionNotFound, RecordsUnavailable
 from app.engine.records.schema import FEEDBACK, RECORDS
 from app.engine.records.store import RecordStore
+from app.engine.records.writer import RecordWriter
 
 # A pseudonym, never a name: letters, digits, '-' and '_' (no spaces, dots, '@' or '^': no
 # "Doe^Jane", "jane.doe" or e-mail address). The service cannot tell a pseudonym from a name
@@ -33,6 +34,9 @@ from app.engine.records.store import RecordStore
 READER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ANONYMOUS = ""  # reader_id stored for feedback that names no reader
 Outcome = Literal["created", "unchanged", "replaced"]
+# Records are written in batches off the request path (``writer``): feedback on an answer given a moment
+# ago waits at most this long for its record before it is "not found".
+PENDING_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,26 @@ def save_feedback(store: RecordStore, finding: Finding, *, request_id: str | Non
             if attempt:
                 raise
     raise AssertionError("unreachable")
+
+
+def record_feedback(writer: RecordWriter, finding: Finding, wait_s: float = PENDING_WAIT_S,
+                    **where: Any) -> SavedFeedback:
+    """``save_feedback`` in the record writer's database (``where``: its keyword arguments). A prediction
+    not found while records still wait to be written is looked for again once they are (``wait_s`` at
+    most). Raises ``RecordsUnavailable`` (503) while the database is down or not migrated yet."""
+    if not writer.migrated:
+        raise RecordsUnavailable("the records database is not ready yet (migrating, or unreachable); try again "
+                                 "in a moment", headers={"Retry-After": "5"})
+    try:
+        try:
+            return save_feedback(writer.store, finding, **where)
+        except PredictionNotFound:
+            if not writer.queue.unfinished_tasks or not writer.wait_written(wait_s):
+                raise
+            return save_feedback(writer.store, finding, **where)
+    except SQLAlchemyError as exc:
+        raise RecordsUnavailable(f"the records database did not take the feedback ({type(exc).__name__}); try "
+                                 "again in a moment", headers={"Retry-After": "5"}) from None
 
 
 def _save(connection: Connection, finding: Finding, request_id: str | None, item: int | None,

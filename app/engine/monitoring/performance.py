@@ -1,0 +1,155 @@
+"""Live performance per model version, against readers' feedback (README, "Live performance").
+
+Pure: ``performance_of(rows)`` takes the rows ``app.engine.records.feedback.confirmed_rows`` reads
+(one per reading, joined to its prediction) and returns the report; ``performance_report(store)``
+reads them and calls it. The figures:
+
+- a *confirmed case* is a recorded prediction with at least one reader's finding. Several readers'
+  findings on one prediction are combined by majority; a tie leaves that figure undecided for it
+  (counted in ``disputed``), never guessed;
+- *sensitivity* and *specificity* of the model's tumour decision (``tumour_detected``) against the
+  readers' ``tumour_present``, over assessed predictions that made the decision;
+- *class agreement*: the model's label is the readers' label, over assessed predictions with a label;
+- each with its 95% Wilson score interval (``wilson_interval``);
+- the expected calibration error of the tumour probability against the readers' finding
+  (``expected_calibration_error``, ``ECE_BINS`` equal-width bins), over the same cases as the decision.
+
+Images not assessed (out of distribution) make no decision and name no class: they are counted
+(``not_assessed``) and left out of every figure.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from datetime import datetime, timezone
+from statistics import NormalDist
+from typing import Any
+
+from app.engine.records.feedback import confirmed_rows
+from app.engine.records.store import RecordStore
+
+CONFIDENCE_LEVEL = 0.95
+ECE_BINS = 10
+
+
+def wilson_interval(successes: int, trials: int, confidence: float = CONFIDENCE_LEVEL) -> tuple[float, float] | None:
+    """The Wilson score interval of a binomial proportion (Wilson 1927; Newcombe 1998, method 3), without
+    continuity correction; None for no trials."""
+    if trials <= 0:
+        return None
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must lie in [0, trials]: {successes} of {trials}")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p, n, z2 = successes / trials, trials, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def proportion(successes: int, trials: int) -> dict[str, Any]:
+    """A proportion with its Wilson interval: ``value``, ``lower``, ``upper`` (None without trials),
+    ``successes``, ``trials``."""
+    interval = wilson_interval(successes, trials)
+    return {"value": successes / trials if trials else None, "lower": interval[0] if interval else None,
+            "upper": interval[1] if interval else None, "successes": successes, "trials": trials}
+
+
+def expected_calibration_error(probabilities: Sequence[float], outcomes: Sequence[bool],
+                               bins: int = ECE_BINS) -> float | None:
+    """Binary ECE: over ``bins`` equal-width bins of the predicted probability (the first closed at 0,
+    each other closed on the right), the case-weighted mean of |observed frequency - mean probability|;
+    None for no cases."""
+    if len(probabilities) != len(outcomes):
+        raise ValueError("one outcome per probability")
+    if not probabilities:
+        return None
+    sums: dict[int, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # bin -> [cases, sum p, sum outcome]
+    for p, outcome in zip(probabilities, outcomes):
+        b = max(0, min(bins - 1, math.ceil(p * bins) - 1))
+        cell = sums[b]
+        cell[0] += 1
+        cell[1] += p
+        cell[2] += float(outcome)
+    return sum(abs(s_y - s_p) for _, s_p, s_y in sums.values()) / len(probabilities)
+
+
+def majority(values: Iterable[Hashable]) -> Any:
+    """The most frequent of ``values`` (Nones ignored); None when there is none or a tie for the most."""
+    counts = Counter(v for v in values if v is not None).most_common(2)
+    if not counts or (len(counts) == 2 and counts[0][1] == counts[1][1]):
+        return None
+    return counts[0][0]
+
+
+def _model_report(cases: list[dict[str, Any]], readings: int) -> dict[str, Any]:
+    tp = fn = tn = fp = agree = labelled = disputed = not_assessed = 0
+    probabilities: list[float] = []
+    outcomes: list[bool] = []
+    for case in cases:
+        truth, label = case["reader_tumour"], case["reader_label"]
+        if (case["any_tumour"] and truth is None) or (case["any_label"] and label is None):
+            disputed += 1
+        if not case["assessed"]:
+            not_assessed += 1
+            continue
+        if label is not None:
+            labelled += 1
+            agree += case["label"] == label
+        if truth is not None and case["tumour_detected"] is not None:
+            if truth:
+                tp, fn = tp + case["tumour_detected"], fn + (not case["tumour_detected"])
+            else:
+                tn, fp = tn + (not case["tumour_detected"]), fp + case["tumour_detected"]
+            if case["tumour_probability"] is not None:
+                probabilities.append(float(case["tumour_probability"]))
+                outcomes.append(bool(truth))
+    return {
+        "confirmed": len(cases), "readings": readings, "not_assessed": not_assessed, "disputed": disputed,
+        "sensitivity": proportion(tp, tp + fn), "specificity": proportion(tn, tn + fp),
+        "class_agreement": proportion(agree, labelled),
+        "calibration": {"ece": expected_calibration_error(probabilities, outcomes), "bins": ECE_BINS,
+                        "cases": len(probabilities)},
+    }
+
+
+def performance_of(rows: Iterable[Mapping[str, Any]], now: datetime | None = None) -> dict[str, Any]:
+    """The report from readings joined to their predictions (keys: ``prediction_id``, ``model_version``,
+    ``label``, ``tumour_probability``, ``tumour_detected``, ``assessed``, ``reader_label``,
+    ``reader_tumour``). Its shape, per model version (figures with no case are None)::
+
+        {"generated_at": "2026-12-07T10:00:00+00:00", "confidence_level": 0.95,
+         "models": {"1.2.0": {
+             "confirmed": 120,      # predictions with a reader's finding
+             "readings": 131,       # findings (several readers may read one prediction)
+             "not_assessed": 3,     # confirmed but not assessed (out of distribution): in no figure
+             "disputed": 1,         # readers tied on the tumour or the class: left out of that figure
+             "sensitivity": {"value": 0.93, "lower": 0.84, "upper": 0.97, "successes": 56, "trials": 60},
+             "specificity": {...}, "class_agreement": {...},    # the same keys
+             "calibration": {"ece": 0.04, "bins": 10, "cases": 116}}}}
+    """
+    predictions: dict[Any, dict[str, Any]] = {}
+    tumour_votes: dict[Any, list[bool | None]] = defaultdict(list)
+    label_votes: dict[Any, list[str | None]] = defaultdict(list)
+    readings: Counter[str] = Counter()
+    for row in rows:
+        key = row["prediction_id"]
+        predictions.setdefault(key, dict(row))
+        tumour_votes[key].append(row["reader_tumour"])
+        label_votes[key].append(row["reader_label"])
+        readings[row["model_version"]] += 1
+    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for key, prediction in predictions.items():
+        by_model[prediction["model_version"]].append({
+            **prediction, "reader_tumour": majority(tumour_votes[key]), "reader_label": majority(label_votes[key]),
+            "any_tumour": any(v is not None for v in tumour_votes[key]),
+            "any_label": any(v is not None for v in label_votes[key])})
+    return {"generated_at": (now or datetime.now(timezone.utc)).isoformat(), "confidence_level": CONFIDENCE_LEVEL,
+            "models": {version: _model_report(cases, readings[version]) for version, cases in sorted(by_model.items())}}
+
+
+def performance_report(store: RecordStore, now: datetime | None = None) -> dict[str, Any]:
+    """``performance_of`` the readings in ``store``: blocking, call it off the event loop (an HTTP
+    route: ``await asyncio.to_thread(performance_report, store)``)."""
+    return performance_of(confirmed_rows(store), now)
