@@ -8,7 +8,7 @@ batch sizes as powers of two, confidences on [0, 1].
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -82,9 +82,13 @@ class LivePerformance(Collector):
     version, so a scrape reads a dict and never waits for the database. A figure with no case yet
     (e.g. no reader found a tumour) has no sample."""
 
-    PROPORTIONS = {"sensitivity": "sensitivity of the tumour decision against readers",
-                   "specificity": "specificity of the tumour decision against readers",
-                   "class_agreement": "share of confirmed cases where the model's class is the readers'"}
+    PROPORTIONS: ClassVar[dict[str, str]] = {"sensitivity": "sensitivity of the tumour decision against readers",
+                                             "specificity": "specificity of the tumour decision against readers",
+                                             "class_agreement": "share of confirmed cases where the model's class "
+                                                                "is the readers'"}
+    BOUNDS: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("", "value", ""), ("_lower", "lower", ", lower bound of its 95% Wilson interval"),
+        ("_upper", "upper", ", upper bound of its 95% Wilson interval"))
 
     def __init__(self) -> None:
         self.report: dict[str, Any] = {"models": {}}
@@ -111,9 +115,7 @@ class LivePerformance(Collector):
             if model["calibration"]["ece"] is not None:
                 ece.add_metric([version], model["calibration"]["ece"])
         for name, what in self.PROPORTIONS.items():
-            for suffix, bound, text in (("", "value", ""), ("_lower", "lower", ", lower bound of its 95% Wilson "
-                                                               "interval"),
-                                        ("_upper", "upper", ", upper bound of its 95% Wilson interval")):
+            for suffix, bound, text in self.BOUNDS:
                 family = GaugeMetricFamily(f"btd_live_{name}{suffix}", f"Live {what}{text}, by model version",
                                            labels=labels)
                 for version, model in report["models"].items():

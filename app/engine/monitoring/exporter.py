@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from app.engine import metrics
 from app.engine.monitoring.performance import performance_report
 from app.engine.records.store import RecordStore, safe_url
@@ -36,7 +38,7 @@ class PerformanceExporter:
         """Compute the report now and publish it; False (logged once per outage) when it failed."""
         try:
             report = self.report(self.store)
-        except Exception as exc:  # any database failure: the gauges keep their last figures
+        except (SQLAlchemyError, OSError) as exc:  # the database failed: the gauges keep their last figures
             if not self._failing:
                 log.warning("live performance not refreshed from %s (%s); the gauges keep their last figures and "
                             "it is retried every %g s", safe_url(self.store.url), type(exc).__name__, self.interval_s)
