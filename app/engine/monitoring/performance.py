@@ -83,27 +83,27 @@ def majority(values: Iterable[Hashable]) -> Any:
     return counts[0][0]
 
 
-def _model_report(cases: list[dict[str, Any]], readings: int) -> dict[str, Any]:
+def _model_report(cases: list[tuple[Mapping[str, Any], bool | None, str | None, bool]], readings: int) -> dict[str, Any]:
+    """``cases``: (the prediction, the readers' tumour finding, their label, whether they disputed it)."""
     tp = fn = tn = fp = agree = labelled = disputed = not_assessed = 0
     probabilities: list[float] = []
     outcomes: list[bool] = []
-    for case in cases:
-        truth, label = case["reader_tumour"], case["reader_label"]
-        if (case["any_tumour"] and truth is None) or (case["any_label"] and label is None):
-            disputed += 1
-        if not case["assessed"]:
+    for prediction, truth, label, tied in cases:
+        disputed += tied
+        if not prediction["assessed"]:
             not_assessed += 1
             continue
         if label is not None:
             labelled += 1
-            agree += case["label"] == label
-        if truth is not None and case["tumour_detected"] is not None:
+            agree += prediction["label"] == label
+        detected = prediction["tumour_detected"]
+        if truth is not None and detected is not None:
             if truth:
-                tp, fn = tp + case["tumour_detected"], fn + (not case["tumour_detected"])
+                tp, fn = tp + detected, fn + (not detected)
             else:
-                tn, fp = tn + (not case["tumour_detected"]), fp + case["tumour_detected"]
-            if case["tumour_probability"] is not None:
-                probabilities.append(float(case["tumour_probability"]))
+                tn, fp = tn + (not detected), fp + detected
+            if prediction["tumour_probability"] is not None:
+                probabilities.append(float(prediction["tumour_probability"]))
                 outcomes.append(bool(truth))
     return {
         "confirmed": len(cases), "readings": readings, "not_assessed": not_assessed, "disputed": disputed,
@@ -112,6 +112,18 @@ def _model_report(cases: list[dict[str, Any]], readings: int) -> dict[str, Any]:
         "calibration": {"ece": expected_calibration_error(probabilities, outcomes), "bins": ECE_BINS,
                         "cases": len(probabilities)},
     }
+
+
+def _findings(readings: list[Mapping[str, Any]]) -> tuple[bool | None, str | None, bool]:
+    """The readers' tumour finding and label on one prediction, and whether they tied on either."""
+    if len(readings) == 1:  # the common case, without counting
+        return readings[0]["reader_tumour"], readings[0]["reader_label"], False
+    tumours = [r["reader_tumour"] for r in readings]
+    labels = [r["reader_label"] for r in readings]
+    truth, label = majority(tumours), majority(labels)
+    tied = ((truth is None and any(v is not None for v in tumours))
+            or (label is None and any(v is not None for v in labels)))
+    return truth, label, tied
 
 
 def performance_of(rows: Iterable[Mapping[str, Any]], now: datetime | None = None) -> dict[str, Any]:
@@ -129,24 +141,17 @@ def performance_of(rows: Iterable[Mapping[str, Any]], now: datetime | None = Non
              "specificity": {...}, "class_agreement": {...},    # the same keys
              "calibration": {"ece": 0.04, "bins": 10, "cases": 116}}}}
     """
-    predictions: dict[Any, dict[str, Any]] = {}
-    tumour_votes: dict[Any, list[bool | None]] = defaultdict(list)
-    label_votes: dict[Any, list[str | None]] = defaultdict(list)
-    readings: Counter[str] = Counter()
+    by_prediction: dict[Any, list[Mapping[str, Any]]] = {}
     for row in rows:
-        key = row["prediction_id"]
-        predictions.setdefault(key, dict(row))
-        tumour_votes[key].append(row["reader_tumour"])
-        label_votes[key].append(row["reader_label"])
-        readings[row["model_version"]] += 1
-    by_model: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for key, prediction in predictions.items():
-        by_model[prediction["model_version"]].append({
-            **prediction, "reader_tumour": majority(tumour_votes[key]), "reader_label": majority(label_votes[key]),
-            "any_tumour": any(v is not None for v in tumour_votes[key]),
-            "any_label": any(v is not None for v in label_votes[key])})
+        by_prediction.setdefault(row["prediction_id"], []).append(row)
+    cases: dict[str, list[tuple[Mapping[str, Any], bool | None, str | None, bool]]] = defaultdict(list)
+    readings: Counter[str] = Counter()
+    for group in by_prediction.values():
+        version = group[0]["model_version"]
+        cases[version].append((group[0], *_findings(group)))
+        readings[version] += len(group)
     return {"generated_at": (now or datetime.now(timezone.utc)).isoformat(), "confidence_level": CONFIDENCE_LEVEL,
-            "models": {version: _model_report(cases, readings[version]) for version, cases in sorted(by_model.items())}}
+            "models": {version: _model_report(cases[version], readings[version]) for version in sorted(cases)}}
 
 
 def performance_report(store: RecordStore, now: datetime | None = None) -> dict[str, Any]:
