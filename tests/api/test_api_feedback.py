@@ -5,6 +5,7 @@ whatever cannot be stored."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pydicom
@@ -31,7 +32,8 @@ def other_label(answer: dict) -> str:
 
 
 def test_a_reading_is_stored_once_per_reader_and_a_correction_replaces_it(model_path: Path, tmp_path: Path):
-    with running_app(model_path, records_dir=tmp_path) as client:
+    audit = tmp_path / "audit.jsonl"
+    with running_app(model_path, records_dir=tmp_path, audit_log=str(audit)) as client:
         answer = predict(client)  # feedback at once: its record may still wait in the writer's queue
         body = {"request_id": answer["request_id"], "label": answer["label"], "reader_id": "reader-7"}
         first = client.post("/v1/feedback", json=body)
@@ -57,6 +59,11 @@ def test_a_reading_is_stored_once_per_reader_and_a_correction_replaces_it(model_
     assert by_reader["reader-7"]["label"] == other_label(answer)  # the correction
     assert by_reader["reader_8"]["label"] == answer["label"]
     assert by_reader[""]["label"] is None and by_reader[""]["tumour_present"] is True
+    lines = [json.loads(line) for line in audit.read_text().splitlines()]
+    trail = [(e["outcome"], e["reader_id"], e["feedback_id"]) for e in lines if e["event"] == "feedback"]
+    assert trail == [(r.json()["outcome"], r.json()["reader_id"], r.json()["feedback_id"])
+                     for r in (first, again, corrected, second_reader, anonymous)]
+    assert all(e["prediction_request_id"] == answer["request_id"] for e in lines if e["event"] == "feedback")
 
 
 def test_feedback_names_a_pacs_result_by_its_source_sop_instance_uid(model_path: Path, tmp_path: Path):

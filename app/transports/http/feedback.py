@@ -13,6 +13,7 @@ from app.core.errors import FeedbackOff
 from app.engine.records.feedback import Finding, SavedFeedback, record_feedback
 from app.engine.records.writer import RecordWriter
 from app.transports.http import openapi_docs as docs
+from app.transports.http.problems import request_id_of
 from app.transports.http.schemas import FeedbackRequest, FeedbackResponse
 
 router = APIRouter()
@@ -38,4 +39,11 @@ async def post_feedback(body: FeedbackRequest, request: Request) -> JSONResponse
                                                                           "item": body.item}
     saved = await asyncio.to_thread(record_feedback, records, Finding(body.label, body.tumour_present),
                                     reader_id=body.reader_id, **where)
+    # Who stored or changed a reading, and of which answer (an audit line; the pseudonym, no finding text).
+    request.app.state.audit.write(
+        "feedback", request_id=request_id_of(request), key=getattr(request.state, "api_key", None),
+        client=request.client.host if request.client else None, route="/v1/feedback",
+        prediction_request_id=saved.request_id, item=saved.item, feedback_id=saved.feedback_id,
+        outcome=saved.outcome, reader_id=saved.reader_id, model={"name": saved.model_name,
+                                                                  "version": saved.model_version})
     return JSONResponse(response_of(saved).model_dump(mode="json"), status_code=201 if saved.outcome == "created" else 200)
