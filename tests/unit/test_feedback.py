@@ -4,12 +4,14 @@ finding checked against the prediction's model, pruning taking the feedback with
 
 from __future__ import annotations
 
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from alembic import command
 
 from app.core.decode import instance_uid_sha256
 from app.core.errors import InvalidRequest, PredictionNotFound, RecordsUnavailable
@@ -21,7 +23,7 @@ from app.engine.records.feedback import (
     save_feedback,
 )
 from app.engine.records.options import RecordOptions
-from app.engine.records.store import RecordStore
+from app.engine.records.store import MIGRATIONS, RecordStore, alembic_config
 from app.engine.records.writer import RecordWriter
 from tests.unit.test_records import LABELS, row, wait_for
 
@@ -130,3 +132,35 @@ def test_feedback_before_the_database_is_migrated_is_unavailable(tmp_path: Path)
     with pytest.raises(RecordsUnavailable):
         record_feedback(writer, Finding("glioma"), request_id="r")
     writer.store.close()
+
+
+def test_a_sqlite_migration_that_copies_the_records_table_keeps_the_feedback(tmp_path: Path):
+    # SQLite alters a table by copying it (Alembic's batch mode): with foreign keys on, dropping the old
+    # prediction_records would cascade to every reader's feedback. A later migration doing so keeps it.
+    # (PostgreSQL alters tables in place.)
+    scripts = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    (scripts / "versions" / "9999_copy_records.py").write_text(
+        "from alembic import op\nimport sqlalchemy as sa\n"
+        "revision = '9999'\ndown_revision = '0002'\nbranch_labels = None\ndepends_on = None\n\n\n"
+        "def upgrade():\n"
+        "    with op.batch_alter_table('prediction_records', recreate='always') as batch:\n"
+        "        batch.add_column(sa.Column('scratch', sa.Integer(), nullable=True))\n")
+    store = RecordStore(f"sqlite:///{tmp_path / 'btd.db'}")
+    try:
+        store.migrate()
+        store.insert([row("kept")])
+        save_feedback(store, Finding("glioma"), request_id="kept", reader_id="r1")
+        config = alembic_config(store.url)
+        config.set_main_option("script_location", str(scripts))
+        with store.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        store.engine.dispose()
+        assert [f["reader_id"] for f in store.feedback()] == ["r1"]
+        store.prune(max_rows=1)
+        store.insert([row("newer")])
+        store.prune(max_rows=1)  # the pool's connections have foreign keys on again: the cascade works
+        assert store.feedback() == []
+    finally:
+        store.close()

@@ -86,6 +86,8 @@ class RecordStore:
         with self.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+        if self.is_sqlite:
+            self.engine.dispose()  # the migrating connection had foreign keys off (env.py): not pooled again
 
     def insert(self, rows: list[dict[str, Any]]) -> None:
         """One transaction for the batch (executemany)."""
