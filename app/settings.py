@@ -150,6 +150,9 @@ class Settings(BaseSettings):
                                   "deleted; 0: no bound")
     records_queue_size: int = Field(10_000, ge=1, description="records waiting for the database; beyond, new "
                                     "ones are lost (counted in btd_records_lost_total), never the answers")
+    performance_interval_s: float = Field(60.0, ge=0, description="how often the live performance gauges "
+                                          "(btd_live_*: readers' feedback against the records) are computed from "
+                                          "the database; 0: not exported")
     # Transport.
     tls_certfile: Path | None = Field(None, description="serve HTTPS with this certificate chain (PEM)")
     tls_keyfile: Path | None = Field(None, description="the private key of BTD_TLS_CERTFILE (PEM)")

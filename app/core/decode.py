@@ -9,6 +9,7 @@ No DICOM tag value is ever put into a message or a warning (patient data).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import warnings as warnings_module
@@ -55,6 +56,13 @@ class DecodedImage:
     modality: str | None = None  # a DICOM's Modality (upper case, "" when absent); None for PNG / JPEG
     # What an MR DICOM's headers say about the plane and sequence (the intended-use gate); None otherwise
     acquisition: Acquisition | None = None
+    instance_sha256: str | None = None  # ``instance_uid_sha256`` of its SOP Instance UID; None when absent
+
+
+def instance_uid_sha256(uid: str) -> str:
+    """The sha256 (hex) of a SOP Instance UID, as a prediction record keeps it: readers' feedback names
+    a PACS result's source instance by its UID, the record never holds the UID itself."""
+    return hashlib.sha256(uid.strip().encode("ascii", "replace")).hexdigest()
 
 
 def sniff(data: bytes) -> str | None:
@@ -216,6 +224,8 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, sour
         raise NoPixelData("the DICOM file has no pixel data")
     warnings: list[str] = []
     modality = str(ds.get("Modality", "") or "").strip().upper()  # not MR: out of distribution (pipeline)
+    uid = str(ds.get("SOPInstanceUID", "") or "")
+    instance = instance_uid_sha256(uid) if uid.strip() else None
     rows, cols, frames = _int_tag(ds, "Rows"), _int_tag(ds, "Columns"), max(1, _int_tag(ds, "NumberOfFrames"))
     if rows <= 0 or cols <= 0:
         raise InvalidImage("the DICOM file has no valid image size (Rows / Columns)")
@@ -242,7 +252,7 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, sour
         warnings.append(f"multi-frame DICOM ({frames} frames): the {multiframe} frame ({frame + 1}) was used")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM, RGB after pydicom's conversion
         gray, more = _to_gray(arr[:, :, 2::-1])
-        return DecodedImage(gray, DICOM, warnings + more, header, modality, acquisition)
+        return DecodedImage(gray, DICOM, warnings + more, header, modality, acquisition, instance)
     if arr.ndim != 2:
         raise InvalidImage(f"the DICOM pixel data has an unexpected shape ({arr.ndim} dimensions)")
     values, more = _grayscale_luts(arr, ds)
@@ -250,7 +260,7 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, sour
     if photometric == "MONOCHROME1":  # low values are white: invert so high values are bright
         values = np.float32(values.max() + values.min()) - values
     return DecodedImage(np.ascontiguousarray(values, dtype=np.float32), DICOM, warnings + more, header, modality,
-                        acquisition)
+                        acquisition, instance)
 
 
 # The header reader for each compressed transfer syntax's frames. RLE has no size of its own: its

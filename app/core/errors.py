@@ -119,3 +119,21 @@ class InvalidTensor(ServiceError):
     """An Open Inference Protocol request whose tensors do not fit the model (name, type, shape, data)."""
 
     status, title, slug = 400, "Invalid tensor", "invalid-tensor"
+
+
+class PredictionNotFound(ServiceError):
+    """Readers' feedback names a prediction that was never recorded here, or was pruned since."""
+
+    status, title, slug = 404, "Prediction not found", "prediction-not-found"
+
+
+class FeedbackOff(ServiceError):
+    """Readers' feedback joins the prediction records: with BTD_RECORDS off there is nothing to join."""
+
+    status, title, slug = 409, "Feedback needs prediction records", "feedback-needs-records"
+
+
+class RecordsUnavailable(ServiceError):
+    """The records database is not reachable (or not migrated yet): feedback cannot be stored now."""
+
+    status, title, slug = 503, "Records database unavailable", "records-unavailable"

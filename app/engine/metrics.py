@@ -7,7 +7,12 @@ batch sizes as powers of two, confidences on [0, 1].
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from app.core.result import Prediction
 
@@ -68,6 +73,64 @@ RECORDS_LOST = Counter(
 for _reason in ("database", "queue-full", "shutdown"):  # exported at 0 from the start: rate() and alerts see them
     RECORDS_LOST.labels(_reason)
 RECORDS_WAITING = Gauge("btd_records_waiting", "Prediction records waiting for the database (BTD_RECORDS_QUEUE_SIZE)")
+
+
+
+class LivePerformance(Collector):
+    """Live performance per model version against readers' feedback (``app.engine.monitoring``): the
+    latest report (``update``, from the exporter's thread) as gauges whose only label is the model
+    version, so a scrape reads a dict and never waits for the database. A figure with no case yet
+    (e.g. no reader found a tumour) has no sample."""
+
+    PROPORTIONS: ClassVar[dict[str, str]] = {"sensitivity": "sensitivity of the tumour decision against readers",
+                                             "specificity": "specificity of the tumour decision against readers",
+                                             "class_agreement": "share of confirmed cases where the model's class "
+                                                                "is the readers'"}
+    BOUNDS: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("", "value", ""), ("_lower", "lower", ", lower bound of its 95% Wilson interval"),
+        ("_upper", "upper", ", upper bound of its 95% Wilson interval"))
+
+    def __init__(self) -> None:
+        self.report: dict[str, Any] = {"models": {}}
+        self.updated_at: float | None = None
+
+    def update(self, report: dict[str, Any], at: float) -> None:
+        self.report, self.updated_at = report, at  # one assignment each: a scrape sees the old or the new
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        return iter(self._families({"models": {}}, None))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        return iter(self._families(self.report, self.updated_at))
+
+    def _families(self, report: dict[str, Any], updated_at: float | None) -> list[GaugeMetricFamily]:
+        labels = ["model_version"]
+        confirmed = GaugeMetricFamily("btd_live_confirmed_cases", "Recorded predictions with a reader's finding "
+                                      "(readers' feedback), by model version", labels=labels)
+        ece = GaugeMetricFamily("btd_live_tumour_ece", "Expected calibration error of the tumour probability "
+                                "against readers' findings on confirmed cases", labels=labels)
+        families = [confirmed, ece]
+        for version, model in report["models"].items():
+            confirmed.add_metric([version], model["confirmed"])
+            if model["calibration"]["ece"] is not None:
+                ece.add_metric([version], model["calibration"]["ece"])
+        for name, what in self.PROPORTIONS.items():
+            for suffix, bound, text in self.BOUNDS:
+                family = GaugeMetricFamily(f"btd_live_{name}{suffix}", f"Live {what}{text}, by model version",
+                                           labels=labels)
+                for version, model in report["models"].items():
+                    if model[name][bound] is not None:
+                        family.add_metric([version], model[name][bound])
+                families.append(family)
+        refreshed = GaugeMetricFamily("btd_live_performance_updated_timestamp_seconds", "When the live "
+                                      "performance gauges were last computed (Unix time; absent until then)")
+        if updated_at is not None:
+            refreshed.add_metric([], updated_at)
+        return [*families, refreshed]
+
+
+LIVE_PERFORMANCE = LivePerformance()
+REGISTRY.register(LIVE_PERFORMANCE)
 
 # The method label takes these; any other verb a client invents is "other" (bounded label values).
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")

@@ -104,6 +104,7 @@ class InputFacts:
     sequence: str | None = None  # MR sequence and plane, when the DICOM headers said (app.core.acquisition)
     plane: str | None = None
     percentiles: tuple[float, ...] | None = None
+    instance_sha256: str | None = None  # sha256 of a DICOM's SOP Instance UID (readers' feedback finds it by it)
 
 
 def intensity_percentiles(pixels: np.ndarray) -> tuple[float, ...]:
@@ -207,7 +208,8 @@ def prepare_decoded(decoded: DecodedImage, options: PrepareOptions, view: bool, 
                                 decoded.media_type, decoded.modality or None,
                                 sequence=None if acquisition is None else acquisition.sequence,
                                 plane=None if acquisition is None else acquisition.plane,
-                                percentiles=intensity_percentiles(decoded.pixels))
+                                percentiles=intensity_percentiles(decoded.pixels),
+                                instance_sha256=decoded.instance_sha256)
     prepared.timings_ms = {"decode": decode_ms, "preprocess": ms_since(start)}
     return prepared
 

@@ -38,7 +38,8 @@ def test_openapi_documents_problem_json_for_every_error_status():
                 "v2ServerMetadata": {"200", "400"}, "v2Live": {"200", "400", "503"}, "v2Ready": {"200", "400", "503"},
                 "v2ModelMetadata": v2_model | access, "v2ModelVersionMetadata": v2_model | access,
                 "v2ModelReady": v2_model, "v2ModelVersionReady": v2_model,  # probes: open whatever the keys
-                "v2ModelInfer": v2_infer, "v2ModelVersionInfer": v2_infer}
+                "v2ModelInfer": v2_infer, "v2ModelVersionInfer": v2_infer,
+                "postFeedback": {"200", "201", "400", "404", "409", "422", "503"} | access}
     seen = {}
     for ops in spec["paths"].values():
         for op in ops.values():
@@ -50,8 +51,9 @@ def test_openapi_documents_problem_json_for_every_error_status():
     schemes = spec["components"]["securitySchemes"]
     assert schemes["apiKey"] == {**schemes["apiKey"], "type": "apiKey", "in": "header", "name": "X-API-Key"}
     secured = {op["operationId"] for ops in spec["paths"].values() for op in ops.values() if op.get("security")}
-    assert secured == {"predict", "predictBatch", "predictSeries", "getModel", "v2ModelMetadata", "v2ModelVersionMetadata",
-                       "v2ModelInfer", "v2ModelVersionInfer"}  # probes and metrics stay open by default
+    assert secured == {"predict", "predictBatch", "predictSeries", "getModel", "v2ModelMetadata",
+                       "v2ModelVersionMetadata", "v2ModelInfer", "v2ModelVersionInfer",
+                       "postFeedback"}  # probes and metrics stay open by default
 
 
 # Built at import: schemathesis parametrizes at collection time. The lifespan it starts ends with the test.
@@ -73,9 +75,10 @@ def test_api_conforms_to_its_openapi(case):
     # "format: binary" admits any bytes, yet only real images can be accepted: for bodies whose bytes
     # schemathesis makes up (octet-stream, multipart parts) a 4xx for valid-looking data is right.
     # Likewise a schema-valid v2 inference request (its schema cannot say that data fills the shape), and
-    # format=dicom with a PNG or JPEG body (DICOM results need a DICOM source: a documented 406).
+    # format=dicom with a PNG or JPEG body (DICOM results need a DICOM source: a documented 406). And
+    # feedback: a made-up request_id names no recorded prediction (a documented 404).
     arbitrary_bytes = case.media_type in ("application/octet-stream", "multipart/form-data") or \
-        case.operation.path.endswith("/infer") or \
+        case.operation.path.endswith("/infer") or case.operation.path == "/v1/feedback" or \
         ((case.query or {}).get("format") == "dicom" and case.media_type != "application/dicom")
     case.call_and_validate(headers={"X-API-Key": API_KEY},
                            excluded_checks=[positive_data_acceptance] if arbitrary_bytes else None)

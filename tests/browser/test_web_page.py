@@ -26,6 +26,7 @@ import httpx
 import numpy as np
 import pytest
 
+from app.engine.records.store import RecordStore
 from app.transports.http.api_keys import key_line, new_key
 from tests.api.helpers import ServerProcess
 from tests.model_factory import build_model
@@ -88,14 +89,16 @@ def browser_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for old in ARTIFACTS.glob("*.png"):  # so a stale screenshot cannot pass for a new one
         old.unlink()
 
-    key = new_key()
-    with ServerProcess(model, ready_timeout_s=120, BTD_INTRA_OP_THREADS="1") as server, \
-            ServerProcess(model, ready_timeout_s=120, BTD_INTRA_OP_THREADS="1",
-                          BTD_API_KEYS=key_line("clinician", key)) as keyed:
+    key, predict_only = new_key(), new_key()
+    keys = "\n".join([key_line("clinician", key), key_line("pacs", predict_only, ("predict",))])
+    records = work / "records"
+    with ServerProcess(model, ready_timeout_s=120, BTD_INTRA_OP_THREADS="1", BTD_RECORDS_DIR=str(records)) as server, \
+            ServerProcess(model, ready_timeout_s=120, BTD_INTRA_OP_THREADS="1", BTD_API_KEYS=keys,
+                          BTD_RECORDS_DIR=str(work / "keyed-records")) as keyed:
         base_url = server.url
         env = {**os.environ, "BASE_URL": base_url, "IMAGE": str(image), "DICOM": str(dicom),
                "BROKEN": str(broken), "ARTIFACTS": str(ARTIFACTS), "PROFILE": str(work / "profile"),
-               "CHROMIUM": str(CHROMIUM), "KEYED_URL": keyed.url, "API_KEY": key}
+               "CHROMIUM": str(CHROMIUM), "KEYED_URL": keyed.url, "API_KEY": key, "PREDICT_ONLY_KEY": predict_only}
         done = subprocess.run([NODE, str(SCRIPT)], cwd=BROWSER_DIR, env=env, capture_output=True, text=True,
                               timeout=SCRIPT_TIMEOUT_S, check=False)
         assert done.returncode == 0, f"browser script failed:\n{done.stderr[-4000:]}"
@@ -107,8 +110,10 @@ def browser_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                 headers={"Content-Type": "image/png"}, timeout=60).json()
         api_dicom = httpx.post(f"{base_url}/v1/predict", content=dicom.read_bytes(),
                                headers={"Content-Type": "application/dicom"}, timeout=60).json()
+    with RecordStore(f"sqlite:///{records / 'btd.db'}") as store:
+        predictions, feedback = store.rows(), store.feedback()
     return {"report": json.loads(done.stdout), "model": api_model, "image": api_image, "broken": api_broken,
-            "dicom": api_dicom}
+            "dicom": api_dicom, "predictions": predictions, "feedback": feedback}
 
 
 def percent(p: float) -> str:
@@ -224,3 +229,29 @@ def test_page_asks_for_an_api_key_when_the_service_needs_one(browser_run: dict) 
     assert keyed["state"] == "done" and keyed["label"]
     assert keyed["unlabelled"] == []
     assert keyed["keyInStorage"] and not keyed["keyInLocalStorage"]  # this tab only, never persisted
+
+
+def test_a_readers_agreement_and_correction_reach_the_records(browser_run: dict) -> None:
+    seen, api = browser_run["report"]["feedback"], browser_run["image"]
+    assert seen["visible"] and seen["formOpen"] and seen["unlabelled"] == []
+    assert seen["options"] == [label for label in api["probabilities"] if label != api["label"]]
+    assert seen["agreed"].startswith("Recorded: you agree"), seen["agreed"]
+    assert seen["correctedStatus"].startswith("Correction recorded"), seen["correctedStatus"]
+    assert seen["formHiddenAfter"] and browser_run["report"]["lowContrastFeedback"] == []
+    # The database: one reading by that reader (the correction replaced the agreement), joined to the
+    # prediction the page showed.
+    by_id = {r["id"]: r for r in browser_run["predictions"]}
+    (reading,) = browser_run["feedback"]
+    assert reading["reader_id"] == "reader-17" and reading["label"] == seen["corrected"]
+    assert reading["tumour_present"] is (seen["corrected"] != "notumor")
+    assert by_id[reading["prediction_id"]]["request_id"] == seen["requestId"]
+    assert reading["updated_at"] >= reading["created_at"]
+
+
+def test_page_offers_no_feedback_on_an_image_not_assessed(browser_run: dict) -> None:
+    assert browser_run["report"]["dicom"]["feedbackVisible"] is False
+
+
+def test_page_says_a_key_without_the_feedback_scope_cannot_send_feedback(browser_run: dict) -> None:
+    refused = browser_run["report"]["keyed"]["feedbackRefused"]
+    assert "feedback scope" in refused and "(HTTP 403)" in refused

@@ -4,7 +4,8 @@
 //   IMAGE         an MRI slice to upload (PNG/JPEG); DICOM  a DICOM slice; BROKEN  a corrupt file
 //   ARTIFACTS     folder for screenshots; PROFILE  a fresh, empty user-data-dir
 //   CHROMIUM      the browser binary (default /usr/bin/chromium)
-//   KEYED_URL     optional: the same service with API keys; API_KEY  a valid key for it
+//   KEYED_URL     optional: the same service with API keys; API_KEY  a valid key for it;
+//                 PREDICT_ONLY_KEY  a key for it without the feedback scope
 // Prints one JSON object with what it saw; exits non-zero (with the reason on stderr) on any failure.
 import { chromium } from "playwright-core";
 import { readFile } from "node:fs/promises";
@@ -200,11 +201,32 @@ async function main() {
     await page.keyboard.press("Space");
     report.toggledOn = { checked: await page.isChecked("#cam-toggle"), heatmapVisible: await page.isVisible("#cam-heatmap") };
 
+    // Readers' feedback on that answer: "Agree", then "Correct it" with another class.
+    report.feedback = {
+      visible: await page.isVisible("#feedback"),
+      requestId: (await page.textContent("#result-request-id")).trim(),
+    };
+    await page.fill("#feedback-reader", "reader-17");
+    await page.click("#feedback-agree");
+    await page.waitForFunction(() => /^(Recorded|Your reading was not)/.test(document.getElementById("feedback-status").textContent));
+    report.feedback.agreed = await page.textContent("#feedback-status");
+    await page.click("#feedback-correct");
+    report.feedback.formOpen = await page.isVisible("#feedback-form");
+    report.feedback.unlabelled = await unlabelledControls(page);
+    report.feedback.options = await page.$$eval("#feedback-label option", (els) => els.map((e) => e.value));
+    report.feedback.corrected = await page.inputValue("#feedback-label");
+    await page.click("#feedback-send");
+    await page.waitForFunction(() => /^(Correction recorded|Your reading was not)/.test(document.getElementById("feedback-status").textContent));
+    report.feedback.correctedStatus = await page.textContent("#feedback-status");
+    report.feedback.formHiddenAfter = await page.isHidden("#feedback-form");
+    report.lowContrastFeedback = await lowContrastTexts(page);
+
     // 2. A DICOM slice, dropped: the browser cannot draw DICOM, so the page shows the server's rendering.
     if (process.env.DICOM) {
       report.dicomState = await drop(page, process.env.DICOM);
       check(report.dicomState === "done", `upload of the DICOM ended in state ${report.dicomState}: ${await page.textContent("#error")}`);
       report.dicom = await readResult(page);
+      report.dicom.feedbackVisible = await page.isVisible("#feedback");
       await screenshot(page, "web-page-dicom");
     }
 
@@ -247,6 +269,11 @@ async function main() {
       report.keyed.unlabelled = await unlabelledControls(page);
       report.keyed.keyInStorage = await page.evaluate(() => sessionStorage.getItem("btd-api-key") !== null);
       report.keyed.keyInLocalStorage = await page.evaluate(() => JSON.stringify(localStorage).includes("btd_"));
+      // A key without the feedback scope: the page says what the key lacks.
+      await page.evaluate((key) => sessionStorage.setItem("btd-api-key", key), env("PREDICT_ONLY_KEY"));
+      await page.click("#feedback-agree");
+      await page.waitForFunction(() => document.getElementById("feedback-status").textContent.startsWith("Your reading was not"));
+      report.keyed.feedbackRefused = await page.textContent("#feedback-status");
     }
   } catch (err) {
     const page = context.pages()[0];

@@ -1,5 +1,6 @@
 """The prediction records' store and writer (app/engine/records), on SQLite and on a PostgreSQL
-server the tests start (tests/postgres.py): the same tests on both, migrations included."""
+server the tests start (tests/postgres.py): the same tests on both (``database_url`` and ``store``,
+tests/unit/conftest.py), migrations included."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from app.engine.pipeline import INTENSITY_PERCENTILES, InputFacts, intensity_per
 from app.engine.records import writer as writer_module
 from app.engine.records.options import RecordOptions
 from app.engine.records.rows import prediction_row
-from app.engine.records.schema import RECORDS, Base
+from app.engine.records.schema import FEEDBACK, RECORDS, Base
 from app.engine.records.store import RecordStore, alembic_config, safe_url
 from app.engine.records.writer import RecordWriter
-from tests.postgres import postgres, started_postgres  # noqa: F401  (the session's PostgreSQL server)
+from tests.postgres import started_postgres
 
 MODEL = ModelIdentity("btd-test", "0.0.1", "a" * 64)
 LABELS = ("glioma", "meningioma", "notumor", "pituitary")
@@ -36,21 +37,6 @@ def row(request_id: str = "req-1", *, when: datetime | None = None, ood_score: f
     facts = InputFacts("b" * 64, 512, 480, "image/png", None, percentiles=(0.0, 1.0, 50.5, 200.0, 255.0))
     return prediction_row(request_id=request_id, transport="http-v2", model=MODEL, answer=decision, facts=facts,
                           item=0, route="/v2/models/{model_name}/infer", now=when)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'data' / 'btd.db'}"
-    return request.getfixturevalue("postgres").database()
-
-
-@pytest.fixture
-def store(database_url: str):
-    store = RecordStore(database_url)
-    store.migrate()
-    yield store
-    store.close()
 
 
 def lost(reason: str) -> float:
@@ -66,11 +52,12 @@ def test_migrate_creates_the_schema_from_an_empty_database(database_url: str):
         store.migrate()
         store.migrate()  # at head already: nothing to do
         inspector = sa.inspect(store.engine)
-        assert {"prediction_records", "alembic_version"} <= set(inspector.get_table_names())
+        assert {"prediction_records", "reader_feedback", "alembic_version"} <= set(inspector.get_table_names())
         columns = {c["name"] for c in inspector.get_columns("prediction_records")}
         assert columns == {c.name for c in RECORDS.columns}
+        assert {c["name"] for c in inspector.get_columns("reader_feedback")} == {c.name for c in FEEDBACK.columns}
         with store.engine.connect() as connection:
-            assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+            assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
     finally:
         store.close()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from app.core.decode import instance_uid_sha256
 from app.engine.records.options import RecordOptions
 from app.engine.records.store import RecordStore
 from app.engine.records.writer import RecordWriter
@@ -77,6 +78,8 @@ def test_the_listeners_local_classifier_records_without_patient_data(model_path:
         classifier.close()  # writes the records
     (record,) = rows(url)
     assert (record["transport"], record["modality"], record["media_type"]) == ("listener", "MR", "application/dicom")
+    # Readers' feedback on the result names its source slice: the record keeps the UID's hash, not the UID.
+    assert record["instance_sha256"] == instance_uid_sha256(str(ds.SOPInstanceUID))
     stored = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
     for text in ("Sentinel", "SENTINEL", str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)):
         assert text.encode() not in stored, text

@@ -38,12 +38,13 @@ def prediction_row(*, request_id: str, transport: Transport, model: ModelIdentit
     row.update(dict.fromkeys(PERCENTILE_COLUMNS))
     if facts is not None:
         row.update(pixels_sha256=facts.pixels_sha256, media_type=facts.media_type, width=facts.width,
-                   height=facts.height, modality=facts.modality, sequence=facts.sequence, plane=facts.plane)
+                   height=facts.height, modality=facts.modality, sequence=facts.sequence, plane=facts.plane,
+                   instance_sha256=facts.instance_sha256)
         if facts.percentiles is not None:
             row.update(zip(PERCENTILE_COLUMNS, facts.percentiles))
     else:
         row.update(pixels_sha256=None, media_type=None, width=None, height=None, modality=None, sequence=None,
-                   plane=None)
+                   plane=None, instance_sha256=None)
     for key, column in TIMING_COLUMNS.items():
         row[column] = None if timings is None else getattr(timings, key)
     for name, length in _LENGTHS.items():

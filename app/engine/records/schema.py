@@ -1,10 +1,14 @@
-"""The prediction record's table, declared once with SQLAlchemy 2: the Alembic migrations
+"""The prediction records' and readers' feedback tables, declared once with SQLAlchemy 2: the Alembic migrations
 (``migrations/versions``) create it, and a test checks that autogenerate finds no difference between
 this declaration and the migrated database (no hand-written DDL drift).
 
 One row per answered image. Never patient data: no DICOM attribute but Modality (and the MR
 sequence and plane when a header said), no file name, no client address or API key, no pixels (a
-hash of the model-size intensity image and a few intensity percentiles).
+hash of the model-size intensity image and a few intensity percentiles), no UID (a DICOM input's SOP
+Instance UID only as its sha256, so that a reader's feedback on a PACS result can name its source).
+
+One row of ``reader_feedback`` per prediction and reader: what a reader found on the image, joined to
+its prediction (deleted with it when records are pruned). The reader is a pseudonymous id, never a name.
 """
 
 from __future__ import annotations
@@ -12,7 +16,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, Integer, MetaData, String
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Constraint and index names fixed by convention, so migrations on SQLite and PostgreSQL name them alike.
@@ -50,6 +65,8 @@ class PredictionRecord(Base):
     modality: Mapped[str | None] = mapped_column(String(16))
     sequence: Mapped[str | None] = mapped_column(String(32))
     plane: Mapped[str | None] = mapped_column(String(16))
+    instance_sha256: Mapped[str | None] = mapped_column(String(64), index=True,
+                                                        comment="sha256 of a DICOM input's SOP Instance UID")
     intensity_p01: Mapped[float | None] = mapped_column(Float)
     intensity_p05: Mapped[float | None] = mapped_column(Float)
     intensity_p50: Mapped[float | None] = mapped_column(Float)
@@ -73,4 +90,21 @@ class PredictionRecord(Base):
     total_ms: Mapped[float | None] = mapped_column(Float)
 
 
+class ReaderFeedback(Base):
+    __tablename__ = "reader_feedback"
+    # One reading per prediction and reader: sent again it is the same row, a correction replaces it.
+    __table_args__ = (UniqueConstraint("prediction_id", "reader_id"),)
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    # The unique constraint's index (prediction_id first) serves the lookups and the cascade.
+    prediction_id: Mapped[int] = mapped_column(RowId, ForeignKey(PredictionRecord.id, ondelete="CASCADE"))
+    reader_id: Mapped[str] = mapped_column(String(64), comment="pseudonymous reader id; empty when none was given")
+    label: Mapped[str | None] = mapped_column(String(64), comment="the class the reader found (a model label)")
+    tumour_present: Mapped[bool | None] = mapped_column(Boolean, comment="whether the reader found a tumour")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                 comment="the last correction (created_at when none)")
+
+
 RECORDS = PredictionRecord.__table__
+FEEDBACK = ReaderFeedback.__table__

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, delete, event, func, insert, select
 from sqlalchemy.engine import URL, make_url
 
-from app.engine.records.schema import RECORDS
+from app.engine.records.schema import FEEDBACK, RECORDS
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 5.0  # a writer waits this long for another's lock before the batch counts as lost
@@ -43,7 +43,8 @@ def safe_url(url: str | URL) -> str:
 
 
 class RecordStore:
-    """One database's records: migrate, insert a batch, prune by age and count."""
+    """One database's records: migrate, insert a batch, prune by age and count (readers' feedback on a
+    pruned record goes with it). Readers' feedback: ``app.engine.records.feedback``."""
 
     def __init__(self, url: str, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S,
                  connect_timeout_s: int = CONNECT_TIMEOUT_S) -> None:
@@ -63,6 +64,7 @@ class RecordStore:
                 cursor = dbapi_connection.cursor()
                 cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer, and the reverse
                 cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; safe with WAL
+                cursor.execute("PRAGMA foreign_keys=ON")  # pruning a record deletes its feedback (ON DELETE CASCADE)
                 cursor.close()
 
             return engine
@@ -84,6 +86,8 @@ class RecordStore:
         with self.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+        if self.is_sqlite:
+            self.engine.dispose()  # the migrating connection had foreign keys off (env.py): not pooled again
 
     def insert(self, rows: list[dict[str, Any]]) -> None:
         """One transaction for the batch (executemany)."""
@@ -113,6 +117,11 @@ class RecordStore:
         """Every record, oldest first, as plain dicts."""
         with self.engine.connect() as connection:
             return [dict(r) for r in connection.execute(select(RECORDS).order_by(RECORDS.c.id)).mappings()]
+
+    def feedback(self) -> list[dict[str, Any]]:
+        """Every reader's feedback, oldest first, as plain dicts."""
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(select(FEEDBACK).order_by(FEEDBACK.c.id)).mappings()]
 
     def close(self) -> None:
         self.engine.dispose()

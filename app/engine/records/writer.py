@@ -58,6 +58,16 @@ class RecordWriter:
         except queue.Full:
             self._lost("queue-full", 1, "the record queue is full: the database is slow or down")
 
+    def wait_written(self, timeout_s: float) -> bool:
+        """Wait until every row added so far is written (or lost); False when ``timeout_s`` passed first.
+        Blocking: readers' feedback on an answer given a moment ago waits here for its record."""
+        deadline = time.monotonic() + timeout_s
+        while self.queue.unfinished_tasks:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -87,6 +97,7 @@ class RecordWriter:
                 left += self.queue.get_nowait() is not _STOP
             except queue.Empty:
                 break
+            self.queue.task_done()
         if left:
             self._lost("shutdown", left, "records still waiting at shutdown could not be written in time")
         self.store.close()
@@ -102,7 +113,10 @@ class RecordWriter:
                 retry_s = min(MAX_RETRY_S, retry_s * 2)
                 continue
             batch, stop = self._take_batch()
-            if batch and not self._write(batch):
+            written = self._write(batch) if batch else True
+            for _ in batch:  # written or lost: no longer waiting (``wait_written``)
+                self.queue.task_done()
+            if batch and not written:
                 if stop or self._stopping.wait(retry_s):
                     return
                 retry_s = min(MAX_RETRY_S, retry_s * 2)
@@ -134,6 +148,7 @@ class RecordWriter:
         except queue.Empty:
             return [], False
         if first is _STOP:
+            self.queue.task_done()
             return [], True
         batch = [first]
         deadline = time.monotonic() + options.linger_s
@@ -143,6 +158,7 @@ class RecordWriter:
             except queue.Empty:
                 break
             if item is _STOP:
+                self.queue.task_done()
                 return batch, True
             batch.append(item)
         return batch, False

@@ -3,7 +3,7 @@
 A keys file (``BTD_API_KEYS_FILE``, e.g. a mounted Kubernetes Secret) or ``BTD_API_KEYS`` holds one
 key per line, never the key itself::
 
-    # name:sha256 of the key[:scopes]      scopes: predict (/v1/*), metrics, docs; none = all
+    # name:sha256 of the key[:scopes]  scopes: predict (/v1/*), feedback (/v1/feedback), metrics, docs; none = all
     pacs-router:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08:predict
     prometheus:60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752:metrics
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 log = logging.getLogger("app.auth")
 
-SCOPES = ("predict", "metrics", "docs")
+SCOPES = ("predict", "feedback", "metrics", "docs")
 KEY_PREFIX = "btd_"  # lets secret scanners recognise a leaked key
 RELOAD_CHECK_S = 5.0  # how often the keys file's size and mtime are looked at
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

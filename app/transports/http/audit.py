@@ -1,5 +1,6 @@
-"""The audit trail: one JSON line per prediction (and per refused access to a protected route),
-saying who asked what and what was answered, to stdout or a file (``BTD_AUDIT_LOG``).
+"""The audit trail: one JSON line per prediction (and per refused access to a protected route, and
+per reader's feedback stored or changed), saying who asked what and what was answered, to stdout or a
+file (``BTD_AUDIT_LOG``).
 
 A line holds time, request id, API key name (never the key), client address, route template
 (``/v2/models/{model_name}/infer``, never the raw path: a client chooses it), model name, version

@@ -8,7 +8,7 @@
    request's own: its scheme and ``Host``) is refused (403) unless its origin is in
    ``BTD_ALLOWED_ORIGINS``. Clients that are not browsers send neither header.
 3. **API keys** (``BTD_API_KEYS_FILE`` / ``BTD_API_KEYS``): ``/v1/*`` and ``/v2/models/*`` need a
-   key with the ``predict`` scope; ``/metrics`` (``BTD_AUTH_METRICS``) and ``/docs``, ``/openapi.json``
+   key with the ``predict`` scope, but readers' feedback (``/v1/feedback``) one with the ``feedback`` scope; ``/metrics`` (``BTD_AUTH_METRICS``) and ``/docs``, ``/openapi.json``
    (``BTD_AUTH_DOCS``) when configured; probes and the page's static files never. The key comes in
    ``X-API-Key``, ``Authorization: Bearer`` or as the password of ``Authorization: Basic`` (so a
    browser can open a protected /docs). Missing or unknown: 401; known without the scope: 403.
@@ -45,6 +45,7 @@ from app.transports.http.problems import log_service_error, problem_of, problem_
 OPEN_PATHS = ("/livez", "/readyz", "/v2/health/live", "/v2/health/ready")
 # The model and its answers (the Open Inference Protocol's too); /v2's server metadata stays open.
 PREDICT_SCOPE_PREFIXES = ("/v1/", "/v2/models/")
+FEEDBACK_PATH = "/v1/feedback"  # its own scope: a reader's key need not classify, a PACS router's need not judge
 
 
 def is_probe(path: str) -> bool:
@@ -206,6 +207,8 @@ class GuardMiddleware:
         self.throttled = FoldedCounts()
 
     def required_scope(self, path: str) -> str | None:
+        if path == FEEDBACK_PATH or path.startswith(FEEDBACK_PATH + "/"):
+            return "feedback"
         if path.startswith(PREDICT_SCOPE_PREFIXES):
             return "predict"
         if path == "/metrics" and self.settings.auth_metrics:

@@ -19,13 +19,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app.engine import metrics
-from app.engine.records.store import safe_url
+from app.engine.monitoring.exporter import PerformanceExporter
+from app.engine.records.store import RecordStore, safe_url
 from app.engine.records.writer import RecordWriter
 from app.engine.service import InferenceService
 from app.settings import Settings
 from app.transports.http import openapi_docs as docs
 from app.transports.http.api_keys import KeyStore
 from app.transports.http.audit import AuditLog
+from app.transports.http.feedback import router as feedback_router
 from app.transports.http.guard import GuardMiddleware
 from app.transports.http.middleware import RequestContextMiddleware
 from app.transports.http.problems import install_problem_handlers
@@ -102,6 +104,7 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
         state: RuntimeState = app.state.runtime
         state.draining, state.load_error = False, None  # a fresh start (the app may be started again)
         app.state.records = start_records(settings)
+        app.state.performance = start_performance(settings, app.state.records)
         loading = asyncio.create_task(_load_model(app, on_fatal))
         if not background_load:
             await loading
@@ -116,6 +119,9 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
                 # The server already waited for in-flight requests; what is left belongs to cancelled ones.
                 await state.service.close(min(settings.drain_timeout_s, LIFESPAN_CLOSE_S))
                 state.service = None
+            performance, app.state.performance = app.state.performance, None
+            if performance is not None:
+                await asyncio.to_thread(performance.close)
             records, app.state.records = app.state.records, None
             if records is not None:  # the answers given are in; their records are written (or counted lost)
                 await asyncio.to_thread(records.close, min(settings.drain_timeout_s, RECORDS_CLOSE_S))
@@ -126,6 +132,7 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
     app.state.runtime = RuntimeState()
     app.state.audit = AuditLog(settings.audit_log)
     app.state.records = None  # the record writer while the lifespan runs (BTD_RECORDS)
+    app.state.performance = None  # the live performance gauges' exporter (BTD_PERFORMANCE_INTERVAL_S)
     install_problem_handlers(app)
     # Innermost first: the guard (hosts, cross-site, keys, rate), CORS outside it (a preflight carries
     # no key), the request context outermost (request id, headers and metrics on every answer).
@@ -136,6 +143,7 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
                            expose_headers=["X-Request-ID", "Server-Timing", "Retry-After"])
     app.add_middleware(RequestContextMiddleware, settings=settings)
     app.include_router(router)
+    app.include_router(feedback_router)
     app.include_router(v2_router)
     if importlib.util.find_spec("app.transports.http.web") is not None:  # the clinician page and /docs (web engineer)
         from app.transports.http.web import router as web_router
@@ -155,6 +163,17 @@ def start_records(settings: Settings) -> RecordWriter | None:
     writer.start()
     log.info("recording predictions in %s (BTD_RECORDS=false turns it off)", safe_url(options.url))
     return writer
+
+
+def start_performance(settings: Settings, records: RecordWriter | None) -> PerformanceExporter | None:
+    """The live performance gauges' exporter, started once the writer has migrated the database; None
+    without records or with BTD_PERFORMANCE_INTERVAL_S=0."""
+    if records is None or not settings.performance_interval_s:
+        return None
+    exporter = PerformanceExporter(RecordStore(records.options.url, busy_timeout_s=records.options.busy_timeout_s),
+                                   settings.performance_interval_s, ready=lambda: records.migrated)
+    exporter.start()
+    return exporter
 
 
 def key_store(settings: Settings) -> KeyStore | None:

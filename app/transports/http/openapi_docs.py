@@ -142,6 +142,25 @@ METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
                  **{"Retry-After": RETRY_AFTER}),
 }
 
+FEEDBACK_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the same reading sent again (outcome unchanged), or the same reader's correction "
+                         "(outcome replaced)", "headers": REQUEST_ID_HEADER},
+    201: {"description": "a new reading (outcome created)", "headers": REQUEST_ID_HEADER,
+          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/FeedbackResponse"}}}},
+    **_HOST,
+    401: _ACCESS[401],
+    403: problem("forbidden: the API key lacks the feedback scope; cross-site-request: a browser request from "
+                 "another site (BTD_ALLOWED_ORIGINS)"),
+    404: problem("prediction-not-found: no recorded prediction has that request_id (and item) or SOP Instance UID"),
+    409: problem("feedback-needs-records: prediction records are off (BTD_RECORDS=false): feedback has nothing to "
+                 "join"),
+    422: problem("validation-error: not a feedback body, a label the prediction's model does not have, a label and "
+                 "tumour_present that disagree, or a request of several images without item"),
+    **_AUTH_THROTTLED,
+    503: problem("records-unavailable: the records database is not ready or did not answer (Retry-After)",
+                 **{"Retry-After": RETRY_AFTER}),
+}
+
 _FORMAT_NAMES = ", ".join(f.name.split(" ")[0] for f in FORMATS[:-1]) + " or " + FORMATS[-1].name.split(" ")[0]
 PREDICT_BODY = {**KEY_SECURITY, "requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],

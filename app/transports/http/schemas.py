@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from app.core.contract import OodSpec, PreprocessSpec, ValidatedUse
 from app.core.result import Prediction
 from app.core.series import SeriesResult
+from app.engine.records.feedback import READER_ID_PATTERN
 
 
 class Problem(BaseModel):
@@ -101,3 +103,65 @@ class ModelDescription(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
+
+
+# A DICOM UID (PS3.5 9.1): digits and dots, at most 64 characters.
+UID_PATTERN = r"^[0-9]+(\.[0-9]+)*$"
+
+
+class FeedbackRequest(BaseModel):
+    """A reader's finding on one recorded prediction, named by ``request_id`` (and ``item`` for one image
+    of a batch or Open Inference Protocol request) or by ``sop_instance_uid`` (a PACS result's source)."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str | None = Field(None, min_length=1, max_length=128, description="the answer's request_id")
+    item: int | None = Field(None, ge=0, le=1_000_000, description="the image's index in its request (a batch or "
+                             "an Open Inference Protocol request of several images); only with request_id")
+    sop_instance_uid: str | None = Field(None, max_length=64, pattern=UID_PATTERN,
+                                         description="the SOP Instance UID of the slice a PACS result was made from "
+                                         "(its SR references it); matched by hash, never stored")
+    label: str | None = Field(None, min_length=1, max_length=64, description="the class the reader found: one of the "
+                              "labels of the model that answered (GET /v1/model)")
+    tumour_present: bool | None = Field(None, description="whether the reader found a tumour; with label, the two "
+                                        "must agree (the no-tumour label means false)")
+    reader_id: str | None = Field(None, pattern=READER_ID_PATTERN, description="a pseudonymous reader id (letters, "
+                                  "digits, - and _; 64 at most), never a name: one reading per prediction and reader. "
+                                  "Absent: the anonymous reader")
+
+    @model_validator(mode="after")
+    def _one_prediction(self) -> FeedbackRequest:
+        if (self.request_id is None) == (self.sop_instance_uid is None):
+            raise ValueError("name the prediction by request_id or by sop_instance_uid (one of them)")
+        if self.item is not None and self.request_id is None:
+            raise ValueError("item goes with request_id")
+        if self.label is None and self.tumour_present is None:
+            raise ValueError("give the reader's finding: label and/or tumour_present")
+        return self
+
+
+class FeedbackModel(BaseModel):
+    name: str
+    version: str
+
+
+class FeedbackPrediction(BaseModel):
+    label: str = Field(..., description="the class the model answered")
+    tumour_detected: bool | None = Field(..., description="the model's tumour decision (null: none was made)")
+
+
+class FeedbackResponse(BaseModel):
+    """The stored reading. ``outcome``: created (201), unchanged (200: the same finding sent again) or
+    replaced (200: the same reader's correction)."""
+
+    feedback_id: int
+    outcome: Literal["created", "unchanged", "replaced"]
+    request_id: str = Field(..., description="the request_id of the prediction the feedback joined")
+    item: int | None
+    model: FeedbackModel = Field(..., description="the model that made the prediction")
+    prediction: FeedbackPrediction
+    reader_id: str | None
+    label: str | None = Field(..., description="the reader's class")
+    tumour_present: bool | None = Field(..., description="the reader's tumour finding (filled in from the label "
+                                        "when the model has a no-tumour class)")
+    created_at: datetime
+    updated_at: datetime

@@ -21,8 +21,13 @@ config = context.config
 def run(connection) -> None:
     context.configure(connection=connection, target_metadata=Base.metadata, compare_type=True,
                       render_as_batch=connection.dialect.name == "sqlite")  # SQLite alters tables by copying them
-    if connection.dialect.name == "sqlite":  # before alembic reads the version: it reads it under the lock
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    if connection.dialect.name == "sqlite":
+        # A batch migration alters a table by copying it and dropping the old one: with foreign keys on,
+        # dropping prediction_records would delete every reader's feedback (ON DELETE CASCADE). The
+        # pragma is ignored inside a transaction, so it goes first; ``RecordStore.migrate`` then drops
+        # the pooled connections, so none serves with foreign keys off.
+        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        connection.exec_driver_sql("BEGIN IMMEDIATE")  # before alembic reads the version: it reads it under the lock
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})

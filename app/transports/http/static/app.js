@@ -4,6 +4,7 @@
 
 const API_MODEL = "v1/model";
 const API_PREDICT = "v1/predict?cam=png";
+const API_FEEDBACK = "v1/feedback";
 
 // Presentation names for the labels this project's models use; any other label is shown as it is.
 const DISPLAY_NAMES = {
@@ -18,6 +19,8 @@ const $ = (id) => document.getElementById(id);
 // An API key, when the service asks for one (401): kept for this tab only, sent as X-API-Key.
 const KEY_STORAGE = "btd-api-key";
 let pendingFile = null; // the file to analyse once a key has been given
+let shownResult = null; // the answer on the page: what the reader's feedback is about
+const READER_STORAGE = "btd-reader-code"; // the reader's pseudonymous code, for this tab only
 
 function apiKey() {
   return sessionStorage.getItem(KEY_STORAGE) || "";
@@ -268,12 +271,85 @@ function renderResult(fileName, result, roundTripMs) {
   $("result-model").textContent = `${modelLine(result.model)} (sha256 ${String(result.model.sha256 || "").slice(0, 12)}…)`;
   $("result-request-id").textContent = result.request_id || "";
   renderCam(result.cam, !ood);
+  renderFeedback(result);
   $("result").hidden = false;
   $("status").textContent = ood
     ? `Result for ${fileName}: ${plainReason(result)}`
     : `Result for ${fileName}: ${displayName(result.label)}, ${percent(result.probabilities[result.label])}. ` +
       decisionText(result);
   setState("done");
+}
+
+// Readers' feedback (POST /v1/feedback): "Agree" sends the model's class back, "Correct it" the class the
+// reader picks (the answering model's labels, in its order). Not offered for an image not assessed: the
+// model named no class to agree with. The same API key as the predictions: a reader's key needs the
+// "feedback" scope too, and a 403 says so.
+function renderFeedback(result) {
+  shownResult = result;
+  const ood = notAssessed(result);
+  $("feedback").hidden = ood || !result.request_id;
+  $("feedback-form").hidden = true;
+  $("feedback-correct").setAttribute("aria-expanded", "false");
+  $("feedback-status").textContent = "";
+  $("feedback-reader").value = sessionStorage.getItem(READER_STORAGE) || "";
+  const select = $("feedback-label");
+  select.replaceChildren(
+    ...Object.keys(result.probabilities || {})
+      .filter((label) => label !== result.label)
+      .map((label) => Object.assign(document.createElement("option"), { value: label, textContent: displayName(label) })),
+  );
+  setFeedbackBusy(false);
+}
+
+function setFeedbackBusy(busy) {
+  for (const id of ["feedback-agree", "feedback-correct", "feedback-send"]) $(id).disabled = busy;
+}
+
+async function sendFeedback(label, corrected) {
+  const result = shownResult;
+  const reader = $("feedback-reader").value.trim();
+  if (reader && !$("feedback-reader").checkValidity()) {
+    $("feedback-status").textContent = "The reader code may hold letters, digits, - and _ only (64 at most).";
+    return;
+  }
+  sessionStorage.setItem(READER_STORAGE, reader);
+  const body = { request_id: result.request_id, label, ...(reader ? { reader_id: reader } : {}) };
+  setFeedbackBusy(true);
+  $("feedback-status").textContent = "Sending your reading…";
+  try {
+    const response = await fetch(API_FEEDBACK, {
+      method: "POST",
+      headers: withKey({ "Content-Type": "application/json", Accept: "application/json" }),
+      body: JSON.stringify(body),
+    });
+    if (response.status === 403) {
+      $("feedback-status").textContent =
+        "Your reading was not recorded: this API key may not send feedback (it needs the feedback scope). " +
+        "Ask whoever runs the service for a key with it. " + (await problemText(response));
+      return;
+    }
+    if (!response.ok) {
+      $("feedback-status").textContent = `Your reading was not recorded. ${await problemText(response)}`;
+      return;
+    }
+    const saved = await response.json();
+    $("feedback-form").hidden = true;
+    $("feedback-correct").setAttribute("aria-expanded", "false");
+    $("feedback-status").textContent = corrected
+      ? `Correction recorded: ${displayName(saved.label)}.`
+      : `Recorded: you agree (${displayName(saved.label)}).`;
+  } catch (err) {
+    $("feedback-status").textContent = `Your reading was not recorded: the service did not answer (${err.message}).`;
+  } finally {
+    setFeedbackBusy(false);
+  }
+}
+
+function openCorrection() {
+  const form = $("feedback-form");
+  form.hidden = !form.hidden;
+  $("feedback-correct").setAttribute("aria-expanded", String(!form.hidden));
+  if (!form.hidden) $("feedback-label").focus();
 }
 
 async function analyse(file) {
@@ -356,6 +432,12 @@ function init() {
   $("file-input").addEventListener("change", (event) => {
     const file = event.target.files && event.target.files[0];
     if (file) analyse(file);
+  });
+  $("feedback-agree").addEventListener("click", () => shownResult && sendFeedback(shownResult.label, false));
+  $("feedback-correct").addEventListener("click", openCorrection);
+  $("feedback-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (shownResult && $("feedback-label").value) sendFeedback($("feedback-label").value, true);
   });
   $("cam-toggle").addEventListener("change", applyCamControls);
   $("cam-opacity").addEventListener("input", applyCamControls);
