@@ -44,6 +44,13 @@ MODEL_INFO = Gauge(
     "btd_model_info", "The loaded model (value 1): name, version, file sha256 and execution provider",
     ["name", "version", "sha256", "provider"],
 )
+MODEL_RELOADS = Counter(
+    "btd_model_reloads_total", "Model updates while serving (BTD_MODEL_WATCH, SIGHUP), by result: swapped, "
+    "unchanged (the same file content), refused (the candidate failed its checks; the live model stays)", ["result"],
+)
+RELOAD_RESULTS = ("swapped", "unchanged", "refused")
+for _result in RELOAD_RESULTS:
+    MODEL_RELOADS.labels(_result)
 DECODE_BYTES = Gauge("btd_decode_bytes", "Memory held by the decodes running, as costed from their images' "
                      "headers (BTD_DECODE_BUDGET_BYTES)")
 UPLOAD_BYTES = Gauge("btd_upload_bytes", "Request-body bytes held by requests in progress (BTD_MAX_UPLOAD_BYTES)")

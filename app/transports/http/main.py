@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import signal
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
@@ -21,6 +22,7 @@ from fastapi.openapi.utils import get_openapi
 from app.engine import metrics
 from app.engine.records.store import safe_url
 from app.engine.records.writer import RecordWriter
+from app.engine.reload import ModelReloader
 from app.engine.service import InferenceService
 from app.settings import Settings
 from app.transports.http import openapi_docs as docs
@@ -54,6 +56,8 @@ class RuntimeState:
     service: InferenceService | None = None
     load_error: str | None = None
     draining: bool = False
+    reloader: ModelReloader | None = None  # model updates (BTD_MODEL_WATCH, SIGHUP)
+    tasks: set[asyncio.Task] = field(default_factory=set)  # the watch and reloads, cancelled at shutdown
 
     @property
     def ready(self) -> bool:
@@ -89,6 +93,26 @@ async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None
     log.info("ready: %s %s (%s) on %s, %d intra-op threads, %d host %s", engine.metadata.model_name,
              engine.metadata.model_version, engine.variant, engine.runner.provider, engine.runner.intra_op_threads,
              service.host.workers, service.host.kind)
+    await start_updates(state, service, settings)
+
+
+async def start_updates(state: RuntimeState, service: InferenceService, settings: Settings) -> None:
+    """Model updates: the reloader, its watch on the model path (BTD_MODEL_WATCH) and SIGHUP."""
+    reloader = ModelReloader(service, settings.model_path, settings.engine_options())
+    await reloader.start()
+    state.reloader = reloader
+
+    def spawn(coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
+
+    if settings.model_watch:
+        spawn(reloader.watch())
+    try:  # only the main thread's loop takes signals (not a TestClient's)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: spawn(reloader.reload()))
+    except (RuntimeError, ValueError, NotImplementedError, AttributeError):
+        pass
 
 
 def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None] | None = None,
@@ -112,6 +136,8 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
             metrics.READY.set(0)
             if not loading.done():
                 loading.cancel()
+            for task in list(state.tasks):
+                task.cancel()
             if state.service is not None:
                 # The server already waited for in-flight requests; what is left belongs to cancelled ones.
                 await state.service.close(min(settings.drain_timeout_s, LIFESPAN_CLOSE_S))

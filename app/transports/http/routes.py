@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app.core.decision import Decision
 from app.core.decode import MEDIA_TYPES, normalise_media_type
 from app.core.errors import InvalidRequest, ModelNotReady, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from app.core.result import Prediction, Timings
+from app.core.result import ModelIdentity, Prediction, Timings
 from app.engine import metrics
 from app.engine.pipeline import CamMode, InputFacts
 from app.engine.records.rows import prediction_row
@@ -95,10 +95,13 @@ def _server_timing(timings: Timings) -> str:
 
 def audit_prediction(request: Request, service: InferenceService, *, index: int | None = None,
                      result: Prediction | None = None, decision: Decision | None = None,
-                     facts: InputFacts | None = None, error: ServiceError | None = None) -> None:
+                     facts: InputFacts | None = None, error: ServiceError | None = None,
+                     model: ModelIdentity | None = None) -> None:
     """The audit line of one prediction, answered (``result``, or its ``decision`` where there is no
     ``Prediction``, as for v2 logits) or refused (``error``); and an answer's prediction record
-    (``BTD_RECORDS``), from the same values, with what ``facts`` says of its input."""
+    (``BTD_RECORDS``), from the same values, with what ``facts`` says of its input. The model named is
+    the one that answered (``result.model``, or ``model`` for a decision), not the live one: a model
+    swap may have come in between."""
     audit: AuditLog = request.app.state.audit
     answer = result if result is not None else decision
     fields: dict[str, Any] = {}
@@ -108,7 +111,8 @@ def audit_prediction(request: Request, service: InferenceService, *, index: int 
                   "in_distribution": answer.in_distribution}
     if result is not None:
         fields["timings_ms"] = asdict(result.timings_ms)
-    request_id, route, model = request_id_of(request), route_template(request.scope), service.engine.model_identity
+    request_id, route = request_id_of(request), route_template(request.scope)
+    model = result.model if result is not None else model or service.engine.model_identity
     audit.prediction(
         request_id=request_id, key=getattr(request.state, "api_key", None),
         client=request.client.host if request.client else None, route=route, index=index,
