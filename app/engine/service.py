@@ -31,6 +31,7 @@ from app.engine.host import HostWork, MixedHost, ProcessHost, ThreadHost
 from app.engine.malloc import IdleTrim
 from app.engine.pipeline import InputFacts, check_cam_mode, ms_since, prepare, tensor_facts
 from app.engine.runner import GPU_PROVIDERS, available_cpus
+from app.engine.shadow import Shadow
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class InferenceService:
                                           on_change=metrics.DECODE_BYTES.set)
         self.live = self._slot(engine)
         self._retiring: set[asyncio.Task] = set()
+        self.shadow: Shadow | None = None  # a candidate seeing a share of the answered images (BTD_SHADOW_MODEL)
         self.idle_trim = IdleTrim()  # freed memory goes back to the system once a burst is over
 
     @property
@@ -198,14 +200,15 @@ class InferenceService:
         return (await self.answer(data, media_type, cam, batch_file=batch_file)).prediction
 
     async def answer(self, data: bytes, media_type: str | None, cam: str = "none", *, batch_file: bool = False,
-                     source: bool = False) -> Answer:
+                     source: bool = False, request_id: str | None = None, item: int | None = None) -> Answer:
         """``predict``, with what a prediction record keeps of the input (``Answer.facts``) and, with
         ``source``, the attributes a DICOM's results copy (``dicom_read.results_header``), read with the
-        pixels in the same isolated decode: the server never parses the file itself."""
-        return await self._predict_admitted(data, media_type, cam, batch_file, source)
+        pixels in the same isolated decode: the server never parses the file itself. ``request_id`` and
+        ``item`` name the answer in a shadow comparison record."""
+        return await self._predict_admitted(data, media_type, cam, batch_file, source, (request_id, item))
 
     async def _predict_admitted(self, data: bytes, media_type: str | None, cam: str, batch_file: bool,
-                                source: bool) -> Answer:
+                                source: bool, key: tuple[str | None, int | None] = (None, None)) -> Answer:
         check_cam_mode(cam)
         started = time.perf_counter()
         kind = sniff(data)  # the one sniff of this request: the cost, the host and the decoder read it
@@ -218,7 +221,7 @@ class InferenceService:
         try:
             with metrics.IN_FLIGHT.track_inprogress(), self.idle_trim.busy():  # admitted: the upload is complete
                 answer = await asyncio.wait_for(
-                    self._predict(slot, data, media_type, cam, started, ticket, cost, kind, source), timeout)
+                    self._predict(slot, data, media_type, cam, started, ticket, cost, kind, source, key), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
         finally:
@@ -237,7 +240,8 @@ class InferenceService:
             return await run(prepare, data, media_type, engine.prepare_options, view, source, kind)
 
     async def _predict(self, slot: ModelSlot, data: bytes, media_type: str | None, cam: str, started: float,
-                       ticket: int, cost: int, kind: str | None, source: bool = False) -> Answer:
+                       ticket: int, cost: int, kind: str | None, source: bool = False,
+                       key: tuple[str | None, int | None] = (None, None)) -> Answer:
         engine = slot.engine
         prepared = await self._prepare(engine, data, media_type, cost, kind, cam == "png", source)
         output = await slot.batcher.submit(prepared, cam != "none",
@@ -249,6 +253,8 @@ class InferenceService:
                                              prepared.framing, prepared.image_size)
             cam_ms = ms_since(cam_start)
         prediction = engine.builder.build(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms)
+        if self.shadow is not None:  # after the answer is made; only samples and queues
+            self.shadow.offer(prepared, data, media_type, kind, prediction, *key)
         return Answer(prediction, prepared.source, prepared.facts)
 
     async def infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
@@ -310,4 +316,6 @@ class InferenceService:
         await self.batcher.close(timeout_s)
         for task in list(self._retiring):
             task.cancel()
+        if self.shadow is not None:
+            self.shadow.close()
         self.host.close()

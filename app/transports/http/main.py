@@ -13,6 +13,7 @@ import signal
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,10 +21,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app.engine import metrics
+from app.engine.records.schema import SHADOW_COMPARISONS
 from app.engine.records.store import safe_url
 from app.engine.records.writer import RecordWriter
 from app.engine.reload import ModelReloader
 from app.engine.service import InferenceService
+from app.engine.shadow import Shadow, ShadowOptions
 from app.settings import Settings
 from app.transports.http import openapi_docs as docs
 from app.transports.http.api_keys import KeyStore
@@ -94,6 +97,27 @@ async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None
              engine.metadata.model_version, engine.variant, engine.runner.provider, engine.runner.intra_op_threads,
              service.host.workers, service.host.kind)
     await start_updates(state, service, settings)
+    await start_shadow(service, settings, app.state.records)
+
+
+async def start_shadow(service: InferenceService, settings: Settings, records: RecordWriter | None) -> None:
+    """The shadow model (BTD_SHADOW_MODEL), loaded after the live one is ready; one that cannot be
+    loaded is logged and left out: it never stops the service."""
+    if settings.shadow_model is None:
+        return
+    options = ShadowOptions(settings.shadow_model, settings.shadow_share, settings.shadow_queue_size)
+    on_compared = None if records is None else partial(records.add, table=SHADOW_COMPARISONS)
+    try:
+        shadow = await asyncio.to_thread(Shadow.load, options, settings.engine_options(), on_compared)
+    except Exception as exc:  # a bad candidate costs the comparison, never the service
+        log.error("shadow model %s not loaded (%s: %s); serving without it", settings.shadow_model,
+                  type(exc).__name__, exc)
+        return
+    shadow.start()
+    service.shadow = shadow
+    meta = shadow.engine.metadata
+    log.info("shadow: %s %s sees %g of the answered images (BTD_SHADOW_SHARE); its answers are only compared",
+             meta.model_name, meta.model_version, settings.shadow_share)
 
 
 async def start_updates(state: RuntimeState, service: InferenceService, settings: Settings) -> None:

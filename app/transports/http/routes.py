@@ -134,7 +134,7 @@ async def predict(request: Request, cam: CamMode = CAM_QUERY, result_format: Res
         if objects is not None:
             dicom, answer = await dicom_response(service, data, media_type, objects)
         else:
-            answer = await service.answer(data, media_type, cam)
+            answer = await service.answer(data, media_type, cam, request_id=request_id_of(request))
     except ServiceError as error:
         audit_prediction(request, service, error=error)
         raise
@@ -171,7 +171,7 @@ async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
         filename = upload.filename or f"file{index + 1}"
         data, media_type = await _read_upload(upload)
         try:
-            answer = await service.answer(data, media_type, cam, batch_file=True)
+            answer = await service.answer(data, media_type, cam, batch_file=True, request_id=request_id, item=index)
         except ServiceError as error:  # one bad file does not fail the others
             metrics.ERRORS.labels(error.slug).inc()
             audit_prediction(request, service, index=index, error=error)
