@@ -268,21 +268,73 @@ def gate(current_logits: np.ndarray, candidate_logits: np.ndarray, rows: Sequenc
             "per_sequence": per_sequence}
 
 
-def confirmed_cases(url: str | None) -> dict[str, Any]:
-    """Readers' confirmed cases from the records database, when it has them (the feedback table)."""
+FEEDBACK_TABLE = "reader_feedback"  # readers' readings of answered predictions (one per prediction and reader)
+
+
+def wilson(hits: int, n: int, confidence: float) -> list[float | None]:
+    """The Wilson score interval of a proportion."""
+    if n == 0:
+        return [None, None]
+    from scipy.stats import norm
+
+    z = float(norm.ppf(1 - (1 - confidence) / 2))
+    p = hits / n
+    centre, half = (p + z * z / (2 * n)), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return [float((centre - half) / (1 + z * z / n)), float((centre + half) / (1 + z * z / n))]
+
+
+def confirmed_figures(calls: dict[int, bool | None], truth: dict[int, bool], confidence: float) -> dict[str, Any]:
+    """Sensitivity and specificity of one model's recorded tumour decisions against readers' findings."""
+    cases = [(calls[k], truth[k]) for k in calls if k in truth and calls[k] is not None]
+    pos = [call for call, present in cases if present]
+    neg = [not call for call, present in cases if not present]
+    return {"cases": len(cases),
+            "sensitivity": sum(pos) / len(pos) if pos else None, "sensitivity_ci": wilson(sum(pos), len(pos), confidence),
+            "specificity": sum(neg) / len(neg) if neg else None, "specificity_ci": wilson(sum(neg), len(neg), confidence)}
+
+
+def confirmed_cases(url: str | None, current_sha: str, candidate_sha: str, confidence: float) -> dict[str, Any]:
+    """Both models' tumour decisions on the cases readers confirmed (the records database's
+    ``reader_feedback``): the current model's are its prediction records, the candidate's its own
+    records (when it was live) or its shadow comparisons. Reported beside the gate, not gating: readers
+    choose which answers they confirm, so these cases are not a sample of the intended use."""
     if url is None:
         return {"status": "not asked (no --database)"}
-    from sqlalchemy import create_engine, inspect
+    from sqlalchemy import MetaData, create_engine, select
 
     engine = create_engine(url)
     try:
-        tables = set(inspect(engine).get_table_names())
+        meta = MetaData()
+        meta.reflect(engine)
+        if FEEDBACK_TABLE not in meta.tables or "prediction_records" not in meta.tables:
+            return {"status": f"unavailable: the database has no {FEEDBACK_TABLE} table (readers' feedback is "
+                              "not deployed there); the decision rests on the validation manifest alone"}
+        feedback, records = meta.tables[FEEDBACK_TABLE], meta.tables["prediction_records"]
+        shadow = meta.tables.get("shadow_comparisons")
+        with engine.connect() as connection:
+            readings = connection.execute(
+                select(records.c.id, records.c.request_id, records.c.item, records.c.model_sha256,
+                       records.c.tumour_detected, feedback.c.tumour_present)
+                .join(records, feedback.c.prediction_id == records.c.id)
+                .where(feedback.c.tumour_present.is_not(None))).all()
+            shadowed = {} if shadow is None else {
+                (r.request_id, r.item): r.shadow_tumour_detected for r in connection.execute(
+                    select(shadow.c.request_id, shadow.c.item, shadow.c.shadow_tumour_detected)
+                    .where(shadow.c.shadow_model_sha256 == candidate_sha))}
     finally:
         engine.dispose()
-    if "feedback" not in tables:
-        return {"status": "unavailable: the database has no feedback table yet (readers' feedback is another "
-                          "change); the decision rests on the validation manifest alone"}
-    return {"status": "unavailable: the feedback table is there, but this gate does not read it yet"}
+    findings: dict[int, set[bool]] = {}
+    for r in readings:
+        findings.setdefault(r.id, set()).add(bool(r.tumour_present))
+    truth = {k: next(iter(v)) for k, v in findings.items() if len(v) == 1}  # readers who disagree: left out
+    current = {r.id: r.tumour_detected for r in readings if r.model_sha256 == current_sha}
+    candidate = {r.id: r.tumour_detected for r in readings if r.model_sha256 == candidate_sha}
+    candidate.update({r.id: shadowed[(r.request_id, r.item)] for r in readings
+                      if r.id not in candidate and (r.request_id, r.item) in shadowed})
+    return {"status": f"{len(truth)} confirmed cases ({len(findings) - len(truth)} left out: readers disagree); "
+                      "reported, not gating",
+            "current": confirmed_figures(current, truth, confidence),
+            "candidate": confirmed_figures(candidate, truth, confidence)}
 
 
 def promote(candidate_path: Path, current_path: Path, *, protocol_path: Path = PROTOCOL,
@@ -320,7 +372,8 @@ def promote(candidate_path: Path, current_path: Path, *, protocol_path: Path = P
                      "margins": protocol.margins, "per_sequence_margins": protocol.group_margins,
                      "per_sequence_min_cases": protocol.group_min_cases},
         "figures": verdict["figures"], "per_sequence": verdict["per_sequence"],
-        "confirmed_cases": confirmed_cases(database),
+        "confirmed_cases": confirmed_cases(database, file_sha256(current_path), file_sha256(candidate_path),
+                                           protocol.confidence),
     }
 
 
@@ -363,7 +416,15 @@ def markdown(record: dict[str, Any]) -> str:
             lines.append(f"| {s} | {g['images']} | {m} | {r['cases']} | {_fmt(r['current'])} | "
                          f"{_fmt(r['candidate'])} | {_fmt(r['difference'])} {_ci(r['difference_ci'])} | "
                          f"{r['margin']:g} | {_holds(r['holds'])} |")
-    lines += ["", f"Readers' confirmed cases: {record['confirmed_cases']['status']}.", ""]
+    confirmed = record["confirmed_cases"]
+    lines += ["", f"Readers' confirmed cases: {confirmed['status']}.", ""]
+    if "current" in confirmed:
+        lines += ["| model | cases | sensitivity | specificity |", "|---|---|---|---|"]
+        for role in ("current", "candidate"):
+            r = confirmed[role]
+            lines.append(f"| {role} | {r['cases']} | {_fmt(r['sensitivity'])} {_ci(r['sensitivity_ci'])} | "
+                         f"{_fmt(r['specificity'])} {_ci(r['specificity_ci'])} |")
+        lines.append("")
     return "\n".join(lines)
 
 

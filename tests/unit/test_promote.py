@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -170,6 +171,8 @@ def degraded(path: Path, out: Path) -> Path:
 
 
 @needs_data
+@pytest.mark.slow
+@pytest.mark.data
 def test_btd_promote_accepts_the_shipped_model_against_itself_and_refuses_a_degraded_one(tmp_path: Path):
     manifest = subset(tmp_path)
     common = ["--manifest", str(manifest), "--data", str(DATA), "--threads", "2"]
@@ -185,3 +188,45 @@ def test_btd_promote_accepts_the_shipped_model_against_itself_and_refuses_a_degr
     accepted = json.loads((tmp_path / "same" / "change-record.json").read_text())
     assert accepted["decision"] == ACCEPTED and all(f["difference"] == 0 for f in accepted["figures"].values())
     assert "**Decision: refused**" in (tmp_path / "worse" / "change-record.md").read_text()
+
+
+def test_readers_confirmed_cases_score_the_current_records_and_the_candidates_shadow(tmp_path: Path):
+    import sqlalchemy as sa
+
+    from app.engine.records.schema import RECORDS, SHADOW_COMPARISONS
+    from app.engine.records.store import RecordStore
+    from model_export.promote import confirmed_cases
+
+    url = f"sqlite:///{tmp_path / 'btd.db'}"
+    current, candidate = "a" * 64, "b" * 64
+    with RecordStore(url) as store:
+        store.migrate()
+        assert confirmed_cases(url, current, candidate, 0.95)["status"].startswith("unavailable")
+        now = datetime.now(timezone.utc)
+        calls, found = [True, False, True, False, True], [True, True, False, False, None]
+        store.insert([{"recorded_at": now, "request_id": f"r{i}", "item": None, "transport": "http-v1",
+                       "model_name": "m", "model_version": "1", "model_sha256": current, "label": "glioma",
+                       "probabilities": {}, "threshold": 0.5, "assessed": True, "tumour_detected": call}
+                      for i, call in enumerate(calls)])
+        store.insert([{"recorded_at": now, "request_id": f"r{i}", "item": None, "live_model_version": "1",
+                       "live_model_sha256": current, "shadow_model_name": "m", "shadow_model_version": "2",
+                       "shadow_model_sha256": candidate, "shadow_label": "glioma", "shadow_tumour_detected": present,
+                       "shadow_assessed": True, "label_agrees": True, "tumour_agrees": True}
+                      for i, present in enumerate(found[:4])], SHADOW_COMPARISONS)
+        feedback = sa.Table("reader_feedback", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                            sa.Column("prediction_id", sa.Integer), sa.Column("reader_id", sa.String(64)),
+                            sa.Column("label", sa.String(64)), sa.Column("tumour_present", sa.Boolean))
+        feedback.create(store.engine)
+        ids = [r["id"] for r in store.rows(RECORDS)]
+        readings = [{"prediction_id": ids[i], "reader_id": "x", "tumour_present": f} for i, f in enumerate(found[:4])]
+        readings += [{"prediction_id": ids[4], "reader_id": "x", "tumour_present": True},
+                     {"prediction_id": ids[4], "reader_id": "y", "tumour_present": False}]  # disagree: left out
+        with store.engine.begin() as connection:
+            connection.execute(sa.insert(feedback), readings)
+    result = confirmed_cases(url, current, candidate, 0.95)
+    assert result["status"].startswith("4 confirmed cases (1 left out")
+    assert (result["current"]["cases"], result["current"]["sensitivity"], result["current"]["specificity"]) == \
+        (4, 0.5, 0.5)
+    assert (result["candidate"]["sensitivity"], result["candidate"]["specificity"]) == (1.0, 1.0)
+    low, high = result["current"]["sensitivity_ci"]
+    assert 0 < low < 0.5 < high < 1
