@@ -123,7 +123,7 @@ class Command:
 
     name: str
     config: type
-    run: Callable[[Any], "int | None"]
+    run: Callable[[Any], int | None]
     help: str
     description: str
 

@@ -20,7 +20,6 @@ import csv
 import json
 import logging
 import tempfile
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 from sklearn.metrics import roc_auc_score
 
 from app.core.contract import NO_TUMOUR_LABEL
@@ -392,24 +392,29 @@ def _holds(holds: bool | None) -> str:
 def markdown(record: dict[str, Any]) -> str:
     c, k = record["candidate"], record["current"]
     p = record["protocol"]
-    lines = [f"# Change record: {c['name']} {c['version']} against {k['name']} {k['version']}", "",
-             f"**Decision: {record['decision']}**" + (f" (broken: {', '.join(record['broken'])})"
-                                                      if record["broken"] else ""), "",
-             "| | file | sha256 |", "|---|---|---|",
-             f"| candidate | `{c['path']}` | `{c['sha256']}` |", f"| current | `{k['path']}` | `{k['sha256']}` |",
-             f"| manifest | `{record['manifest']['path']}` ({record['manifest']['images']} images, "
-             f"{record['manifest']['groups']} groups) | `{record['manifest']['sha256']}` |",
-             f"| protocol | `{p['path']}` | `{p['sha256']}` |", "",
-             f"Intervals: {p['confidence']:.0%} paired bootstrap over the manifest's groups ({p['bootstrap']} "
-             "resamples). A margin holds when the interval of (candidate - current) stays above -margin "
-             "(ECE: below +margin).", "",
-             "| metric | current | candidate | difference | margin | |", "|---|---|---|---|---|---|"]
+    manifest = record["manifest"]
+    broken = f" (broken: {', '.join(record['broken'])})" if record["broken"] else ""
+    lines = [
+        f"# Change record: {c['name']} {c['version']} against {k['name']} {k['version']}", "",
+        f"**Decision: {record['decision']}**{broken}", "",
+        "| | file | sha256 |", "|---|---|---|",
+        f"| candidate | `{c['path']}` | `{c['sha256']}` |",
+        f"| current | `{k['path']}` | `{k['sha256']}` |",
+        (f"| manifest | `{manifest['path']}` ({manifest['images']} images, {manifest['groups']} groups) | "
+         f"`{manifest['sha256']}` |"),
+        f"| protocol | `{p['path']}` | `{p['sha256']}` |", "",
+        (f"Intervals: {p['confidence']:.0%} paired bootstrap over the manifest's groups ({p['bootstrap']} "
+         "resamples). A margin holds when the interval of (candidate - current) stays above -margin "
+         "(ECE: below +margin)."), "",
+        "| metric | current | candidate | difference | margin | |", "|---|---|---|---|---|---|",
+    ]
     for m, r in record["figures"].items():
         lines.append(f"| {m} | {_fmt(r['current'])} {_ci(r['current_ci'])} | {_fmt(r['candidate'])} "
                      f"{_ci(r['candidate_ci'])} | {_fmt(r['difference'])} {_ci(r['difference_ci'])} | "
                      f"{r['margin']:g} | {_holds(r['holds'])} |")
-    lines += ["", "Per source/sequence:", "", "| group | images | metric | cases | current | candidate | "
-              "difference | margin | |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Per source/sequence:", "",
+              "| group | images | metric | cases | current | candidate | difference | margin | |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for s, g in record["per_sequence"].items():
         for m in GROUP_METRICS:
             r = g[m]

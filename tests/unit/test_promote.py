@@ -118,7 +118,7 @@ def test_a_changed_manifest_file_is_refused(tmp_path: Path):
 
 
 def test_a_manifest_other_than_the_locked_one_is_refused(tmp_path: Path):
-    data, manifest = write_images(tmp_path)
+    data, _ = write_images(tmp_path)
     protocol = tmp_path / "protocol.toml"
     protocol.write_text(PROTOCOL.read_text().replace('path = "validation-manifest.csv"', 'path = "manifest.csv"'))
     with pytest.raises(ValueError, match="not the one the protocol locks"):
