@@ -47,8 +47,8 @@ CURRENT = "current"  # the entry of a model directory that names the version to 
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """The model file a model path means. A file is itself. A directory of versions (README, "Model
-    updates") serves its ``current`` entry when there is one (a symlink to, or a copy of, a model file,
+    """The model file a model path means. A file is itself. A directory of versions
+    (README, "Model updates") serves its ``current`` entry when there is one (a symlink to, or a copy of, a model file,
     or a version directory holding one), else its newest model file (modification time, then name);
     variant files (``-int8``, ``-fp16``) ride along with theirs and are never chosen themselves.
     Symlinks are resolved, so the variants beside the real file are found and its hash is the file's."""
