@@ -55,8 +55,12 @@ class ModelReloader:
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
-        """Note which file the live model came from (hashing it off the event loop)."""
-        self.fingerprint = await asyncio.to_thread(self._fingerprint)
+        """Note which file the live model came from (hashing it off the event loop); if it is gone
+        already, the next reload loads whatever the path names then."""
+        try:
+            self.fingerprint = await asyncio.to_thread(self._fingerprint)
+        except (OSError, ModelContractError) as exc:
+            log.warning("model updates: cannot read %s now (%s); the next change is loaded", self.source, exc)
 
     def _fingerprint(self) -> tuple[Path, str]:
         file = resolve_model_path(self.source)
