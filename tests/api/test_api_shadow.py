@@ -74,11 +74,11 @@ def test_the_shadow_is_compared_and_recorded_but_never_answers(model_path: Path,
 
 def test_a_busy_shadow_skips_images_and_counts_them(model_path: Path):
     shadow = Shadow.load(ShadowOptions(model_path, share=1.0, queue_size=1), EngineOptions())
+    prepared = shadow.engine.prepare(png_bytes((100, 120)), "image/png")
+    live = shadow.engine.predict(png_bytes((100, 120)), "image/png")
     release = threading.Event()
     infer = shadow.engine.infer
     shadow.engine.infer = lambda *args: (release.wait(10), infer(*args))[1]  # type: ignore[method-assign]
-    prepared = shadow.engine.prepare(png_bytes((100, 120)), "image/png")
-    live = shadow.engine.predict(png_bytes((100, 120)), "image/png")
     busy = sample("btd_shadow_skipped_total", reason="busy")
     shadow.start()
     try:
