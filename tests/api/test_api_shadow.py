@@ -110,3 +110,19 @@ def test_share_zero_sends_nothing_to_the_shadow(model_path: Path):
         assert shadow.queue.qsize() == 0 and shadow.compared == 0
     finally:
         shadow.close()
+
+
+def test_a_shadow_with_other_preprocessing_skips_dicom(model_path: Path, candidate: Path):
+    from app.core.decode import DICOM
+
+    shadow = Shadow.load(ShadowOptions(candidate, share=1.0), EngineOptions())
+    live_engine = Shadow.load(ShadowOptions(model_path), EngineOptions()).engine
+    prepared = live_engine.prepare(png_bytes((100, 120)), "image/png")
+    live = live_engine.predict(png_bytes((100, 120)), "image/png")
+    skipped = sample("btd_shadow_skipped_total", reason="dicom")
+    shadow.start()
+    try:
+        shadow.offer(prepared, b"DICM bytes", "application/dicom", DICOM, live)
+        assert sample("btd_shadow_skipped_total", reason="dicom") - skipped == 1 and shadow.queue.qsize() == 0
+    finally:
+        shadow.close()
