@@ -73,7 +73,7 @@ def main() -> int:
         print(f'error: invalid settings (see the README, "Configuration"):\n{reasons}', file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not settings.model_path.is_file():
+    if not settings.model_path.exists():
         print(MISSING_MODEL_HELP.format(path=settings.model_path), file=sys.stderr)
         return 2
     server: DrainingServer | None = None

@@ -35,7 +35,18 @@ KNOWN_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExe
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BTD_", extra="ignore", frozen=True)
 
-    model_path: Path = Field(DEFAULT_MODEL_PATH, description="ONNX model file following the model contract")
+    model_path: Path = Field(DEFAULT_MODEL_PATH, description="ONNX model file following the model contract, or a "
+                             "model directory: its `current` entry (a link to a version), else its newest .onnx "
+                             "file (README, \"Model updates\")")
+    # Model updates while serving (README, "Model updates").
+    model_watch: bool = Field(False, description="watch BTD_MODEL_PATH and swap in a new model (loaded, checked "
+                              "and warmed up beside the live one) when it changes; SIGHUP does the same once")
+    shadow_model: Path | None = Field(None, description="a candidate model file run in shadow on a share of the "
+                                      "answered requests, off the response path; its answers are only compared")
+    shadow_share: float = Field(0.1, ge=0.0, le=1.0, description="share of answered /v1/predict images the shadow "
+                                "model also sees")
+    shadow_queue_size: int = Field(32, ge=1, description="images waiting for the shadow model; beyond, new ones "
+                               "are skipped (counted in btd_shadow_skipped_total)")
     host: str = Field("127.0.0.1", description="address `python -m app` binds")
     port: int = Field(8000, ge=1, le=65535, description="port `python -m app` binds")
     providers: str = Field(

@@ -8,10 +8,13 @@ rounds), their ratio, and median/p95 latency. Not a test: figures depend on the 
     .venv/bin/python bench/bench_service.py                       # shipped model, or a stand-in
     .venv/bin/python bench/bench_service.py --model models/btd-resnet50.onnx --concurrency 16
     .venv/bin/python bench/bench_service.py --compare records --concurrency 16   # prediction records off vs on
+    .venv/bin/python bench/bench_service.py --compare shadow --concurrency 16    # a shadow model off vs on
 
 ``--compare records`` runs two servers with the same batching, one with ``BTD_RECORDS=false`` and one
 recording every answer in SQLite (README, "Prediction records"), and reports their throughput ratio,
-the records written and those lost.
+the records written and those lost. ``--compare shadow`` runs one server without and one with a shadow
+model (README, "Model updates"; by default the served model itself, on ``--shadow-share`` of the
+images) and reports their throughput ratio and the images the shadow compared and skipped.
 
 Without a model file, a contract-conforming stand-in is built (tests/model_factory.py; one
 32x32-stride conv to 2048 channels on 224x224, roughly a tenth of ResNet-50's compute).
@@ -80,8 +83,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
-    parser.add_argument("--compare", choices=("batching", "records"), default="batching",
-                        help="batching: batch 1 vs dynamic; records: prediction records off vs on (same batching)")
+    parser.add_argument("--compare", choices=("batching", "records", "shadow"), default="batching",
+                        help="batching: batch 1 vs dynamic; records: prediction records off vs on (same batching); "
+                             "shadow: a shadow model off vs on (same batching)")
+    parser.add_argument("--shadow-model", type=Path, default=None, help="--compare shadow: the shadow (default: --model)")
+    parser.add_argument("--shadow-share", type=float, default=0.1, help="--compare shadow: BTD_SHADOW_SHARE")
     args = parser.parse_args()
 
     tmp = tempfile.TemporaryDirectory(prefix="btd-bench-")
@@ -98,6 +104,12 @@ def main() -> int:
         common["BTD_MAX_BATCH_SIZE"] = str(args.max_batch_size)
         configs = {"records off": {"BTD_RECORDS": "false", **common},
                    "records on": {"BTD_RECORDS": "true", "BTD_RECORDS_DIR": str(Path(tmp.name) / "data"), **common}}
+    elif args.compare == "shadow":
+        # Both alike: no records, and admission that waits rather than refuses on a loaded machine.
+        common.update(BTD_MAX_BATCH_SIZE=str(args.max_batch_size), BTD_RECORDS="false", BTD_MAX_QUEUE_WAIT_MS="20000")
+        configs = {"shadow off": common,
+                   "shadow on": {"BTD_SHADOW_MODEL": str(args.shadow_model or model),
+                                 "BTD_SHADOW_SHARE": str(args.shadow_share), **common}}
     else:
         configs = {"batch 1": {"BTD_MAX_BATCH_SIZE": "1", **common},
                    f"dynamic (max {args.max_batch_size})": {"BTD_MAX_BATCH_SIZE": str(args.max_batch_size), **common}}
@@ -114,6 +126,8 @@ def main() -> int:
                                                              args.concurrency)))
         batch_counts = {name: _mean_batch(server.url) for name, server in servers.items()}
         lost = {name: _metric_sum(server.url, "btd_records_lost_total") for name, server in servers.items()}
+        shadowed = {name: (_metric_sum(server.url, "btd_shadow_comparisons_total") / 2,  # two checks per image
+                           _metric_sum(server.url, "btd_shadow_skipped_total")) for name, server in servers.items()}
     finally:
         for server in servers.values():
             if server.proc is not None:
@@ -135,6 +149,11 @@ def main() -> int:
         sent = args.concurrency + args.requests * args.rounds
         print(f"throughput ratio records on / off: {other / base:.3f}; records written {recorded} of {sent} "
               f"answers, lost (btd_records_lost_total) {lost['records on']:.0f}")
+    elif args.compare == "shadow":
+        compared, skipped = shadowed["shadow on"]
+        sent = args.concurrency + args.requests * args.rounds
+        print(f"throughput ratio shadow on / off: {other / base:.3f}; the shadow compared {compared:.0f} and skipped "
+              f"{skipped:.0f} of {sent} answers (share {args.shadow_share})")
     else:
         print(f"throughput ratio dynamic / batch 1: {other / base:.2f}")
     return 0

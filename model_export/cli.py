@@ -1,4 +1,4 @@
-"""The training commands of ``btd`` (train, evaluate, average, fit-ood, export, quantize).
+"""The training commands of ``btd`` (train, evaluate, average, fit-ood, export, quantize, promote, lock-manifest).
 
 ``btd`` itself (app.transports.cli.btd) registers them with :func:`add_training_parsers`. Each
 command's parser is generated from its config dataclass in ``model_export.options``, the one place
@@ -123,7 +123,7 @@ class Command:
 
     name: str
     config: type
-    run: Callable[[Any], None]
+    run: Callable[[Any], int | None]
     help: str
     description: str
 
@@ -134,9 +134,9 @@ class Command:
         return parser
 
     def __call__(self, args: argparse.Namespace) -> int:
-        """``args.run_training(args)``: build the config from the whole args object and run."""
-        self.run(config_from_args(self.config, args))
-        return 0
+        """``args.run_training(args)``: build the config from the whole args object and run; a command
+        may return its exit status (``promote``: 1 when the candidate is refused)."""
+        return int(self.run(config_from_args(self.config, args)) or 0)
 
 
 # --- what each command runs (imported when it runs) -------------------------------------------------
@@ -179,6 +179,27 @@ def _quantize(config: options.QuantizeConfig) -> None:
     log.info("quantized model: %s", main(config))
 
 
+def _promote(config: options.PromoteConfig) -> int:
+    from model_export.data import shared_data_dir
+    from model_export.promote import ACCEPTED, promote, write_record
+
+    record = promote(config.candidate, config.against, protocol_path=config.protocol, manifest_path=config.manifest,
+                     data=config.data or shared_data_dir(), database=config.database, batch_size=config.batch_size,
+                     threads=config.threads, providers=config.providers)
+    json_path, md_path = write_record(record, config.out)
+    log.info("%s: %s%s; change record %s and %s", record["decision"], config.candidate,
+             f" (broken: {', '.join(record['broken'])})" if record["broken"] else "", json_path, md_path)
+    return 0 if record["decision"] == ACCEPTED else 1
+
+
+def _lock_manifest(config: options.LockManifestConfig) -> None:
+    from model_export.data import shared_data_dir
+    from model_export.promote import write_manifest
+
+    sha = write_manifest(config.data or shared_data_dir(), config.out)
+    log.info("wrote %s (sha256 %s): put that hash in the change protocol's [manifest] to lock it", config.out, sha)
+
+
 TRAINING_COMMANDS: Sequence[Command] = (
     Command("train", options.TrainConfig, _train, help="fine-tune ResNet-50 on an ImageFolder tree",
             description="Fine-tune an ImageNet ResNet-50 on brain-MRI slices. On CPU with the trunk frozen "
@@ -211,6 +232,16 @@ TRAINING_COMMANDS: Sequence[Command] = (
             help="INT8 static QDQ variant of an exported ONNX model",
             description="Static QDQ quantization: uint8 activations, int8 per-channel weights, calibrated on "
                         "training images through the contract's preprocess."),
+    Command("promote", options.PromoteConfig, _promote,
+            help="the change gate: is a candidate model non-inferior to the current one?",
+            description="Score both models on the locked validation manifest, compare tumour sensitivity, "
+                        "specificity, AUC, calibration (ECE) and each source/sequence with the margins of the "
+                        "change protocol (paired bootstrap intervals), write the change record (JSON and "
+                        "Markdown); exit status 1 when a margin is broken."),
+    Command("lock-manifest", options.LockManifestConfig, _lock_manifest,
+            help="write the validation manifest btd promote scores on (the release split's val rows, hashed)",
+            description="Write the release split's validation rows (models/release.py's split file) with each "
+                        "file's sha256: the locked set btd promote scores models on."),
 )
 
 

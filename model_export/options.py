@@ -185,3 +185,30 @@ class QuantizeConfig(DataOptions):
     split: str = split_option("train")
     out: Path | None = option(None, help="output (default: <model>-int8.onnx)")
     calibration_images: int = option(128)
+
+
+PROTOCOL_FILE = Path(__file__).resolve().parents[1] / "models" / "change-protocol.toml"
+MANIFEST_FILE = Path(__file__).resolve().parents[1] / "models" / "validation-manifest.csv"
+
+
+@dataclass(kw_only=True)
+class PromoteConfig:
+    candidate: Path = option(help="the candidate model (.onnx)", positional=True)
+    against: Path = option(help="the current model (.onnx) it would replace")
+    protocol: Path = option(PROTOCOL_FILE, help="the change protocol: margins, confidence, the locked manifest")
+    manifest: Path | None = option(None, help="a manifest other than the protocol's (path,label,group,source,"
+                                   "sequence,sha256), e.g. a subset")
+    data: Path | None = option(None, help="the folder the manifest's paths are relative to (default: "
+                               "$BTD_DATA_DIR, else ../shared/data)")
+    database: str | None = option(None, help="records database URL: readers' confirmed cases, when it has them")
+    out: Path = option(Path("runs/promote"), help="where change-record.json and change-record.md go")
+    batch_size: int = option(16)
+    threads: int = option(0, help="CPU threads; 0 = default")
+    providers: tuple[str, ...] = option(("CPUExecutionProvider",), help="ONNX Runtime execution providers, "
+                                        "comma list")
+
+
+@dataclass(kw_only=True)
+class LockManifestConfig:
+    data: Path | None = option(None, help="the data folder (default: $BTD_DATA_DIR, else ../shared/data)")
+    out: Path = option(MANIFEST_FILE, help="the manifest to write")

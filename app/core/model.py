@@ -43,6 +43,27 @@ def variant_path(path: Path, variant: str) -> Path:
     return path if variant == "fp32" else path.with_name(f"{path.stem}-{variant}{path.suffix}")
 
 
+CURRENT = "current"  # the entry of a model directory that names the version to serve
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """The model file a model path means. A file is itself. A directory of versions
+    (README, "Model updates") serves its ``current`` entry when there is one (a symlink to, or a copy of, a model file,
+    or a version directory holding one), else its newest model file (modification time, then name);
+    variant files (``-int8``, ``-fp16``) ride along with theirs and are never chosen themselves.
+    Symlinks are resolved, so the variants beside the real file are found and its hash is the file's."""
+    path = Path(path)
+    if not path.is_dir():
+        return path.resolve() if path.exists() else path
+    current = path / CURRENT
+    if current.exists():
+        return resolve_model_path(current)
+    models = [p for p in path.glob("*.onnx") if p.is_file() and not any(p.stem.endswith(f"-{v}") for v in VARIANTS)]
+    if not models:
+        raise ModelContractError(f"the model directory {path} has no {CURRENT!r} entry and no .onnx file")
+    return max(models, key=lambda p: (p.stat().st_mtime_ns, p.name)).resolve()
+
+
 def metadata_of(proto: onnx.ModelProto) -> ModelMetadata:
     """The contract metadata of a loaded proto; ``ModelContractError`` naming what is wrong."""
     try:

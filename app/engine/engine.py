@@ -24,7 +24,7 @@ from app.core import formats
 from app.core.contract import ModelMetadata
 from app.core.decision import Decision
 from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
-from app.core.model import ModelFile, variant_path
+from app.core.model import ModelFile, resolve_model_path, variant_path
 from app.core.result import ModelIdentity, ModelOutput, Prediction
 from app.engine.pipeline import Prepared, PrepareOptions, ResultBuilder, check_cam_mode, ms_since, prepare
 from app.engine.runner import GPU_PROVIDERS, Runner, RuntimeOptions, choose_providers
@@ -71,12 +71,13 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, options: EngineOptions | None = None) -> Engine:
-        """Load the model (the variant the options choose), open its sessions and warm every bucket up.
+        """Load the model (the variant the options choose; ``path`` may be a model directory:
+        ``resolve_model_path``), open its sessions and warm every bucket up.
         Raises ``ModelContractError`` (a ValueError) when the file breaks the contract."""
         import onnxruntime as ort
 
         options = options or EngineOptions()
-        path = Path(path)
+        path = resolve_model_path(path)  # a model directory: its current (or newest) version
         wants_gpu = choose_providers(options.runtime.providers, ort.get_available_providers())[0] in GPU_PROVIDERS
         file, variant = choose_model_file(path, options.variant, wants_gpu)
         model = ModelFile.load(file)

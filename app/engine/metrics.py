@@ -49,6 +49,31 @@ MODEL_INFO = Gauge(
     "btd_model_info", "The loaded model (value 1): name, version, file sha256 and execution provider",
     ["name", "version", "sha256", "provider"],
 )
+MODEL_RELOADS = Counter(
+    "btd_model_reloads_total", "Model updates while serving (BTD_MODEL_WATCH, SIGHUP), by result: swapped, "
+    "unchanged (the same file content), refused (the candidate failed its checks; the live model stays)", ["result"],
+)
+RELOAD_RESULTS = ("swapped", "unchanged", "refused")
+for _result in RELOAD_RESULTS:
+    MODEL_RELOADS.labels(_result)
+# Shadow mode (BTD_SHADOW_MODEL): what a candidate answers is only compared with the live answer.
+SHADOW_CHECKS = ("label", "tumour")  # the same label; the same tumour decision
+SHADOW_COMPARISONS = Counter(
+    "btd_shadow_comparisons_total", "Images the shadow model also answered, by check (label: the same label; "
+    "tumour: the same tumour decision) and result (agree, disagree)", ["check", "result"],
+)
+SHADOW_SKIPPED = Counter(
+    "btd_shadow_skipped_total", "Sampled images the shadow model did not answer, by reason: busy (its queue was "
+    "full), error (it failed), dicom (it would have to decode a DICOM outside the isolated workers)", ["reason"],
+)
+for _check in SHADOW_CHECKS:
+    for _agreement in ("agree", "disagree"):
+        SHADOW_COMPARISONS.labels(_check, _agreement)
+for _reason in ("busy", "error", "dicom"):
+    SHADOW_SKIPPED.labels(_reason)
+SHADOW_MODEL_INFO = Gauge("btd_shadow_model_info", "The shadow model (value 1): name, version, file sha256",
+                          ["name", "version", "sha256"])
+SHADOW_WAITING = Gauge("btd_shadow_waiting", "Images waiting for the shadow model (BTD_SHADOW_QUEUE_SIZE)")
 DECODE_BYTES = Gauge("btd_decode_bytes", "Memory held by the decodes running, as costed from their images' "
                      "headers (BTD_DECODE_BUDGET_BYTES)")
 UPLOAD_BYTES = Gauge("btd_upload_bytes", "Request-body bytes held by requests in progress (BTD_MAX_UPLOAD_BYTES)")

@@ -1,10 +1,16 @@
 """The asynchronous front of the ``Engine`` behind the HTTP routes: admission control, host work in a
 pool, the micro-batcher, the request timeout and the metrics. Transport-free (no FastAPI): routes
-hand it bytes and get a ``Prediction`` or a typed error."""
+hand it bytes and get a ``Prediction`` or a typed error.
+
+The model is swappable (``swap``): the live ``ModelSlot`` (an engine and its micro-batcher) is one
+reference that each request reads once, when admitted, and uses to the end, so a request prepared
+for one model is inferred and answered by that model; a retired slot closes when its last request
+is done."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +31,9 @@ from app.engine.host import HostWork, MixedHost, ProcessHost, ThreadHost
 from app.engine.malloc import IdleTrim
 from app.engine.pipeline import InputFacts, check_cam_mode, ms_since, prepare, prepare_slice, tensor_facts
 from app.engine.runner import GPU_PROVIDERS, available_cpus
+from app.engine.shadow import Shadow
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class RawOutputs:
     # per input, the out-of-distribution reasons its image gave (image bytes: modality, no-head,
     # small-image; a tensor gives none), for the one decision its audit line and record are made of
     image_reasons: tuple[list[str], ...] = ()
+    engine: Engine | None = None  # the model that answered (a swap may have come since)
 
 
 class Answer(NamedTuple):
@@ -94,9 +104,17 @@ def host_work(options: ServiceOptions, on_gpu: bool = False) -> HostWork:
     return threads
 
 
+@dataclass(eq=False)
+class ModelSlot:
+    """One loaded model and the micro-batcher in front of it; ``users``: requests holding it."""
+
+    engine: Engine
+    batcher: MicroBatcher
+    users: int = 0
+
+
 class InferenceService:
     def __init__(self, engine: Engine, options: ServiceOptions, host: HostWork | None = None) -> None:
-        self.engine = engine
         self.options = options
         on_gpu = engine.runner.provider in GPU_PROVIDERS
         self.host = host or host_work(options, on_gpu)
@@ -104,10 +122,57 @@ class InferenceService:
         self.admission = Admission(options.queue_size, options.max_queue_wait_s, on_depth=metrics.QUEUE_DEPTH.set)
         self.decode_budget = DecodeBudget(options.decode_budget_bytes or worst_cost(options.max_pixels),
                                           on_change=metrics.DECODE_BYTES.set)
-        self.batcher = MicroBatcher(self._run_batch, max_batch_size=engine.max_batch_size,
-                                    max_wait_s=self.max_wait_s, on_batch=metrics.BATCH_SIZE.observe,
-                                    max_runs=engine.runner.model_runs)
+        self.live = self._slot(engine)
+        self._retiring: set[asyncio.Task] = set()
+        self.shadow: Shadow | None = None  # a candidate seeing a share of the answered images (BTD_SHADOW_MODEL)
         self.idle_trim = IdleTrim()  # freed memory goes back to the system once a burst is over
+
+    @property
+    def engine(self) -> Engine:
+        """The live model: what a request admitted now is answered by."""
+        return self.live.engine
+
+    @property
+    def batcher(self) -> MicroBatcher:
+        return self.live.batcher
+
+    def _slot(self, engine: Engine) -> ModelSlot:
+        batcher = MicroBatcher(lambda prepared, features: self._run_batch(engine, prepared, features),
+                               max_batch_size=engine.max_batch_size, max_wait_s=self.max_wait_s,
+                               on_batch=metrics.BATCH_SIZE.observe, max_runs=engine.runner.model_runs)
+        return ModelSlot(engine, batcher)
+
+    def _hold(self) -> ModelSlot:
+        slot = self.live
+        slot.users += 1
+        return slot
+
+    def _release(self, slot: ModelSlot) -> None:
+        slot.users -= 1
+
+    async def swap(self, engine: Engine) -> Engine:
+        """Serve ``engine`` (loaded, checked and warmed up) from now on; returns the model it replaces.
+        Requests admitted before keep the old model to their answer; it is closed once they are done
+        (at most the request timeout later). One assignment on the event loop: no request sees half."""
+        new = self._slot(engine)
+        new.batcher.start()
+        old, self.live = self.live, new
+        self._publish_model_info()
+        task = asyncio.get_running_loop().create_task(self._retire(old), name="btd-retire-model")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return old.engine
+
+    async def _retire(self, slot: ModelSlot) -> None:
+        deadline = time.perf_counter() + self.options.request_timeout_s
+        while slot.users > 0 and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        await slot.batcher.close(max(0.0, deadline - time.perf_counter()))
+        log.info("model %s %s retired", slot.engine.metadata.model_name, slot.engine.metadata.model_version)
+
+    def _publish_model_info(self) -> None:
+        meta, runner = self.engine.metadata, self.engine.runner
+        metrics.set_model_info(meta.model_name, meta.model_version, self.engine.model.sha256, runner.provider)
 
     @classmethod
     def load(cls, model_path, engine_options: EngineOptions, options: ServiceOptions) -> InferenceService:
@@ -117,16 +182,15 @@ class InferenceService:
         service.host.warm_up()
         return service
 
-    def _run_batch(self, prepared, features):
+    def _run_batch(self, engine: Engine, prepared, features):
         started = time.perf_counter()
-        outputs = self.engine.infer_prepared(prepared, features)
+        outputs = engine.infer_prepared(prepared, features)
         self.admission.observe_batch(len(prepared), time.perf_counter() - started)
         return outputs
 
     def start(self) -> None:
         self.batcher.start()
-        meta, runner = self.engine.metadata, self.engine.runner
-        metrics.set_model_info(meta.model_name, meta.model_version, self.engine.model.sha256, runner.provider)
+        self._publish_model_info()
 
     async def predict(self, data: bytes, media_type: str | None, cam: str = "none", *,
                       batch_file: bool = False) -> Prediction:
@@ -136,12 +200,14 @@ class InferenceService:
         return (await self.answer(data, media_type, cam, batch_file=batch_file)).prediction
 
     async def answer(self, data: bytes, media_type: str | None, cam: str = "none", *, batch_file: bool = False,
-                     source: bool = False, frame_index: int | None = None) -> Answer:
+                     source: bool = False, frame_index: int | None = None, request_id: str | None = None,
+                     item: int | None = None) -> Answer:
         """``predict``, with what a prediction record keeps of the input (``Answer.facts``) and, with
         ``source``, the attributes a DICOM's results copy (``dicom_read.results_header``), read with the
         pixels in the same isolated decode: the server never parses the file itself. ``frame_index``:
-        this frame of a multi-frame DICOM (a series' slice) instead of the BTD_MULTIFRAME policy's."""
-        return await self._predict_admitted(data, media_type, cam, batch_file, source, frame_index)
+        this frame of a multi-frame DICOM (a series' slice) instead of the BTD_MULTIFRAME policy's.
+        ``request_id`` and ``item`` name the answer in a shadow comparison record."""
+        return await self._predict_admitted(data, media_type, cam, batch_file, source, frame_index, (request_id, item))
 
     async def answer_slice(self, pixels: np.ndarray, media_type: str, cam: str = "none") -> Answer:
         """``answer`` of a slice decoded elsewhere (a NIfTI volume's): the same admission, batching and
@@ -149,7 +215,8 @@ class InferenceService:
         return await self._predict_admitted(pixels, media_type, cam, True, False, None)
 
     async def _predict_admitted(self, data: bytes | np.ndarray, media_type: str | None, cam: str, batch_file: bool,
-                                source: bool, frame_index: int | None = None) -> Answer:
+                                source: bool, frame_index: int | None = None,
+                                key: tuple[str | None, int | None] = (None, None)) -> Answer:
         check_cam_mode(cam)
         started = time.perf_counter()
         if isinstance(data, np.ndarray):
@@ -161,35 +228,39 @@ class InferenceService:
             self.decode_budget.check(cost)  # admission by decoded pixels, before the count and wait checks
         ticket = self.admission.admit()
         timeout = self.options.request_timeout_s
+        slot = self._hold()  # this request's model, to its answer
         try:
             with metrics.IN_FLIGHT.track_inprogress(), self.idle_trim.busy():  # admitted: the upload is complete
                 answer = await asyncio.wait_for(
-                    self._predict(data, media_type, cam, started, ticket, cost, kind, source, frame_index), timeout)
+                    self._predict(slot, data, media_type, cam, started, ticket, cost, kind, source, frame_index,
+                                  key), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
         finally:
+            self._release(slot)
             self.admission.stop_waiting(ticket)
         metrics.observe_prediction(answer.prediction)
         return answer
 
-    async def _prepare(self, data: bytes | np.ndarray, media_type: str | None, cost: int, kind: str | None,
-                       view: bool = False, source: bool = False, frame_index: int | None = None):
-        """Decode and preprocess within the decode budget; DICOM where its codecs cannot stall or crash
-        the server and its parsing runs under the worker's memory and time limits (a worker process,
-        unless BTD_HOST_WORKERS=0). ``kind``: ``sniff(data)``, the request's one sniff. A decoded slice
-        (an array) is only preprocessed."""
+    async def _prepare(self, engine: Engine, data: bytes | np.ndarray, media_type: str | None, cost: int,
+                       kind: str | None, view: bool = False, source: bool = False, frame_index: int | None = None):
+        """Decode and preprocess (for ``engine``) within the decode budget; DICOM where its codecs cannot
+        stall or crash the server and its parsing runs under the worker's memory and time limits (a worker
+        process, unless BTD_HOST_WORKERS=0). ``kind``: ``sniff(data)``, the request's one sniff. A decoded
+        slice (an array) is only preprocessed."""
         if isinstance(data, np.ndarray):
-            return await self.host.run(prepare_slice, data, media_type, self.engine.prepare_options, view)
+            return await self.host.run(prepare_slice, data, media_type, engine.prepare_options, view)
         run = self.host.run_isolated if kind == DICOM else self.host.run
         async with self.decode_budget.hold(cost):
-            return await run(prepare, data, media_type, self.engine.prepare_options, view, source, kind, frame_index)
+            return await run(prepare, data, media_type, engine.prepare_options, view, source, kind, frame_index)
 
-    async def _predict(self, data: bytes | np.ndarray, media_type: str | None, cam: str, started: float,
-                       ticket: int, cost: int, kind: str | None, source: bool = False,
-                       frame_index: int | None = None) -> Answer:
-        engine = self.engine
-        prepared = await self._prepare(data, media_type, cost, kind, cam == "png", source, frame_index)
-        output = await self.batcher.submit(prepared, cam != "none",
+    async def _predict(self, slot: ModelSlot, data: bytes | np.ndarray, media_type: str | None, cam: str,
+                       started: float, ticket: int, cost: int, kind: str | None, source: bool = False,
+                       frame_index: int | None = None,
+                       key: tuple[str | None, int | None] = (None, None)) -> Answer:
+        engine = slot.engine
+        prepared = await self._prepare(engine, data, media_type, cost, kind, cam == "png", source, frame_index)
+        output = await slot.batcher.submit(prepared, cam != "none",
                                            on_start=lambda: self.admission.stop_waiting(ticket))
         cam_result, cam_ms = None, 0.0
         if cam == "png":  # the images are encoded by the host workers too
@@ -198,6 +269,8 @@ class InferenceService:
                                              prepared.framing, prepared.image_size)
             cam_ms = ms_since(cam_start)
         prediction = engine.builder.build(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms)
+        if self.shadow is not None:  # after the answer is made; only samples and queues
+            self.shadow.offer(prepared, data, media_type, kind, prediction, *key)
         return Answer(prediction, prepared.source, prepared.facts)
 
     async def infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
@@ -206,15 +279,17 @@ class InferenceService:
         timeout as ``predict``."""
         timeout = self.options.request_timeout_s
         metrics.IN_FLIGHT.inc(len(inputs))  # admitted work: one per image, as predict counts
+        slot = self._hold()
         try:
             with self.idle_trim.busy():
-                return await asyncio.wait_for(self._infer_raw(inputs), timeout)
+                return await asyncio.wait_for(self._infer_raw(slot, inputs), timeout)
         except asyncio.TimeoutError:
             raise InferenceTimeout(f"the request took longer than {timeout:g} s") from None
         finally:
+            self._release(slot)
             metrics.IN_FLIGHT.dec(len(inputs))
 
-    async def _infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
+    async def _infer_raw(self, slot: ModelSlot, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
         kinds = [None if isinstance(item, np.ndarray) else sniff(item) for item in inputs]
         costs = [0 if kind is None else decode_cost(item, self.options.max_pixels, kind)
                  for item, kind in zip(inputs, kinds)]
@@ -227,9 +302,9 @@ class InferenceService:
                 if isinstance(item, np.ndarray):
                     model_input, facts, reasons = item, tensor_facts(item), []
                 else:
-                    model_input = await self._prepare(item, None, cost, kind)
+                    model_input = await self._prepare(slot.engine, item, None, cost, kind)
                     facts, reasons = model_input.facts, model_input.image_reasons
-                out = await self.batcher.submit(model_input, False, on_start=lambda: self.admission.stop_waiting(ticket))
+                out = await slot.batcher.submit(model_input, False, on_start=lambda: self.admission.stop_waiting(ticket))
             finally:
                 self.admission.stop_waiting(ticket)
             return out, facts, reasons
@@ -238,7 +313,7 @@ class InferenceService:
         outs = [out for out, _, _ in answered]
         scores = None if outs[0].ood_score is None else np.array([float(o.ood_score) for o in outs], np.float32)
         return RawOutputs(np.stack([o.logits for o in outs]), scores, tuple(facts for _, facts, _ in answered),
-                          tuple(reasons for _, _, reasons in answered))
+                          tuple(reasons for _, _, reasons in answered), slot.engine)
 
     def refuse_if_full(self) -> None:
         """``Overloaded`` (503 with Retry-After) at once when a new request would be refused: for a
@@ -255,4 +330,8 @@ class InferenceService:
 
     async def close(self, timeout_s: float) -> None:
         await self.batcher.close(timeout_s)
+        for task in list(self._retiring):
+            task.cancel()
+        if self.shadow is not None:
+            self.shadow.close()
         self.host.close()

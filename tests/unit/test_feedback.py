@@ -142,7 +142,7 @@ def test_a_sqlite_migration_that_copies_the_records_table_keeps_the_feedback(tmp
     shutil.copytree(MIGRATIONS, scripts, ignore=shutil.ignore_patterns("__pycache__"))
     (scripts / "versions" / "9999_copy_records.py").write_text(
         "from alembic import op\nimport sqlalchemy as sa\n"
-        "revision = '9999'\ndown_revision = '0002'\nbranch_labels = None\ndepends_on = None\n\n\n"
+        "revision = '9999'\ndown_revision = '0003'\nbranch_labels = None\ndepends_on = None\n\n\n"
         "def upgrade():\n"
         "    with op.batch_alter_table('prediction_records', recreate='always') as batch:\n"
         "        batch.add_column(sa.Column('scratch', sa.Integer(), nullable=True))\n")

@@ -57,6 +57,8 @@ REQUIRED = {
     "fit-ood": (["best.pt", "--data", "d"], {"checkpoint": Path("best.pt"), "data": Path("d")}),
     "export": (["best.pt"], {"checkpoint": Path("best.pt")}),
     "quantize": (["m.onnx", "--data", "d"], {"model": Path("m.onnx"), "data": Path("d")}),
+    "promote": (["new.onnx", "--against", "old.onnx"], {"candidate": Path("new.onnx"), "against": Path("old.onnx")}),
+    "lock-manifest": ([], {}),
 }
 
 

@@ -22,7 +22,7 @@ from app.engine.pipeline import INTENSITY_PERCENTILES, InputFacts, intensity_per
 from app.engine.records import writer as writer_module
 from app.engine.records.options import RecordOptions
 from app.engine.records.rows import prediction_row
-from app.engine.records.schema import FEEDBACK, RECORDS, Base
+from app.engine.records.schema import FEEDBACK, RECORDS, SHADOW_COMPARISONS, Base
 from app.engine.records.store import RecordStore, alembic_config, safe_url
 from app.engine.records.writer import RecordWriter
 from tests.postgres import started_postgres
@@ -52,12 +52,15 @@ def test_migrate_creates_the_schema_from_an_empty_database(database_url: str):
         store.migrate()
         store.migrate()  # at head already: nothing to do
         inspector = sa.inspect(store.engine)
-        assert {"prediction_records", "reader_feedback", "alembic_version"} <= set(inspector.get_table_names())
+        assert {"prediction_records", "reader_feedback", "shadow_comparisons", "alembic_version"} <= set(
+            inspector.get_table_names())
         columns = {c["name"] for c in inspector.get_columns("prediction_records")}
         assert columns == {c.name for c in RECORDS.columns}
         assert {c["name"] for c in inspector.get_columns("reader_feedback")} == {c.name for c in FEEDBACK.columns}
+        shadow_columns = {c["name"] for c in inspector.get_columns("shadow_comparisons")}
+        assert shadow_columns == {c.name for c in SHADOW_COMPARISONS.columns}
         with store.engine.connect() as connection:
-            assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+            assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
     finally:
         store.close()
 
@@ -210,9 +213,9 @@ class CountingStore(RecordStore):
         super().__init__(url, **kwargs)
         self.batches: list[int] = []
 
-    def insert(self, rows):
-        super().insert(rows)
-        self.batches.append(len(rows))
+    def insert_tables(self, rows):  # the writer's one insert per batch
+        super().insert_tables(rows)
+        self.batches.append(sum(map(len, rows.values())))
 
 
 def test_the_writer_batches_rows_and_writes_all_on_close(database_url: str):

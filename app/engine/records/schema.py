@@ -1,4 +1,4 @@
-"""The prediction records' and readers' feedback tables, declared once with SQLAlchemy 2: the Alembic migrations
+"""The prediction records', readers' feedback and shadow comparisons' tables, declared once with SQLAlchemy 2: the Alembic migrations
 (``migrations/versions``) create it, and a test checks that autogenerate finds no difference between
 this declaration and the migrated database (no hand-written DDL drift).
 
@@ -108,3 +108,30 @@ class ReaderFeedback(Base):
 
 RECORDS = PredictionRecord.__table__
 FEEDBACK = ReaderFeedback.__table__
+
+
+class ShadowComparison(Base):
+    """One image a shadow model (``BTD_SHADOW_MODEL``) also answered: its answer beside the live one's
+    (the prediction record of the same ``request_id`` and ``item``). No patient data, as above."""
+
+    __tablename__ = "shadow_comparisons"
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    request_id: Mapped[str] = mapped_column(String(128), index=True)
+    item: Mapped[int | None] = mapped_column(Integer, comment="the image's index in a batch request")
+    live_model_version: Mapped[str] = mapped_column(String(64))
+    live_model_sha256: Mapped[str] = mapped_column(String(64))
+    shadow_model_name: Mapped[str] = mapped_column(String(128))
+    shadow_model_version: Mapped[str] = mapped_column(String(64), index=True)
+    shadow_model_sha256: Mapped[str] = mapped_column(String(64))
+    shadow_label: Mapped[str] = mapped_column(String(64))
+    shadow_tumour_probability: Mapped[float | None] = mapped_column(Float)
+    shadow_tumour_detected: Mapped[bool | None] = mapped_column(Boolean)
+    shadow_assessed: Mapped[bool] = mapped_column(Boolean)
+    label_agrees: Mapped[bool] = mapped_column(Boolean, comment="the same label as the live answer")
+    tumour_agrees: Mapped[bool] = mapped_column(Boolean, comment="the same tumour decision as the live answer")
+    shadow_inference_ms: Mapped[float | None] = mapped_column(Float)
+
+
+SHADOW_COMPARISONS = ShadowComparison.__table__

@@ -13,10 +13,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, select
+from sqlalchemy import Engine, Table, create_engine, delete, event, func, insert, select
 from sqlalchemy.engine import URL, make_url
 
-from app.engine.records.schema import FEEDBACK, RECORDS
+from app.engine.records.schema import FEEDBACK, RECORDS, SHADOW_COMPARISONS
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_S = 5.0  # a writer waits this long for another's lock before the batch counts as lost
@@ -89,10 +89,16 @@ class RecordStore:
         if self.is_sqlite:
             self.engine.dispose()  # the migrating connection had foreign keys off (env.py): not pooled again
 
-    def insert(self, rows: list[dict[str, Any]]) -> None:
+    def insert(self, rows: list[dict[str, Any]], table: Table = RECORDS) -> None:
         """One transaction for the batch (executemany)."""
+        self.insert_tables({table: rows})
+
+    def insert_tables(self, rows: dict[Table, list[dict[str, Any]]]) -> None:
+        """One transaction for the rows of several tables (executemany each)."""
         with self.engine.begin() as connection:
-            connection.execute(insert(RECORDS), rows)
+            for table, table_rows in rows.items():
+                if table_rows:
+                    connection.execute(insert(table), table_rows)
 
     def prune(self, *, max_age_days: float = 0, max_rows: int = 0, now: datetime | None = None) -> int:
         """Delete records older than ``max_age_days`` and, beyond ``max_rows``, the oldest; 0: no
@@ -102,6 +108,7 @@ class RecordStore:
             if max_age_days > 0:
                 cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=max_age_days)
                 deleted += connection.execute(delete(RECORDS).where(RECORDS.c.recorded_at < cutoff)).rowcount or 0
+                connection.execute(delete(SHADOW_COMPARISONS).where(SHADOW_COMPARISONS.c.recorded_at < cutoff))
             if max_rows > 0:
                 # The id of the newest row beyond the bound: it and every older row go.
                 newest_gone = (select(RECORDS.c.id).order_by(RECORDS.c.id.desc()).offset(max_rows).limit(1)
@@ -113,10 +120,10 @@ class RecordStore:
         with self.engine.connect() as connection:
             return int(connection.execute(select(func.count()).select_from(RECORDS)).scalar_one())
 
-    def rows(self) -> list[dict[str, Any]]:
-        """Every record, oldest first, as plain dicts."""
+    def rows(self, table: Table = RECORDS) -> list[dict[str, Any]]:
+        """Every record (of ``table``), oldest first, as plain dicts."""
         with self.engine.connect() as connection:
-            return [dict(r) for r in connection.execute(select(RECORDS).order_by(RECORDS.c.id)).mappings()]
+            return [dict(r) for r in connection.execute(select(table).order_by(table.c.id)).mappings()]
 
     def feedback(self) -> list[dict[str, Any]]:
         """Every reader's feedback, oldest first, as plain dicts."""

@@ -23,8 +23,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import Table
+
 from app.engine import metrics
 from app.engine.records.options import RecordOptions
+from app.engine.records.schema import RECORDS
 from app.engine.records.store import RecordStore, safe_url
 
 log = logging.getLogger("app.records")
@@ -52,9 +55,10 @@ class RecordWriter:
 
     # -- the request side (event loop): never blocks ----------------------------------------------
 
-    def add(self, row: dict[str, Any]) -> None:
+    def add(self, row: dict[str, Any], table: Table = RECORDS) -> None:
+        """Queue one row of ``table`` (a prediction record unless said otherwise)."""
         try:
-            self.queue.put_nowait(row)
+            self.queue.put_nowait((table, row))
         except queue.Full:
             self._lost("queue-full", 1, "the record queue is full: the database is slow or down")
 
@@ -139,7 +143,7 @@ class RecordWriter:
         self._prune_when_due()
         return True
 
-    def _take_batch(self) -> tuple[list[dict[str, Any]], bool]:
+    def _take_batch(self) -> tuple[list[tuple[Table, dict[str, Any]]], bool]:
         """Up to ``batch_size`` rows: the first waited for (until the next prune is due), the others
         for at most ``linger_s``; and True when the stop mark came."""
         options = self.options
@@ -163,15 +167,19 @@ class RecordWriter:
             batch.append(item)
         return batch, False
 
-    def _write(self, batch: list[dict[str, Any]]) -> bool:
+    def _write(self, batch: list[tuple[Table, dict[str, Any]]]) -> bool:
+        by_table: dict[Table, list[dict[str, Any]]] = {}
+        for table, row in batch:
+            by_table.setdefault(table, []).append(row)
         try:
-            self.store.insert(batch)
+            self.store.insert_tables(by_table)
         except Exception as exc:  # any database failure: the rows are lost, the service keeps answering
             self._trouble("the records database refused a batch", exc)
             self._lost("database", len(batch))
             return False
-        self.written += len(batch)
-        metrics.RECORDS_WRITTEN.inc(len(batch))
+        predictions = len(by_table.get(RECORDS, ()))  # the counter is of prediction records
+        self.written += predictions
+        metrics.RECORDS_WRITTEN.inc(predictions)
         self._recovered()
         return True
 

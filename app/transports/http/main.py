@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import signal
 from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,9 +22,12 @@ from fastapi.openapi.utils import get_openapi
 
 from app.engine import metrics
 from app.engine.monitoring.exporter import PerformanceExporter
+from app.engine.records.schema import SHADOW_COMPARISONS
 from app.engine.records.store import RecordStore, safe_url
 from app.engine.records.writer import RecordWriter
+from app.engine.reload import ModelReloader
 from app.engine.service import InferenceService
+from app.engine.shadow import Shadow, ShadowOptions
 from app.settings import Settings
 from app.transports.http import openapi_docs as docs
 from app.transports.http.api_keys import KeyStore
@@ -56,6 +61,8 @@ class RuntimeState:
     service: InferenceService | None = None
     load_error: str | None = None
     draining: bool = False
+    reloader: ModelReloader | None = None  # model updates (BTD_MODEL_WATCH, SIGHUP)
+    tasks: set[asyncio.Task] = field(default_factory=set)  # the watch and reloads, cancelled at shutdown
 
     @property
     def ready(self) -> bool:
@@ -91,6 +98,47 @@ async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None
     log.info("ready: %s %s (%s) on %s, %d intra-op threads, %d host %s", engine.metadata.model_name,
              engine.metadata.model_version, engine.variant, engine.runner.provider, engine.runner.intra_op_threads,
              service.host.workers, service.host.kind)
+    await start_updates(state, service, settings)
+    await start_shadow(service, settings, app.state.records)
+
+
+async def start_shadow(service: InferenceService, settings: Settings, records: RecordWriter | None) -> None:
+    """The shadow model (BTD_SHADOW_MODEL), loaded after the live one is ready; one that cannot be
+    loaded is logged and left out: it never stops the service."""
+    if settings.shadow_model is None:
+        return
+    options = ShadowOptions(settings.shadow_model, settings.shadow_share, settings.shadow_queue_size)
+    on_compared = None if records is None else partial(records.add, table=SHADOW_COMPARISONS)
+    try:
+        shadow = await asyncio.to_thread(Shadow.load, options, settings.engine_options(), on_compared)
+    except Exception as exc:  # a bad candidate costs the comparison, never the service
+        log.error("shadow model %s not loaded (%s: %s); serving without it", settings.shadow_model,
+                  type(exc).__name__, exc)
+        return
+    shadow.start()
+    service.shadow = shadow
+    meta = shadow.engine.metadata
+    log.info("shadow: %s %s sees %g of the answered images (BTD_SHADOW_SHARE); its answers are only compared",
+             meta.model_name, meta.model_version, settings.shadow_share)
+
+
+async def start_updates(state: RuntimeState, service: InferenceService, settings: Settings) -> None:
+    """Model updates: the reloader, its watch on the model path (BTD_MODEL_WATCH) and SIGHUP."""
+    reloader = ModelReloader(service, settings.model_path, settings.engine_options())
+    await reloader.start()
+    state.reloader = reloader
+
+    def spawn(coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
+
+    if settings.model_watch:
+        spawn(reloader.watch())
+    try:  # only the main thread's loop takes signals (not a TestClient's)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: spawn(reloader.reload()))
+    except (RuntimeError, ValueError, NotImplementedError, AttributeError):
+        pass
 
 
 def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None] | None = None,
@@ -115,6 +163,8 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
             metrics.READY.set(0)
             if not loading.done():
                 loading.cancel()
+            for task in list(state.tasks):
+                task.cancel()
             if state.service is not None:
                 # The server already waited for in-flight requests; what is left belongs to cancelled ones.
                 await state.service.close(min(settings.drain_timeout_s, LIFESPAN_CLOSE_S))

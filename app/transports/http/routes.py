@@ -25,7 +25,7 @@ from app.core.errors import (
     UnsupportedMediaType,
 )
 from app.core.nifti import looks_like_nifti
-from app.core.result import Prediction, Timings
+from app.core.result import ModelIdentity, Prediction, Timings
 from app.engine import metrics
 from app.engine.pipeline import CamMode, InputFacts
 from app.engine.records.rows import prediction_row
@@ -113,10 +113,13 @@ def _server_timing(timings: Timings) -> str:
 
 def audit_prediction(request: Request, service: InferenceService, *, index: int | None = None,
                      result: Prediction | None = None, decision: Decision | None = None,
-                     facts: InputFacts | None = None, error: ServiceError | None = None) -> None:
+                     facts: InputFacts | None = None, error: ServiceError | None = None,
+                     model: ModelIdentity | None = None) -> None:
     """The audit line of one prediction, answered (``result``, or its ``decision`` where there is no
     ``Prediction``, as for v2 logits) or refused (``error``); and an answer's prediction record
-    (``BTD_RECORDS``), from the same values, with what ``facts`` says of its input."""
+    (``BTD_RECORDS``), from the same values, with what ``facts`` says of its input. The model named is
+    the one that answered (``result.model``, or ``model`` for a decision), not the live one: a model
+    swap may have come in between."""
     audit: AuditLog = request.app.state.audit
     answer = result if result is not None else decision
     fields: dict[str, Any] = {}
@@ -126,7 +129,8 @@ def audit_prediction(request: Request, service: InferenceService, *, index: int 
                   "in_distribution": answer.in_distribution}
     if result is not None:
         fields["timings_ms"] = asdict(result.timings_ms)
-    request_id, route, model = request_id_of(request), route_template(request.scope), service.engine.model_identity
+    request_id, route = request_id_of(request), route_template(request.scope)
+    model = result.model if result is not None else model or service.engine.model_identity
     audit.prediction(
         request_id=request_id, key=getattr(request.state, "api_key", None),
         client=request.client.host if request.client else None, route=route, index=index,
@@ -148,7 +152,7 @@ async def predict(request: Request, cam: CamMode = CAM_QUERY, result_format: Res
         if objects is not None:
             dicom, answer = await dicom_response(service, data, media_type, objects)
         else:
-            answer = await service.answer(data, media_type, cam)
+            answer = await service.answer(data, media_type, cam, request_id=request_id_of(request))
     except ServiceError as error:
         audit_prediction(request, service, error=error)
         raise
@@ -185,7 +189,7 @@ async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
         filename = upload.filename or f"file{index + 1}"
         data, media_type = await _read_upload(upload)
         try:
-            answer = await service.answer(data, media_type, cam, batch_file=True)
+            answer = await service.answer(data, media_type, cam, batch_file=True, request_id=request_id, item=index)
         except ServiceError as error:  # one bad file does not fail the others
             metrics.ERRORS.labels(error.slug).inc()
             audit_prediction(request, service, index=index, error=error)

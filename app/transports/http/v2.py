@@ -359,7 +359,7 @@ def _wants_binary(infer: InferRequest, output_parameters: dict[str, Any] | None)
 
 
 def infer_response(infer: InferRequest, request_id: str, service: InferenceService, raw: RawOutputs) -> Response:
-    meta = service.engine.metadata
+    meta = (raw.engine or service.engine).metadata  # the model that answered
     tensors = {LOGITS_OUTPUT: raw.logits.astype(np.float32),
                PROBABILITIES_OUTPUT: softmax(raw.logits, meta.temperature).astype(np.float32)}
     if raw.ood_score is not None:
@@ -396,7 +396,7 @@ def decisions(service: InferenceService, raw: RawOutputs) -> list[Decision]:
     client gets logits and probabilities): the decision /v1/predict would have answered (the same
     one: an out-of-distribution score over the model's threshold, or an image rule, makes no
     finding). Image bytes give their image rules' reasons (modality, head, size); a tensor gives none."""
-    engine = service.engine
+    engine = raw.engine or service.engine  # the model that answered
     scores = [None] * len(raw.logits) if raw.ood_score is None else [float(s) for s in raw.ood_score]
     reasons = raw.image_reasons or ([],) * len(raw.logits)
     return [engine.decide(logits, score, why) for logits, score, why in zip(raw.logits, scores, reasons)]
@@ -416,7 +416,8 @@ async def _infer(request: Request, name: str, version: str | None, service: Infe
         raise
     facts = raw.facts or (None,) * len(raw.logits)
     for index, (decision, input_facts) in enumerate(zip(decisions(service, raw), facts)):
-        audit_prediction(request, service, index=index, decision=decision, facts=input_facts)
+        audit_prediction(request, service, index=index, decision=decision, facts=input_facts,
+                         model=None if raw.engine is None else raw.engine.model_identity)
     return infer_response(infer, request_id_of(request), service, raw)
 
 

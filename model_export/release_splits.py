@@ -1,0 +1,33 @@
+"""The release's split file: which images train, validate and test a release (``models/release.py``),
+and so which are the locked validation manifest of ``btd promote`` (``model_export.promote``)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def write_release_splits(data: Path, out: Path) -> dict[str, int]:
+    """The grouped 4-class split, the figshare-cheng train/val rows and all of lgg-tcga-flair (split by
+    patient, the patient id as the group), paths relative to ``data``."""
+    rows = []
+    with (data / "brain-mri-4class" / "splits.csv").open(newline="") as fh:
+        rows += [("brain-mri-4class/" + r["path"], r["label"], r["split"], r["group"]) for r in csv.DictReader(fh)]
+    with (data / "figshare-cheng" / "index.csv").open(newline="") as fh:
+        rows += [("figshare-cheng/" + r["image"], r["label"], r["in_4class_splits"], r["group"])
+                 for r in csv.DictReader(fh) if r["in_4class_splits"] in ("train", "val")]
+    with (data / "lgg-tcga-flair" / "index.csv").open(newline="") as fh:
+        rows += [("lgg-tcga-flair/" + r["path"], r["label"], r["split"], "lgg-" + r["patient"])
+                 for r in csv.DictReader(fh)]
+    # The same patients' T1 and T1 post-contrast slices, in the same patient split and group: one
+    # tumour in three sequences, so the sequence stops telling the class.
+    if (data / "lgg-tcga-t1" / "index.csv").is_file():
+        with (data / "lgg-tcga-t1" / "index.csv").open(newline="") as fh:
+            rows += [("lgg-tcga-t1/" + r["path"], r["label"], r["split"], "lgg-" + r["patient"])
+                     for r in csv.DictReader(fh)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(("path", "label", "split", "group"))
+        writer.writerows(rows)
+    return {split: sum(r[2] == split for r in rows) for split in ("train", "val", "test")}
