@@ -185,6 +185,11 @@ def _find(ds: Any, keyword: str, frame: int = 0) -> Any:
     return None
 
 
+def frame_numbers(ds: Any, keyword: str, frame: int = 0) -> list[float] | None:
+    """A numeric attribute of frame ``frame`` (top level, else its functional groups), None when absent."""
+    return _numbers(_find(ds, keyword, frame))
+
+
 def _numbers(value: Any) -> list[float] | None:
     if value is None:
         return None

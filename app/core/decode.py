@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from app.core import formats
-from app.core.acquisition import Acquisition, read_acquisition
+from app.core.acquisition import Acquisition, frame_numbers, read_acquisition
 from app.core.dicom_read import element_limits, read_dataset, results_header
 from app.core.errors import InvalidImage, NoPixelData, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.core.image_headers import (
@@ -32,6 +32,7 @@ from app.core.image_headers import (
     png_header,
     png_pixel_chunks,
 )
+from app.core.series import SliceGeometry
 
 PNG, JPEG, DICOM = (f.media_type for f in formats.FORMATS)  # the registry's media types, by name
 MEDIA_TYPES = tuple(formats.BY_MEDIA_TYPE)
@@ -84,7 +85,7 @@ def normalise_media_type(declared: str | None) -> str | None:
 
 
 def decode(data: bytes, declared: str | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-           multiframe: MultiframePolicy = "middle", source: bool = False,
+           multiframe: MultiframePolicy | int = "middle", source: bool = False,
            sniffed: str | None = None) -> DecodedImage:
     """Decode image bytes. ``declared`` is the client's media type, checked against the signature;
     ``multiframe`` picks the frame of a multi-frame DICOM; ``source``: also read the DICOM attributes
@@ -175,7 +176,7 @@ def _png_frames(data: bytes) -> int:
     return 1
 
 
-def _decode_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, source: bool = False) -> DecodedImage:
+def _decode_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy | int, source: bool = False) -> DecodedImage:
     """DICOM Part 10 -> float32 slice: Modality LUT, then VOI LUT or window (to [0, 1]), MONOCHROME1
     inverted. Multi-frame policy: the middle frame (``frames // 2``) by default, or the first; with a warning.
     Read under ``dicom_read``'s limits (deflate, element count, value sizes)."""
@@ -203,7 +204,44 @@ def read_study_uid(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
             raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None
 
 
-def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, source: bool = False) -> DecodedImage:
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What series assembly needs of a received DICOM object (UIDs: patient data, never logged)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class: str
+    frames: int  # 1 for a single-frame object
+    geometry: tuple[SliceGeometry, ...]  # one per frame
+
+
+def read_instance_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> InstanceHeader:
+    """``read_study_uid``, and the series, instance and each frame's geometry (Enhanced MR: from the
+    frame's functional groups): what ``btd dicom-listen`` reads, in its isolated worker, of a received
+    object in series mode. Typed errors as ``decode``; messages never quote tag values."""
+    with _quiet_pydicom(), element_limits():
+        try:
+            ds = read_dataset(data, max_pixels, stop_before_pixels=True)
+            frames = max(1, _int_tag(ds, "NumberOfFrames"))
+            number = _int_tag(ds, "InstanceNumber") if "InstanceNumber" in ds else None
+            geometry = []
+            for frame in range(frames):
+                position, orientation = (frame_numbers(ds, k, frame) for k in ("ImagePositionPatient",
+                                                                                 "ImageOrientationPatient"))
+                geometry.append(SliceGeometry(tuple(position) if position and len(position) == 3 else None,
+                                              tuple(orientation) if orientation and len(orientation) == 6 else None,
+                                              number if frames == 1 else frame + 1))
+            return InstanceHeader(*(str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                                      "SOPInstanceUID", "SOPClassUID")),
+                                  frames, tuple(geometry))  # type: ignore[arg-type]
+        except (ServiceError, MemoryError):
+            raise
+        except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
+            raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None
+
+
+def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy | int, source: bool = False) -> DecodedImage:
     ds = read_dataset(data, max_pixels)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         raise InvalidImage("the DICOM file meta information has no transfer syntax (not a valid Part 10 file)")
@@ -218,7 +256,7 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, sour
     if rows * cols > max_pixels:
         raise PayloadTooLarge(f"image of {cols}x{rows} pixels exceeds the limit of {max_pixels} pixels")
     plugin = _decoding_plugin(ds)
-    frame = (frames // 2 if multiframe == "middle" else 0) if frames > 1 else 0
+    frame = _frame_index(multiframe, frames)
     acquisition = read_acquisition(ds, frame) if modality == "MR" else None  # the gate reads the headers
     if plugin:  # compressed: the codestream's own header must agree with Rows / Columns
         _check_encapsulated_frame(ds, frame, frames, rows, cols)
@@ -232,7 +270,7 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, sour
         if not _decoder_memory_fits(rows * cols * max(1, _int_tag(ds, "SamplesPerPixel"))):
             raise MemoryError from None
         raise InvalidImage(f"the DICOM pixel data could not be decoded ({type(exc).__name__})") from None
-    if frames > 1:
+    if frames > 1 and not isinstance(multiframe, int):  # a series' frames are each classified: no warning
         warnings.append(f"multi-frame DICOM ({frames} frames): the {multiframe} frame ({frame + 1}) was used")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM, RGB after pydicom's conversion
         gray, more = _to_gray(arr[:, :, 2::-1])
@@ -317,6 +355,16 @@ def _quiet_pydicom():
         finally:
             for logger, was_disabled in zip(loggers, saved):
                 logger.disabled = was_disabled
+
+
+def _frame_index(multiframe: MultiframePolicy | int, frames: int) -> int:
+    """The frame to classify: the policy's, or frame ``multiframe`` (0-based) when a series splits an
+    Enhanced MR object into its frames."""
+    if isinstance(multiframe, int):
+        if not 0 <= multiframe < frames:
+            raise InvalidImage(f"frame {multiframe + 1} asked of a DICOM object of {frames} frames")
+        return multiframe
+    return (frames // 2 if multiframe == "middle" else 0) if frames > 1 else 0
 
 
 def _int_tag(ds, keyword: str) -> int:

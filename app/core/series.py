@@ -41,3 +41,35 @@ class SeriesFinding:
 def aggregate(predictions: Sequence[Prediction]) -> SeriesFinding:
     """One finding from the slices' predictions, given in slice order. The rule is defined here."""
     raise NotImplementedError("series aggregation: see issue 24")
+
+
+# --- slice order (issue 24, part 1: the PACS transports) ---------------------------------------------
+# A simple ordering written before series-core's; the lead keeps one of the two when merging.
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where a slice lies, from its DICOM header: Image Position (Patient), Image Orientation (Patient),
+    Instance Number; each None when the header does not say."""
+
+    position: tuple[float, float, float] | None = None
+    orientation: tuple[float, float, float, float, float, float] | None = None
+    instance_number: int | None = None
+
+
+def slice_normal(orientation: Sequence[float]) -> tuple[float, float, float]:
+    """The normal of a slice (row cosine x column cosine), pointing as DICOM's patient axes do."""
+    r, c = orientation[:3], orientation[3:]
+    return (r[1] * c[2] - r[2] * c[1], r[2] * c[0] - r[0] * c[2], r[0] * c[1] - r[1] * c[0])
+
+
+def order_slices(slices: Sequence[SliceGeometry]) -> list[int]:
+    """The indices of ``slices`` in slice order: by position along the slice normal (the first oriented
+    slice's) when every slice has a position and some slice an orientation; else by Instance Number
+    (those without one last). Ties keep the order given (arrival), so the order is deterministic."""
+    oriented = next((s.orientation for s in slices if s.orientation is not None), None)
+    if oriented is not None and all(s.position is not None for s in slices):
+        normal = slice_normal(oriented)
+        along = [sum(p * n for p, n in zip(s.position, normal)) for s in slices]  # type: ignore[arg-type]
+        return sorted(range(len(slices)), key=lambda i: (along[i], slices[i].instance_number or 0))
+    return sorted(range(len(slices)), key=lambda i: (slices[i].instance_number is None, slices[i].instance_number or 0))

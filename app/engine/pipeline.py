@@ -131,7 +131,7 @@ class PrepareOptions:
 
     spec: PreprocessSpec
     max_pixels: int = DEFAULT_MAX_PIXELS
-    multiframe: MultiframePolicy = "middle"
+    multiframe: MultiframePolicy | int = "middle"  # an int: that frame (a series's frames)
     validated: ValidatedUse = DEFAULT_VALIDATED  # the model's validated use: the intended-use gate
 
 

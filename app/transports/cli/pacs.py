@@ -42,6 +42,9 @@ def _add_common(parser: argparse.ArgumentParser, *, stow_default_help: str = "")
     retry.add_argument("--retries", type=int, default=5, help="retries after a failed send or service call (5)")
     retry.add_argument("--backoff", type=float, default=1.0, help="first wait in seconds, doubled each retry (1)")
     retry.add_argument("--max-backoff", type=float, default=30.0, help="longest wait in seconds (30)")
+    parser.add_argument("--mode", choices=("series", "instance"), default=None,
+                        help="series: one SR + KOS + key-slice overlays per series; instance: an SR and overlay per "
+                        "MR instance (default: $BTD_PACS_MODE, series)")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds for DICOM association/DIMSE/network steps and service calls (30)")
     add_store_argument(parser)
@@ -67,17 +70,31 @@ def _processor(args: argparse.Namespace, *, study_idle_s: float, default_stow: s
               else StowSender(stow_url, args.timeout, dicomweb_auth()))
     if args.url and args.store is not None:
         raise ValueError("--store records answers made here; with --url the service records its own")
-    if args.url:
-        classifier: Any = ServiceClassifier(args.url, args.timeout, args.api_key)
-    else:
-        from app.settings import Settings
+    from app.settings import Settings
 
-        model = Path(args.model) if args.model else Settings().model_path
-        if not model.is_file():
-            raise FileNotFoundError(f"model file not found: {model}; pass --model FILE or --url URL")
-        classifier = LocalClassifier(model, open_store(args.store))
+    settings = Settings()
     retry = RetryPolicy(args.retries, args.backoff, args.max_backoff)
-    return Processor(classifier, sender, StudyTracker(sender.description, study_idle_s), retry)
+    tracker = StudyTracker(sender.description, study_idle_s)
+    if series_mode(args) and args.url:
+        raise ValueError("series mode classifies in this process (--model); with --url give --mode instance "
+                         "(or BTD_PACS_MODE=instance)")
+    if args.url:
+        return Processor(ServiceClassifier(args.url, args.timeout, args.api_key), sender, tracker, retry)
+    model = Path(args.model) if args.model else settings.model_path
+    if not model.is_file():
+        raise FileNotFoundError(f"model file not found: {model}; pass --model FILE or --url URL")
+    if series_mode(args):
+        from app.transports.pacs.series_processing import SeriesClassifier, SeriesProcessor
+
+        classifier = SeriesClassifier(model, settings.series_batch_size, open_store(args.store), settings.max_pixels)
+        return SeriesProcessor(classifier, sender, tracker, retry)
+    return Processor(LocalClassifier(model, open_store(args.store)), sender, tracker, retry)
+
+
+def series_mode(args: argparse.Namespace) -> bool:
+    from app.settings import Settings
+
+    return (args.mode or Settings().pacs_mode) == "series"
 
 
 def run_listen(args: argparse.Namespace) -> int:
@@ -90,7 +107,16 @@ def run_listen(args: argparse.Namespace) -> int:
         queue_bytes=args.queue_mib * 1024 * 1024, max_pixels=Settings().max_pixels,
         workers=args.workers, study_idle_s=args.study_idle,
     )
-    listener = Listener(options, _processor(args, study_idle_s=args.study_idle))
+    processor = _processor(args, study_idle_s=args.study_idle)
+    if series_mode(args):
+        from app.transports.pacs.assembly import SeriesLimits
+        from app.transports.pacs.listener import SeriesListener
+
+        settings = Settings()
+        listener: Listener = SeriesListener(options, processor, SeriesLimits.from_settings(settings),
+                                            settings.series_spill_dir)
+    else:
+        listener = Listener(options, processor)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -105,11 +131,18 @@ def run_listen(args: argparse.Namespace) -> int:
 
 
 def run_dicomweb(args: argparse.Namespace) -> int:
-    from app.transports.pacs.dicomweb import process_study
+    from app.settings import Settings
+    from app.transports.pacs.assembly import SeriesLimits
+    from app.transports.pacs.dicomweb import process_study, process_study_series
 
     processor = _processor(args, study_idle_s=0.0, default_stow=args.wado_url)
     try:
-        process_study(args.wado_url, args.study, processor, args.series, dicomweb_auth())
+        if series_mode(args):
+            settings = Settings()
+            process_study_series(args.wado_url, args.study, processor, SeriesLimits.from_settings(settings),
+                                 args.series, dicomweb_auth(), settings.series_spill_dir, settings.max_pixels)
+        else:
+            process_study(args.wado_url, args.study, processor, args.series, dicomweb_auth())
     finally:
         close = getattr(processor.classifier, "close", None)
         if close is not None:  # the isolated reader, and --store's records written
