@@ -1,0 +1,127 @@
+"""The PACS round trip in series mode against a real Orthanc (issue 24): a modality C-STOREs a study of
+three series (an axial FLAIR series of one lgg-tcga-flair test patient with a tumour, with proper
+geometry; the same slices as a sagittal series; and as a T2 series), Orthanc's routing rule sends
+each MR instance to the series-mode listener, and the study gets back exactly one SR per series, one
+KOS for the one assessed series, and an overlay of each of its key slices; the sagittal and T2
+series' SRs say not assessed and why. ``dciodvfy`` and highdicom read every result.
+
+The listener runs in this process so that the finding comes from ``stand_in_aggregate`` (TEST ONLY,
+tests/pacs/series_data.py) until series-core's ``app.core.series.aggregate`` lands; the lead then
+drops the ``aggregate=`` argument below. Skipped, with the reason, without Orthanc or the data set.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from app.transports.pacs.assembly import SeriesLimits
+from app.transports.pacs.listener import ListenerOptions, SeriesListener
+from app.transports.pacs.processing import CStoreSender, DicomNode, RetryPolicy, StudyTracker
+from app.transports.pacs.results import encode, result_uid
+from app.transports.pacs.series_processing import SeriesClassifier, SeriesProcessor
+from tests.api.helpers import free_port
+from tests.model_factory import build_model
+from tests.pacs import orthanc
+from tests.pacs.dicom_checks import SENTINEL_NAME, assert_no_sentinel, dciodvfy_errors
+from tests.pacs.netns import in_private_network, private_network
+from tests.pacs.series_data import T2, lgg_images, series, stand_in_aggregate
+from tests.pacs.test_pacs_roundtrip import MR, SC, SR, wait_for
+
+pytestmark = pytest.mark.slow
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"
+STUDY = result_uid("series round trip study")
+
+
+@pytest.fixture(scope="module")
+def network() -> Iterator[bool]:
+    reason = orthanc.available()
+    if reason:
+        pytest.skip(reason)
+    with private_network() as private:
+        if private:
+            assert in_private_network()
+        else:
+            warnings.warn("no private network namespace here: Orthanc listens on every interface meanwhile",
+                          stacklevel=1)
+        yield private
+
+
+@pytest.fixture(scope="module")
+def pacs(network, tmp_path_factory) -> Iterator[dict]:
+    images, labels = lgg_images()  # skips without the data set
+    folder = tmp_path_factory.mktemp("series-pacs")
+    port = free_port()
+    with orthanc.Orthanc(folder / "orthanc", btd_port=port) as server:
+        sender = CStoreSender(DicomNode(server.ae_title, "127.0.0.1", server.dicom_port), "BTD")
+        classifier = SeriesClassifier(build_model(folder / "model.onnx"), batch_size=4)
+        processor = SeriesProcessor(classifier, sender, StudyTracker(sender.description, idle_s=1.0),
+                                    RetryPolicy(retries=3, backoff_s=0.2),
+                                    aggregate=stand_in_aggregate)  # TEST ONLY: app.core.series.aggregate once it exists
+        listener = SeriesListener(ListenerOptions(port=port, allowed_calling_aets=(server.ae_title,)), processor,
+                                  SeriesLimits(idle_s=2.0), folder / "spill")
+        listener.start()
+        try:
+            yield {"orthanc": server, "images": images, "labels": labels, "listener": listener}
+        finally:
+            listener.stop(60)
+            classifier.close()
+
+
+def _of(server: orthanc.Orthanc, sop_class: str) -> list[dict]:
+    return [i for i in server.instances_of_study(STUDY) if i.get("SOPClassUID") == sop_class]
+
+
+def _texts(ds: pydicom.Dataset) -> str:
+    stack, texts = list(ds.get("ContentSequence", [])), []
+    while stack:
+        item = stack.pop()
+        if item.get("ValueType") == "TEXT":
+            texts.append(str(item.TextValue))
+        stack.extend(item.get("ContentSequence", []))
+    return " ".join(texts)
+
+
+def test_a_routed_study_gets_one_sr_per_series_and_one_kos_per_assessed_series(pacs, caplog):
+    server, images = pacs["orthanc"], pacs["images"]
+    axial = series(images, study_uid=STUDY, name="axial flair")
+    sagittal = series(images, study_uid=STUDY, name="sagittal flair", plane="sagittal")
+    t2 = series(images, study_uid=STUDY, name="axial t2", headers=T2)
+    with caplog.at_level(logging.INFO):
+        CStoreSender(DicomNode(server.ae_title, "127.0.0.1", server.dicom_port), "MODALITY").send(
+            [encode(ds) for ds in (*axial, *sagittal, *t2)])
+        wait_for(lambda: len(_of(server, SR)) == 3 and len(_of(server, KOS)) == 1 and len(_of(server, SC)) == 3,
+                 180, "3 SRs, 1 KOS and 3 key overlays in Orthanc", lambda: server.log()[-3000:] + caplog.text[-3000:])
+    assert len(_of(server, MR)) == 3 * len(images)
+    srs = {}
+    for found in _of(server, SR) + _of(server, KOS) + _of(server, SC):
+        data = server.file(found["ID"])
+        assert dciodvfy_errors(data) == [], found["SOPClassUID"]
+        ds = pydicom.dcmread(io.BytesIO(data))
+        assert ds.StudyInstanceUID == STUDY and ds.PatientName == SENTINEL_NAME
+        if ds.SOPClassUID == SR:
+            hd.sr.srread(io.BytesIO(data))  # highdicom reads it back
+            srs[str(ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID)] = ds
+    axial_sr = srs[str(axial[0].SeriesInstanceUID)]
+    assert "slices, " in _texts(axial_sr) and "most likely class" in _texts(axial_sr)
+    assert len(axial_sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+               .ReferencedSOPSequence) == len(images)
+    for other, reason in ((sagittal, "Plane outside"), (t2, "Sequence outside")):
+        text = _texts(srs[str(other[0].SeriesInstanceUID)])
+        assert "not assessed: no finding is reported" in text
+        assert reason in srs[str(other[0].SeriesInstanceUID)].to_json()
+    kos = pydicom.dcmread(io.BytesIO(server.file(_of(server, KOS)[0]["ID"])))
+    key = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in kos.ContentSequence
+           if i.ValueType == "IMAGE"}
+    assert key <= {str(ds.SOPInstanceUID) for ds in axial} and len(key) == 3
+    overlays = {str(pydicom.dcmread(io.BytesIO(server.file(i["ID"]))).SourceImageSequence[0].ReferencedSOPInstanceUID)
+                for i in _of(server, SC)}
+    assert overlays == key
+    assert_no_sentinel(caplog.text)
+    assert not any(uid in caplog.text for uid in (STUDY, str(axial[0].SeriesInstanceUID), str(t2[0].SOPInstanceUID)))
