@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -66,7 +65,7 @@ def child(args: argparse.Namespace) -> None:
         from tests.pacs.series_data import stand_in_aggregate
 
         aggregate, which = stand_in_aggregate, "tests' stand-in (app.core.series.aggregate not implemented yet)"
-    except Exception:  # noqa: BLE001 - implemented (an empty series may be refused): use it
+    except Exception:  # noqa: BLE001, S110 - implemented (it may refuse an empty series): use it
         pass
     sender = CStoreSender(DicomNode("STORE", "127.0.0.1", args.store_port), "BTD")
     classifier = SeriesClassifier(Path(args.model), args.batch)

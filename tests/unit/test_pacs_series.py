@@ -11,6 +11,7 @@ import io
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import highdicom as hd
 import pydicom
@@ -94,8 +95,8 @@ def test_a_series_waits_on_disk_until_it_has_been_quiet(assembled, caplog):
     assert all(i.path.parent == assembler.folder for i in series.instances) and assembler.held_bytes == 200
     assert _count("complete") == before + 1
     line = [r.getMessage() for r in caplog.records if "complete" in r.getMessage()]
-    assert line == [f"series {study_key('1.2.9')} (study {study_key('1.2.8')}): complete: 2 instances, 0.0 MB, "
-                    "received over 4.0 s"]
+    assert line == [(f"series {study_key('1.2.9')} (study {study_key('1.2.8')}): complete: 2 instances, 0.0 MB, "
+                     "received over 4.0 s")]
     assembler.release(series)
     assert assembler.held_bytes == 0 and not any(assembler.folder.iterdir())
 
@@ -116,7 +117,7 @@ def test_a_series_past_its_bounds_is_dropped_not_classified(assembled, caplog):
 
 
 def test_all_series_together_are_bounded_and_refused_beyond(assembled):
-    assembler, ready, _ = assembled
+    assembler, _, _ = assembled
     assert assembler.add(_header("1.2.10", "a", frames=3), b"x" * 10)
     assert assembler.add(_header("1.2.11", "b", frames=2), b"x" * 10)
     assert not assembler.add(_header("1.2.12", "c"), b"x" * 10)  # 6 slices > total_slices=5: C-STORE 0xA700
@@ -135,7 +136,7 @@ def test_a_series_that_never_goes_quiet_is_processed_with_what_it_has(assembled)
 
 
 def test_an_enhanced_mr_header_gives_each_frame_a_slice():
-    header = read_instance_header(open(get_testdata_file("emri_small.dcm"), "rb").read())
+    header = read_instance_header(Path(get_testdata_file("emri_small.dcm")).read_bytes())
     assert header.frames == 10 and [g.instance_number for g in header.geometry] == list(range(1, 11))
 
 
