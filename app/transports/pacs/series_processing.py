@@ -171,9 +171,11 @@ class SeriesProcessor:
                             study, unread)
                 PACS_SERIES.labels("failed").inc()
                 return False
+            classified = time.monotonic()
             result = SeriesResult(slices, self.aggregate([s.prediction for s in slices]), unread)  # type: ignore[misc]
             self.classifier.add_overlays(result, series)
             objects = [encode(ds) for ds in build_series_results(result)]
+            built = time.monotonic()
             finding = result.finding
             self.tracker.finding(study, finding.label or "not assessed", finding.tumour_detected)
             try:
@@ -189,9 +191,10 @@ class SeriesProcessor:
             what = (f"{finding.label}, tumour {'detected' if finding.tumour_detected else 'not detected'}"
                     if finding.assessed else "not assessed")
             log.info("series %s (study %s): %d slices, %d assessed, %d not assessed, %d unreadable: %s; %d key "
-                     "slices; %d objects sent to %s in %.1f s", series.key, study, len(slices) + unread,
-                     finding.slices_assessed, finding.slices_not_assessed, unread, what, len(result.key),
-                     len(objects), self.sender.description, time.monotonic() - started)
+                     "slices; %d objects sent to %s in %.1f s (classify %.1f s, results %.1f s, send %.1f s)",
+                     series.key, study, len(slices) + unread, finding.slices_assessed, finding.slices_not_assessed,
+                     unread, what, len(result.key), len(objects), self.sender.description,
+                     time.monotonic() - started, classified - started, built - classified, time.monotonic() - built)
             return True
         except Exception as exc:  # a bug must not kill the worker; its message could quote a tag value
             log.error("series %s (study %s): unexpected error processing it (%s)", series.key, study,

@@ -4,8 +4,8 @@ study, built with highdicom:
 - ONE **Comprehensive SR** (TID 1500 *Imaging Measurement Report*): a first measurement group with the
   series finding (most likely class, tumour present or absent, series tumour probability, threshold,
   slices assessed and not assessed with each reason, the aggregation rule, the key slices as its
-  source images), then one group per slice (its class probabilities, or why it was not assessed:
-  ``results.measurement_group``), the model as algorithm (TID 4019) and observing device;
+  source images), then one compact group per slice (its class probabilities, or why it was not
+  assessed), the model as algorithm (TID 4019) and observing device;
 - ONE **Key Object Selection** document ("Of Interest") flagging the key slices;
 - a CAM overlay **Secondary Capture** for each key slice only (``results.build_overlay``).
 
@@ -34,6 +34,7 @@ from app.transports.pacs.results import (
     NO_FINDING,
     NO_UNITS,
     NOT_ASSESSED_BECAUSE,
+    OOD_SCORE,
     REASONS,
     SERIES_DESCRIPTION,
     TUMOUR,
@@ -41,11 +42,11 @@ from app.transports.pacs.results import (
     TUMOUR_THRESHOLD,
     _evidence,
     _local,
+    _probability_code,
     algorithm_of,
     build_overlay,
     class_code,
     device_observer,
-    measurement_group,
     procedure_of,
     result_uid,
     source_image,
@@ -158,28 +159,71 @@ def _series_group(result: SeriesResult) -> hd.sr.MeasurementsAndQualitativeEvalu
     return group
 
 
+def slice_group(s: ClassifiedSlice) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 of one slice of the series, compact (a series has hundreds): its class and tumour
+    probabilities, or why it was not assessed, and its source image. The algorithm, the threshold and
+    the out-of-distribution threshold are the series group's (the same for every slice)."""
+    prediction, model = s.prediction, s.prediction.model
+    measurements, evaluations = [], []
+    if prediction.assessed:
+        measurements = [hd.sr.Measurement(name=_probability_code(prediction, label), value=round(float(p), 6),
+                                          unit=NO_UNITS) for label, p in prediction.probabilities.items()]
+        if prediction.tumour_probability is not None:
+            measurements.append(hd.sr.Measurement(name=TUMOUR_PROBABILITY, value=round(prediction.tumour_probability,
+                                                                                       6), unit=NO_UNITS))
+    else:
+        evaluations = [hd.sr.QualitativeEvaluation(NOT_ASSESSED_BECAUSE, _local(reason.upper(),
+                                                                                SERIES_REASONS.get(reason, reason)))
+                       for reason in prediction.ood_reasons]
+    if prediction.ood_score is not None:
+        measurements.append(hd.sr.Measurement(name=OOD_SCORE, value=round(float(prediction.ood_score), 6),
+                                              unit=NO_UNITS))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=result_uid("tracking", s.source.SOPInstanceUID, model.sha256, *([] if s.frame is None else [s.frame])),
+            identifier=f"btd classification of one slice by {model.name}"[:64]),
+        finding_type=class_code(prediction, prediction.label) if prediction.assessed else NO_FINDING,
+        measurements=measurements or None, qualitative_evaluations=evaluations or None,
+        source_images=[source_image(s.source, s.frame)])
+
+
 def _evidence_of(slices: Sequence[ClassifiedSlice]) -> list[Dataset]:
-    """Each source instance once (a multi-frame one holds several slices)."""
+    """Each source instance once (a multi-frame one holds several slices). The first is whole: highdicom
+    copies the patient and study from it; the others need only their UIDs (copying hundreds of headers
+    costs seconds)."""
     seen: dict[str, Dataset] = {}
     for s in slices:
         seen.setdefault(str(s.source.SOPInstanceUID), s.source)
-    return [_evidence(ds) for ds in seen.values()]
+    first, *others = seen.values()
+    return [_evidence(first), *(_uids_of(ds) for ds in others)]
+
+
+def _uids_of(source: Dataset) -> Dataset:
+    ds = Dataset()
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        setattr(ds, keyword, source[keyword].value)
+    return ds
 
 
 def build_series_sr(result: SeriesResult) -> list[Dataset]:
     """The one Comprehensive SR of the series."""
     finding = result.finding
-    groups = [_series_group(result)] + [measurement_group(s.source, s.prediction, s.frame) for s in result.slices]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(finding.model)),
-        procedure_reported=procedure_of(result.first), imaging_measurements=groups)
-    return [hd.sr.ComprehensiveSR(
+        procedure_reported=procedure_of(result.first), imaging_measurements=[_series_group(result)])
+    sr = hd.sr.ComprehensiveSR(
         evidence=_evidence_of(result.slices), content=report[0],
         series_instance_uid=result.uid("series-sr-series"), series_number=SERIES_SR_SERIES_NUMBER,
         sop_instance_uid=result.uid("series-sr"), instance_number=1, manufacturer=MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False, series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=finding.model.name[:64], software_versions=finding.model.version[:64],
-        coding_schemes=[LOCAL_SCHEME_ITEM])]
+        coding_schemes=[LOCAL_SCHEME_ITEM])
+    # The slices' groups join the Imaging Measurements container after highdicom has built and checked the
+    # document: its checks walk the whole tree, seconds for a series of hundreds of slices. Every slice
+    # they reference is in the evidence already.
+    (container,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    container.ContentSequence.extend(group[0] for s in result.slices for group in [slice_group(s)])
+    return [sr]
 
 
 def build_key_objects(result: SeriesResult) -> list[Dataset]:
