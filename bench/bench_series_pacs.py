@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -58,6 +60,7 @@ def child(args: argparse.Namespace) -> None:
     from app.transports.pacs.processing import CStoreSender, DicomNode, RetryPolicy, StudyTracker
     from app.transports.pacs.series_processing import SeriesClassifier, SeriesProcessor, core_aggregate
 
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")  # the series lines
     aggregate, which = core_aggregate, "app.core.series.aggregate"
     try:
         core_series.aggregate([])
@@ -134,7 +137,8 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, __file__, "--child", "--model", args.model, "--batch", str(args.batch),
                              "--idle", str(args.idle), "--listen-port", str(listen_port), "--store-port",
-                             str(store_port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                             str(store_port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                            stderr=open(Path(args.out).with_suffix(".log"), "w"))  # noqa: SIM115
     try:
         ready = json.loads(proc.stdout.readline())
         load_before = os.getloadavg()
@@ -165,12 +169,15 @@ def main() -> None:
         proc.wait(60)
         server.shutdown()
     wall = done - started
+    log = Path(args.out).with_suffix(".log").read_text()
+    stages = re.search(r"classify ([\d.]+) s, results ([\d.]+) s, send ([\d.]+) s", log)
     result = {
         "slices": args.slices, "size": f"{args.size}x{args.size}", "source": source, "model": args.model,
         "batch": args.batch, "aggregate": ready["aggregate"], "quiet_period_s": args.idle,
         "c_store_s": round(sent - started, 2),
         "wall_s": round(wall, 2), "wall_without_quiet_period_s": round(wall - args.idle, 2),
         "processing_s": round(done - sent - args.idle, 2),
+        "stages_s": dict(zip(("classify", "results", "send"), map(float, stages.groups()))) if stages else None,
         "results_stored": {c: sum(1 for _, x in received if x == c) for c in sorted({c for _, c in received})},
         "peak_rss_mib": round(peak, 1), "cpus": os.cpu_count(), "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),

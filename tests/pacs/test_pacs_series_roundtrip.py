@@ -3,7 +3,8 @@ three series (an axial FLAIR series of one lgg-tcga-flair test patient with a tu
 geometry; the same slices as a sagittal series; and as a T2 series), Orthanc's routing rule sends
 each MR instance to the series-mode listener, and the study gets back exactly one SR per series, one
 KOS for the one assessed series, and an overlay of each of its key slices; the sagittal and T2
-series' SRs say not assessed and why. ``dciodvfy`` and highdicom read every result.
+series' SRs say not assessed and why. ``dciodvfy`` and highdicom read every result. Then ``btd dicomweb``'s
+series mode fetches the study with QIDO/WADO-RS and stores another model's results with STOW-RS.
 
 The listener runs in this process so that the finding comes from ``stand_in_aggregate`` (TEST ONLY,
 tests/pacs/series_data.py) until series-core's ``app.core.series.aggregate`` lands; the lead then
@@ -23,7 +24,8 @@ import pytest
 
 from app.transports.pacs.assembly import SeriesLimits
 from app.transports.pacs.listener import ListenerOptions, SeriesListener
-from app.transports.pacs.processing import CStoreSender, DicomNode, RetryPolicy, StudyTracker
+from app.transports.pacs.dicomweb import process_study_series
+from app.transports.pacs.processing import CStoreSender, DicomNode, RetryPolicy, StowSender, StudyTracker
 from app.transports.pacs.results import encode, result_uid
 from app.transports.pacs.series_processing import SeriesClassifier, SeriesProcessor
 from tests.api.helpers import free_port
@@ -125,3 +127,24 @@ def test_a_routed_study_gets_one_sr_per_series_and_one_kos_per_assessed_series(p
     assert overlays == key
     assert_no_sentinel(caplog.text)
     assert not any(uid in caplog.text for uid in (STUDY, str(axial[0].SeriesInstanceUID), str(t2[0].SOPInstanceUID)))
+
+
+def test_dicomweb_fetches_the_study_series_by_series_and_stows_their_results(pacs, tmp_path):
+    server = pacs["orthanc"]
+    if len(_of(server, SR)) < 3:  # the study is there after the test above; make it so when run alone
+        test_a_routed_study_gets_one_sr_per_series_and_one_kos_per_assessed_series(pacs, logging.getLogger())
+    before = {i["SOPInstanceUID"] for i in _of(server, SR) + _of(server, KOS)}
+    other = SeriesClassifier(build_model(tmp_path / "other.onnx", seed=7, version="0.0.2-test"), batch_size=4)
+    sender = StowSender(server.dicomweb_url)
+    processor = SeriesProcessor(other, sender, StudyTracker(sender.description), RetryPolicy(retries=1),
+                                aggregate=stand_in_aggregate)  # TEST ONLY: app.core.series.aggregate once it exists
+    try:
+        sent = process_study_series(server.dicomweb_url, STUDY, processor, SeriesLimits(), spill_dir=tmp_path)
+    finally:
+        other.close()
+    assert sent == 3  # the three MR series; our own results (SR, KOS, SC) are not MR and are skipped
+    new = [i for i in _of(server, SR) + _of(server, KOS) if i["SOPInstanceUID"] not in before]
+    assert sorted(i["SOPClassUID"] for i in new) == sorted([SR, SR, SR, KOS])
+    for found in new:
+        ds = pydicom.dcmread(io.BytesIO(server.file(found["ID"])))
+        assert ds.StudyInstanceUID == STUDY and (ds.SOPClassUID == KOS or str(ds.SoftwareVersions) == "0.0.2-test")
