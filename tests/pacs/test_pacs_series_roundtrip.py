@@ -23,8 +23,8 @@ import pydicom
 import pytest
 
 from app.transports.pacs.assembly import SeriesLimits
-from app.transports.pacs.listener import ListenerOptions, SeriesListener
 from app.transports.pacs.dicomweb import process_study_series
+from app.transports.pacs.listener import ListenerOptions, SeriesListener
 from app.transports.pacs.processing import CStoreSender, DicomNode, RetryPolicy, StowSender, StudyTracker
 from app.transports.pacs.results import encode, result_uid
 from app.transports.pacs.series_processing import SeriesClassifier, SeriesProcessor
