@@ -16,6 +16,7 @@ One log line per series (counts and the finding, never a tag value).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -82,6 +83,7 @@ class SeriesClassifier:
         self._reader = isolated_reader()
         self._reader.warm_up()
         self._reading = ThreadPoolExecutor(1, thread_name_prefix="btd-series-read")
+        self._lock = threading.Lock()  # one ONNX Runtime run at a time (listener workers): it uses every core
 
     def read_header(self, data: bytes, max_pixels: int) -> InstanceHeader:
         """A received object's header, read in the isolated worker."""
@@ -121,7 +123,8 @@ class SeriesClassifier:
             if not ready:
                 continue
             started = time.perf_counter()
-            outputs = self.engine.infer_prepared([p for _, p in ready], [False] * len(ready))
+            with self._lock:
+                outputs = self.engine.infer_prepared([p for _, p in ready], [False] * len(ready))
             for ((instance, frame), p), output in zip(ready, outputs):
                 prediction = self.engine.builder.build(p, output, "none", started=started)
                 out.append(ClassifiedSlice(p.source, frame, prediction))
@@ -138,7 +141,8 @@ class SeriesClassifier:
             instance = by_uid.get(str(s.source.SOPInstanceUID))
             prepared = None if instance is None else self._prepare(instance, s.frame, view=True)
             if prepared is not None:
-                s.overlay = self.engine.predict_prepared(prepared, "png", started=time.perf_counter())
+                with self._lock:
+                    s.overlay = self.engine.predict_prepared(prepared, "png", started=time.perf_counter())
 
     def close(self) -> None:
         self._reading.shutdown()
@@ -201,6 +205,7 @@ class SeriesProcessor:
                       type(exc).__name__)
             log.debug("traceback", exc_info=True)
             PACS_SERIES.labels("failed").inc()
+            self.tracker.update(study, failed=series.slices)
             return False
         finally:
             self.tracker.update(study, pending=-1)
