@@ -161,6 +161,13 @@ def _present(value: Any) -> bool:
         return True
 
 
+def frame_numbers(ds: Any, keyword: str, frame: int = 0) -> list[float] | None:
+    """A numeric attribute of frame ``frame`` (top level, else the Enhanced MR functional groups, as
+    ``_find`` looks), as finite floats; None when absent or not numbers. The series ordering reads
+    Image Position / Orientation (Patient) with it."""
+    return _numbers(_find(ds, keyword, frame))
+
+
 def _find(ds: Any, keyword: str, frame: int = 0) -> Any:
     """An attribute at the top level, else (Enhanced MR) in the classified frame's per-frame or the
     shared functional groups, one level down (e.g. Plane Orientation Sequence > Image Orientation
@@ -183,11 +190,6 @@ def _find(ds: Any, keyword: str, frame: int = 0) -> Any:
             if _present(nested):
                 return nested
     return None
-
-
-def frame_numbers(ds: Any, keyword: str, frame: int = 0) -> list[float] | None:
-    """A numeric attribute of frame ``frame`` (top level, else its functional groups), None when absent."""
-    return _numbers(_find(ds, keyword, frame))
 
 
 def _numbers(value: Any) -> list[float] | None:

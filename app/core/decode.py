@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from app.core import formats
-from app.core.acquisition import Acquisition, frame_numbers, read_acquisition
+from app.core.acquisition import Acquisition, read_acquisition
 from app.core.dicom_read import element_limits, read_dataset, results_header
 from app.core.errors import InvalidImage, NoPixelData, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from app.core.image_headers import (
@@ -32,7 +32,7 @@ from app.core.image_headers import (
     png_header,
     png_pixel_chunks,
 )
-from app.core.series import SliceGeometry
+from app.core.series import SliceGeometry, frame_geometries
 
 PNG, JPEG, DICOM = (f.media_type for f in formats.FORMATS)  # the registry's media types, by name
 MEDIA_TYPES = tuple(formats.BY_MEDIA_TYPE)
@@ -85,12 +85,13 @@ def normalise_media_type(declared: str | None) -> str | None:
 
 
 def decode(data: bytes, declared: str | None = None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-           multiframe: MultiframePolicy | int = "middle", source: bool = False,
-           sniffed: str | None = None) -> DecodedImage:
+           multiframe: MultiframePolicy = "middle", source: bool = False,
+           sniffed: str | None = None, frame: int | None = None) -> DecodedImage:
     """Decode image bytes. ``declared`` is the client's media type, checked against the signature;
     ``multiframe`` picks the frame of a multi-frame DICOM; ``source``: also read the DICOM attributes
     its DICOM results copy (a 400 for any other input, or a DICOM without the UIDs they reference);
-    ``sniffed``: ``sniff(data)`` when the caller has it already (one sniff per request)."""
+    ``sniffed``: ``sniff(data)`` when the caller has it already (one sniff per request); ``frame``: this
+    frame (0-based) of a DICOM instead of the policy's, as a series reads every frame of an Enhanced MR."""
     declared = normalise_media_type(declared)
     if declared is not None and declared not in MEDIA_TYPES:
         shown = declared if len(declared) <= 80 else declared[:80] + "..."
@@ -106,7 +107,7 @@ def decode(data: bytes, declared: str | None = None, *, max_pixels: int = DEFAUL
         raise InvalidImage("DICOM results need a DICOM input")
     try:
         if actual == DICOM:
-            return _decode_dicom(data, max_pixels, multiframe, source)
+            return _decode_dicom(data, max_pixels, multiframe, source, frame)
         return _decode_raster(data, actual, max_pixels)
     except MemoryError:  # a host worker's address-space limit (or the machine) said no
         raise PayloadTooLarge("decoding this image needs more memory than a decoder may use") from None
@@ -176,13 +177,14 @@ def _png_frames(data: bytes) -> int:
     return 1
 
 
-def _decode_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy | int, source: bool = False) -> DecodedImage:
+def _decode_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, source: bool = False,
+                  frame: int | None = None) -> DecodedImage:
     """DICOM Part 10 -> float32 slice: Modality LUT, then VOI LUT or window (to [0, 1]), MONOCHROME1
     inverted. Multi-frame policy: the middle frame (``frames // 2``) by default, or the first; with a warning.
     Read under ``dicom_read``'s limits (deflate, element count, value sizes)."""
     with _quiet_pydicom(), element_limits():
         try:
-            return _read_dicom(data, max_pixels, multiframe, source)
+            return _read_dicom(data, max_pixels, multiframe, source, frame)
         except (ServiceError, MemoryError):
             raise
         except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
@@ -204,44 +206,8 @@ def read_study_uid(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> str:
             raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None
 
 
-@dataclass(frozen=True)
-class InstanceHeader:
-    """What series assembly needs of a received DICOM object (UIDs: patient data, never logged)."""
-
-    study_uid: str
-    series_uid: str
-    sop_uid: str
-    sop_class: str
-    frames: int  # 1 for a single-frame object
-    geometry: tuple[SliceGeometry, ...]  # one per frame
-
-
-def read_instance_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> InstanceHeader:
-    """``read_study_uid``, and the series, instance and each frame's geometry (Enhanced MR: from the
-    frame's functional groups): what ``btd dicom-listen`` reads, in its isolated worker, of a received
-    object in series mode. Typed errors as ``decode``; messages never quote tag values."""
-    with _quiet_pydicom(), element_limits():
-        try:
-            ds = read_dataset(data, max_pixels, stop_before_pixels=True)
-            frames = max(1, _int_tag(ds, "NumberOfFrames"))
-            number = _int_tag(ds, "InstanceNumber") if "InstanceNumber" in ds else None
-            geometry = []
-            for frame in range(frames):
-                position, orientation = (frame_numbers(ds, k, frame) for k in ("ImagePositionPatient",
-                                                                                 "ImageOrientationPatient"))
-                geometry.append(SliceGeometry(tuple(position) if position and len(position) == 3 else None,
-                                              tuple(orientation) if orientation and len(orientation) == 6 else None,
-                                              number if frames == 1 else frame + 1))
-            return InstanceHeader(*(str(ds.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID",
-                                                                      "SOPInstanceUID", "SOPClassUID")),
-                                  frames, tuple(geometry))  # type: ignore[arg-type]
-        except (ServiceError, MemoryError):
-            raise
-        except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
-            raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None
-
-
-def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy | int, source: bool = False) -> DecodedImage:
+def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy, source: bool = False,
+                chosen: int | None = None) -> DecodedImage:
     ds = read_dataset(data, max_pixels)
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         raise InvalidImage("the DICOM file meta information has no transfer syntax (not a valid Part 10 file)")
@@ -256,7 +222,9 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy | int
     if rows * cols > max_pixels:
         raise PayloadTooLarge(f"image of {cols}x{rows} pixels exceeds the limit of {max_pixels} pixels")
     plugin = _decoding_plugin(ds)
-    frame = _frame_index(multiframe, frames)
+    if chosen is not None and not 0 <= chosen < frames:
+        raise InvalidImage(f"the DICOM file has {frames} frame(s); frame {chosen + 1} was asked for")
+    frame = chosen if chosen is not None else (frames // 2 if multiframe == "middle" else 0) if frames > 1 else 0
     acquisition = read_acquisition(ds, frame) if modality == "MR" else None  # the gate reads the headers
     if plugin:  # compressed: the codestream's own header must agree with Rows / Columns
         _check_encapsulated_frame(ds, frame, frames, rows, cols)
@@ -270,7 +238,7 @@ def _read_dicom(data: bytes, max_pixels: int, multiframe: MultiframePolicy | int
         if not _decoder_memory_fits(rows * cols * max(1, _int_tag(ds, "SamplesPerPixel"))):
             raise MemoryError from None
         raise InvalidImage(f"the DICOM pixel data could not be decoded ({type(exc).__name__})") from None
-    if frames > 1 and not isinstance(multiframe, int):  # a series' frames are each classified: no warning
+    if frames > 1 and chosen is None:  # a series names its frames itself
         warnings.append(f"multi-frame DICOM ({frames} frames): the {multiframe} frame ({frame + 1}) was used")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour DICOM, RGB after pydicom's conversion
         gray, more = _to_gray(arr[:, :, 2::-1])
@@ -355,16 +323,6 @@ def _quiet_pydicom():
         finally:
             for logger, was_disabled in zip(loggers, saved):
                 logger.disabled = was_disabled
-
-
-def _frame_index(multiframe: MultiframePolicy | int, frames: int) -> int:
-    """The frame to classify: the policy's, or frame ``multiframe`` (0-based) when a series splits an
-    Enhanced MR object into its frames."""
-    if isinstance(multiframe, int):
-        if not 0 <= multiframe < frames:
-            raise InvalidImage(f"frame {multiframe + 1} asked of a DICOM object of {frames} frames")
-        return multiframe
-    return (frames // 2 if multiframe == "middle" else 0) if frames > 1 else 0
 
 
 def _int_tag(ds, keyword: str) -> int:
@@ -483,3 +441,62 @@ def _window(ds) -> tuple[float, float, str] | None:
 
 
 quiet_pydicom = _quiet_pydicom  # for other readers of DICOM headers (app.transports.pacs)
+
+
+def read_slice_geometry(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, list[SliceGeometry]]:
+    """(Series Instance UID, "" when none; one geometry per frame) of a DICOM Part 10 object, its header
+    read under ``dicom_read``'s limits without the pixels: what a series reads of each instance, in the
+    isolated worker, to check that they are one series and to order their slices. Typed errors as
+    ``decode``; messages never quote tag values."""
+    if sniff(data) != DICOM:
+        raise UnsupportedMediaType("a series part is not a DICOM Part 10 file")
+    with _quiet_pydicom(), element_limits():
+        try:
+            ds = read_dataset(data, max_pixels, stop_before_pixels=True)
+            try:
+                number: int | None = int(ds.get("InstanceNumber"))
+            except (TypeError, ValueError):
+                number = None
+            uid = str(ds.get("SOPInstanceUID", "") or "") or None
+            return str(ds.get("SeriesInstanceUID", "") or ""), frame_geometries(ds, uid, number)
+        except (ServiceError, MemoryError):
+            raise
+        except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
+            raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the PACS transports' series assembly needs of a received DICOM object (UIDs are patient
+    data: never logged)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class: str
+    geometry: tuple[SliceGeometry, ...]  # one per frame
+
+    @property
+    def frames(self) -> int:
+        return len(self.geometry)
+
+
+def read_instance_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> InstanceHeader:
+    """``read_study_uid``, the series, the instance and each frame's geometry (``frame_geometries``) of a
+    DICOM Part 10 object, its header read under ``dicom_read``'s limits: what ``btd dicom-listen`` reads,
+    in its isolated worker, of each object it receives in series mode. Typed errors as ``decode``;
+    messages never quote tag values."""
+    with _quiet_pydicom(), element_limits():
+        try:
+            ds = read_dataset(data, max_pixels, stop_before_pixels=True)
+            try:
+                number: int | None = int(ds.get("InstanceNumber"))
+            except (TypeError, ValueError):
+                number = None
+            study, series, sop, sop_class = (str(ds.get(k, "") or "") for k in (
+                "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"))
+            return InstanceHeader(study, series, sop, sop_class, tuple(frame_geometries(ds, sop or None, number)))
+        except (ServiceError, MemoryError):
+            raise
+        except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
+            raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None

@@ -117,8 +117,8 @@ class Engine:
     def max_batch_size(self) -> int:
         return self.runner.max_batch_size
 
-    def prepare(self, data: bytes, media_type: str | None, cam: str = "none") -> Prepared:
-        return prepare(data, media_type, self.prepare_options, cam == "png")
+    def prepare(self, data: bytes, media_type: str | None, cam: str = "none", frame_index: int | None = None) -> Prepared:
+        return prepare(data, media_type, self.prepare_options, cam == "png", frame_index=frame_index)
 
     def infer_prepared(self, prepared: Sequence[Prepared | np.ndarray], features: Sequence[bool]) -> list[ModelOutput]:
         """``infer`` on prepared requests (or ready input tensors): their input tensors are made here,

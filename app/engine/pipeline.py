@@ -34,7 +34,7 @@ from app.core.contract import (
     normalise,
 )
 from app.core.decision import Decision, decide
-from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy, decode
+from app.core.decode import DEFAULT_MAX_PIXELS, DecodedImage, MultiframePolicy, decode
 from app.core.errors import InvalidImage
 from app.core.modality import looks_like_ct
 from app.core.postprocess import (
@@ -131,7 +131,7 @@ class PrepareOptions:
 
     spec: PreprocessSpec
     max_pixels: int = DEFAULT_MAX_PIXELS
-    multiframe: MultiframePolicy | int = "middle"  # an int: that frame (a series's frames)
+    multiframe: MultiframePolicy = "middle"
     validated: ValidatedUse = DEFAULT_VALIDATED  # the model's validated use: the intended-use gate
 
 
@@ -172,15 +172,26 @@ class Prepared:
 
 
 def prepare(data: bytes, media_type: str | None, options: PrepareOptions, view: bool = False,
-            source: bool = False, sniffed: str | None = None) -> Prepared:
+            source: bool = False, sniffed: str | None = None, frame_index: int | None = None) -> Prepared:
     """Bytes -> model input. Raises the typed errors of ``app.core.errors`` for bad input. ``view``: also
     keep the 8-bit view of the slice that ``cam=png`` draws on; ``source``: also read the attributes a
     DICOM's results copy, in the same read (``Prepared.source``), so a host worker reads a file once;
-    ``sniffed``: the bytes' sniffed type."""
+    ``sniffed``: the bytes' sniffed type; ``frame_index``: this frame of a multi-frame DICOM (a series)."""
     start = time.perf_counter()
     decoded = decode(data, media_type, max_pixels=options.max_pixels, multiframe=options.multiframe, source=source,
-                     sniffed=sniffed)
-    decode_ms = ms_since(start)
+                     sniffed=sniffed, frame=frame_index)
+    return prepare_decoded(decoded, options, view, ms_since(start))
+
+
+def prepare_slice(pixels: np.ndarray, media_type: str, options: PrepareOptions, view: bool = False) -> Prepared:
+    """A slice already decoded elsewhere (a NIfTI volume's, ``app.core.nifti``) -> model input."""
+    if pixels.ndim != 2 or pixels.shape[0] * pixels.shape[1] > options.max_pixels:
+        raise InvalidImage(f"a slice must be 2-D with at most {options.max_pixels} pixels")
+    return prepare_decoded(DecodedImage(np.ascontiguousarray(pixels, dtype=np.float32), media_type), options, view,
+                           0.0)
+
+
+def prepare_decoded(decoded: DecodedImage, options: PrepareOptions, view: bool, decode_ms: float) -> Prepared:
     start = time.perf_counter()
     if not np.isfinite(decoded.pixels).all():
         raise InvalidImage("the image contains non-finite values")

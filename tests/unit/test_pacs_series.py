@@ -1,4 +1,4 @@
-"""Series mode of the PACS transports: slice order, series assembly on disk with its bounds, and the
+"""Series mode of the PACS transports: series assembly on disk with its bounds, and the
 listener end to end on loopback (one SR + one KOS + key overlays per assessed series, an SR alone for a
 series not assessed, an Enhanced MR object split into its frames).
 
@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY
 from pydicom.data import get_testdata_file
 
 from app.core.decode import InstanceHeader, read_instance_header
-from app.core.series import SliceGeometry, order_slices
+from app.core.series import SliceGeometry
 from app.transports.pacs.assembly import SeriesAssembler, SeriesLimits
 from app.transports.pacs.listener import STATUS_OUT_OF_RESOURCES, ListenerOptions, SeriesListener
 from app.transports.pacs.processing import RetryPolicy, StudyTracker, study_key
@@ -35,28 +35,12 @@ KOS, SR, SC = "1.2.840.10008.5.1.4.1.1.88.59", "1.2.840.10008.5.1.4.1.1.88.33", 
 
 
 def _header(series_uid: str = "1.2.9", sop: str = "1.2.9.1", frames: int = 1) -> InstanceHeader:
-    return InstanceHeader("1.2.8", series_uid, sop, "1.2.840.10008.5.1.4.1.1.4", frames,
-                          tuple(SliceGeometry() for _ in range(frames)))
+    return InstanceHeader("1.2.8", series_uid, sop, "1.2.840.10008.5.1.4.1.1.4",
+                          tuple(SliceGeometry(sop) for _ in range(frames)))
 
 
 def _count(outcome: str) -> float:
     return REGISTRY.get_sample_value("btd_pacs_series_total", {"outcome": outcome}) or 0.0
-
-
-# --- slice order -----------------------------------------------------------------------------------
-
-def test_slices_are_ordered_along_their_normal_not_by_arrival_or_number():
-    axial = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-    slices = [SliceGeometry((0.0, 0.0, z), axial, number) for z, number in ((10.0, 1), (-5.0, 2), (2.5, 3))]
-    assert order_slices(slices) == [1, 2, 0]
-    sagittal = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # rows posterior, columns down: the normal points to the right (-x)
-    slices = [SliceGeometry((x, 7.0, 3.0), sagittal, None) for x in (3.0, -9.0, 0.0)]
-    assert order_slices(slices) == [0, 2, 1]
-
-
-def test_slices_without_positions_are_ordered_by_instance_number_missing_last():
-    slices = [SliceGeometry(None, None, 3), SliceGeometry(None, None, None), SliceGeometry((0, 0, 1), None, 1)]
-    assert order_slices(slices) == [2, 0, 1]
 
 
 # --- assembly --------------------------------------------------------------------------------------
@@ -137,7 +121,7 @@ def test_a_series_that_never_goes_quiet_is_processed_with_what_it_has(assembled)
 
 def test_an_enhanced_mr_header_gives_each_frame_a_slice():
     header = read_instance_header(Path(get_testdata_file("emri_small.dcm")).read_bytes())
-    assert header.frames == 10 and [g.instance_number for g in header.geometry] == list(range(1, 11))
+    assert header.frames == 10 and [g.frame_number for g in header.geometry] == list(range(1, 11))
 
 
 # --- the listener, series mode ---------------------------------------------------------------------

@@ -41,7 +41,7 @@ from app.transports.pacs.processing import (
     isolated_reader,
 )
 from app.transports.pacs.results import encode
-from app.transports.pacs.series_results import ClassifiedSlice, SeriesResult, build_series_results
+from app.transports.pacs.series_results import ClassifiedSlice, ClassifiedSeries, build_series_results
 
 log = logging.getLogger("btd.pacs")
 
@@ -60,7 +60,8 @@ def slices_of(series: HeldSeries) -> list[tuple[HeldInstance, int | None]]:
     slices = [(instance, None if instance.header.frames == 1 else frame)
               for instance in series.instances for frame in range(instance.header.frames)]
     geometry = [instance.header.geometry[frame or 0] for instance, frame in slices]
-    return [slices[i] for i in order_slices(geometry)]
+    order, _, _ = order_slices(geometry)
+    return [slices[i] for i in order]
 
 
 class SeriesClassifier:
@@ -92,11 +93,9 @@ class SeriesClassifier:
     def _prepare(self, instance: HeldInstance, frame: int | None, view: bool = False):
         from app.engine.pipeline import prepare
 
-        options = self.engine.prepare_options
-        if frame is not None:
-            options = replace(options, multiframe=frame)
         try:
-            return self._reader.call(prepare, instance.read(), DICOM, options, view, True)
+            return self._reader.call(prepare, instance.read(), DICOM, self.engine.prepare_options, view, True, None,
+                                     frame)
         except (ServiceError, OSError) as exc:
             log.warning("a slice could not be read (%s)", type(exc).__name__)
             return None
@@ -134,7 +133,7 @@ class SeriesClassifier:
                                                     facts=p.facts))
         return out, unread
 
-    def add_overlays(self, result: SeriesResult, series: HeldSeries) -> None:
+    def add_overlays(self, result: ClassifiedSeries, series: HeldSeries) -> None:
         """Classify the key slices again with their CAM images (``overlay``)."""
         by_uid = {i.header.sop_uid: i for i in series.instances}
         for s in result.key:
@@ -176,7 +175,7 @@ class SeriesProcessor:
                 PACS_SERIES.labels("failed").inc()
                 return False
             classified = time.monotonic()
-            result = SeriesResult(slices, self.aggregate([s.prediction for s in slices]), unread)  # type: ignore[misc]
+            result = ClassifiedSeries(slices, self.aggregate([s.prediction for s in slices]), unread)  # type: ignore[misc]
             self.classifier.add_overlays(result, series)
             objects = [encode(ds) for ds in build_series_results(result)]
             built = time.monotonic()

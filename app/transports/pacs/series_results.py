@@ -75,7 +75,7 @@ class ClassifiedSlice:
 
 
 @dataclass
-class SeriesResult:
+class ClassifiedSeries:
     """A series' slices in slice order and its finding (its key slices index ``slices``)."""
 
     slices: list[ClassifiedSlice]
@@ -103,7 +103,7 @@ class SeriesResult:
         return result_uid(kind, self.first.SeriesInstanceUID, model.sha256, f"{self.finding.threshold:g}", *more)
 
 
-def summary_text(result: SeriesResult) -> str:
+def summary_text(result: ClassifiedSeries) -> str:
     """The series finding in words, with the decision-support wording (the SR's and the KOS's text)."""
     finding, model = result.finding, result.finding.model
     who = f"{model.name} {model.version} (sha256 {model.sha256[:12]})"
@@ -125,7 +125,7 @@ def summary_text(result: SeriesResult) -> str:
     return f"{text}.{rule} {DISCLAIMER}"
 
 
-def _series_group(result: SeriesResult) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _series_group(result: ClassifiedSeries) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     finding = result.finding
     example = result.slices[0].prediction
     algorithm = algorithm_of(example)
@@ -205,7 +205,7 @@ def _uids_of(source: Dataset) -> Dataset:
     return ds
 
 
-def build_series_sr(result: SeriesResult) -> list[Dataset]:
+def build_series_sr(result: ClassifiedSeries) -> list[Dataset]:
     """The one Comprehensive SR of the series."""
     finding = result.finding
     report = hd.sr.MeasurementReport(
@@ -226,7 +226,7 @@ def build_series_sr(result: SeriesResult) -> list[Dataset]:
     return [sr]
 
 
-def build_key_objects(result: SeriesResult) -> list[Dataset]:
+def build_key_objects(result: ClassifiedSeries) -> list[Dataset]:
     """The Key Object Selection document flagging the key slices (none for a series not assessed)."""
     key = result.key
     if not result.finding.assessed or not key:
@@ -252,7 +252,7 @@ def build_key_objects(result: SeriesResult) -> list[Dataset]:
     return [kos]
 
 
-def build_key_overlays(result: SeriesResult) -> list[Dataset]:
+def build_key_overlays(result: ClassifiedSeries) -> list[Dataset]:
     """The CAM overlay of each key slice (those classified with their CAM images)."""
     overlays = []
     for s in result.key:
@@ -267,10 +267,10 @@ def build_key_overlays(result: SeriesResult) -> list[Dataset]:
 
 
 # Each builder adds its objects; a DICOM SEG of the tumour region slots in here.
-SERIES_BUILDERS: tuple[Callable[[SeriesResult], list[Dataset]], ...] = (
+SERIES_BUILDERS: tuple[Callable[[ClassifiedSeries], list[Dataset]], ...] = (
     build_series_sr, build_key_objects, build_key_overlays)
 
 
-def build_series_results(result: SeriesResult) -> list[Dataset]:
+def build_series_results(result: ClassifiedSeries) -> list[Dataset]:
     """The SR first, then the KOS and the key slices' overlays."""
     return [ds for build in SERIES_BUILDERS for ds in build(result)]
