@@ -41,7 +41,7 @@ from app.transports.pacs.processing import (
     isolated_reader,
 )
 from app.transports.pacs.results import encode
-from app.transports.pacs.series_results import ClassifiedSlice, ClassifiedSeries, build_series_results
+from app.transports.pacs.series_results import ClassifiedSeries, ClassifiedSlice, build_series_results
 
 log = logging.getLogger("btd.pacs")
 
