@@ -500,4 +500,3 @@ def read_slice_geometry(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
             raise
         except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
             raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None
-
