@@ -171,7 +171,7 @@ def test_the_listener_answers_each_series_with_one_sr_one_kos_and_key_overlays(c
     kos_refs = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in axial_kos.ContentSequence
                 if i.ValueType == "IMAGE"}
     assert kos_refs == {str(o.SourceImageSequence[0].ReferencedSOPInstanceUID) for o in overlays}
-    assert len(kos_refs) == 3 and kos_refs <= {str(ds.SOPInstanceUID) for ds in axial}
+    assert 1 <= len(kos_refs) <= 5 and kos_refs <= {str(ds.SOPInstanceUID) for ds in axial}
     for ds in (sagittal, t2):  # outside the validated use: an SR saying not assessed, no KOS, no overlay
         (sr,) = by_series[str(ds[0].SeriesInstanceUID)]
         assert "not assessed" in _comment(sr)
