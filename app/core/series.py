@@ -51,6 +51,12 @@ def aggregate(predictions: Sequence[Prediction]) -> SeriesFinding:
 PARALLEL_COS = 0.99  # slice normals within ~8 degrees of each other count as one stack
 
 Ordering = Literal["position", "instance-number", "received"]
+ORDERING_WARNINGS = {  # said in the answer when the slices could not be placed along the normal
+    "instance-number": "the slices were ordered by Instance Number (then frame): their headers give no usable "
+                       "positions along one slice normal, so neighbours in the series may not be neighbours in space",
+    "received": "the slices are in the order received: their headers give neither usable positions nor Instance "
+                "Numbers, so neighbours in the series may not be neighbours in space",
+}
 
 
 # ------------------------------------------------------------------------------------------ ordering

@@ -178,6 +178,7 @@ def test_the_listener_answers_each_series_with_one_sr_one_kos_and_key_overlays(c
     assert "Plane outside" in str(by_series[str(sagittal[0].SeriesInstanceUID)][0].to_json())
     frames = by_series[str(enhanced.SeriesInstanceUID)][0]  # 10 frames: 10 slice groups referencing frames
     assert '"00081160"' in frames.to_json()  # Referenced Frame Number
+    assert "ordered by Instance Number" in _comment(frames)  # it has no positions: the SR says so
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("series ")]
     assert sum("complete: 5 instances" in x for x in lines) == 1 and sum("10 slices" in x for x in lines) >= 1
     assert SENTINEL_NAME not in caplog.text and study not in caplog.text

@@ -28,7 +28,7 @@ from app.core import series as core_series
 from app.core.decode import DICOM, InstanceHeader, read_instance_header
 from app.core.errors import ServiceError
 from app.core.result import Prediction
-from app.core.series import SeriesFinding, order_slices
+from app.core.series import Ordering, SeriesFinding, order_slices
 from app.engine.metrics import PACS_SERIES
 from app.engine.records.rows import prediction_row
 from app.engine.records.writer import RecordWriter
@@ -55,13 +55,14 @@ def core_aggregate(predictions: Sequence[Prediction]) -> SeriesFinding:
     return core_series.aggregate(predictions)
 
 
-def slices_of(series: HeldSeries) -> list[tuple[HeldInstance, int | None]]:
-    """The series' slices in slice order: (instance, frame), frame None for a single-frame instance."""
+def slices_of(series: HeldSeries) -> tuple[list[tuple[HeldInstance, int | None]], Ordering]:
+    """The series' slices in slice order, (instance, frame) with frame None for a single-frame instance,
+    and how they were ordered."""
     slices = [(instance, None if instance.header.frames == 1 else frame)
               for instance in series.instances for frame in range(instance.header.frames)]
     geometry = [instance.header.geometry[frame or 0] for instance, frame in slices]
-    order, _, _ = order_slices(geometry)
-    return [slices[i] for i in order]
+    order, _, ordering = order_slices(geometry)
+    return [slices[i] for i in order], ordering
 
 
 class SeriesClassifier:
@@ -110,9 +111,10 @@ class SeriesClassifier:
             pending = self._reading.submit(read, chunks[index + 1]) if index + 1 < len(chunks) else None
             yield prepared
 
-    def classify(self, series: HeldSeries) -> tuple[list[ClassifiedSlice], int]:
-        """The slices that could be read, in slice order, with their predictions; and how many could not."""
-        slices, out, unread = slices_of(series), [], 0
+    def classify(self, series: HeldSeries) -> tuple[list[ClassifiedSlice], int, Ordering]:
+        """The slices that could be read, in slice order, with their predictions; how many could not; how
+        they were ordered."""
+        (slices, ordering), out, unread = slices_of(series), [], 0
         done = 0
         for prepared in self._batches(slices):
             chunk = slices[done:done + len(prepared)]
@@ -131,7 +133,7 @@ class SeriesClassifier:
                     self.records.add(prediction_row(request_id=str(uuid.uuid4()), transport="listener",
                                                     model=self.engine.model_identity, answer=prediction,
                                                     facts=p.facts))
-        return out, unread
+        return out, unread, ordering
 
     def add_overlays(self, result: ClassifiedSeries, series: HeldSeries) -> None:
         """Classify the key slices again with their CAM images (``overlay``)."""
@@ -167,7 +169,7 @@ class SeriesProcessor:
         study = series.study
         self.tracker.update(study, received=len(series.instances), pending=1)
         try:
-            slices, unread = self.classifier.classify(series)
+            slices, unread, ordering = self.classifier.classify(series)
             self.tracker.update(study, classified=len(slices), failed=unread)
             if not slices:
                 log.warning("series %s (study %s): none of its %d slices could be read: no results", series.key,
@@ -175,7 +177,7 @@ class SeriesProcessor:
                 PACS_SERIES.labels("failed").inc()
                 return False
             classified = time.monotonic()
-            result = ClassifiedSeries(slices, self.aggregate([s.prediction for s in slices]), unread)  # type: ignore[misc]
+            result = ClassifiedSeries(slices, self.aggregate([s.prediction for s in slices]), unread, ordering)
             self.classifier.add_overlays(result, series)
             objects = [encode(ds) for ds in build_series_results(result)]
             built = time.monotonic()
@@ -193,9 +195,9 @@ class SeriesProcessor:
             self.tracker.update(study, sent=len(objects))
             what = (f"{finding.label}, tumour {'detected' if finding.tumour_detected else 'not detected'}"
                     if finding.assessed else "not assessed")
-            log.info("series %s (study %s): %d slices, %d assessed, %d not assessed, %d unreadable: %s; %d key "
-                     "slices; %d objects sent to %s in %.1f s (classify %.1f s, results %.1f s, send %.1f s)",
-                     series.key, study, len(slices) + unread, finding.slices_assessed, finding.slices_not_assessed,
+            log.info("series %s (study %s): %d slices (ordered by %s), %d assessed, %d not assessed, %d unreadable: "
+                     "%s; %d key slices; %d objects sent to %s in %.1f s (classify %.1f s, results %.1f s, send %.1f s)",
+                     series.key, study, len(slices) + unread, ordering, finding.slices_assessed, finding.slices_not_assessed,
                      unread, what, len(result.key), len(objects), self.sender.description,
                      time.monotonic() - started, classified - started, built - classified, time.monotonic() - built)
             return True

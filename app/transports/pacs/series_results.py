@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from app.core.result import Prediction
-from app.core.series import SeriesFinding
+from app.core.series import ORDERING_WARNINGS, Ordering, SeriesFinding
 from app.transports.pacs.results import (
     DISCLAIMER,
     LOCAL_SCHEME_ITEM,
@@ -81,6 +81,7 @@ class ClassifiedSeries:
     slices: list[ClassifiedSlice]
     finding: SeriesFinding
     unread: int = 0  # slices that could not be read (not in ``slices``: no header to reference)
+    ordering: Ordering = "position"  # how the slices were ordered (app.core.series.order_slices)
 
     @property
     def key(self) -> list[ClassifiedSlice]:
@@ -109,6 +110,8 @@ def summary_text(result: ClassifiedSeries) -> str:
     who = f"{model.name} {model.version} (sha256 {model.sha256[:12]})"
     count = f"series of {len(result.slices)} slices, {finding.slices_assessed} assessed"
     reasons = result.reasons
+    if result.ordering in ORDERING_WARNINGS:  # the rule's neighbours may not be neighbours in space
+        count += f" ({ORDERING_WARNINGS[result.ordering]})"
     missing = "; ".join(f"{n} not assessed: {SERIES_REASONS.get(r, r)}" for r, n in sorted(reasons.items()))
     missing = f"; {missing}" if missing else ""
     if not finding.assessed:
