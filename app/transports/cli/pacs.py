@@ -4,6 +4,8 @@
     btd dicom-listen --url http://btd:8000 --stow-url http://pacs.example.org/dicom-web
     btd dicomweb --wado-url http://pacs.example.org/dicom-web --study 1.2.3...
 
+Series mode (``--mode series``, ``BTD_PACS_MODE``; the default) answers each series once (README, "PACS").
+
 Classification runs in process with the model file (``--model``, default the shipped one) or in a
 running service (``--url``); results go to a DICOM node by C-STORE (``--dest AET@HOST:PORT``) or to
 a DICOMweb server by STOW-RS (``--stow-url``).
@@ -170,10 +172,12 @@ def _ae_title(text: str) -> str:
 
 def add_pacs_parsers(subparsers: Any) -> None:
     listen = subparsers.add_parser(
-        "dicom-listen", help="DICOM C-STORE SCP: classify received MR slices, send SR + CAM overlay back",
-        description="A DICOM C-STORE SCP (pynetdicom) that a PACS routing rule sends MR slices to: each is "
-        "classified (in process or by a running service) and its SR and CAM overlay are sent to the destination "
-        "(C-STORE or STOW-RS), with retries and back-off. One log line per study; no patient data in logs.")
+        "dicom-listen", help="DICOM C-STORE SCP: classify received MR series (or slices), send the results back",
+        description="A DICOM C-STORE SCP (pynetdicom) that a PACS routing rule sends MR images to. Series mode "
+        "(default): each series, once complete, is classified as one and gets one SR, one KOS of its key slices and "
+        "their CAM overlays; instance mode: each slice is classified (in process or by a running service) and gets "
+        "its SR and CAM overlay. Results go to the destination (C-STORE or STOW-RS), with retries and back-off. "
+        "One log line per series and per study; no patient data in logs.")
     listen.add_argument("--ae-title", type=_ae_title, default="BTD", help="our AE title (BTD)")
     listen.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for all)")
     listen.add_argument("--port", type=int, default=11112, help="port to listen on (11112)")
@@ -194,8 +198,9 @@ def add_pacs_parsers(subparsers: Any) -> None:
 
     web = subparsers.add_parser(
         "dicomweb", help="DICOMweb round trip for one study: QIDO/WADO-RS, classify, STOW-RS the results",
-        description="Find the study's MR slices (QIDO-RS), fetch them (WADO-RS), classify them and store each "
-                    "one's SR and CAM overlay with STOW-RS (to --wado-url unless told otherwise) or C-STORE.")
+        description="Find the study's MR slices (QIDO-RS), fetch them (WADO-RS), classify them (series mode: each "
+                    "series as one) and store the results with STOW-RS (to --wado-url unless told otherwise) or "
+                    "C-STORE.")
     web.add_argument("--wado-url", required=True, metavar="URL", help="DICOMweb base URL, e.g. .../dicom-web")
     web.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
     web.add_argument("--series", metavar="UID", help="only this Series Instance UID")

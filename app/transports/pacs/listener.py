@@ -1,6 +1,8 @@
-"""``btd dicom-listen``: a DICOM C-STORE SCP that a PACS routing rule sends MR slices to. Each slice
-is acknowledged at once, queued, classified (in process or by a running service) and its SR and CAM
-overlay are sent to the configured destination (C-STORE or STOW-RS) with retries and back-off.
+"""``btd dicom-listen``: a DICOM C-STORE SCP that a PACS routing rule sends MR slices to. In series mode
+(:class:`SeriesListener`, the default) the instances of a series are held on disk until it is complete
+and the series is classified as one (``series_processing``); in instance mode (:class:`Listener`) each
+slice is acknowledged at once, queued, classified (in process or by a running service) and its SR and
+CAM overlay are sent to the configured destination (C-STORE or STOW-RS) with retries and back-off.
 
 Association limits and timeouts are pynetdicom's; a full queue (``queue_size`` slices or
 ``queue_bytes`` bytes) answers C-STORE 0xA700 (out of resources) so the sender retries later. Each
