@@ -148,6 +148,25 @@ class Settings(BaseSettings):
     dicomweb_user: str | None = Field(None, description="HTTP basic user for DICOMweb servers (btd dicom-listen "
                                       "--stow-url, btd dicomweb); kept off the command line")
     dicomweb_password: SecretStr | None = Field(None, description="its password")
+    # PACS transports (btd dicom-listen, btd dicomweb): README, "PACS", series mode.
+    pacs_mode: Literal["series", "instance"] = Field(
+        "series", description='"series": a received series is classified as one (one SR, one KOS, overlays of its key '
+        'slices); "instance": each MR instance gets its own SR and overlay')
+    series_idle_s: float = Field(5.0, gt=0, description="a series is complete once no instance of it has arrived "
+                                 "for this many seconds")
+    series_max_age_s: float = Field(600.0, gt=0, description="a series still receiving instances after this many "
+                                    "seconds is processed with what it has (logged, btd_pacs_series_total)")
+    series_max_slices: int = Field(2000, ge=1, description="most slices (frames) one series may hold; a series "
+                                   "beyond is dropped, not classified (logged, btd_pacs_series_total)")
+    series_max_bytes: int = Field(1024 * 1024 * 1024, ge=1024, description="most received bytes one series may "
+                                  "hold; a series beyond is dropped, not classified")
+    series_total_slices: int = Field(10_000, ge=1, description="most slices held by all series waiting; beyond, "
+                                     "C-STORE answers 0xA700 (the sender retries later)")
+    series_total_bytes: int = Field(4 * 1024 * 1024 * 1024, ge=1024, description="most received bytes held (on disk) "
+                                    "by all series waiting; beyond, C-STORE answers 0xA700")
+    series_spill_dir: Path | None = Field(None, description="where received instances wait on disk until their "
+                                          "series is complete (unset: the system's temporary directory)")
+    series_batch_size: int = Field(8, ge=1, le=64, description="slices of a series classified in one model run")
     audit_log: str = Field("stdout", description='one JSON line per prediction: "stdout", "off" or a file path')
     # Prediction records (README, "Prediction records").
     records: bool = Field(True, description="record every answer (no patient data) in the database")

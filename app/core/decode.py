@@ -125,6 +125,43 @@ def decode_path(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> De
     return decode(Path(path).read_bytes(), max_pixels=max_pixels)
 
 
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the PACS transports' series assembly needs of a received DICOM object (UIDs are patient
+    data: never logged)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class: str
+    geometry: tuple[SliceGeometry, ...]  # one per frame
+
+    @property
+    def frames(self) -> int:
+        return len(self.geometry)
+
+
+def read_instance_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> InstanceHeader:
+    """``read_study_uid``, the series, the instance and each frame's geometry (``frame_geometries``) of a
+    DICOM Part 10 object, its header read under ``dicom_read``'s limits: what ``btd dicom-listen`` reads,
+    in its isolated worker, of each object it receives in series mode. Typed errors as ``decode``;
+    messages never quote tag values."""
+    with _quiet_pydicom(), element_limits():
+        try:
+            ds = read_dataset(data, max_pixels, stop_before_pixels=True)
+            try:
+                number: int | None = int(ds.get("InstanceNumber"))
+            except (TypeError, ValueError):
+                number = None
+            study, series, sop, sop_class = (str(ds.get(k, "") or "") for k in (
+                "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"))
+            return InstanceHeader(study, series, sop, sop_class, tuple(frame_geometries(ds, sop or None, number)))
+        except (ServiceError, MemoryError):
+            raise
+        except Exception as exc:  # pydicom parses lazily: any element may fail on malformed input
+            raise InvalidImage(f"the DICOM data could not be read ({type(exc).__name__})") from None
+
+
 def _to_gray(img: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """Luma in float32. Built channel by channel, never as a float copy of the whole colour image:
     a 4096² RGB image then peaks at its own size plus two float planes."""

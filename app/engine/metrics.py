@@ -89,6 +89,12 @@ HOST_WORKER_FAILURES = Counter(
     "btd_host_worker_failures_total", "Host worker processes stopped and replaced, by reason: timeout, crash, memory",
     ["reason"],
 )
+# The PACS transports' series (btd dicom-listen, btd dicomweb), by what became of them (SERIES_OUTCOMES).
+SERIES_OUTCOMES = ("complete", "timed-out", "dropped-too-large", "failed")
+PACS_SERIES = Counter("btd_pacs_series_total", "Series received by the PACS transports, by outcome: complete "
+                      "(quiet period), timed-out (processed after BTD_SERIES_MAX_AGE_S), dropped-too-large, failed",
+                      ["outcome"])
+PACS_HELD_BYTES = Gauge("btd_pacs_series_held_bytes", "Received bytes held on disk by series not yet complete")
 RECORDS_WRITTEN = Counter("btd_records_written_total", "Prediction records written to the database")
 RECORDS_LOST = Counter(
     "btd_records_lost_total", "Prediction records lost (the answer was given): reason database (a batch the "

@@ -1,5 +1,7 @@
 """The PACS round trip against a real Orthanc, in a private network namespace (loopback only):
 
+Per-instance mode (``--mode instance``); series mode is tests/pacs/test_pacs_series_roundtrip.py.
+
 1. a modality C-STOREs an MR study to Orthanc; Orthanc's routing rule (docs/pacs/route-mr-to-btd.lua)
    forwards each MR slice to ``btd dicom-listen``, which classifies it through the running service and
    C-STOREs the SR and the CAM overlay back; they appear in Orthanc referencing their slices;
@@ -82,7 +84,7 @@ def pacs(network, tmp_path_factory) -> Iterator[dict]:
             listener = subprocess.Popen(
                 [*BTD, "dicom-listen", "--ae-title", "BTD", "--port", str(listen_port), "--url", service.url,
                  "--dest", f"{server.ae_title}@127.0.0.1:{server.dicom_port}", "--allow-aet", server.ae_title,
-                 "--study-idle", "2", "--retries", "3", "--backoff", "0.2"],
+                 "--study-idle", "2", "--retries", "3", "--backoff", "0.2", "--mode", "instance"],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "BTD_API_KEY": key})
             try:
                 wait_for(lambda: "dicom-listen: AE BTD" in log_text(log_path) or listener.poll() is not None, 60,
@@ -145,7 +147,7 @@ def test_dicomweb_fetch_predict_and_stow(pacs):
     before = {i["SOPInstanceUID"] for i in _results(server, SR)}
     other_model = build_model(pacs["folder"] / "other.onnx", seed=7, version="0.0.2-test")
     run = subprocess.run([*BTD, "dicomweb", "--wado-url", server.dicomweb_url, "--study", STUDY,
-                          "--model", str(other_model), "--retries", "2", "--backoff", "0.2"],
+                          "--model", str(other_model), "--retries", "2", "--backoff", "0.2", "--mode", "instance"],
                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     new_srs = [i for i in _results(server, SR) if i["SOPInstanceUID"] not in before]

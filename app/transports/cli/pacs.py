@@ -4,6 +4,8 @@
     btd dicom-listen --url http://btd:8000 --stow-url http://pacs.example.org/dicom-web
     btd dicomweb --wado-url http://pacs.example.org/dicom-web --study 1.2.3...
 
+Series mode (``--mode series``, ``BTD_PACS_MODE``; the default) answers each series once (README, "PACS").
+
 Classification runs in process with the model file (``--model``, default the shipped one) or in a
 running service (``--url``); results go to a DICOM node by C-STORE (``--dest AET@HOST:PORT``) or to
 a DICOMweb server by STOW-RS (``--stow-url``).
@@ -42,6 +44,9 @@ def _add_common(parser: argparse.ArgumentParser, *, stow_default_help: str = "")
     retry.add_argument("--retries", type=int, default=5, help="retries after a failed send or service call (5)")
     retry.add_argument("--backoff", type=float, default=1.0, help="first wait in seconds, doubled each retry (1)")
     retry.add_argument("--max-backoff", type=float, default=30.0, help="longest wait in seconds (30)")
+    parser.add_argument("--mode", choices=("series", "instance"), default=None,
+                        help="series: one SR + KOS + key-slice overlays per series; instance: an SR and overlay per "
+                        "MR instance (default: $BTD_PACS_MODE, series)")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds for DICOM association/DIMSE/network steps and service calls (30)")
     add_store_argument(parser)
@@ -67,17 +72,31 @@ def _processor(args: argparse.Namespace, *, study_idle_s: float, default_stow: s
               else StowSender(stow_url, args.timeout, dicomweb_auth()))
     if args.url and args.store is not None:
         raise ValueError("--store records answers made here; with --url the service records its own")
-    if args.url:
-        classifier: Any = ServiceClassifier(args.url, args.timeout, args.api_key)
-    else:
-        from app.settings import Settings
+    from app.settings import Settings
 
-        model = Path(args.model) if args.model else Settings().model_path
-        if not model.is_file():
-            raise FileNotFoundError(f"model file not found: {model}; pass --model FILE or --url URL")
-        classifier = LocalClassifier(model, open_store(args.store))
+    settings = Settings()
     retry = RetryPolicy(args.retries, args.backoff, args.max_backoff)
-    return Processor(classifier, sender, StudyTracker(sender.description, study_idle_s), retry)
+    tracker = StudyTracker(sender.description, study_idle_s)
+    if series_mode(args) and args.url:
+        raise ValueError("series mode classifies in this process (--model); with --url give --mode instance "
+                         "(or BTD_PACS_MODE=instance)")
+    if args.url:
+        return Processor(ServiceClassifier(args.url, args.timeout, args.api_key), sender, tracker, retry)
+    model = Path(args.model) if args.model else settings.model_path
+    if not model.is_file():
+        raise FileNotFoundError(f"model file not found: {model}; pass --model FILE or --url URL")
+    if series_mode(args):
+        from app.transports.pacs.series_processing import SeriesClassifier, SeriesProcessor
+
+        classifier = SeriesClassifier(model, settings.series_batch_size, open_store(args.store), settings.max_pixels)
+        return SeriesProcessor(classifier, sender, tracker, retry)
+    return Processor(LocalClassifier(model, open_store(args.store)), sender, tracker, retry)
+
+
+def series_mode(args: argparse.Namespace) -> bool:
+    from app.settings import Settings
+
+    return (args.mode or Settings().pacs_mode) == "series"
 
 
 def run_listen(args: argparse.Namespace) -> int:
@@ -90,7 +109,16 @@ def run_listen(args: argparse.Namespace) -> int:
         queue_bytes=args.queue_mib * 1024 * 1024, max_pixels=Settings().max_pixels,
         workers=args.workers, study_idle_s=args.study_idle,
     )
-    listener = Listener(options, _processor(args, study_idle_s=args.study_idle))
+    processor = _processor(args, study_idle_s=args.study_idle)
+    if series_mode(args):
+        from app.transports.pacs.assembly import SeriesLimits
+        from app.transports.pacs.listener import SeriesListener
+
+        settings = Settings()
+        listener: Listener = SeriesListener(options, processor, SeriesLimits.from_settings(settings),
+                                            settings.series_spill_dir)
+    else:
+        listener = Listener(options, processor)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -105,11 +133,18 @@ def run_listen(args: argparse.Namespace) -> int:
 
 
 def run_dicomweb(args: argparse.Namespace) -> int:
-    from app.transports.pacs.dicomweb import process_study
+    from app.settings import Settings
+    from app.transports.pacs.assembly import SeriesLimits
+    from app.transports.pacs.dicomweb import process_study, process_study_series
 
     processor = _processor(args, study_idle_s=0.0, default_stow=args.wado_url)
     try:
-        process_study(args.wado_url, args.study, processor, args.series, dicomweb_auth())
+        if series_mode(args):
+            settings = Settings()
+            process_study_series(args.wado_url, args.study, processor, SeriesLimits.from_settings(settings),
+                                 args.series, dicomweb_auth(), settings.series_spill_dir, settings.max_pixels)
+        else:
+            process_study(args.wado_url, args.study, processor, args.series, dicomweb_auth())
     finally:
         close = getattr(processor.classifier, "close", None)
         if close is not None:  # the isolated reader, and --store's records written
@@ -137,10 +172,12 @@ def _ae_title(text: str) -> str:
 
 def add_pacs_parsers(subparsers: Any) -> None:
     listen = subparsers.add_parser(
-        "dicom-listen", help="DICOM C-STORE SCP: classify received MR slices, send SR + CAM overlay back",
-        description="A DICOM C-STORE SCP (pynetdicom) that a PACS routing rule sends MR slices to: each is "
-        "classified (in process or by a running service) and its SR and CAM overlay are sent to the destination "
-        "(C-STORE or STOW-RS), with retries and back-off. One log line per study; no patient data in logs.")
+        "dicom-listen", help="DICOM C-STORE SCP: classify received MR series (or slices), send the results back",
+        description="A DICOM C-STORE SCP (pynetdicom) that a PACS routing rule sends MR images to. Series mode "
+        "(default): each series, once complete, is classified as one and gets one SR, one KOS of its key slices and "
+        "their CAM overlays; instance mode: each slice is classified (in process or by a running service) and gets "
+        "its SR and CAM overlay. Results go to the destination (C-STORE or STOW-RS), with retries and back-off. "
+        "One log line per series and per study; no patient data in logs.")
     listen.add_argument("--ae-title", type=_ae_title, default="BTD", help="our AE title (BTD)")
     listen.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for all)")
     listen.add_argument("--port", type=int, default=11112, help="port to listen on (11112)")
@@ -161,8 +198,9 @@ def add_pacs_parsers(subparsers: Any) -> None:
 
     web = subparsers.add_parser(
         "dicomweb", help="DICOMweb round trip for one study: QIDO/WADO-RS, classify, STOW-RS the results",
-        description="Find the study's MR slices (QIDO-RS), fetch them (WADO-RS), classify them and store each "
-                    "one's SR and CAM overlay with STOW-RS (to --wado-url unless told otherwise) or C-STORE.")
+        description="Find the study's MR slices (QIDO-RS), fetch them (WADO-RS), classify them (series mode: each "
+                    "series as one) and store the results with STOW-RS (to --wado-url unless told otherwise) or "
+                    "C-STORE.")
     web.add_argument("--wado-url", required=True, metavar="URL", help="DICOMweb base URL, e.g. .../dicom-web")
     web.add_argument("--study", required=True, metavar="UID", help="Study Instance UID")
     web.add_argument("--series", metavar="UID", help="only this Series Instance UID")

@@ -78,3 +78,58 @@ def process_study(wado_url: str, study_uid: str, processor: Processor, series_ui
         sent += processor.process(key, data)
     processor.tracker.flush()
     return sent
+
+
+def process_study_series(wado_url: str, study_uid: str, processor, limits, series_uid: str | None = None,
+                         auth: tuple[str, str] | None = None, spill_dir=None,
+                         max_pixels: int | None = None) -> int:
+    """Series mode: fetch the study's (or one series') MR and Enhanced MR instances series by series into
+    a ``SeriesAssembler`` (on disk, under ``limits``), and process each series once all of it is fetched.
+    Returns how many series' results reached the destination."""
+    from app.core.decode import DEFAULT_MAX_PIXELS
+    from app.transports.pacs.assembly import SeriesAssembler
+    from app.transports.pacs.series_processing import SERIES_SOP_CLASSES
+
+    client = dicomweb_client(wado_url, auth=auth)
+    key = study_key(study_uid)
+    instances = client.search_for_instances(study_instance_uid=study_uid, series_instance_uid=series_uid,
+                                            fields=[SOP_CLASS_TAG, SERIES_TAG])
+    by_series: dict[str, list[dict]] = {}
+    for instance in instances:
+        if _value(instance, SOP_CLASS_TAG) not in SERIES_SOP_CLASSES:
+            processor.tracker.update(key, received=1, skipped=1)
+            continue
+        by_series.setdefault(_value(instance, SERIES_TAG), []).append(instance)
+    sent = 0
+    ready = []
+    assembler = SeriesAssembler(limits, ready.append, spill_dir)
+    try:
+        for uid, members in by_series.items():
+            whole = True
+            for instance in members:
+                try:
+                    data = fetch_instance(client, study_uid, uid, _value(instance, INSTANCE_TAG))
+                    header = processor.classifier.read_header(data, max_pixels or DEFAULT_MAX_PIXELS)
+                except SliceFailed as exc:
+                    log.warning("study %s: an instance could not be fetched: %s", key, exc)
+                    processor.tracker.update(key, received=1, failed=1)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a bad object: its message could quote a tag value
+                    log.warning("study %s: an instance could not be read (%s)", key, type(exc).__name__)
+                    processor.tracker.update(key, received=1, failed=1)
+                    continue
+                if not assembler.add(header, data):
+                    log.error("study %s: a series is larger than BTD_SERIES_TOTAL_SLICES / _BYTES allow: not "
+                              "processed", key)
+                    whole = False
+                    break
+            assembler.flush()  # the whole series is here: no quiet period to wait for
+            for series in ready:
+                if whole:
+                    sent += processor.process(series)
+                assembler.release(series)
+            ready.clear()
+    finally:
+        assembler.close()
+    processor.tracker.flush()
+    return sent

@@ -1,6 +1,8 @@
-"""``btd dicom-listen``: a DICOM C-STORE SCP that a PACS routing rule sends MR slices to. Each slice
-is acknowledged at once, queued, classified (in process or by a running service) and its SR and CAM
-overlay are sent to the configured destination (C-STORE or STOW-RS) with retries and back-off.
+"""``btd dicom-listen``: a DICOM C-STORE SCP that a PACS routing rule sends MR slices to. In series mode
+(:class:`SeriesListener`, the default) the instances of a series are held on disk until it is complete
+and the series is classified as one (``series_processing``); in instance mode (:class:`Listener`) each
+slice is acknowledged at once, queued, classified (in process or by a running service) and its SR and
+CAM overlay are sent to the configured destination (C-STORE or STOW-RS) with retries and back-off.
 
 Association limits and timeouts are pynetdicom's; a full queue (``queue_size`` slices or
 ``queue_bytes`` bytes) answers C-STORE 0xA700 (out of resources) so the sender retries later. Each
@@ -194,4 +196,74 @@ class Listener:
         for thread in self._threads:
             thread.join(timeout=drain_timeout_s)
         self._reader.close()
+        self.tracker.flush()
+
+
+class SeriesListener(Listener):
+    """Series mode: each received MR (or Enhanced MR) instance is read once in the isolated worker (its
+    UIDs and geometry), held on disk by the :class:`SeriesAssembler` until its series is complete, and
+    each complete series is queued whole for the :class:`SeriesProcessor`. The assembler's bounds
+    replace the queue's: past them C-STORE answers 0xA700."""
+
+    def __init__(self, options: ListenerOptions, processor, limits, spill_dir=None) -> None:
+        from app.transports.pacs.assembly import SeriesAssembler
+
+        super().__init__(options, processor)
+        self.series_jobs: queue.Queue = queue.Queue()  # bounded by the assembler's totals
+        self.assembler = SeriesAssembler(limits, self.series_jobs.put, spill_dir)
+
+    def start(self) -> None:
+        super().start()
+        log.info("dicom-listen: series mode: a series is complete %g s after its last instance; instances wait "
+                 "in %s", self.assembler.limits.idle_s, self.assembler.folder)
+
+    def _on_store(self, event) -> int:
+        from app.core.decode import read_instance_header
+        from app.transports.pacs.series_processing import SERIES_SOP_CLASSES
+
+        try:
+            sop_class = str(event.request.AffectedSOPClassUID)
+            data = event.encoded_dataset(include_meta=True)
+            header = self._reader.call(read_instance_header, data, self.options.max_pixels)
+        except ServiceError as exc:  # a bomb, or an undecodable dataset: refuse it, say nothing of its content
+            log.warning("a received object was refused (%s: %s)", exc.title, exc.detail)
+            return STATUS_CANNOT_UNDERSTAND
+        except Exception as exc:  # noqa: BLE001 - its message could quote a tag value
+            log.warning("a received object could not be read (%s); refused", type(exc).__name__)
+            return STATUS_CANNOT_UNDERSTAND
+        if sop_class not in SERIES_SOP_CLASSES:
+            self.tracker.update(study_key(header.study_uid or "no study uid"), received=1, skipped=1)
+            return STATUS_SUCCESS
+        if self._stopping.is_set() or not self.assembler.add(header, data):
+            return STATUS_OUT_OF_RESOURCES
+        return STATUS_SUCCESS
+
+    def _work(self) -> None:
+        while True:
+            series = self.series_jobs.get()
+            try:
+                if series is None:
+                    return
+                self.processor.process(series)
+            finally:
+                if series is not None:
+                    self.assembler.release(series)
+
+    def _reap(self) -> None:
+        while not self._stopping.wait(min(1.0, max(0.1, self.assembler.limits.idle_s / 4))):
+            self.assembler.reap()
+            self.tracker.reap()
+
+    def stop(self, drain_timeout_s: float = 60.0) -> None:
+        """Refuse new associations, process every series held (up to ``drain_timeout_s``), report."""
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+        self.assembler.flush()
+        for _ in range(self.options.workers):
+            self.series_jobs.put(None)
+        for thread in self._threads:
+            thread.join(timeout=drain_timeout_s)
+        self._reader.close()
+        self.assembler.close()
         self.tracker.flush()

@@ -34,7 +34,7 @@ from app.core.acquisition import PLANE_WORDS, SEQUENCE_WORDS
 from app.core.decode import DEFAULT_MAX_PIXELS, quiet_pydicom
 from app.core.dicom_read import element_limits, read_dataset, results_header
 from app.core.errors import InvalidImage, ServiceError
-from app.core.result import CamPng, Prediction
+from app.core.result import CamPng, ModelIdentity, Prediction
 
 MANUFACTURER = "btd"
 LOCAL_SCHEME = "99BTD"  # a local coding scheme (PS3.16 8.2): the model's own class labels and quantities
@@ -143,7 +143,15 @@ def algorithm_of(result: Prediction) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def _measurement_group(source: Dataset, result: Prediction) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def source_image(source: Dataset, frame: int | None = None) -> hd.sr.SourceImageForMeasurementGroup:
+    """The reference to a slice: an image, or frame ``frame`` (0-based) of a multi-frame one."""
+    return hd.sr.SourceImageForMeasurementGroup.from_source_image(
+        source, referenced_frame_numbers=None if frame is None else [frame + 1])
+
+
+def measurement_group(source: Dataset, result: Prediction,
+                      frame: int | None = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 of one slice's finding (``frame``: of a multi-frame source)."""
     algorithm = algorithm_of(result)
     measurements: list[hd.sr.Measurement] = []
     evaluations: list[hd.sr.QualitativeEvaluation] = []
@@ -166,13 +174,13 @@ def _measurement_group(source: Dataset, result: Prediction) -> hd.sr.Measurement
     evaluations += _acquisition_evaluations(result)
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=result_uid("tracking", source.SOPInstanceUID, result.model.sha256),
+            uid=result_uid("tracking", source.SOPInstanceUID, result.model.sha256, *([] if frame is None else [frame])),
             identifier=f"btd classification of one slice by {result.model.name}"[:64]),
         finding_type=class_code(result, result.label) if result.assessed else NO_FINDING,
         algorithm_id=algorithm,
         measurements=measurements or None,
         qualitative_evaluations=evaluations or None,
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)],
+        source_images=[source_image(source, frame)],
     )
     group[0].ContentSequence.append(hd.sr.TextContentItem(
         name=codes.DCM.Comment, value=summary_text(result),
@@ -219,21 +227,27 @@ def procedure_of(source: Dataset) -> Code:
     return codes.cid100.ImagingProcedure
 
 
-def build_sr(source: Dataset, result: Prediction) -> hd.sr.ComprehensiveSR:
-    """The Comprehensive SR (TID 1500) of one finding about ``source``."""
-    model = result.model
+def device_observer(model: ModelIdentity) -> hd.sr.ObserverContext:
+    """The model as the observing device (TID 1004)."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=result_uid("device", model.sha256), name=model.name[:64], manufacturer_name=MANUFACTURER,
         model_name=model.name[:64], serial_number=model.version[:64])
+    return hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)
+
+
+LOCAL_SCHEME_ITEM = CodingSchemeIdentificationItem(
+    designator=LOCAL_SCHEME, name="btd model classes and outputs", responsible_organization=MANUFACTURER)
+
+
+def build_sr(source: Dataset, result: Prediction) -> hd.sr.ComprehensiveSR:
+    """The Comprehensive SR (TID 1500) of one finding about ``source``."""
+    model = result.model
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(
-            observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device,
-                                                          observer_identifying_attributes=device)),
+        observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(model)),
         procedure_reported=procedure_of(source),
-        imaging_measurements=[_measurement_group(source, result)],
+        imaging_measurements=[measurement_group(source, result)],
     )
-    scheme = CodingSchemeIdentificationItem(
-        designator=LOCAL_SCHEME, name="btd model classes and outputs", responsible_organization=MANUFACTURER)
+    scheme = LOCAL_SCHEME_ITEM
     key = (model.sha256, f"{result.threshold:g}")
     return hd.sr.ComprehensiveSR(
         evidence=[_evidence(source)], content=report[0],
@@ -325,8 +339,9 @@ def overlay_rgb(result: Prediction) -> np.ndarray | None:
     return np.ascontiguousarray(image[:, :, ::-1])
 
 
-def build_overlay(source: Dataset, result: Prediction) -> hd.sc.SCImage | None:
-    """The Secondary Capture of the CAM overlay (None when the finding has no overlay)."""
+def build_overlay(source: Dataset, result: Prediction, frame: int | None = None) -> hd.sc.SCImage | None:
+    """The Secondary Capture of the CAM overlay (None when the finding has no overlay); ``frame``: of
+    that frame (0-based) of a multi-frame source."""
     overlay = overlay_rgb(result)
     if overlay is None:
         return None
@@ -338,7 +353,7 @@ def build_overlay(source: Dataset, result: Prediction) -> hd.sc.SCImage | None:
         coordinate_system="PATIENT", patient_orientation=("L", "P"),  # highdicom takes single letters: set below
         series_instance_uid=result_uid("overlay-series", source.SeriesInstanceUID, *key),
         series_number=OVERLAY_SERIES_NUMBER,
-        sop_instance_uid=result_uid("overlay", source.SOPInstanceUID, *key),
+        sop_instance_uid=result_uid("overlay", source.SOPInstanceUID, *key, *([] if frame is None else [frame])),
         instance_number=_instance_number(source), manufacturer=MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian, series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=result.model.name[:64], software_versions=result.model.version[:64],
@@ -353,6 +368,8 @@ def build_overlay(source: Dataset, result: Prediction) -> hd.sc.SCImage | None:
     reference = Dataset()
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    if frame is not None:
+        reference.ReferencedFrameNumber = frame + 1
     sc.SourceImageSequence = [reference]
     return sc
 

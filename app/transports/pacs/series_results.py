@@ -1,0 +1,279 @@
+"""DICOM result objects for one classified series (series mode), each in a new series of the source's
+study, built with highdicom:
+
+- ONE **Comprehensive SR** (TID 1500 *Imaging Measurement Report*): a first measurement group with the
+  series finding (most likely class, tumour present or absent, series tumour probability, threshold,
+  slices assessed and not assessed with each reason, the aggregation rule, the key slices as its
+  source images), then one compact group per slice (its class probabilities, or why it was not
+  assessed), the model as algorithm (TID 4019) and observing device;
+- ONE **Key Object Selection** document ("Of Interest") flagging the key slices;
+- a CAM overlay **Secondary Capture** for each key slice only (``results.build_overlay``).
+
+A series with no assessed slice gets the SR alone, saying not assessed and why. UIDs derive from the
+source series' UID, the model's sha256 and the threshold (a retried send replaces, never duplicates).
+A DICOM SEG of the tumour region is one more builder in ``SERIES_BUILDERS`` once the model has a
+localisation output.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from app.core.result import Prediction
+from app.core.series import ORDERING_WARNINGS, Ordering, SeriesFinding
+from app.transports.pacs.results import (
+    DISCLAIMER,
+    LOCAL_SCHEME_ITEM,
+    MANUFACTURER,
+    NO_FINDING,
+    NO_UNITS,
+    NOT_ASSESSED_BECAUSE,
+    OOD_SCORE,
+    REASONS,
+    SERIES_DESCRIPTION,
+    TUMOUR,
+    TUMOUR_PROBABILITY,
+    TUMOUR_THRESHOLD,
+    _evidence,
+    _local,
+    _probability_code,
+    algorithm_of,
+    build_overlay,
+    class_code,
+    device_observer,
+    procedure_of,
+    result_uid,
+    source_image,
+)
+
+SERIES_SR_SERIES_NUMBER = 9911
+KOS_SERIES_NUMBER = 9912
+KEY_OVERLAY_SERIES_NUMBER = 9913
+UNREADABLE = "unreadable"  # a slice that could not be read or classified: not assessed for this reason
+SERIES_REASONS = {**REASONS, UNREADABLE: "Slice could not be read"}
+SLICES_ASSESSED = _local("SLICES-ASSESSED", "Slices assessed")
+SLICES_NOT_ASSESSED = _local("SLICES-NOT-ASSESS", "Slices not assessed")
+SERIES_FINDING = "btd classification of one series"
+
+
+@dataclass
+class ClassifiedSlice:
+    """One slice of the series: its source's header (``dicom_read.results_header``: patient data),
+    the frame of a multi-frame source (0-based; None: single frame), its prediction and, for a key
+    slice, its prediction with the CAM images."""
+
+    source: Dataset
+    frame: int | None
+    prediction: Prediction
+    overlay: Prediction | None = None
+
+
+@dataclass
+class ClassifiedSeries:
+    """A series' slices in slice order and its finding (its key slices index ``slices``)."""
+
+    slices: list[ClassifiedSlice]
+    finding: SeriesFinding
+    unread: int = 0  # slices that could not be read (not in ``slices``: no header to reference)
+    ordering: Ordering = "position"  # how the slices were ordered (app.core.series.order_slices)
+
+    @property
+    def key(self) -> list[ClassifiedSlice]:
+        return [self.slices[i] for i in self.finding.key_slices if 0 <= i < len(self.slices)]
+
+    @property
+    def reasons(self) -> Counter:
+        """Why slices were not assessed: reason -> slices (the unreadable ones included)."""
+        reasons = Counter(self.finding.not_assessed_reasons)
+        if self.unread:
+            reasons[UNREADABLE] += self.unread
+        return reasons
+
+    @property
+    def first(self) -> Dataset:
+        return self.slices[0].source
+
+    def uid(self, kind: str, *more: object) -> str:
+        model = self.finding.model
+        return result_uid(kind, self.first.SeriesInstanceUID, model.sha256, f"{self.finding.threshold:g}", *more)
+
+
+def summary_text(result: ClassifiedSeries) -> str:
+    """The series finding in words, with the decision-support wording (the SR's and the KOS's text)."""
+    finding, model = result.finding, result.finding.model
+    who = f"{model.name} {model.version} (sha256 {model.sha256[:12]})"
+    count = f"series of {len(result.slices)} slices, {finding.slices_assessed} assessed"
+    reasons = result.reasons
+    if result.ordering in ORDERING_WARNINGS:  # the rule's neighbours may not be neighbours in space
+        count += f" ({ORDERING_WARNINGS[result.ordering]})"
+    missing = "; ".join(f"{n} not assessed: {SERIES_REASONS.get(r, r)}" for r, n in sorted(reasons.items()))
+    missing = f"; {missing}" if missing else ""
+    if not finding.assessed:
+        return f"{who}: {count}{missing}; not assessed: no finding is reported. {DISCLAIMER}"
+    text = f"{who}: {count}{missing}; most likely class {finding.label}"
+    if finding.tumour_probability is not None:
+        decision = "detected" if finding.tumour_detected else "not detected"
+        text += (f"; series tumour probability {finding.tumour_probability:.1%}, tumour {decision} at threshold "
+                 f"{finding.threshold:.1%}")
+    positions = [result.slices.index(s) + 1 for s in result.key]
+    if positions:
+        text += f"; key slices (1 = first in slice order) {', '.join(map(str, positions))}"
+    rule = f" Rule: {finding.rule}." if finding.rule else ""
+    return f"{text}.{rule} {DISCLAIMER}"
+
+
+def _series_group(result: ClassifiedSeries) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    finding = result.finding
+    example = result.slices[0].prediction
+    algorithm = algorithm_of(example)
+
+    def number(name, value: float) -> hd.sr.Measurement:
+        return hd.sr.Measurement(name=name, value=round(float(value), 6), unit=NO_UNITS, algorithm_id=algorithm)
+
+    measurements = [number(SLICES_ASSESSED, finding.slices_assessed),
+                    number(SLICES_NOT_ASSESSED, finding.slices_not_assessed + result.unread)]
+    evaluations = []
+    if finding.assessed:
+        if finding.tumour_probability is not None:
+            measurements.append(number(TUMOUR_PROBABILITY, finding.tumour_probability))
+        measurements.append(number(TUMOUR_THRESHOLD, finding.threshold))
+        if finding.tumour_detected is not None:
+            evaluations.append(hd.sr.QualitativeEvaluation(
+                TUMOUR, codes.SCT.Present if finding.tumour_detected else codes.SCT.Absent))
+    evaluations += [hd.sr.QualitativeEvaluation(NOT_ASSESSED_BECAUSE, _local(reason.upper(),
+                                                                             SERIES_REASONS.get(reason, reason)))
+                    for reason in sorted(result.reasons)]
+    key = result.key or result.slices[:1]  # the series' first slice stands for a series not assessed
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=result.uid("series-tracking"),
+                                                     identifier=f"{SERIES_FINDING} by {finding.model.name}"[:64]),
+        finding_type=class_code(example, finding.label) if finding.assessed and finding.label else NO_FINDING,
+        algorithm_id=algorithm, measurements=measurements, qualitative_evaluations=evaluations or None,
+        source_images=[source_image(s.source, s.frame) for s in key],
+    )
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=summary_text(result), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
+
+
+def slice_group(s: ClassifiedSlice) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 of one slice of the series, compact (a series has hundreds): its class and tumour
+    probabilities, or why it was not assessed, and its source image. The algorithm, the threshold and
+    the out-of-distribution threshold are the series group's (the same for every slice)."""
+    prediction, model = s.prediction, s.prediction.model
+    measurements, evaluations = [], []
+    if prediction.assessed:
+        measurements = [hd.sr.Measurement(name=_probability_code(prediction, label), value=round(float(p), 6),
+                                          unit=NO_UNITS) for label, p in prediction.probabilities.items()]
+        if prediction.tumour_probability is not None:
+            measurements.append(hd.sr.Measurement(name=TUMOUR_PROBABILITY, value=round(prediction.tumour_probability,
+                                                                                       6), unit=NO_UNITS))
+    else:
+        evaluations = [hd.sr.QualitativeEvaluation(NOT_ASSESSED_BECAUSE, _local(reason.upper(),
+                                                                                SERIES_REASONS.get(reason, reason)))
+                       for reason in prediction.ood_reasons]
+    if prediction.ood_score is not None:
+        measurements.append(hd.sr.Measurement(name=OOD_SCORE, value=round(float(prediction.ood_score), 6),
+                                              unit=NO_UNITS))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=result_uid("tracking", s.source.SOPInstanceUID, model.sha256, *([] if s.frame is None else [s.frame])),
+            identifier=f"btd classification of one slice by {model.name}"[:64]),
+        finding_type=class_code(prediction, prediction.label) if prediction.assessed else NO_FINDING,
+        measurements=measurements or None, qualitative_evaluations=evaluations or None,
+        source_images=[source_image(s.source, s.frame)])
+
+
+def _evidence_of(slices: Sequence[ClassifiedSlice]) -> list[Dataset]:
+    """Each source instance once (a multi-frame one holds several slices). The first is whole: highdicom
+    copies the patient and study from it; the others need only their UIDs (copying hundreds of headers
+    costs seconds)."""
+    seen: dict[str, Dataset] = {}
+    for s in slices:
+        seen.setdefault(str(s.source.SOPInstanceUID), s.source)
+    first, *others = seen.values()
+    return [_evidence(first), *(_uids_of(ds) for ds in others)]
+
+
+def _uids_of(source: Dataset) -> Dataset:
+    ds = Dataset()
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        setattr(ds, keyword, source[keyword].value)
+    return ds
+
+
+def build_series_sr(result: ClassifiedSeries) -> list[Dataset]:
+    """The one Comprehensive SR of the series."""
+    finding = result.finding
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(finding.model)),
+        procedure_reported=procedure_of(result.first), imaging_measurements=[_series_group(result)])
+    sr = hd.sr.ComprehensiveSR(
+        evidence=_evidence_of(result.slices), content=report[0],
+        series_instance_uid=result.uid("series-sr-series"), series_number=SERIES_SR_SERIES_NUMBER,
+        sop_instance_uid=result.uid("series-sr"), instance_number=1, manufacturer=MANUFACTURER,
+        is_complete=True, is_final=False, is_verified=False, series_description=SERIES_DESCRIPTION,
+        manufacturer_model_name=finding.model.name[:64], software_versions=finding.model.version[:64],
+        coding_schemes=[LOCAL_SCHEME_ITEM])
+    # The slices' groups join the Imaging Measurements container after highdicom has built and checked the
+    # document: its checks walk the whole tree, seconds for a series of hundreds of slices. Every slice
+    # they reference is in the evidence already.
+    (container,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    container.ContentSequence.extend(group[0] for s in result.slices for group in [slice_group(s)])
+    return [sr]
+
+
+def build_key_objects(result: ClassifiedSeries) -> list[Dataset]:
+    """The Key Object Selection document flagging the key slices (none for a series not assessed)."""
+    key = result.key
+    if not result.finding.assessed or not key:
+        return []
+    sources = {str(s.source.SOPInstanceUID): s.source for s in key}  # a multi-frame source once
+    frames: dict[str, list[int]] = {}
+    for s in key:
+        if s.frame is not None:
+            frames.setdefault(str(s.source.SOPInstanceUID), []).append(s.frame + 1)
+    content = hd.ko.KeyObjectSelection(
+        document_title=codes.DCM.OfInterest, referenced_objects=list(sources.values()),
+        observer_device_context=device_observer(result.finding.model),
+        description=summary_text(result)[:1024])
+    for item in content[0].ContentSequence:  # highdicom references whole images: name the key frames
+        if item.ValueType == "IMAGE" and str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) in frames:
+            reference = item.ReferencedSOPSequence[0]
+            reference.ReferencedFrameNumber = frames[str(reference.ReferencedSOPInstanceUID)]
+    kos = hd.ko.KeyObjectSelectionDocument(
+        evidence=_evidence_of(key), content=content, series_instance_uid=result.uid("kos-series"),
+        series_number=KOS_SERIES_NUMBER, sop_instance_uid=result.uid("kos"), instance_number=1,
+        manufacturer=MANUFACTURER)
+    kos.SeriesDescription = SERIES_DESCRIPTION
+    return [kos]
+
+
+def build_key_overlays(result: ClassifiedSeries) -> list[Dataset]:
+    """The CAM overlay of each key slice (those classified with their CAM images)."""
+    overlays = []
+    for s in result.key:
+        if s.overlay is None:
+            continue
+        sc = build_overlay(s.source, s.overlay, s.frame)
+        if sc is not None:
+            sc.SeriesInstanceUID = result.uid("key-overlay-series")
+            sc.SeriesNumber = KEY_OVERLAY_SERIES_NUMBER
+            overlays.append(sc)
+    return overlays
+
+
+# Each builder adds its objects; a DICOM SEG of the tumour region slots in here.
+SERIES_BUILDERS: tuple[Callable[[ClassifiedSeries], list[Dataset]], ...] = (
+    build_series_sr, build_key_objects, build_key_overlays)
+
+
+def build_series_results(result: ClassifiedSeries) -> list[Dataset]:
+    """The SR first, then the KOS and the key slices' overlays."""
+    return [ds for build in SERIES_BUILDERS for ds in build(result)]
