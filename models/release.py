@@ -21,11 +21,12 @@ interrupted training run continues with ``btd train ... --resume runs/release/tr
    (never on test): the highest threshold keeping each source's validation tumour sensitivity at
    its floor (``SENSITIVITY_FLOORS``), capped at 0.5;
 5. export with that threshold, evaluate on the grouped test split of brain-mri-4class, export again
-   with that report in the metadata: ``models/btd-resnet50.onnx`` (float16-stored weights);
+   with that report in the metadata: ``models/btd-resnet50.onnx`` (float16-stored weights), and stamp
+   the drift baseline measured on the validation split into it (``btd baseline``);
 6. the exact shipped file measured: grouped test (1,129), figshare-cheng test rows (293),
    lgg-tcga-flair test split (394 slices of 22 unseen patients), originals vs their 224 copies,
    the out-of-distribution guard (non-brain set and grouped test), INT8 quantization, its
-   evaluation and its out-of-distribution guard, CAM localisation.
+   evaluation and its out-of-distribution guard (and its own drift baseline), CAM localisation.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ TRAIN_ARGS = ["--freeze", "layer3", "--feature-cache", "off", "--amp", "on", "--
 FIGSHARE_COLUMNS = ["--path-column", "image", "--split-column", "in_4class_splits"]
 
 
-def write_release_splits(data: Path, out: Path) -> dict[str, int]:
+def write_release_splits(data: Path, out: Path, *, t1: bool = True) -> dict[str, int]:
     """The grouped 4-class split, the figshare-cheng train/val rows and all of lgg-tcga-flair (split by
-    patient, the patient id as the group), paths relative to ``data``."""
+    patient, the patient id as the group), paths relative to ``data``; ``t1``: with lgg-tcga-t1 (from
+    1.3.0; release 1.2.0's split has no T1 rows)."""
     rows = []
     with (data / "brain-mri-4class" / "splits.csv").open(newline="") as fh:
         rows += [("brain-mri-4class/" + r["path"], r["label"], r["split"], r["group"]) for r in csv.DictReader(fh)]
@@ -70,7 +72,7 @@ def write_release_splits(data: Path, out: Path) -> dict[str, int]:
                  for r in csv.DictReader(fh)]
     # The same patients' T1 and T1 post-contrast slices, in the same patient split and group: one
     # tumour in three sequences, so the sequence stops telling the class.
-    if (data / "lgg-tcga-t1" / "index.csv").is_file():
+    if t1 and (data / "lgg-tcga-t1" / "index.csv").is_file():
         with (data / "lgg-tcga-t1" / "index.csv").open(newline="") as fh:
             rows += [("lgg-tcga-t1/" + r["path"], r["label"], r["split"], "lgg-" + r["patient"])
                      for r in csv.DictReader(fh)]
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         btd(*export, "--out", str(candidate))
         btd("evaluate", str(candidate), *grouped, "--out", str(work / "eval-candidate-test"))
     btd(*export, "--report", str(work / "eval-candidate-test" / "report.json"), "--out", str(args.out))
+    # The drift baseline: the validation split's answers, stamped into the metadata (the graph unchanged).
+    btd("baseline", str(args.out), *split_args, "--split", "val")
 
     # The numbers that describe what ships: evaluate the exact released file.
     btd("evaluate", str(args.out), *grouped, "--out", str(work / "eval-test"))
@@ -176,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                "--json", str(work / "ood-check.json"))
     int8 = args.out.with_name(args.out.stem + "-int8.onnx")
     btd("quantize", str(args.out), *split_args, "--out", str(int8))
+    btd("baseline", str(int8), *split_args, "--split", "val")  # its own answers, not the fp32 model's
     btd("evaluate", str(int8), *grouped, "--baseline", str(args.out), "--out", str(work / "eval-int8-test"))
     btd("evaluate", str(int8), *figshare, "--baseline", str(args.out), "--out", str(work / "eval-int8-figshare-test"))
     btd("evaluate", str(int8), *lgg, "--baseline", str(args.out), "--out", str(work / "eval-int8-lgg-test"))

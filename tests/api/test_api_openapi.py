@@ -32,7 +32,8 @@ def test_openapi_documents_problem_json_for_every_error_status():
     v2_infer = {"200", "400", "404", "413", "415", "422", "503", "504"} | access | upload
     expected = {"predict": {"200", "400", "406", "413", "415", "422", "503", "504"} | access | upload,
                 "predictBatch": {"200", "400", "413", "415", "422", "503"} | access | upload,
-                "getModel": {"200", "400", "503"} | access, "readyz": {"200", "400", "503"},
+                "getModel": {"200", "400", "503"} | access, "getMonitoring": {"200", "400", "503"} | access,
+                "readyz": {"200", "400", "503"},
                 "livez": {"200", "400", "503"}, "metrics": {"200", "400"} | access,  # 400: invalid-host
                 "v2ServerMetadata": {"200", "400"}, "v2Live": {"200", "400", "503"}, "v2Ready": {"200", "400", "503"},
                 "v2ModelMetadata": v2_model | access, "v2ModelVersionMetadata": v2_model | access,
@@ -49,7 +50,7 @@ def test_openapi_documents_problem_json_for_every_error_status():
     schemes = spec["components"]["securitySchemes"]
     assert schemes["apiKey"] == {**schemes["apiKey"], "type": "apiKey", "in": "header", "name": "X-API-Key"}
     secured = {op["operationId"] for ops in spec["paths"].values() for op in ops.values() if op.get("security")}
-    assert secured == {"predict", "predictBatch", "getModel", "v2ModelMetadata", "v2ModelVersionMetadata",
+    assert secured == {"predict", "predictBatch", "getModel", "getMonitoring", "v2ModelMetadata", "v2ModelVersionMetadata",
                        "v2ModelInfer", "v2ModelVersionInfer"}  # probes and metrics stay open by default
 
 

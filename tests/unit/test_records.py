@@ -15,9 +15,10 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
+from app.core.baseline import INTENSITY_PERCENTILES, intensity_percentiles
 from app.core.decision import decide
 from app.core.result import ModelIdentity
-from app.engine.pipeline import INTENSITY_PERCENTILES, InputFacts, intensity_percentiles, tensor_facts
+from app.engine.pipeline import InputFacts, tensor_facts
 from app.engine.records import writer as writer_module
 from app.engine.records.options import RecordOptions
 from app.engine.records.rows import prediction_row

@@ -9,6 +9,7 @@ to head, so a service starting on an empty data directory creates it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,14 @@ class RecordStore:
         """Every record, oldest first, as plain dicts."""
         with self.engine.connect() as connection:
             return [dict(r) for r in connection.execute(select(RECORDS).order_by(RECORDS.c.id)).mappings()]
+
+    def recent(self, limit: int, columns: Sequence[str], model_version: str | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` records (of ``model_version`` when given), oldest first, holding ``columns``."""
+        query = select(*(RECORDS.c[name] for name in columns)).order_by(RECORDS.c.id.desc()).limit(limit)
+        if model_version is not None:
+            query = query.where(RECORDS.c.model_version == model_version)
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query).mappings()][::-1]
 
     def close(self) -> None:
         self.engine.dispose()

@@ -19,7 +19,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 
 from app.engine import metrics
-from app.engine.records.store import safe_url
+from app.engine.monitoring.monitor import DriftMonitor
+from app.engine.records.store import RecordStore, safe_url
 from app.engine.records.writer import RecordWriter
 from app.engine.service import InferenceService
 from app.settings import Settings
@@ -84,6 +85,7 @@ async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None
         return
     service.start()
     state.service = service
+    app.state.monitor = start_monitor(settings, service)
     metrics.READY.set(1)
     engine = service.engine
     log.info("ready: %s %s (%s) on %s, %d intra-op threads, %d host %s", engine.metadata.model_name,
@@ -116,6 +118,9 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
                 # The server already waited for in-flight requests; what is left belongs to cancelled ones.
                 await state.service.close(min(settings.drain_timeout_s, LIFESPAN_CLOSE_S))
                 state.service = None
+            monitor, app.state.monitor = app.state.monitor, None
+            if monitor is not None:
+                await asyncio.to_thread(monitor.close)
             records, app.state.records = app.state.records, None
             if records is not None:  # the answers given are in; their records are written (or counted lost)
                 await asyncio.to_thread(records.close, min(settings.drain_timeout_s, RECORDS_CLOSE_S))
@@ -126,6 +131,7 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
     app.state.runtime = RuntimeState()
     app.state.audit = AuditLog(settings.audit_log)
     app.state.records = None  # the record writer while the lifespan runs (BTD_RECORDS)
+    app.state.monitor = None  # the drift monitor once the model is loaded
     install_problem_handlers(app)
     # Innermost first: the guard (hosts, cross-site, keys, rate), CORS outside it (a preflight carries
     # no key), the request context outermost (request id, headers and metrics on every answer).
@@ -155,6 +161,17 @@ def start_records(settings: Settings) -> RecordWriter | None:
     writer.start()
     log.info("recording predictions in %s (BTD_RECORDS=false turns it off)", safe_url(options.url))
     return writer
+
+
+def start_monitor(settings: Settings, service: InferenceService) -> DriftMonitor:
+    """The drift monitor of the loaded model, started: its thread reads the records (its own
+    connection) every BTD_DRIFT_INTERVAL_S. Without records or a baseline it reports why."""
+    options = settings.record_options()
+    engine = service.engine
+    store = None if options is None else RecordStore(options.url, busy_timeout_s=options.busy_timeout_s)
+    monitor = DriftMonitor(engine.metadata.model_version, engine.model.baseline, store, settings.monitor_options())
+    monitor.start()
+    return monitor
 
 
 def key_store(settings: Settings) -> KeyStore | None:

@@ -27,7 +27,13 @@ from app.transports.http.audit import AuditLog
 from app.transports.http.dicom import ResultFormat, dicom_objects_wanted, dicom_response
 from app.transports.http.middleware import route_template
 from app.transports.http.problems import problem_of, problem_response, request_id_of
-from app.transports.http.schemas import BatchResponse, Health, ModelDescription, PredictResponse
+from app.transports.http.schemas import (
+    BatchResponse,
+    Health,
+    ModelDescription,
+    MonitoringReport,
+    PredictResponse,
+)
 
 router = APIRouter()
 
@@ -184,6 +190,19 @@ async def predict_batch(request: Request, cam: CamMode = CAM_QUERY,
             response_model=ModelDescription, responses=docs.MODEL_RESPONSES, openapi_extra=docs.KEY_SECURITY)
 async def get_model(service: InferenceService = Depends(get_service)) -> dict[str, Any]:
     return service.describe()
+
+
+@router.get("/v1/monitoring", operation_id="getMonitoring",
+            summary="Drift of recent answers against the model's validation baseline; live performance",
+            response_model=MonitoringReport, responses=docs.MODEL_RESPONSES, openapi_extra=docs.KEY_SECURITY)
+async def get_monitoring(request: Request, service: InferenceService = Depends(get_service)) -> dict[str, Any]:
+    meta = service.engine.metadata
+    monitor = request.app.state.monitor
+    return {"model_name": meta.model_name, "model_version": meta.model_version,
+            "drift": monitor.report if monitor is not None else {},
+            # Live performance joins here: performance_report(store) of app.engine.monitoring.performance
+            # (branch feedback) once merged; until then it is not measured.
+            "performance": None}
 
 
 def probe_failed(request: Request) -> JSONResponse:
