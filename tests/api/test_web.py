@@ -84,5 +84,5 @@ def test_monitoring_page_is_served_from_this_server_and_names_every_drift_signal
     assert "<script>" not in response.text and "style=" not in response.text  # the CSP admits neither
     script = client.get("/static/monitoring.js").text
     assert 'const API_MONITORING = "v1/monitoring";' in script
-    names = re.search(r"const SIGNAL_NAMES = \{(.*?)\};", script, re.S).group(1)
-    assert set(re.findall(r"^\s*(\w+):", names, re.M)) == set(SIGNALS)
+    names = re.search(r"const SIGNAL_NAMES = \{(.*?)\};", script, re.DOTALL).group(1)
+    assert set(re.findall(r"^\s*(\w+):", names, re.MULTILINE)) == set(SIGNALS)
