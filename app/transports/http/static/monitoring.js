@@ -46,10 +46,23 @@ function chart(name, signal) {
   svg.append(svgElement("line", { x1: PAD.left, x2: PAD.left, y1: PAD.top, y2: HEIGHT - PAD.bottom, class: "axis" }));
   svg.append(svgElement("line", { x1: PAD.left, x2: WIDTH - PAD.right, y1: HEIGHT - PAD.bottom,
     y2: HEIGHT - PAD.bottom, class: "axis" }));
+  // Value ticks at 0, the threshold and the top; one too close to another (under 12 px) is left out.
+  let lastY = Infinity;
   for (const v of [0, signal.threshold, top]) {
+    if (lastY - y(v) < 12) continue;
+    lastY = y(v);
     const label = svgElement("text", { x: PAD.left - 4, y: y(v) + 4, class: "tick" });
     label.textContent = v.toFixed(2);
     svg.append(label);
+  }
+  // Time ticks: when the oldest and the newest window plotted ended.
+  if (points.length) {
+    const ends = points.length > 1 ? [[0, "start"], [points.length - 1, "end"]] : [[0, "middle"]];
+    for (const [i, anchor] of ends) {
+      const label = svgElement("text", { x: x(i), y: HEIGHT - 6, class: `tick time-${anchor}` });
+      label.textContent = points[i].end ? new Date(points[i].end).toLocaleTimeString() : "";
+      svg.append(label);
+    }
   }
   svg.append(svgElement("line", { x1: PAD.left, x2: WIDTH - PAD.right, y1: y(signal.threshold),
     y2: y(signal.threshold), class: "threshold" }));
