@@ -197,6 +197,16 @@ def test_prune_keeps_the_newest_rows_within_the_bound(store: RecordStore):
     assert kept == ["r6", "r7", "r8", "r9"]
 
 
+def test_recent_reads_the_newest_rows_of_a_model_version_oldest_first(store: RecordStore):
+    rows = [row(f"r{i}") for i in range(6)]
+    rows[4]["model_version"] = "other"
+    store.insert(rows)
+    recent = store.recent(3, ("request_id", "intensity_p05", "assessed"), model_version=MODEL.version)
+    assert [r["request_id"] for r in recent] == ["r2", "r3", "r5"]
+    assert recent[0] == {"request_id": "r2", "intensity_p05": 1.0, "assessed": True}
+    assert [r["request_id"] for r in store.recent(2, ("request_id",))] == ["r4", "r5"]
+
+
 def test_the_writer_prunes_at_start(database_url: str):
     now = datetime.now(timezone.utc)
     seed = RecordStore(database_url)
