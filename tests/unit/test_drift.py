@@ -190,8 +190,11 @@ def test_monitor_reads_the_records_and_sets_the_gauges(tmp_path, baseline):
 def test_monitor_says_why_it_cannot_measure(tmp_path, baseline):
     assert DriftMonitor("1", None, None).refresh()["status"] == "no-baseline"
     assert DriftMonitor("1", baseline, None).refresh()["status"] == "no-records"
-    missing = RecordStore(f"sqlite:///{tmp_path / 'never-migrated.db'}")
-    report = DriftMonitor("1", baseline, missing).refresh()
+    fresh = RecordStore(f"sqlite:///{tmp_path / 'never-migrated.db'}")
+    report = DriftMonitor("1", baseline, fresh).refresh()
+    assert report["status"] == "no-records" and "not created yet" in report["reason"]
+    broken = RecordStore(f"sqlite:///{tmp_path / 'no-such-dir' / 'btd.db'}")
+    report = DriftMonitor("1", baseline, broken).refresh()
     assert report["status"] == "unavailable" and "cannot be read" in report["reason"]
     empty = RecordStore(f"sqlite:///{tmp_path / 'empty.db'}")
     empty.migrate()

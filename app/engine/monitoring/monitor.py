@@ -79,6 +79,9 @@ class DriftMonitor:
             self._report = self._status("no-records", "prediction records are off (BTD_RECORDS=false)")
         else:
             try:
+                if not self.store.migrated():  # a fresh database: the writer is creating it
+                    self._report = self._status("no-records", "the records database is not created yet")
+                    return self._report
                 rows = self.store.recent(self.options.rule.window * self.options.history, RECORD_COLUMNS,
                                          self.model_version)
             except (SQLAlchemyError, OSError) as exc:  # the report says so; tried again next interval

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, select
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, inspect, select
 from sqlalchemy.engine import URL, make_url
 
 from app.engine.records.schema import RECORDS
@@ -114,6 +114,10 @@ class RecordStore:
         """Every record, oldest first, as plain dicts."""
         with self.engine.connect() as connection:
             return [dict(r) for r in connection.execute(select(RECORDS).order_by(RECORDS.c.id)).mappings()]
+
+    def migrated(self) -> bool:
+        """Whether the records table exists (the writer migrates at start, in its own thread)."""
+        return inspect(self.engine).has_table(RECORDS.name)
 
     def recent(self, limit: int, columns: Sequence[str], model_version: str | None = None) -> list[dict[str, Any]]:
         """The newest ``limit`` records (of ``model_version`` when given), oldest first, holding ``columns``."""

@@ -84,8 +84,8 @@ async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None
             on_fatal()
         return
     service.start()
+    app.state.monitor = start_monitor(settings, service)  # before the service shows: /v1/monitoring reads it
     state.service = service
-    app.state.monitor = start_monitor(settings, service)
     metrics.READY.set(1)
     engine = service.engine
     log.info("ready: %s %s (%s) on %s, %d intra-op threads, %d host %s", engine.metadata.model_name,

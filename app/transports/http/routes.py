@@ -197,9 +197,9 @@ async def get_model(service: InferenceService = Depends(get_service)) -> dict[st
             response_model=MonitoringReport, responses=docs.MODEL_RESPONSES, openapi_extra=docs.KEY_SECURITY)
 async def get_monitoring(request: Request, service: InferenceService = Depends(get_service)) -> dict[str, Any]:
     meta = service.engine.metadata
-    monitor = request.app.state.monitor
+    monitor = request.app.state.monitor  # set with the service (app.transports.http.main)
     return {"model_name": meta.model_name, "model_version": meta.model_version,
-            "drift": monitor.report if monitor is not None else {},
+            "drift": monitor.report,
             # Live performance joins here: performance_report(store) of app.engine.monitoring.performance
             # (branch feedback) once merged; until then it is not measured.
             "performance": None}
