@@ -110,4 +110,7 @@ def test_lgg_t1_post_contrast_slices_raise_the_drift_alert_after_grouped_test_tr
     assert drift["status"] == "alert"
     over = [name for name, s in drift["signals"].items() if s["over_threshold"]]
     assert over and all(drift["signals"][name]["psi"] > drift["rule"]["psi_threshold"] for name in over)
-    print(f"drift alert after {alerted_after} LGG T1 post-contrast requests; over the threshold: {over}")
+    full = [d for d in calm if d["window_records"] >= d["rule"]["min_records"]]  # where the rule applies
+    calm_psi = {name: max(d["signals"][name]["psi"] for d in full) for name in calm[-1]["signals"]}
+    print(f"grouped test alone, highest PSI per signal with {full[0]['window_records']}+ answers: {calm_psi}; drift alert after {alerted_after} LGG T1 "
+          f"post-contrast requests, over the threshold: { {n: drift['signals'][n]['psi'] for n in over} }")
