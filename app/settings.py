@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
 from app.engine.budget import worst_cost
 from app.engine.engine import EngineOptions, ModelVariant
-from app.engine.monitoring.drift import DEFAULT_MIN_RECORDS, DEFAULT_PSI_THRESHOLD, DEFAULT_WINDOW, DriftRule
+from app.engine.monitoring.drift import DEFAULT_PSI_THRESHOLD, DEFAULT_WINDOW, DriftRule
 from app.engine.monitoring.monitor import DEFAULT_HISTORY, DEFAULT_INTERVAL_S, MonitorOptions
 from app.engine.records.options import RecordOptions, sqlite_url
 from app.engine.runner import RuntimeOptions, default_buckets
@@ -148,8 +148,8 @@ class Settings(BaseSettings):
     # Drift against the model's validation baseline (README, "Monitoring").
     drift_window: int = Field(DEFAULT_WINDOW, ge=1, description="the newest answers of the loaded model version "
                               "compared with its validation baseline")
-    drift_min_records: int = Field(DEFAULT_MIN_RECORDS, ge=1, description="drift is alerted only with at least "
-                                   "this many answers in the window")
+    drift_min_records: int | None = Field(None, ge=1, description="drift is alerted only with at least this "
+                                          "many answers in the window (unset: a full BTD_DRIFT_WINDOW)")
     drift_psi_threshold: float = Field(DEFAULT_PSI_THRESHOLD, gt=0, description="drift is alerted when a signal's "
                                        "population stability index is over this")
     drift_interval_s: float = Field(DEFAULT_INTERVAL_S, gt=0, description="how often drift is measured (off the "
@@ -220,7 +220,7 @@ class Settings(BaseSettings):
                              f"{worst_cost(self.max_pixels)} bytes for BTD_MAX_PIXELS={self.max_pixels}")
         if self.max_upload_bytes < self.max_body_bytes:
             raise ValueError("BTD_MAX_UPLOAD_BYTES must be at least BTD_MAX_BODY_BYTES (one largest request)")
-        if self.drift_min_records > self.drift_window:
+        if self.drift_min_records is not None and self.drift_min_records > self.drift_window:
             raise ValueError("BTD_DRIFT_MIN_RECORDS must be at most BTD_DRIFT_WINDOW")
         if self.database_url is not None:
             from sqlalchemy.engine import make_url
@@ -281,8 +281,8 @@ class Settings(BaseSettings):
                              max_age_days=self.records_retention_days, max_rows=self.records_max_rows)
 
     def monitor_options(self) -> MonitorOptions:
-        rule = DriftRule(psi_threshold=self.drift_psi_threshold, min_records=self.drift_min_records,
-                         window=self.drift_window)
+        rule = DriftRule(psi_threshold=self.drift_psi_threshold, window=self.drift_window,
+                         min_records=self.drift_min_records or self.drift_window)
         return MonitorOptions(rule=rule, interval_s=self.drift_interval_s, history=self.drift_history)
 
     def service_options(self) -> ServiceOptions:

@@ -199,3 +199,13 @@ def test_monitor_says_why_it_cannot_measure(tmp_path, baseline):
     empty = RecordStore(f"sqlite:///{tmp_path / 'empty.db'}")
     empty.migrate()
     assert DriftMonitor("1", baseline, empty).refresh()["status"] == "no-records"
+
+
+def test_settings_make_the_drift_rule_with_a_full_window_by_default():
+    from app.settings import Settings
+
+    assert Settings().monitor_options().rule == DriftRule(psi_threshold=0.25, min_records=200, window=200)
+    assert Settings(drift_window=50).monitor_options().rule.min_records == 50
+    assert Settings(drift_window=50, drift_min_records=20).monitor_options().rule.min_records == 20
+    with pytest.raises(ValueError, match="BTD_DRIFT_MIN_RECORDS"):
+        Settings(drift_window=50, drift_min_records=60)

@@ -32,8 +32,8 @@ from app.engine.records.rows import PERCENTILE_COLUMNS
 
 SHARE_FLOOR = 1e-4
 DEFAULT_PSI_THRESHOLD = 0.25
-DEFAULT_MIN_RECORDS = 200  # a full window by default: see the module's docstring
 DEFAULT_WINDOW = 200
+DEFAULT_MIN_RECORDS = DEFAULT_WINDOW  # a full window: see the module's docstring
 # The record columns drift reads (``app.engine.records.schema``).
 RECORD_COLUMNS = ("recorded_at", "label", "assessed", "tumour_probability", "ood_score", *PERCENTILE_COLUMNS)
 
