@@ -20,6 +20,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
 from app.engine.budget import worst_cost
 from app.engine.engine import EngineOptions, ModelVariant
+from app.engine.monitoring.drift import DEFAULT_PSI_THRESHOLD, DEFAULT_WINDOW, DriftRule
+from app.engine.monitoring.monitor import DEFAULT_HISTORY, DEFAULT_INTERVAL_S, MonitorOptions
 from app.engine.records.options import RecordOptions, sqlite_url
 from app.engine.runner import RuntimeOptions, default_buckets
 from app.engine.series import SeriesLimits
@@ -183,6 +185,17 @@ class Settings(BaseSettings):
     performance_interval_s: float = Field(60.0, ge=0, description="how often the live performance gauges "
                                           "(btd_live_*: readers' feedback against the records) are computed from "
                                           "the database; 0: not exported")
+    # Drift against the model's validation baseline (README, "Monitoring").
+    drift_window: int = Field(DEFAULT_WINDOW, ge=1, description="the newest answers of the loaded model version "
+                              "compared with its validation baseline")
+    drift_min_records: int | None = Field(None, ge=1, description="drift is alerted only with at least this "
+                                          "many answers in the window (unset: a full BTD_DRIFT_WINDOW)")
+    drift_psi_threshold: float = Field(DEFAULT_PSI_THRESHOLD, gt=0, description="drift is alerted when a signal's "
+                                       "population stability index is over this")
+    drift_interval_s: float = Field(DEFAULT_INTERVAL_S, gt=0, description="how often drift is measured (off the "
+                                    "request path)")
+    drift_history: int = Field(DEFAULT_HISTORY, ge=1, description="windows of drift over time that "
+                               "/v1/monitoring returns")
     # Transport.
     tls_certfile: Path | None = Field(None, description="serve HTTPS with this certificate chain (PEM)")
     tls_keyfile: Path | None = Field(None, description="the private key of BTD_TLS_CERTFILE (PEM)")
@@ -247,6 +260,8 @@ class Settings(BaseSettings):
                              f"{worst_cost(self.max_pixels)} bytes for BTD_MAX_PIXELS={self.max_pixels}")
         if self.max_upload_bytes < self.max_body_bytes:
             raise ValueError("BTD_MAX_UPLOAD_BYTES must be at least BTD_MAX_BODY_BYTES (one largest request)")
+        if self.drift_min_records is not None and self.drift_min_records > self.drift_window:
+            raise ValueError("BTD_DRIFT_MIN_RECORDS must be at most BTD_DRIFT_WINDOW")
         if self.database_url is not None:
             from sqlalchemy.engine import make_url
             from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -308,6 +323,11 @@ class Settings(BaseSettings):
             return None
         return RecordOptions(url=self.database(), queue_size=self.records_queue_size,
                              max_age_days=self.records_retention_days, max_rows=self.records_max_rows)
+
+    def monitor_options(self) -> MonitorOptions:
+        rule = DriftRule(psi_threshold=self.drift_psi_threshold, window=self.drift_window,
+                         min_records=self.drift_min_records or self.drift_window)
+        return MonitorOptions(rule=rule, interval_s=self.drift_interval_s, history=self.drift_history)
 
     def service_options(self) -> ServiceOptions:
         return ServiceOptions(

@@ -1,4 +1,5 @@
-"""The training commands of ``btd`` (train, evaluate, average, fit-ood, export, quantize, promote, lock-manifest).
+"""The training commands of ``btd`` (train, evaluate, average, fit-ood, export, baseline, quantize, promote,
+lock-manifest).
 
 ``btd`` itself (app.transports.cli.btd) registers them with :func:`add_training_parsers`. Each
 command's parser is generated from its config dataclass in ``model_export.options``, the one place
@@ -173,6 +174,12 @@ def _export(config: options.ExportConfig) -> None:
     log.info("exported %s", main(config))
 
 
+def _baseline(config: options.BaselineConfig) -> None:
+    from model_export.baseline import main
+
+    log.info("baseline stamped: %s", main(config))
+
+
 def _quantize(config: options.QuantizeConfig) -> None:
     from model_export.quantize import main
 
@@ -228,6 +235,12 @@ TRAINING_COMMANDS: Sequence[Command] = (
             description="Export to ONNX per the model contract (input 'image' [N,3,H,W], outputs 'logits' "
                         "and 'features'), write the metadata, and check torch vs ONNX Runtime parity at "
                         "batch 1 and 5; a failed check fails the export."),
+    Command("baseline", options.BaselineConfig, _baseline,
+            help="measure the drift baseline on the validation split and stamp it into an ONNX model",
+            description="Run the model the service's way over a split (default val) and store the "
+                        "distributions of the drift signals (class mix, tumour probability, OOD score, input "
+                        "intensity) in its metadata (btd.baseline); the service compares recent answers with "
+                        "them. Only the metadata changes: the graph is checked unchanged."),
     Command("quantize", options.QuantizeConfig, _quantize,
             help="INT8 static QDQ variant of an exported ONNX model",
             description="Static QDQ quantization: uint8 activations, int8 per-channel weights, calibrated on "

@@ -1,7 +1,7 @@
 """Every option of the training commands, declared once.
 
 One dataclass per command (``TrainConfig``, ``EvalConfig``, ``AverageConfig``, ``FitOodConfig``,
-``ExportConfig``, ``QuantizeConfig``) states each option's name, type, default and help; choices are
+``ExportConfig``, ``BaselineConfig``, ``QuantizeConfig``) states each option's name, type, default and help; choices are
 ``Literal`` types. ``model_export.cli`` generates the command's parser from it and builds the config
 from the parsed arguments, so a field added here is a flag of its command with nothing else to
 write. The rules the parser follows (``model_export.cli.add_config_arguments``):
@@ -177,6 +177,18 @@ class ExportConfig:
     threshold: float = option(0.5, help="recommended tumour decision threshold")
     temperature: float | None = option(None, help="override the calibration temperature")
     opset: int = option(17)
+
+
+@dataclass(kw_only=True)
+class BaselineConfig(DataOptions):
+    model: Path = option(help="exported ONNX model; its metadata gets the baseline (in place unless --out)",
+                         positional=True)
+    split: str = split_option("val")
+    out: Path | None = option(None, help="write the stamped model here instead of in place")
+    values: Path | None = option(None, help="also save each image's signal values (.npz), to study bins and "
+                                 "thresholds")
+    batch_size: int = option(16)
+    threads: int = option(0, help="CPU threads; 0 = default")
 
 
 @dataclass(kw_only=True)

@@ -7,9 +7,10 @@ import csv
 from pathlib import Path
 
 
-def write_release_splits(data: Path, out: Path) -> dict[str, int]:
+def write_release_splits(data: Path, out: Path, *, t1: bool = True) -> dict[str, int]:
     """The grouped 4-class split, the figshare-cheng train/val rows and all of lgg-tcga-flair (split by
-    patient, the patient id as the group), paths relative to ``data``."""
+    patient, the patient id as the group), paths relative to ``data``; ``t1``: with lgg-tcga-t1 (from
+    1.3.0; release 1.2.0's split, on which its drift baseline was measured, has no T1 rows)."""
     rows = []
     with (data / "brain-mri-4class" / "splits.csv").open(newline="") as fh:
         rows += [("brain-mri-4class/" + r["path"], r["label"], r["split"], r["group"]) for r in csv.DictReader(fh)]
@@ -21,7 +22,7 @@ def write_release_splits(data: Path, out: Path) -> dict[str, int]:
                  for r in csv.DictReader(fh)]
     # The same patients' T1 and T1 post-contrast slices, in the same patient split and group: one
     # tumour in three sequences, so the sequence stops telling the class.
-    if (data / "lgg-tcga-t1" / "index.csv").is_file():
+    if t1 and (data / "lgg-tcga-t1" / "index.csv").is_file():
         with (data / "lgg-tcga-t1" / "index.csv").open(newline="") as fh:
             rows += [("lgg-tcga-t1/" + r["path"], r["label"], r["split"], "lgg-" + r["patient"])
                      for r in csv.DictReader(fh)]

@@ -21,11 +21,12 @@ interrupted training run continues with ``btd train ... --resume runs/release/tr
    (never on test): the highest threshold keeping each source's validation tumour sensitivity at
    its floor (``SENSITIVITY_FLOORS``), capped at 0.5;
 5. export with that threshold, evaluate on the grouped test split of brain-mri-4class, export again
-   with that report in the metadata: ``models/btd-resnet50.onnx`` (float16-stored weights);
+   with that report in the metadata: ``models/btd-resnet50.onnx`` (float16-stored weights), and stamp
+   the drift baseline measured on the validation split into it (``btd baseline``);
 6. the exact shipped file measured: grouped test (1,129), figshare-cheng test rows (293),
    lgg-tcga-flair test split (394 slices of 22 unseen patients), originals vs their 224 copies,
    the out-of-distribution guard (non-brain set and grouped test), INT8 quantization, its
-   evaluation and its out-of-distribution guard, CAM localisation.
+   evaluation and its out-of-distribution guard (and its own drift baseline), CAM localisation.
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         btd(*export, "--out", str(candidate))
         btd("evaluate", str(candidate), *grouped, "--out", str(work / "eval-candidate-test"))
     btd(*export, "--report", str(work / "eval-candidate-test" / "report.json"), "--out", str(args.out))
+    # The drift baseline: the validation split's answers, stamped into the metadata (the graph unchanged).
+    btd("baseline", str(args.out), *split_args, "--split", "val")
 
     # The numbers that describe what ships: evaluate the exact released file.
     btd("evaluate", str(args.out), *grouped, "--out", str(work / "eval-test"))
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                "--json", str(work / "ood-check.json"))
     int8 = args.out.with_name(args.out.stem + "-int8.onnx")
     btd("quantize", str(args.out), *split_args, "--out", str(int8))
+    btd("baseline", str(int8), *split_args, "--split", "val")  # its own answers, not the fp32 model's
     btd("evaluate", str(int8), *grouped, "--baseline", str(args.out), "--out", str(work / "eval-int8-test"))
     btd("evaluate", str(int8), *figshare, "--baseline", str(args.out), "--out", str(work / "eval-int8-figshare-test"))
     btd("evaluate", str(int8), *lgg, "--baseline", str(args.out), "--out", str(work / "eval-int8-lgg-test"))

@@ -9,6 +9,7 @@ APT_PACKAGES=(chromium
   podman runc debootstrap  # tests/deploy/test_image_build.py builds and runs the CPU image
   orthanc orthanc-dicomweb dicom3tools  # tests/pacs: a real PACS, and dciodvfy for the DICOM results
   postgresql  # the prediction records' store tests start their own server (tests/postgres.py)
+  prometheus  # promtool: tests/deploy/test_alerts.py unit-tests the alert rules (k8s/base/prometheusrule.yaml)
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -42,6 +42,9 @@ META_TRAINING_DATA = "btd.training_data"  # JSON summary of the training data
 META_METRICS = "btd.metrics"  # JSON test metrics measured on this file
 META_OOD = "btd.ood"  # JSON OodSpec, present when the graph has the ``OOD_NAME`` output
 META_VALIDATED = "btd.validated_for"  # JSON ValidatedUse; models without it get DEFAULT_VALIDATED
+# JSON Baseline (app.core.baseline): the validation split's distributions of the drift signals; models
+# without it serve, with drift not measured.
+META_BASELINE = "btd.baseline"
 
 # The label meaning "no tumour"; tumour probability is 1 - p(this label) when present.
 NO_TUMOUR_LABEL = "notumor"

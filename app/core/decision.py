@@ -17,6 +17,10 @@ import numpy as np
 
 from app.core.contract import NO_TUMOUR_LABEL
 
+# The label of an answer that makes no finding (out of distribution) where answers are counted by
+# label (the metrics, the class mix of drift): never counted as a class.
+NOT_ASSESSED = "not_assessed"
+
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Calibrated probabilities: softmax(logits / T) in float64 (sums to 1), along the last axis."""

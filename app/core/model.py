@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from app.core.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OOD_NAME, ModelMetadata
+from app.core.baseline import Baseline
+from app.core.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, META_BASELINE, OOD_NAME, ModelMetadata
 
 # Reduced-precision variants live beside the model file: ``btd-resnet50.onnx`` ->
 # ``btd-resnet50-int8.onnx`` (``btd quantize``), ``btd-resnet50-fp16.onnx`` (``btd export --fp16``).
@@ -72,6 +73,18 @@ def metadata_of(proto: onnx.ModelProto) -> ModelMetadata:
         raise ModelContractError(f"model metadata: {exc}") from None
 
 
+def baseline_of(proto: onnx.ModelProto) -> Baseline | None:
+    """The drift baseline in the metadata (``META_BASELINE``), None when absent; ``ModelContractError``
+    when malformed."""
+    text = next((p.value for p in proto.metadata_props if p.key == META_BASELINE), None)
+    if text is None:
+        return None
+    try:
+        return Baseline.from_json(text)
+    except ValueError as exc:
+        raise ModelContractError(f"model metadata {META_BASELINE}: {exc}") from None
+
+
 def read_proto(path: Path) -> onnx.ModelProto:
     path = Path(path)
     if not path.is_file():
@@ -124,6 +137,7 @@ class ModelFile:
     cam_weights: np.ndarray  # float32 [C, K]
     outputs: tuple[str, ...]
     sha256: str
+    baseline: Baseline | None = None  # the validation baseline drift is measured against (btd baseline)
 
     @property
     def has_ood(self) -> bool:
@@ -137,5 +151,6 @@ class ModelFile:
         metadata = metadata_of(proto)
         weights = cam_weights(proto, metadata.cam_weight, len(metadata.labels))
         outputs = check_graph_io(proto, metadata)
+        baseline = baseline_of(proto)
         del proto
-        return cls(path, metadata, weights, outputs, file_sha256(path))
+        return cls(path, metadata, weights, outputs, file_sha256(path), baseline)

@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from app.core.decision import NOT_ASSESSED
 from app.core.result import Prediction
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -35,8 +36,6 @@ QUEUE_DEPTH = Gauge("btd_queue_depth", "Images waiting for the model")
 # an upload still trickling in is no work for the model, and must not scale the deployment out.
 IN_FLIGHT = Gauge("btd_in_flight_requests", "Images admitted to the model: decoding, queued or inferring "
                   "(scale-out signal)")
-# The label value of an answer that makes no finding (out of distribution): never counted as a class.
-NOT_ASSESSED = "not_assessed"
 PREDICTIONS = Counter("btd_predictions_total", "Predictions by predicted label; images not assessed (out of "
                       f"distribution) under label {NOT_ASSESSED}", ["label"])
 CONFIDENCE = Histogram(
@@ -104,6 +103,18 @@ RECORDS_LOST = Counter(
 for _reason in ("database", "queue-full", "shutdown"):  # exported at 0 from the start: rate() and alerts see them
     RECORDS_LOST.labels(_reason)
 RECORDS_WAITING = Gauge("btd_records_waiting", "Prediction records waiting for the database (BTD_RECORDS_QUEUE_SIZE)")
+# Drift against the model's validation baseline (app.engine.monitoring), refreshed off the request path.
+# Labels: the loaded model's version and the signal (app.core.baseline.SIGNALS): bounded.
+DRIFT_PSI = Gauge("btd_drift_psi", "Population stability index of the recent answers' signal against the model's "
+                  "validation baseline (BTD_DRIFT_WINDOW answers)", ["model_version", "signal"])
+DRIFT_KS = Gauge("btd_drift_ks", "Kolmogorov-Smirnov statistic (at the baseline's bin edges) of a continuous "
+                 "signal against the validation baseline", ["model_version", "signal"])
+DRIFT_OVER = Gauge("btd_drift_over_threshold", "1 when the signal breaks the drift rule: PSI over "
+                   "BTD_DRIFT_PSI_THRESHOLD with at least BTD_DRIFT_MIN_RECORDS answers in the window",
+                   ["model_version", "signal"])
+DRIFT_WINDOW = Gauge("btd_drift_window_records", "Answers in the drift window", ["model_version"])
+DRIFT_THRESHOLD = Gauge("btd_drift_psi_threshold", "The drift rule's PSI threshold (BTD_DRIFT_PSI_THRESHOLD)")
+DRIFT_REFRESHED = Gauge("btd_drift_last_refresh_timestamp_seconds", "When drift was last computed (Unix time)")
 
 
 

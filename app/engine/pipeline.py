@@ -8,7 +8,6 @@ CAM placed on the image) -> ``Prediction``. No FastAPI, no ONNX Runtime here.
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from app.core.acquisition import (
     unchecked,
     validated_words,
 )
+from app.core.baseline import intensity_percentiles
 from app.core.contract import (
     DEFAULT_VALIDATED,
     Framing,
@@ -82,12 +82,6 @@ NOT_MR = {"dicom": "the DICOM says it is not an MR image",
           "ct-look": "it looks like a CT slice (a bright bone ring around grey brain), not MR"}
 
 
-# The intensity percentiles a prediction record keeps of the decoded slice (drift of the inputs), read
-# from at most this many of its pixels (an even grid): ~0.2 ms for any image size.
-INTENSITY_PERCENTILES = (1, 5, 50, 95, 99)
-PERCENTILE_SAMPLES = 16384
-
-
 @dataclass(frozen=True)
 class InputFacts:
     """What a prediction record keeps of an input: never patient data (no header, no file name, no
@@ -105,15 +99,6 @@ class InputFacts:
     plane: str | None = None
     percentiles: tuple[float, ...] | None = None
     instance_sha256: str | None = None  # sha256 of a DICOM's SOP Instance UID (readers' feedback finds it by it)
-
-
-def intensity_percentiles(pixels: np.ndarray) -> tuple[float, ...]:
-    """The slice's intensities at ``INTENSITY_PERCENTILES``, read on an even grid of at most
-    ``PERCENTILE_SAMPLES`` pixels."""
-    height, width = pixels.shape
-    step = max(1, math.ceil(math.sqrt(height * width / PERCENTILE_SAMPLES)))
-    values = np.percentile(pixels[::step, ::step], INTENSITY_PERCENTILES)
-    return tuple(round(float(v), 4) for v in values)
 
 
 def tensor_facts(tensor: np.ndarray) -> InputFacts:

@@ -72,3 +72,17 @@ def test_page_knows_the_not_assessed_phrases_and_every_reason() -> None:
     texts = texts[:texts.index("};")]
     for reason in typing.get_args(OodReason):
         assert re.search(rf'(^|\s)"?{re.escape(reason)}"?:', texts, re.MULTILINE), f"no plain words for {reason}"
+
+
+def test_monitoring_page_is_served_from_this_server_and_names_every_drift_signal(client: TestClient) -> None:
+    from app.core.baseline import SIGNALS
+
+    response = client.get("/monitoring")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    assert re.findall(r'<script src="([^"]+)"', response.text) == ["static/monitoring.js"]
+    assert "<script>" not in response.text and "style=" not in response.text  # the CSP admits neither
+    script = client.get("/static/monitoring.js").text
+    assert 'const API_MONITORING = "v1/monitoring";' in script
+    names = re.search(r"const SIGNAL_NAMES = \{(.*?)\};", script, re.DOTALL).group(1)
+    assert set(re.findall(r"^\s*(\w+):", names, re.MULTILINE)) == set(SIGNALS)

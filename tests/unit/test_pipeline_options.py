@@ -56,6 +56,7 @@ REQUIRED = {
                 {"checkpoints": [Path("a.pt"), Path("b.pt")], "data": Path("d"), "out": Path("s.pt")}),
     "fit-ood": (["best.pt", "--data", "d"], {"checkpoint": Path("best.pt"), "data": Path("d")}),
     "export": (["best.pt"], {"checkpoint": Path("best.pt")}),
+    "baseline": (["m.onnx", "--data", "d"], {"model": Path("m.onnx"), "data": Path("d")}),
     "quantize": (["m.onnx", "--data", "d"], {"model": Path("m.onnx"), "data": Path("d")}),
     "promote": (["new.onnx", "--against", "old.onnx"], {"candidate": Path("new.onnx"), "against": Path("old.onnx")}),
     "lock-manifest": ([], {}),

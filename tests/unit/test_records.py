@@ -16,9 +16,10 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
+from app.core.baseline import INTENSITY_PERCENTILES, intensity_percentiles
 from app.core.decision import decide
 from app.core.result import ModelIdentity
-from app.engine.pipeline import INTENSITY_PERCENTILES, InputFacts, intensity_percentiles, tensor_facts
+from app.engine.pipeline import InputFacts, tensor_facts
 from app.engine.records import writer as writer_module
 from app.engine.records.options import RecordOptions
 from app.engine.records.rows import prediction_row
@@ -184,6 +185,16 @@ def test_prune_keeps_the_newest_rows_within_the_bound(store: RecordStore):
     with store.engine.connect() as connection:
         kept = connection.execute(sa.select(RECORDS.c.request_id).order_by(RECORDS.c.id)).scalars().all()
     assert kept == ["r6", "r7", "r8", "r9"]
+
+
+def test_recent_reads_the_newest_rows_of_a_model_version_oldest_first(store: RecordStore):
+    rows = [row(f"r{i}") for i in range(6)]
+    rows[4]["model_version"] = "other"
+    store.insert(rows)
+    recent = store.recent(3, ("request_id", "intensity_p05", "assessed"), model_version=MODEL.version)
+    assert [r["request_id"] for r in recent] == ["r2", "r3", "r5"]
+    assert recent[0] == {"request_id": "r2", "intensity_p05": 1.0, "assessed": True}
+    assert [r["request_id"] for r in store.recent(2, ("request_id",))] == ["r4", "r5"]
 
 
 def test_the_writer_prunes_at_start(database_url: str):

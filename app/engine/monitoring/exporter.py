@@ -30,6 +30,7 @@ class PerformanceExporter:
         self.interval_s = interval_s
         self.report = report
         self.refreshed = 0  # successful refreshes since start
+        self.last: dict[str, Any] | None = None  # the last report (GET /v1/monitoring serves it as it is)
         self._failing = False
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -45,6 +46,7 @@ class PerformanceExporter:
             self._failing = True
             return False
         metrics.LIVE_PERFORMANCE.update(report, time.time())
+        self.last = report
         if self._failing:
             log.info("live performance refreshed again")
         self._failing = False

@@ -8,9 +8,10 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+from app.core.baseline import INTENSITY_PERCENTILES
 from app.core.decision import Decision
 from app.core.result import ModelIdentity, Prediction, Timings
-from app.engine.pipeline import INTENSITY_PERCENTILES, InputFacts
+from app.engine.pipeline import InputFacts
 from app.engine.records.schema import RECORDS
 
 Transport = Literal["http-v1", "http-v2", "cli", "listener"]

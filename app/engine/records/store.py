@@ -9,11 +9,12 @@ to head, so a service starting on an empty data directory creates it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Table, create_engine, delete, event, func, insert, select
+from sqlalchemy import Engine, Table, create_engine, delete, event, func, insert, inspect, select
 from sqlalchemy.engine import URL, make_url
 
 from app.engine.records.schema import FEEDBACK, RECORDS, SHADOW_COMPARISONS
@@ -129,6 +130,18 @@ class RecordStore:
         """Every reader's feedback, oldest first, as plain dicts."""
         with self.engine.connect() as connection:
             return [dict(r) for r in connection.execute(select(FEEDBACK).order_by(FEEDBACK.c.id)).mappings()]
+
+    def migrated(self) -> bool:
+        """Whether the records table exists (the writer migrates at start, in its own thread)."""
+        return inspect(self.engine).has_table(RECORDS.name)
+
+    def recent(self, limit: int, columns: Sequence[str], model_version: str | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` records (of ``model_version`` when given), oldest first, holding ``columns``."""
+        query = select(*(RECORDS.c[name] for name in columns)).order_by(RECORDS.c.id.desc()).limit(limit)
+        if model_version is not None:
+            query = query.where(RECORDS.c.model_version == model_version)
+        with self.engine.connect() as connection:
+            return [dict(r) for r in connection.execute(query).mappings()][::-1]
 
     def close(self) -> None:
         self.engine.dispose()

@@ -23,6 +23,7 @@ from fastapi.openapi.utils import get_openapi
 from app.engine import metrics
 from app.engine.monitoring.exporter import PerformanceExporter
 from app.engine.records.schema import SHADOW_COMPARISONS
+from app.engine.monitoring.monitor import DriftMonitor
 from app.engine.records.store import RecordStore, safe_url
 from app.engine.records.writer import RecordWriter
 from app.engine.reload import ModelReloader
@@ -92,6 +93,7 @@ async def _load_model(app: FastAPI, on_fatal: Callable[[], None] | None) -> None
             on_fatal()
         return
     service.start()
+    app.state.monitor = start_monitor(settings, service)  # before the service shows: /v1/monitoring reads it
     state.service = service
     metrics.READY.set(1)
     engine = service.engine
@@ -172,6 +174,9 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
             performance, app.state.performance = app.state.performance, None
             if performance is not None:
                 await asyncio.to_thread(performance.close)
+            monitor, app.state.monitor = app.state.monitor, None
+            if monitor is not None:
+                await asyncio.to_thread(monitor.close)
             records, app.state.records = app.state.records, None
             if records is not None:  # the answers given are in; their records are written (or counted lost)
                 await asyncio.to_thread(records.close, min(settings.drain_timeout_s, RECORDS_CLOSE_S))
@@ -183,6 +188,7 @@ def create_app(settings: Settings | None = None, *, on_fatal: Callable[[], None]
     app.state.audit = AuditLog(settings.audit_log)
     app.state.records = None  # the record writer while the lifespan runs (BTD_RECORDS)
     app.state.performance = None  # the live performance gauges' exporter (BTD_PERFORMANCE_INTERVAL_S)
+    app.state.monitor = None  # the drift monitor once the model is loaded
     install_problem_handlers(app)
     # Innermost first: the guard (hosts, cross-site, keys, rate), CORS outside it (a preflight carries
     # no key), the request context outermost (request id, headers and metrics on every answer).
@@ -224,6 +230,15 @@ def start_performance(settings: Settings, records: RecordWriter | None) -> Perfo
                                    settings.performance_interval_s, ready=lambda: records.migrated)
     exporter.start()
     return exporter
+def start_monitor(settings: Settings, service: InferenceService) -> DriftMonitor:
+    """The drift monitor of the loaded model, started: its thread reads the records (its own
+    connection) every BTD_DRIFT_INTERVAL_S. Without records or a baseline it reports why."""
+    options = settings.record_options()
+    engine = service.engine
+    store = None if options is None else RecordStore(options.url, busy_timeout_s=options.busy_timeout_s)
+    monitor = DriftMonitor(engine.metadata.model_version, engine.model.baseline, store, settings.monitor_options())
+    monitor.start()
+    return monitor
 
 
 def key_store(settings: Settings) -> KeyStore | None:

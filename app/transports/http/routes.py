@@ -42,6 +42,7 @@ from app.transports.http.schemas import (
     BatchResponse,
     Health,
     ModelDescription,
+    MonitoringReport,
     PredictResponse,
     SeriesResponse,
 )
@@ -268,6 +269,19 @@ async def predict_series(request: Request, result_format: ResultFormat = FORMAT_
             response_model=ModelDescription, responses=docs.MODEL_RESPONSES, openapi_extra=docs.KEY_SECURITY)
 async def get_model(service: InferenceService = Depends(get_service)) -> dict[str, Any]:
     return service.describe()
+
+
+@router.get("/v1/monitoring", operation_id="getMonitoring",
+            summary="Drift of recent answers against the model's validation baseline; live performance",
+            response_model=MonitoringReport, responses=docs.MODEL_RESPONSES, openapi_extra=docs.KEY_SECURITY)
+async def get_monitoring(request: Request, service: InferenceService = Depends(get_service)) -> dict[str, Any]:
+    meta = service.engine.metadata
+    monitor = request.app.state.monitor  # set with the service (app.transports.http.main)
+    # Live performance as last refreshed off the request path (BTD_PERFORMANCE_INTERVAL_S); null without
+    # records, with the interval 0, or before the first refresh.
+    exporter = request.app.state.performance
+    return {"model_name": meta.model_name, "model_version": meta.model_version,
+            "drift": monitor.report, "performance": None if exporter is None else exporter.last}
 
 
 def probe_failed(request: Request) -> JSONResponse:

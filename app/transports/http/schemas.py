@@ -101,6 +101,57 @@ class ModelDescription(BaseModel):
         "only): all, DICOM only (the CPU default: pydicom's codecs hold the GIL), or none (BTD_HOST_WORKERS=0)")
 
 
+class DriftPoint(BaseModel):
+    end: str | None = Field(..., description="when the window's last answer was given (UTC)")
+    records: int = Field(..., description="answers in the window")
+    psi: float | None
+    ks: float | None
+
+
+class SignalDrift(BaseModel):
+    psi: float | None = Field(..., description="population stability index of the current window against the "
+                              "validation baseline; null when no answer in it had this signal")
+    ks: float | None = Field(..., description="Kolmogorov-Smirnov statistic at the baseline's bin edges "
+                             "(continuous signals)")
+    records: int = Field(..., description="answers in the window with a value for this signal")
+    over_threshold: bool = Field(..., description="PSI over the threshold with at least min_records answers")
+    threshold: float
+    window: int
+    history: list[DriftPoint] = Field(..., description="drift over time: consecutive windows of the newest "
+                                      "answers, oldest first; the last is the current window")
+
+
+class DriftRuleModel(BaseModel):
+    psi_threshold: float
+    min_records: int
+    window: int
+
+
+class DriftReport(BaseModel):
+    status: Literal["pending", "ok", "alert", "no-baseline", "no-records", "unavailable"] = Field(
+        ..., description="alert: a signal breaks the rule; no-baseline: the model has none (btd baseline); "
+        "no-records: records are off or none yet; unavailable: the records database cannot be read")
+    reason: str | None
+    alert: bool
+    refreshed_at: str | None = Field(..., description="when drift was last measured (BTD_DRIFT_INTERVAL_S)")
+    rule: DriftRuleModel
+    baseline: dict[str, Any] | None = Field(..., description="the validation baseline's size and source")
+    window_records: int
+    signals: dict[str, SignalDrift] = Field(..., description="by signal: class_mix, tumour_probability, "
+                                            "ood_score, intensity")
+
+
+class MonitoringReport(BaseModel):
+    model_name: str
+    model_version: str
+    drift: DriftReport
+    performance: dict[str, Any] | None = Field(
+        ..., description="live performance against readers' feedback per model version (confirmed cases, "
+        "sensitivity, specificity, class agreement with 95% Wilson intervals, calibration error; the shape of "
+        "app.engine.monitoring.performance.performance_report), as last refreshed (BTD_PERFORMANCE_INTERVAL_S); "
+        "null without records or before the first refresh")
+
+
 class Health(BaseModel):
     status: Literal["ok"]
 

@@ -1,4 +1,5 @@
-"""The clinician web page (``/``) and the API docs (``/docs``), both served from local files.
+"""The clinician web page (``/``), the monitoring page (``/monitoring``) and the API docs (``/docs``),
+all served from local files.
 
 Nothing is fetched from a CDN: the page is plain HTML/JS/CSS under ``app/transports/http/static/`` and Swagger UI's
 assets come from the ``swagger-ui-bundle-v2`` package; Swagger UI is started by a script file, not
@@ -64,6 +65,12 @@ def file_under(root: Path, name: str) -> Path:
 @router.get("/")
 def index_page() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=NO_CACHE)
+
+
+@router.get("/monitoring")
+def monitoring_page() -> FileResponse:
+    """Drift over time (and, later, live performance) from ``GET /v1/monitoring``, drawn in the browser."""
+    return FileResponse(STATIC_DIR / "monitoring.html", media_type="text/html; charset=utf-8", headers=NO_CACHE)
 
 
 @router.get("/favicon.ico")
