@@ -186,6 +186,16 @@ def test_monitor_reads_the_records_and_sets_the_gauges(tmp_path, baseline):
     assert gauge("btd_drift_window_records", model_version="9.9.9") == 200
     monitor.close()
 
+    # After a hot reload the monitor measures the model now served: "other" has only calm records.
+    live = {"version": "9.9.9"}
+    following = DriftMonitor("9.9.9", baseline, RecordStore(store.url), MonitorOptions(rule=DriftRule(), history=5),
+                             live_model=lambda: (live["version"], baseline))
+    assert following.refresh()["status"] == "alert"
+    live["version"] = "other"
+    report = following.refresh()
+    assert report["status"] == "ok" and following.model_version == "other" and report["window_records"] == 200
+    following.close()
+
 
 def test_monitor_says_why_it_cannot_measure(tmp_path, baseline):
     assert DriftMonitor("1", None, None).refresh()["status"] == "no-baseline"

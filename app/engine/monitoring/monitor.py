@@ -43,9 +43,13 @@ class DriftMonitor:
     (None: records are off, so drift cannot be measured)."""
 
     def __init__(self, model_version: str, baseline: Baseline | None, store: RecordStore | None,
-                 options: MonitorOptions | None = None, clock: Callable[[], float] = time.time) -> None:
+                 options: MonitorOptions | None = None, clock: Callable[[], float] = time.time,
+                 live_model: Callable[[], tuple[str, Baseline | None]] | None = None) -> None:
         self.model_version = model_version
         self.baseline = baseline
+        # The model being served now (version, baseline), read at every refresh: after a hot reload
+        # (app.engine.reload) drift is measured for the new model against its own baseline.
+        self.live_model = live_model
         self.store = store
         self.options = options or MonitorOptions()
         self.clock = clock
@@ -73,6 +77,8 @@ class DriftMonitor:
     def refresh(self) -> dict[str, Any]:
         """Measure drift now; set the gauges; returns (and keeps) the report. Never raises for a
         database that is down: the report says so and the gauges keep their last values."""
+        if self.live_model is not None:
+            self.model_version, self.baseline = self.live_model()
         if self.baseline is None:
             self._report = self._status("no-baseline", "the model has no validation baseline (btd baseline)")
         elif self.store is None:

@@ -236,7 +236,8 @@ def start_monitor(settings: Settings, service: InferenceService) -> DriftMonitor
     options = settings.record_options()
     engine = service.engine
     store = None if options is None else RecordStore(options.url, busy_timeout_s=options.busy_timeout_s)
-    monitor = DriftMonitor(engine.metadata.model_version, engine.model.baseline, store, settings.monitor_options())
+    monitor = DriftMonitor(engine.metadata.model_version, engine.model.baseline, store, settings.monitor_options(),
+                           live_model=lambda: (service.engine.metadata.model_version, service.engine.model.baseline))
     monitor.start()
     return monitor
 
