@@ -83,14 +83,19 @@ def reliability_bins(probabilities: Sequence[float], outcomes: Sequence[bool],
             for b, (n, s_p, s_y) in enumerate(sums)]
 
 
+def calibration_error(cells: Sequence[Mapping[str, Any]]) -> float | None:
+    """Binary ECE of ``reliability_bins``: the case-weighted mean of |observed frequency - mean
+    probability|; None for no cases."""
+    cases = sum(c["cases"] for c in cells)
+    if not cases:
+        return None
+    return sum(c["cases"] * abs(c["observed"] - c["mean_probability"]) for c in cells if c["cases"]) / cases
+
+
 def expected_calibration_error(probabilities: Sequence[float], outcomes: Sequence[bool],
                                bins: int = ECE_BINS) -> float | None:
-    """Binary ECE over ``reliability_bins``: the case-weighted mean of |observed frequency - mean
-    probability|; None for no cases."""
-    cells = reliability_bins(probabilities, outcomes, bins)
-    if not probabilities:
-        return None
-    return sum(c["cases"] * abs(c["observed"] - c["mean_probability"]) for c in cells if c["cases"]) / len(probabilities)
+    """Binary ECE over ``bins`` equal-width bins (``reliability_bins``, ``calibration_error``)."""
+    return calibration_error(reliability_bins(probabilities, outcomes, bins))
 
 
 def confusion_matrix(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
@@ -131,13 +136,14 @@ def _model_report(cases: list[tuple[Mapping[str, Any], bool | None, str | None, 
             if prediction["tumour_probability"] is not None:
                 probabilities.append(float(prediction["tumour_probability"]))
                 outcomes.append(bool(truth))
+    reliability = reliability_bins(probabilities, outcomes)
     return {
         "confirmed": len(cases), "readings": readings, "not_assessed": not_assessed, "disputed": disputed,
         "sensitivity": proportion(tp, tp + fn), "specificity": proportion(tn, tn + fp),
         "class_agreement": proportion(sum(model == readers for model, readers in labelled), len(labelled)),
         "confusion": confusion_matrix(labelled),
-        "calibration": {"ece": expected_calibration_error(probabilities, outcomes), "bins": ECE_BINS,
-                        "cases": len(probabilities), "reliability": reliability_bins(probabilities, outcomes)},
+        "calibration": {"ece": calibration_error(reliability), "bins": ECE_BINS, "cases": len(probabilities),
+                        "reliability": reliability},
     }
 
 
