@@ -89,5 +89,12 @@ def test_dashboard_shows_every_drift_gauge():
     assert "btd_drift_psi" in drift
 
 
+def test_dashboard_shows_every_live_performance_gauge_with_its_interval():
+    shown = {name for expr in dashboard_expressions() for name in METRIC.findall(expr)}
+    live = {name for name in exported_metrics() if name.startswith("btd_live_")}
+    assert {"btd_live_sensitivity_lower", "btd_live_sensitivity_upper", "btd_live_confirmed_cases"} <= live
+    assert live <= shown, live - shown
+
+
 def test_metric_name_check_catches_a_misspelt_metric():
     assert not {"btd_drift_pis"} <= exported_metrics()

@@ -14,10 +14,12 @@ from prometheus_client import REGISTRY, generate_latest
 from app.engine import metrics
 from app.engine.monitoring.exporter import PerformanceExporter
 from app.engine.monitoring.performance import (
+    confusion_matrix,
     expected_calibration_error,
     majority,
     performance_of,
     performance_report,
+    reliability_bins,
     wilson_interval,
 )
 from app.engine.records.feedback import Finding, save_feedback
@@ -54,6 +56,28 @@ def test_expected_calibration_error_of_known_cases():
     assert expected_calibration_error([], []) is None
     with pytest.raises(ValueError):
         expected_calibration_error([0.5], [])
+
+
+def test_reliability_bins_list_every_bin_with_its_cases_mean_and_observed_share():
+    cells = reliability_bins([0.0, 0.1, 0.15, 0.2, 0.95, 1.0], [False, True, False, True, True, True], bins=4)
+    assert [(c["lower"], c["upper"]) for c in cells] == [(0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0)]
+    assert [c["cases"] for c in cells] == [4, 0, 0, 2]
+    assert cells[0]["mean_probability"] == pytest.approx(0.1125) and cells[0]["observed"] == pytest.approx(0.5)
+    assert cells[1]["mean_probability"] is None and cells[1]["observed"] is None  # empty: no share, not 0
+    assert cells[3]["mean_probability"] == pytest.approx(0.975) and cells[3]["observed"] == 1.0
+    # The ECE is their case-weighted gap: (4 * |0.5 - 0.1125| + 2 * |1 - 0.975|) / 6.
+    assert expected_calibration_error([0.0, 0.1, 0.15, 0.2, 0.95, 1.0], [False, True, False, True, True, True],
+                                      bins=4) == pytest.approx((4 * 0.3875 + 2 * 0.025) / 6)
+    assert [c["cases"] for c in reliability_bins([], [])] == [0] * 10
+    with pytest.raises(ValueError):
+        reliability_bins([0.5], [])
+
+
+def test_confusion_matrix_rows_are_the_models_labels_and_columns_the_readers():
+    matrix = confusion_matrix([("glioma", "glioma"), ("glioma", "meningioma"), ("notumor", "glioma"),
+                               ("glioma", "glioma")])
+    assert matrix == {"labels": ["glioma", "meningioma", "notumor"], "counts": [[2, 1, 0], [0, 0, 0], [1, 0, 0]]}
+    assert confusion_matrix([]) == {"labels": [], "counts": []}
 
 
 def test_majority_leaves_ties_undecided():
@@ -93,7 +117,12 @@ def test_the_report_counts_each_prediction_once_by_its_readers_majority():
     assert (model["specificity"]["successes"], model["specificity"]["trials"]) == (1, 2)
     assert (model["class_agreement"]["successes"], model["class_agreement"]["trials"]) == (2, 4)  # cases 1-4
     expected_ece = expected_calibration_error([0.9, 0.8, 0.2, 0.1, 0.7], [True, True, True, False, False])
-    assert model["calibration"] == {"ece": pytest.approx(expected_ece), "bins": 10, "cases": 5}
+    calibration = model["calibration"]
+    assert (calibration["ece"], calibration["bins"], calibration["cases"]) == (pytest.approx(expected_ece), 10, 5)
+    assert calibration["reliability"] == reliability_bins([0.9, 0.8, 0.2, 0.1, 0.7], [True, True, True, False, False])
+    # Rows: the model's label; columns: the readers'. Cases 1-4 (case 5 named no class): the class agreement's.
+    assert model["confusion"] == {"labels": ["glioma", "meningioma", "notumor", "pituitary"],
+                                  "counts": [[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0]]}
     other = report["models"]["1.0"]
     assert other["specificity"] == {"value": None, "lower": None, "upper": None, "successes": 0, "trials": 0}
     assert performance_of([])["models"] == {}

@@ -12,7 +12,10 @@ reads them and calls it. The figures:
 - *class agreement*: the model's label is the readers' label, over assessed predictions with a label;
 - each with its 95% Wilson score interval (``wilson_interval``);
 - the expected calibration error of the tumour probability against the readers' finding
-  (``expected_calibration_error``, ``ECE_BINS`` equal-width bins), over the same cases as the decision.
+  (``expected_calibration_error``, ``ECE_BINS`` equal-width bins), over the same cases as the decision,
+  with the bins themselves for a reliability diagram (``reliability_bins``);
+- the confusion matrix of the model's label against the readers' (``confusion_matrix``), over the
+  cases of class agreement: its diagonal is the agreement's successes, its total the trials.
 
 Images not assessed (out of distribution) make no decision and name no class: they are counted
 (``not_assessed``) and left out of every figure.
@@ -61,23 +64,46 @@ def proportion(successes: int, trials: int) -> dict[str, Any]:
             "upper": interval[1] if interval else None, "successes": successes, "trials": trials}
 
 
-def expected_calibration_error(probabilities: Sequence[float], outcomes: Sequence[bool],
-                               bins: int = ECE_BINS) -> float | None:
-    """Binary ECE: over ``bins`` equal-width bins of the predicted probability (the first closed at 0,
-    each other closed on the right), the case-weighted mean of |observed frequency - mean probability|;
-    None for no cases."""
+def reliability_bins(probabilities: Sequence[float], outcomes: Sequence[bool],
+                     bins: int = ECE_BINS) -> list[dict[str, Any]]:
+    """The reliability diagram's bins: ``bins`` equal-width bins of the predicted probability (the first
+    closed at 0, each other closed on the right), each with its ``lower`` and ``upper`` edge, its
+    ``cases``, their ``mean_probability`` and the ``observed`` share of positive outcomes (both None
+    for an empty bin). Every bin is listed, empty or not, so a chart keeps its axis."""
     if len(probabilities) != len(outcomes):
         raise ValueError("one outcome per probability")
-    if not probabilities:
-        return None
-    sums: dict[int, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # bin -> [cases, sum p, sum outcome]
+    sums = [[0, 0.0, 0.0] for _ in range(bins)]  # per bin: [cases, sum p, sum outcome]
     for p, outcome in zip(probabilities, outcomes):
-        b = max(0, min(bins - 1, math.ceil(p * bins) - 1))
-        cell = sums[b]
+        cell = sums[max(0, min(bins - 1, math.ceil(p * bins) - 1))]
         cell[0] += 1
         cell[1] += p
         cell[2] += float(outcome)
-    return sum(abs(s_y - s_p) for _, s_p, s_y in sums.values()) / len(probabilities)
+    return [{"lower": b / bins, "upper": (b + 1) / bins, "cases": int(n),
+             "mean_probability": s_p / n if n else None, "observed": s_y / n if n else None}
+            for b, (n, s_p, s_y) in enumerate(sums)]
+
+
+def calibration_error(cells: Sequence[Mapping[str, Any]]) -> float | None:
+    """Binary ECE of ``reliability_bins``: the case-weighted mean of |observed frequency - mean
+    probability|; None for no cases."""
+    cases = sum(c["cases"] for c in cells)
+    if not cases:
+        return None
+    return sum(c["cases"] * abs(c["observed"] - c["mean_probability"]) for c in cells if c["cases"]) / cases
+
+
+def expected_calibration_error(probabilities: Sequence[float], outcomes: Sequence[bool],
+                               bins: int = ECE_BINS) -> float | None:
+    """Binary ECE over ``bins`` equal-width bins (``reliability_bins``, ``calibration_error``)."""
+    return calibration_error(reliability_bins(probabilities, outcomes, bins))
+
+
+def confusion_matrix(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
+    """Counts of (the model's label, the readers' label): ``labels`` (every label either named, sorted)
+    and ``counts``, one row per model label and one column per readers' label, in that order."""
+    counted = Counter(pairs)
+    labels = sorted({label for pair in counted for label in pair})
+    return {"labels": labels, "counts": [[counted[(model, readers)] for readers in labels] for model in labels]}
 
 
 def majority(values: Iterable[Hashable]) -> Any:
@@ -90,7 +116,8 @@ def majority(values: Iterable[Hashable]) -> Any:
 
 def _model_report(cases: list[tuple[Mapping[str, Any], bool | None, str | None, bool]], readings: int) -> dict[str, Any]:
     """``cases``: (the prediction, the readers' tumour finding, their label, whether they disputed it)."""
-    tp = fn = tn = fp = agree = labelled = disputed = not_assessed = 0
+    tp = fn = tn = fp = disputed = not_assessed = 0
+    labelled: list[tuple[str, str]] = []  # (the model's label, the readers')
     probabilities: list[float] = []
     outcomes: list[bool] = []
     for prediction, truth, label, tied in cases:
@@ -99,8 +126,7 @@ def _model_report(cases: list[tuple[Mapping[str, Any], bool | None, str | None, 
             not_assessed += 1
             continue
         if label is not None:
-            labelled += 1
-            agree += prediction["label"] == label
+            labelled.append((prediction["label"], label))
         detected = prediction["tumour_detected"]
         if truth is not None and detected is not None:
             if truth:
@@ -110,12 +136,14 @@ def _model_report(cases: list[tuple[Mapping[str, Any], bool | None, str | None, 
             if prediction["tumour_probability"] is not None:
                 probabilities.append(float(prediction["tumour_probability"]))
                 outcomes.append(bool(truth))
+    reliability = reliability_bins(probabilities, outcomes)
     return {
         "confirmed": len(cases), "readings": readings, "not_assessed": not_assessed, "disputed": disputed,
         "sensitivity": proportion(tp, tp + fn), "specificity": proportion(tn, tn + fp),
-        "class_agreement": proportion(agree, labelled),
-        "calibration": {"ece": expected_calibration_error(probabilities, outcomes), "bins": ECE_BINS,
-                        "cases": len(probabilities)},
+        "class_agreement": proportion(sum(model == readers for model, readers in labelled), len(labelled)),
+        "confusion": confusion_matrix(labelled),
+        "calibration": {"ece": calibration_error(reliability), "bins": ECE_BINS, "cases": len(probabilities),
+                        "reliability": reliability},
     }
 
 
@@ -144,7 +172,12 @@ def performance_of(rows: Iterable[Mapping[str, Any]], now: datetime | None = Non
              "disputed": 1,         # readers tied on the tumour or the class: left out of that figure
              "sensitivity": {"value": 0.93, "lower": 0.84, "upper": 0.97, "successes": 56, "trials": 60},
              "specificity": {...}, "class_agreement": {...},    # the same keys
-             "calibration": {"ece": 0.04, "bins": 10, "cases": 116}}}}
+             "confusion": {"labels": ["glioma", "notumor"],   # every label named, sorted
+                           "counts": [[50, 2], [1, 60]]},     # rows: the model's label; columns: the readers'
+             "calibration": {"ece": 0.04, "bins": 10, "cases": 116,
+                             "reliability": [                 # every bin, empty or not
+                                 {"lower": 0.0, "upper": 0.1, "cases": 40, "mean_probability": 0.03,
+                                  "observed": 0.05}, ...]}}}}
     """
     by_prediction: dict[Any, list[Mapping[str, Any]]] = {}
     for row in rows:

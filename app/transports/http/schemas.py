@@ -147,7 +147,8 @@ class MonitoringReport(BaseModel):
     drift: DriftReport
     performance: dict[str, Any] | None = Field(
         ..., description="live performance against readers' feedback per model version (confirmed cases, "
-        "sensitivity, specificity, class agreement with 95% Wilson intervals, calibration error; the shape of "
+        "sensitivity, specificity, class agreement with 95% Wilson intervals, calibration error with its "
+        "reliability bins, the confusion matrix of the model's class against the readers'; the shape of "
         "app.engine.monitoring.performance.performance_report), as last refreshed (BTD_PERFORMANCE_INTERVAL_S); "
         "null without records or before the first refresh")
 

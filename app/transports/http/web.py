@@ -69,7 +69,8 @@ def index_page() -> FileResponse:
 
 @router.get("/monitoring")
 def monitoring_page() -> FileResponse:
-    """Drift over time (and, later, live performance) from ``GET /v1/monitoring``, drawn in the browser."""
+    """Drift over time and live performance (reliability diagram, confusion matrix) from ``GET /v1/monitoring``,
+    drawn in the browser."""
     return FileResponse(STATIC_DIR / "monitoring.html", media_type="text/html; charset=utf-8", headers=NO_CACHE)
 
 

@@ -1,4 +1,5 @@
-// Monitoring page: GET /v1/monitoring and plot each drift signal's PSI over time (inline SVG).
+// Monitoring page: GET /v1/monitoring; plot each drift signal's PSI over time and, per model version, live
+// performance against readers' findings (interval bars, reliability diagram, confusion matrix), all inline SVG.
 // Plain browser JavaScript, no build step, no third-party code; talks only to its own origin.
 "use strict";
 
@@ -112,12 +113,196 @@ function render(report) {
   $("drift-status").className = drift.alert ? "status error" : "status";
   const charts = $("drift-charts");
   charts.replaceChildren(...Object.entries(drift.signals).map(([name, signal]) => chart(name, signal)));
-  // The performance section's hook: filled once live performance is measured (readers' feedback).
-  if (report.performance !== null) {
-    $("performance-status").textContent = "Live performance against readers' findings:";
-    $("performance-report").textContent = JSON.stringify(report.performance, null, 2);
-    $("performance-report").hidden = false;
+  renderPerformance(report.performance, report.model_version);
+}
+
+const PROPORTIONS = {
+  sensitivity: "Sensitivity (tumour found when readers found one)",
+  specificity: "Specificity (no tumour when readers found none)",
+  class_agreement: "Class agreement (the model's class is the readers')",
+};
+const BAR = { width: 160, height: 18, pad: 4 };
+const DIAGRAM = { size: 260, pad: 36 };
+
+const fixed = (v, digits = 2) => (v === null || v === undefined ? "-" : v.toFixed(digits));
+
+function element(name, text, className) {
+  const node = document.createElement(name);
+  if (text !== undefined) node.textContent = text;
+  if (className) node.className = className;
+  return node;
+}
+
+// A proportion's value and interval in words: "0.93 (95% interval 0.84-0.97; 56 of 60)".
+function proportionText(p, level) {
+  if (p.value === null) return "no case yet";
+  return `${fixed(p.value)} (${level} interval ${fixed(p.lower)}-${fixed(p.upper)}; ${p.successes} of ${p.trials})`;
+}
+
+// The interval as a bar on a 0-1 scale with a dot at the value; decorative beside the words.
+function intervalBar(p) {
+  const x = (v) => BAR.pad + v * (BAR.width - 2 * BAR.pad);
+  const svg = svgElement("svg", { viewBox: `0 0 ${BAR.width} ${BAR.height}`, class: "interval-bar",
+    "aria-hidden": "true" });
+  svg.append(svgElement("line", { x1: x(0), x2: x(1), y1: BAR.height / 2, y2: BAR.height / 2, class: "track" }));
+  if (p.value !== null) {
+    svg.append(svgElement("rect", { x: x(p.lower), y: 4, width: Math.max(1, x(p.upper) - x(p.lower)),
+      height: BAR.height - 8, class: "interval" }));
+    svg.append(svgElement("circle", { cx: x(p.value), cy: BAR.height / 2, r: 4, class: "value" }));
   }
+  return svg;
+}
+
+function proportionsTable(model, level) {
+  const table = element("table", undefined, "figures");
+  table.createCaption().textContent = "Against readers' findings";
+  table.createTHead().insertRow().append(...["Figure", "Value and interval", "Interval (0 to 1)"].map((h) => {
+    const th = element("th", h);
+    th.scope = "col";
+    return th;
+  }));
+  const body = table.createTBody();
+  for (const [key, name] of Object.entries(PROPORTIONS)) {
+    const row = body.insertRow();
+    row.dataset.figure = key;
+    const th = element("th", name);
+    th.scope = "row";
+    row.append(th);
+    row.insertCell().textContent = proportionText(model[key], level);
+    row.insertCell().append(intervalBar(model[key]));
+  }
+  return table;
+}
+
+// Reliability diagram: each non-empty bin's mean tumour probability against the share readers found a
+// tumour (dot area by cases), the diagonal a calibrated model follows; a hidden table says the same.
+function reliabilityDiagram(calibration) {
+  const figure = element("figure", undefined, "reliability");
+  const { size, pad } = DIAGRAM;
+  const span = size - 2 * pad;
+  const x = (v) => pad + v * span;
+  const y = (v) => size - pad - v * span;
+  const bins = calibration.reliability || [];
+  const filled = bins.filter((b) => b.cases > 0);
+  const caption = element("figcaption", calibration.cases
+    ? `Reliability of the tumour probability: ECE ${fixed(calibration.ece, 3)} over ${calibration.cases} cases`
+    : "Reliability of the tumour probability: no confirmed case with a tumour decision yet");
+  const svg = svgElement("svg", { viewBox: `0 0 ${size} ${size}`, role: "img",
+    "aria-label": `Reliability diagram: ${filled.length} of ${bins.length} probability bins hold cases` });
+  svg.append(svgElement("rect", { x: pad, y: pad, width: span, height: span, class: "frame" }));
+  svg.append(svgElement("line", { x1: x(0), y1: y(0), x2: x(1), y2: y(1), class: "diagonal" }));
+  for (const v of [0, 0.5, 1]) {
+    const left = svgElement("text", { x: pad - 4, y: y(v) + 4, class: "tick" });
+    left.textContent = v.toFixed(1);
+    const bottom = svgElement("text", { x: x(v), y: size - pad + 14, class: "tick tick-x" });
+    bottom.textContent = v.toFixed(1);
+    svg.append(left, bottom);
+  }
+  const xName = svgElement("text", { x: size / 2, y: size - 4, class: "axis-name" });
+  xName.textContent = "Mean predicted tumour probability";
+  const yName = svgElement("text", { x: 0, y: 0, class: "axis-name",
+    transform: `translate(10 ${size / 2}) rotate(-90)` });
+  yName.textContent = "Readers found a tumour";
+  svg.append(xName, yName);
+  const most = Math.max(1, ...filled.map((b) => b.cases));
+  for (const b of filled) {
+    const dot = svgElement("circle", { cx: x(b.mean_probability), cy: y(b.observed),
+      r: 3 + 5 * Math.sqrt(b.cases / most), class: "bin" });
+    const tip = svgElement("title", {});
+    tip.textContent = `${fixed(b.lower, 1)}-${fixed(b.upper, 1)}: ${b.cases} cases, mean probability ` +
+      `${fixed(b.mean_probability)}, tumour found in ${fixed(b.observed)}`;
+    dot.append(tip);
+    svg.append(dot);
+  }
+  const table = element("table", undefined, "visually-hidden");
+  table.createCaption().textContent = "Reliability bins";
+  table.createTHead().insertRow().append(...["Probability bin", "Cases", "Mean probability",
+    "Share with a tumour"].map((h) => element("th", h)));
+  const body = table.createTBody();
+  for (const b of bins) {
+    const row = body.insertRow();
+    for (const text of [`${fixed(b.lower, 1)}-${fixed(b.upper, 1)}`, String(b.cases), fixed(b.mean_probability),
+      fixed(b.observed)]) row.insertCell().textContent = text;
+  }
+  figure.append(caption, svg, table);
+  return figure;
+}
+
+// The model's class (rows) against the readers' (columns), with totals; the diagonal is agreement.
+function confusionTable(confusion) {
+  const { labels, counts } = confusion;
+  if (!labels.length) return element("p", "Confusion matrix: no reader has named a class yet.", "muted-note");
+  const table = element("table", undefined, "confusion");
+  table.createCaption().textContent = "The model's class (rows) against the readers' class (columns)";
+  const head = table.createTHead().insertRow();
+  const corner = element("th", "Model ↓ readers →");
+  corner.scope = "col";
+  head.append(corner, ...[...labels, "Total"].map((label) => {
+    const th = element("th", label);
+    th.scope = "col";
+    return th;
+  }));
+  const body = table.createTBody();
+  const columnTotals = labels.map((_, j) => counts.reduce((sum, row) => sum + row[j], 0));
+  labels.forEach((label, i) => {
+    const row = body.insertRow();
+    const th = element("th", label);
+    th.scope = "row";
+    row.append(th);
+    counts[i].forEach((n, j) => {
+      const cell = row.insertCell();
+      cell.textContent = String(n);
+      if (i === j) cell.className = "agree";
+    });
+    row.insertCell().textContent = String(counts[i].reduce((a, b) => a + b, 0));
+    row.lastChild.className = "total";
+  });
+  const foot = table.createTFoot().insertRow();
+  const th = element("th", "Total");
+  th.scope = "row";
+  foot.append(th);
+  for (const n of [...columnTotals, columnTotals.reduce((a, b) => a + b, 0)]) {
+    foot.insertCell().textContent = String(n);
+  }
+  return table;
+}
+
+function modelSection(version, model, level, served) {
+  const section = element("section", undefined, "model-performance");
+  const headingId = `performance-${version.replace(/[^A-Za-z0-9_-]/g, "_")}`;
+  section.setAttribute("aria-labelledby", headingId);
+  section.dataset.version = version;
+  const heading = element("h3", `Model ${version}${served ? " (served now)" : ""}`);
+  heading.id = headingId;
+  const extra = [model.not_assessed ? `${model.not_assessed} not assessed (in no figure)` : "",
+    model.disputed ? `${model.disputed} with readers tied (left out of that figure)` : ""].filter(Boolean);
+  const summary = element("p", `${model.confirmed} confirmed cases from ${model.readings} readings` +
+    (extra.length ? `; ${extra.join(", ")}` : ""), "confirmed");
+  const charts = element("div", undefined, "performance-grid");
+  charts.append(reliabilityDiagram(model.calibration), confusionTable(model.confusion));
+  section.append(heading, summary, proportionsTable(model, level), charts);
+  return section;
+}
+
+function renderPerformance(performance, servedVersion) {
+  const status = $("performance-status");
+  const holder = $("performance-models");
+  if (performance === null) {
+    status.textContent = "Not measured yet: the reliability diagram and the confusion matrix against readers' " +
+      "findings appear here once readers' feedback is measured (the service needs records for it).";
+    holder.replaceChildren();
+    return;
+  }
+  const level = `${Math.round(performance.confidence_level * 100)}%`;
+  $("performance-level").textContent = level;
+  const versions = Object.keys(performance.models)
+    .sort((a, b) => (b === servedVersion) - (a === servedVersion)); // the served version first
+  status.textContent = versions.length
+    ? `Measured ${timeLabel(performance.generated_at)} from readers' feedback on ${versions.length} model ` +
+      `version${versions.length > 1 ? "s" : ""}.`
+    : `No readers' feedback yet (measured ${timeLabel(performance.generated_at)}): readers confirm answers ` +
+      "with POST /v1/feedback, and the figures appear here.";
+  holder.replaceChildren(...versions.map((v) => modelSection(v, performance.models[v], level, v === servedVersion)));
 }
 
 async function load() {
