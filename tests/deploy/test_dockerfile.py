@@ -67,7 +67,7 @@ def test_final_stage_removes_every_pip():
 # What users and CI install is what was tested: scripts/test.sh installs the test environment with
 # requirements-dev.lock as constraints, scripts/serve.sh the service with requirements-cpu.lock.
 DEV_LOCK = REPO / "docker" / "requirements-dev.lock"
-TESTED_EXTRAS = ("cpu", "train", "dev", "dicom-codecs")
+TESTED_EXTRAS = ("cpu", "train", "dev", "dicom-codecs", "report")
 
 
 def lock_pins(lock: Path) -> dict[str, str]:
