@@ -127,10 +127,12 @@ class Engine:
 
     def infer(self, tensors: Sequence[np.ndarray], features: Sequence[bool]) -> list[ModelOutput]:
         """One batch through the model; ``features[i]``: image i wants a CAM (the features output is
-        fetched only when some image does). Blocking."""
+        fetched only when some image does); a localising model's tumour map comes with every image.
+        Blocking."""
         out = self.runner.run(tensors, features=any(features))
         return [ModelOutput(out.logits[i], out.features[i] if want else None,
-                            None if out.ood_score is None else float(out.ood_score[i]))
+                            None if out.ood_score is None else float(out.ood_score[i]),
+                            tumour_map=None if out.tumour_map is None else out.tumour_map[i])
                 for i, want in enumerate(features)]
 
     def predict(self, data: bytes, media_type: str | None = None, cam: str = "none") -> Prediction:
@@ -145,7 +147,7 @@ class Engine:
         check_cam_mode(cam)
         infer_start = time.perf_counter()
         (output,) = self.infer([prepared.tensor], [cam != "none"])
-        output = ModelOutput(output.logits, output.features, output.ood_score, 0.0, ms_since(infer_start), 1)
+        output = replace(output, queue_ms=0.0, inference_ms=ms_since(infer_start), batch_size=1)
         return self.builder.build(prepared, output, cam, started=started)
 
     def describe(self) -> dict[str, Any]:
@@ -167,5 +169,6 @@ class Engine:
             "intra_op_threads": self.runner.intra_op_threads,
             "ood": None if meta.ood is None else asdict(meta.ood),
             "validated_for": asdict(meta.validated),
+            "localisation": asdict(meta.localisation) if self.model.localises else None,
             "formats": formats.describe(),
         }

@@ -15,6 +15,7 @@ import numpy as np
 from app.core.decode import DICOM, sniff
 from app.core.errors import InferenceTimeout
 from app.core.postprocess import cam_images
+from app.core.region import tumour_region
 from app.core.result import ModelOutput, Prediction
 from app.engine import metrics
 from app.engine.admission import Admission
@@ -184,7 +185,15 @@ class InferenceService:
             cam_result = await self.host.run(cam_images, prepared.view, engine.builder.cam_grid(output),
                                              prepared.framing, prepared.image_size)
             cam_ms = ms_since(cam_start)
-        prediction = engine.builder.build(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms)
+        builder = engine.builder
+        region_result = None, 0.0
+        if builder.wants_region(output, builder.decide(output.logits, output.ood_score, prepared.image_reasons)):
+            region_start = time.perf_counter()  # placing the map on the image: host work, as the CAM's images
+            region = await self.host.run(tumour_region, output.tumour_map, engine.metadata.localisation,
+                                         prepared.framing, prepared.image_size)
+            region_result = region, ms_since(region_start)
+        prediction = builder.build(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms,
+                                   region_result=region_result)
         return Answer(prediction, prepared.source, prepared.facts)
 
     async def infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
