@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from app.core.contract import Framing, LocalisationSpec, ModelMetadata, PreprocessSpec
-from app.core.region import MAX_PARTS, MAX_POINTS, tumour_region
+from app.core.region import CELL_PIXELS, MAX_PARTS, MAX_POINTS, tumour_region
 from app.core.result import ModelOutput
 from app.engine.pipeline import Prepared, ResultBuilder
 
@@ -91,8 +91,8 @@ def test_a_square_past_the_image_edges_gives_a_region_inside_the_image():
 def test_a_large_image_is_worked_on_a_smaller_copy_but_answered_in_its_pixels():
     framing = Framing(x=0.0, y=0.0, side=4096.0)
     region = tumour_region(gaussian_map(14, 14, 3.0), SPEC, framing, (4096, 4096))
-    centre = 14.5 * 4096 / 28
-    assert abs(region.box.x + region.box.width / 2 - centre) < 8 and abs(region.peak.x - centre) < 8
+    centre, grid_pixel = 14.5 * 4096 / 28, 4096 / (28 * CELL_PIXELS)  # the work grid is 224 pixels across
+    assert abs(region.box.x + region.box.width / 2 - centre) < grid_pixel and abs(region.peak.x - centre) < grid_pixel
     assert region.box.width == pytest.approx(2 * 1.18 * 3.0 * 4096 / 28, rel=0.1)
 
 
