@@ -121,6 +121,23 @@ def build_model_proto(
     return model
 
 
+def tumour_slice(shape: tuple[int, int] = (256, 320), blob: tuple[int, int] = (200, 100), radius: int = 20) -> np.ndarray:
+    """A uint8 slice: a grey head with a bright disc centred at ``blob`` (x, y), where a ``localisation``
+    model's tumour map is high (its region)."""
+    import cv2
+
+    img = np.zeros(shape, np.uint8)
+    cv2.ellipse(img, (shape[1] // 2, shape[0] // 2), (shape[1] // 3, shape[0] // 3 + 10), 0, 0, 360, 100, -1)
+    cv2.circle(img, blob, radius, 250, -1)
+    return img
+
+
+def tumour_slice_png(**kwargs) -> bytes:
+    import cv2
+
+    return cv2.imencode(".png", tumour_slice(**kwargs))[1].tobytes()
+
+
 def build_model(path: str | Path, **kwargs) -> Path:
     """Write :func:`build_model_proto` to ``path`` and return it."""
     path = Path(path)

@@ -17,7 +17,7 @@ from app.core.model import ModelFile, variant_path
 from app.engine.batcher import MicroBatcher
 from app.engine.engine import Engine, EngineOptions, choose_model_file
 from app.engine.runner import Runner, RuntimeOptions
-from tests.model_factory import LABELS, build_model
+from tests.model_factory import LABELS, build_model, tumour_slice_png
 
 SIZE, CHANNELS, FEAT = 8, 5, 2
 
@@ -202,14 +202,6 @@ def test_the_batch_wait_is_zero_on_the_cpu_unless_set(tmp_path):
     assert auto_max_wait_s(on_gpu=True) == GPU_MAX_WAIT_S == 0.005
 
 
-def blob_png(shape=(256, 320), blob=(200, 100), radius=20) -> bytes:
-    """A grey head with a bright disc at ``blob`` (x, y): the test model's tumour map is high there."""
-    img = np.zeros(shape, np.uint8)
-    cv2.ellipse(img, (shape[1] // 2, shape[0] // 2), (shape[1] // 3, shape[0] // 3 + 10), 0, 0, 360, 100, -1)
-    cv2.circle(img, blob, radius, 250, -1)
-    return cv2.imencode(".png", img)[1].tobytes()
-
-
 LOCALISATION = LocalisationSpec(threshold=0.5, min_area=0.002)
 
 
@@ -220,7 +212,7 @@ def test_a_localising_model_gives_the_region_of_its_map_from_the_same_pass(tmp_p
     run = engine.runner.run
     engine.runner.run = lambda tensors, features: runs.append(features) or run(tensors, features=features)
     for (x, y) in ((200, 100), (130, 160)):
-        result = engine.predict(blob_png(blob=(x, y)), cam="none")
+        result = engine.predict(tumour_slice_png(blob=(x, y)), cam="none")
         box = result.region.box
         assert box.x <= x - 15 and x + 15 <= box.x + box.width and box.y <= y - 15 and y + 15 <= box.y + box.height
         assert box.width < 80 and box.height < 80  # the disc, not the head
@@ -238,7 +230,7 @@ def test_a_tumour_map_without_its_metadata_is_not_fetched_and_gives_no_region(tm
     onnx.save(proto, str(path))
     engine = Engine.load(path, EngineOptions(tumour_threshold=0.0))
     assert not engine.model.localises and TUMOUR_MAP_NAME not in engine.runner._names(True)
-    result = engine.predict(blob_png())
+    result = engine.predict(tumour_slice_png())
     assert result.tumour_detected is True and result.region is None and engine.describe()["localisation"] is None
 
 
