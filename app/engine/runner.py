@@ -236,6 +236,7 @@ class Runner:
     io_binding: bool = False
     cuda_graph: bool = False
     model_runs: int = 1  # batches ``run`` may run at once (threads); bound buffers allow one
+    tumour_map_shape: tuple[int, int] | None = None  # (h, w) of a localising model's map, read at warm-up
     _executors: dict[int, Any] = field(default_factory=dict, repr=False)
     _inputs: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -393,6 +394,7 @@ class Runner:
             shape = np.shape(values[TUMOUR_MAP_NAME])
             if len(shape) != 4 or shape[:2] != (bucket, 1) or min(shape[2:]) < 1:
                 raise ModelContractError(f"{TUMOUR_MAP_NAME} shape {shape}, expected ({bucket}, 1, h, w)")
+            self.tumour_map_shape = (int(shape[2]), int(shape[3]))
 
 
 def _declared_shapes(session: Any, bucket: int) -> dict[str, tuple[int, ...]] | None:
