@@ -37,13 +37,13 @@ from app.core.decision import Decision, decide
 from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy, decode
 from app.core.errors import InvalidImage
 from app.core.modality import looks_like_ct
-from app.core.region import tumour_region
 from app.core.postprocess import (
     cam_grid,
     cam_images,
     class_activation_map,
     gray_view,
 )
+from app.core.region import tumour_region
 from app.core.result import (
     GATE_PHRASE,
     OOD_PHRASE,

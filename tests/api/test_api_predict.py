@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from app.core.contract import LocalisationSpec
-
 from tests.api.helpers import (
     assert_matches_spec,
     assert_problem,

@@ -12,7 +12,13 @@ import numpy as np
 import onnx
 import pytest
 
-from app.core.contract import META_LOCALISATION, TUMOUR_MAP_NAME, LocalisationSpec, ModelMetadata, PreprocessSpec
+from app.core.contract import (
+    META_LOCALISATION,
+    TUMOUR_MAP_NAME,
+    LocalisationSpec,
+    ModelMetadata,
+    PreprocessSpec,
+)
 from app.core.model import ModelFile, variant_path
 from app.engine.batcher import MicroBatcher
 from app.engine.engine import Engine, EngineOptions, choose_model_file
