@@ -65,6 +65,8 @@ def tumour_region(tumour_map: np.ndarray, spec: LocalisationSpec, framing: Frami
                         round(float(np.clip(probability[peak_v, peak_u], 0.0, 1.0)), 4)),
         threshold=spec.threshold,
         min_area=spec.min_area,
+        image_width=width,
+        image_height=height,
     )
 
 

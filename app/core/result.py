@@ -99,6 +99,9 @@ class Region:
                                       "(the model's)")]
     min_area: Annotated[float, Field(description="the smallest part reported, as a share of the model's input "
                                      "square (the model's)")]
+    image_width: Annotated[int, Field(ge=1, description="the decoded image's width: the frame of these coordinates "
+                                      "(draw them over a picture of the image scaled to this size)")]
+    image_height: Annotated[int, Field(ge=1, description="the decoded image's height")]
 
 
 Cam = Annotated[CamPng | CamGrid, Field(discriminator="format")]

@@ -43,6 +43,7 @@ def test_a_map_blob_lands_where_the_framing_places_it_in_image_pixels():
     assert region.area_px == pytest.approx(np.pi * 24**2, rel=0.15)
     assert region.area_share == pytest.approx(region.area_px / 224**2, rel=1e-3)
     assert (region.threshold, region.min_area) == (SPEC.threshold, SPEC.min_area)
+    assert (region.image_width, region.image_height) == (320, 256)
 
 
 def test_the_threshold_decides_which_pixels_belong():

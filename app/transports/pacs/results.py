@@ -347,8 +347,7 @@ def build_overlay(source: Dataset, result: Prediction) -> hd.sc.SCImage | None:
     if overlay is None:
         return None
     if result.region is not None:
-        overlay = draw_region(overlay, result.region, (int(source.get("Columns") or result.cam.width),
-                                                       int(source.get("Rows") or result.cam.height)))
+        overlay = draw_region(overlay, result.region, (result.region.image_width, result.region.image_height))
     pixels = render_overlay(overlay, caption_lines(result))
     orientation = patient_orientation(source)
     key = (result.model.sha256, f"{result.threshold:g}")
