@@ -5,7 +5,7 @@ image's pixels. A pure function: arrays in, a ``Region`` (or None) out.
 
 The map is placed on a grid over the image with at most ``CELL_PIXELS`` pixels a map cell (224 across
 the input square for a 28 x 28 map), never finer than the image: bilinear interpolation adds no detail
-beyond that, and the work stays well under a millisecond whatever the image size (``bench/bench_region.py``);
+beyond that, and the work does not grow with the image size (``bench/bench_region.py``);
 coordinates are scaled back to the image's pixels.
 """
 
