@@ -10,7 +10,11 @@ Three variants run through ``Runner.run`` in alternating rounds, in one process:
 - ``grafted-no-fetch``: the grafted model, the map not fetched (ONNX Runtime still computes it);
 - ``grafted-fetch``: the grafted model, the map fetched (what the runner does for a localising model).
 
-Figures are medians over rounds of the mean ms a batch; ratios against ``grafted-no-fetch`` (the
+Before them, a graph with a cheap output and a costly branch to a second output is timed fetching
+the cheap one alone and both: ONNX Runtime (default run options) computes the costly branch either
+way, so not fetching a model's tumour map would not save its decoder's compute, only a 3 KB copy.
+
+Figures are medians of the ms of every run of a batch (variants alternate round by round); ratios against ``grafted-no-fetch`` (the
 fetch alone) and ``base`` (decoder and fetch). Then ``tumour_region`` on a 28 x 28 map for images of
 several sizes (its work is capped at ``MAX_VIEW_SIDE``).
 
@@ -63,11 +67,14 @@ def graft_decoder(source: Path, target: Path, upsample: int = 4) -> Path:
     return target
 
 
-def time_runs(runner: Runner, batch: list[np.ndarray], calls: int) -> float:
-    start = time.perf_counter()
+def time_runs(runner: Runner, batch: list[np.ndarray], calls: int) -> list[float]:
+    """ms of each of ``calls`` runs of ``batch``."""
+    out = []
     for _ in range(calls):
+        start = time.perf_counter()
         runner.run(batch, features=False)
-    return (time.perf_counter() - start) * 1000.0 / calls
+        out.append((time.perf_counter() - start) * 1000.0)
+    return out
 
 
 def bench_fetch(model: Path, rounds: int, calls: int, batches: tuple[int, ...]) -> dict:
@@ -93,7 +100,7 @@ def bench_fetch(model: Path, rounds: int, calls: int, batches: tuple[int, ...]) 
             samples: dict[str, list[float]] = {name: [] for name in runners}
             for _ in range(rounds):
                 for name, runner in runners.items():
-                    samples[name].append(time_runs(runner, batch, calls))
+                    samples[name] += time_runs(runner, batch, calls)
             ms = {name: statistics.median(values) for name, values in samples.items()}
             out[f"batch{n}"] = {
                 "ms_per_batch": {k: round(v, 3) for k, v in ms.items()},
@@ -101,6 +108,33 @@ def bench_fetch(model: Path, rounds: int, calls: int, batches: tuple[int, ...]) 
                 "decoder_and_fetch_ratio": round(ms["grafted-fetch"] / ms["base"], 4),
             }
         return out
+
+
+def bench_unfetched_branch(calls: int = 5) -> dict:
+    """ms a run of a graph whose second output ends a 10-MatMul branch, fetching one output or both."""
+    import onnxruntime as ort
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).random((512, 512), np.float32), "w")
+    nodes, previous = [helper.make_node("Identity", ["x"], ["cheap"])], "x"
+    for i in range(10):
+        nodes.append(helper.make_node("MatMul", [previous, "w"], [f"h{i}"]))
+        previous = f"h{i}"
+    nodes.append(helper.make_node("Identity", [previous], ["costly"]))
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [256, 512])
+    graph = helper.make_graph(nodes, "branch", [value("x")], [value("cheap"), value("costly")], [weight])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    x = np.ones((256, 512), np.float32)
+    out: dict[str, list[float]] = {"cheap": [], "cheap+costly": []}
+    for _ in range(calls):
+        for key, names in (("cheap", ["cheap"]), ("cheap+costly", ["cheap", "costly"])):
+            start = time.perf_counter()
+            session.run(names, {"x": x})
+            out[key].append((time.perf_counter() - start) * 1000.0)
+    return {key: round(statistics.median(values), 2) for key, values in out.items()}
 
 
 def bench_region(sides: tuple[int, ...], calls: int) -> dict:
@@ -127,6 +161,7 @@ def main() -> None:
     args = parser.parse_args()
     result = {
         "model": args.model.name, "rounds": args.rounds, "calls": args.calls,
+        "unfetched_branch_ms": bench_unfetched_branch(),
         "fetch": bench_fetch(args.model, args.rounds, args.calls, tuple(args.batches)),
         "region_ms": bench_region((256, 512, 1024, 4096), calls=50),
     }
