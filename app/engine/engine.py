@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from app.core import formats
-from app.core.contract import ModelMetadata
+from app.core.contract import META_LOCALISATION, TUMOUR_MAP_NAME, ModelMetadata
 from app.core.decision import Decision
 from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
 from app.core.model import ModelFile, variant_path
@@ -86,6 +86,11 @@ class Engine:
             model = ModelFile.load(file)
             runner = Runner.load(model, options.runtime)
         runner.warm_up()
+        output, spec = f"{TUMOUR_MAP_NAME} output", f"{META_LOCALISATION} metadata"
+        if TUMOUR_MAP_NAME in model.outputs and not model.localises:
+            log.warning("model %s has %s but not %s: it reports no tumour region", path.name, output, spec)
+        elif model.metadata.localisation is not None and not model.localises:
+            log.warning("model %s has %s but not %s: it reports no tumour region", path.name, spec, output)
         if variant != "fp32":  # the same model, quantised or in half precision: say which file that is
             log.info("model %s: serving its %s variant, the file %s", path.name, variant, file)
         return cls(model, runner, options, variant)

@@ -227,14 +227,16 @@ def test_a_localising_model_gives_the_region_of_its_map_from_the_same_pass(tmp_p
     assert engine.describe()["localisation"] == {"threshold": 0.5, "min_area": 0.002}
 
 
-def test_a_tumour_map_without_its_metadata_is_not_fetched_and_gives_no_region(tmp_path):
+def test_a_tumour_map_without_its_metadata_is_not_fetched_and_gives_no_region(tmp_path, caplog):
     path = build_model(tmp_path / "m.onnx", size=64, localisation=LOCALISATION)
     proto = onnx.load(str(path))
     kept = [p for p in proto.metadata_props if p.key != META_LOCALISATION]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
     onnx.save(proto, str(path))
-    engine = Engine.load(path, EngineOptions(tumour_threshold=0.0))
+    with caplog.at_level("WARNING", logger="app.engine.engine"):
+        engine = Engine.load(path, EngineOptions(tumour_threshold=0.0))
+    assert "has tumour_map output but not btd.localisation metadata" in caplog.text
     assert not engine.model.localises and TUMOUR_MAP_NAME not in engine.runner._names(True)
     result = engine.predict(tumour_slice_png())
     assert result.tumour_detected is True and result.region is None and engine.describe()["localisation"] is None
