@@ -8,7 +8,7 @@ import pytest
 
 from app.core.contract import Framing, LocalisationSpec, ModelMetadata, PreprocessSpec
 from app.core.region import CELL_PIXELS, MAX_PARTS, MAX_POINTS, tumour_region
-from app.core.result import ModelOutput
+from app.core.result import ModelOutput, Prediction
 from app.engine.pipeline import Prepared, ResultBuilder
 
 SPEC = LocalisationSpec(threshold=0.5, min_area=0.001)
@@ -149,3 +149,4 @@ def test_a_prediction_has_a_region_only_for_an_assessed_called_tumour(logits, oo
     if expected:
         assert result.tumour_detected is True and result.to_dict()["region"]["box"]["width"] > 0
         assert result.timings_ms.region >= 0.0
+        assert Prediction.from_dict(result.to_dict()) == result  # a remote client reads the region back
