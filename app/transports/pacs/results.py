@@ -75,7 +75,7 @@ def read_source(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
             raise InvalidImage(f"the DICOM header could not be read ({type(exc).__name__})") from None
 
 
-def _evidence(source: Dataset) -> Dataset:
+def evidence_copy(source: Dataset) -> Dataset:
     """A copy of the header with the type-2 patient/study attributes present (empty when absent)."""
     evidence = copy.deepcopy(source)
     for keyword in TYPE2_COPIED:
@@ -237,16 +237,16 @@ def build_sr(source: Dataset, result: Prediction) -> hd.sr.ComprehensiveSR:
         designator=LOCAL_SCHEME, name="btd model classes and outputs", responsible_organization=MANUFACTURER)
     key = (model.sha256, f"{result.threshold:g}")
     return hd.sr.ComprehensiveSR(
-        evidence=[_evidence(source)], content=report[0],
+        evidence=[evidence_copy(source)], content=report[0],
         series_instance_uid=result_uid("sr-series", source.SeriesInstanceUID, *key), series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=result_uid("sr", source.SOPInstanceUID, *key), instance_number=_instance_number(source),
+        sop_instance_uid=result_uid("sr", source.SOPInstanceUID, *key), instance_number=instance_number_of(source),
         manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
         series_description=SERIES_DESCRIPTION, manufacturer_model_name=model.name[:64],
         software_versions=model.version[:64], coding_schemes=[scheme],
     )
 
 
-def _instance_number(source: Dataset) -> int:
+def instance_number_of(source: Dataset) -> int:
     try:
         return max(1, int(source.get("InstanceNumber") or 1))
     except (TypeError, ValueError):
@@ -352,12 +352,12 @@ def build_overlay(source: Dataset, result: Prediction) -> hd.sc.SCImage | None:
     orientation = patient_orientation(source)
     key = (result.model.sha256, f"{result.threshold:g}")
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=_evidence(source), pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        ref_dataset=evidence_copy(source), pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", patient_orientation=("L", "P"),  # highdicom takes single letters: set below
         series_instance_uid=result_uid("overlay-series", source.SeriesInstanceUID, *key),
         series_number=OVERLAY_SERIES_NUMBER,
         sop_instance_uid=result_uid("overlay", source.SOPInstanceUID, *key),
-        instance_number=_instance_number(source), manufacturer=MANUFACTURER,
+        instance_number=instance_number_of(source), manufacturer=MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian, series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=result.model.name[:64], software_versions=result.model.version[:64],
     )

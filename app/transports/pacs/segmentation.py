@@ -22,8 +22,8 @@ from app.core.result import Prediction, Region
 from app.transports.pacs.results import (
     MANUFACTURER,
     SERIES_DESCRIPTION,
-    _evidence,
-    _instance_number,
+    evidence_copy,
+    instance_number_of,
     result_uid,
 )
 
@@ -66,14 +66,14 @@ def build_segmentation(source: Dataset, result: Prediction) -> hd.seg.Segmentati
     )
     key = (result.model.sha256, f"{result.threshold:g}")
     seg = hd.seg.Segmentation(
-        source_images=[_evidence(source)],
+        source_images=[evidence_copy(source)],
         pixel_array=mask[None],
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment],
         series_instance_uid=result_uid("seg-series", source.SeriesInstanceUID, *key),
         series_number=SEG_SERIES_NUMBER,
         sop_instance_uid=result_uid("seg", source.SOPInstanceUID, *key),
-        instance_number=_instance_number(source),
+        instance_number=instance_number_of(source),
         manufacturer=MANUFACTURER,
         manufacturer_model_name=result.model.name[:64],
         software_versions=result.model.version[:64],
