@@ -40,13 +40,13 @@ from app.transports.pacs.results import (
     TUMOUR,
     TUMOUR_PROBABILITY,
     TUMOUR_THRESHOLD,
-    _evidence,
     _local,
     _probability_code,
     algorithm_of,
     build_overlay,
     class_code,
     device_observer,
+    evidence_copy,
     procedure_of,
     result_uid,
     source_image,
@@ -198,7 +198,7 @@ def _evidence_of(slices: Sequence[ClassifiedSlice]) -> list[Dataset]:
     for s in slices:
         seen.setdefault(str(s.source.SOPInstanceUID), s.source)
     first, *others = seen.values()
-    return [_evidence(first), *(_uids_of(ds) for ds in others)]
+    return [evidence_copy(first), *(_uids_of(ds) for ds in others)]
 
 
 def _uids_of(source: Dataset) -> Dataset:
