@@ -7,12 +7,13 @@ study, built with highdicom:
   source images), then one compact group per slice (its class probabilities, or why it was not
   assessed), the model as algorithm (TID 4019) and observing device;
 - ONE **Key Object Selection** document ("Of Interest") flagging the key slices;
-- a CAM overlay **Secondary Capture** for each key slice only (``results.build_overlay``).
+- a CAM overlay **Secondary Capture** for each key slice only (``results.build_overlay``);
+- ONE **Segmentation** (``segmentation``) of the tumour region, when the model localises and the series
+  finding is a tumour: a frame per slice with a region (single-frame sources), each on its source's
+  geometry; the SR references its segment (a TID 1411 volumetric group) and lists it as evidence.
 
 A series with no assessed slice gets the SR alone, saying not assessed and why. UIDs derive from the
 source series' UID, the model's sha256 and the threshold (a retried send replaces, never duplicates).
-A DICOM SEG of the tumour region is one more builder in ``SERIES_BUILDERS`` once the model has a
-localisation output.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
 
 from app.core.result import Prediction
 from app.core.series import ORDERING_WARNINGS, Ordering, SeriesFinding
@@ -51,6 +53,7 @@ from app.transports.pacs.results import (
     result_uid,
     source_image,
 )
+from app.transports.pacs.segmentation import SEGMENT_LABEL, SEGMENT_NUMBER, on_its_frame, segmentation_of
 
 SERIES_SR_SERIES_NUMBER = 9911
 KOS_SERIES_NUMBER = 9912
@@ -102,6 +105,17 @@ class ClassifiedSeries:
     def uid(self, kind: str, *more: object) -> str:
         model = self.finding.model
         return result_uid(kind, self.first.SeriesInstanceUID, model.sha256, f"{self.finding.threshold:g}", *more)
+
+
+def segmented(result: ClassifiedSeries) -> list[ClassifiedSlice]:
+    """The slices the series' Segmentation covers: none unless the series finding is a tumour; else
+    those with a tumour region on a single-frame source with its geometry, the size of the first."""
+    if not result.finding.tumour_detected:
+        return []
+    slices = [s for s in result.slices if s.prediction.region is not None and s.frame is None
+              and on_its_frame(s.source)]
+    size = slices and (slices[0].source.Rows, slices[0].source.Columns)
+    return [s for s in slices if (s.source.Rows, s.source.Columns) == size]
 
 
 def summary_text(result: ClassifiedSeries) -> str:
@@ -208,14 +222,39 @@ def _uids_of(source: Dataset) -> Dataset:
     return ds
 
 
-def build_series_sr(result: ClassifiedSeries) -> list[Dataset]:
-    """The one Comprehensive SR of the series."""
+def _segment_group(result: ClassifiedSeries,
+                   regions: Sequence[ClassifiedSlice]) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411: the series' tumour region, by reference to the Segmentation's segment on its slices."""
     finding = result.finding
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=result.uid("seg-tracking"),
+                                                     identifier=f"{SEGMENT_LABEL} by {finding.model.name}"[:64]),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=SegmentationStorage, sop_instance_uid=result.uid("seg"), segment_number=SEGMENT_NUMBER,
+            source_images=[hd.sr.SourceImageForSegmentation(s.source.SOPClassUID, s.source.SOPInstanceUID)
+                           for s in regions]),
+        finding_type=codes.SCT.Neoplasm, algorithm_id=algorithm_of(regions[0].prediction))
+
+
+def _segmentation_evidence(result: ClassifiedSeries) -> Dataset:
+    ds = Dataset()
+    ds.StudyInstanceUID = result.first.StudyInstanceUID
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = result.uid("seg-series"), result.uid("seg")
+    ds.SOPClassUID = SegmentationStorage
+    return ds
+
+
+def build_series_sr(result: ClassifiedSeries) -> list[Dataset]:
+    """The one Comprehensive SR of the series (referencing the Segmentation when there is one)."""
+    finding = result.finding
+    regions = segmented(result)
+    groups = [_series_group(result), *([_segment_group(result, regions)] if regions else [])]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(finding.model)),
-        procedure_reported=procedure_of(result.first), imaging_measurements=[_series_group(result)])
+        procedure_reported=procedure_of(result.first), imaging_measurements=groups)
+    evidence = _evidence_of(result.slices) + ([_segmentation_evidence(result)] if regions else [])
     sr = hd.sr.ComprehensiveSR(
-        evidence=_evidence_of(result.slices), content=report[0],
+        evidence=evidence, content=report[0],
         series_instance_uid=result.uid("series-sr-series"), series_number=SERIES_SR_SERIES_NUMBER,
         sop_instance_uid=result.uid("series-sr"), instance_number=1, manufacturer=MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False, series_description=SERIES_DESCRIPTION,
@@ -269,11 +308,21 @@ def build_key_overlays(result: ClassifiedSeries) -> list[Dataset]:
     return overlays
 
 
-# Each builder adds its objects; a DICOM SEG of the tumour region slots in here.
+def build_series_segmentation(result: ClassifiedSeries) -> list[Dataset]:
+    """The one Segmentation of the series' tumour region (none without a region: ``segmented``)."""
+    regions = segmented(result)
+    if not regions:
+        return []
+    return [segmentation_of([s.source for s in regions], [s.prediction for s in regions],
+                            series_instance_uid=result.uid("seg-series"), sop_instance_uid=result.uid("seg"),
+                            instance_number=1)]
+
+
+# Each builder adds its objects.
 SERIES_BUILDERS: tuple[Callable[[ClassifiedSeries], list[Dataset]], ...] = (
-    build_series_sr, build_key_objects, build_key_overlays)
+    build_series_sr, build_key_objects, build_key_overlays, build_series_segmentation)
 
 
 def build_series_results(result: ClassifiedSeries) -> list[Dataset]:
-    """The SR first, then the KOS and the key slices' overlays."""
+    """The SR first, then the KOS, the key slices' overlays and the Segmentation."""
     return [ds for build in SERIES_BUILDERS for ds in build(result)]
