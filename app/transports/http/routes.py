@@ -56,10 +56,11 @@ from app.transports.pacs.multipart import decode_related, media_type_params
 router = APIRouter()
 
 CAM_QUERY = Query("none", description="class activation map: none, png (images, base64) or grid (numbers)")
-FORMAT_QUERY = Query("json", alias="format", description="json, or dicom: a DICOM input's result objects (a Comprehensive SR and "
-                     "the CAM overlay as Secondary Capture) as multipart/related; the same as "
-                     'Accept: multipart/related; type="application/dicom". Accept: application/dicom gives the SR '
-                     "alone")
+FORMAT_QUERY = Query("json", alias="format", description="json, or dicom: a DICOM input's result objects as "
+                     "multipart/related (a slice: a Comprehensive SR and the CAM overlay as Secondary Capture; a "
+                     "series: its SR, Key Object Selection, key slices' overlays and tumour-region Segmentation); the "
+                     'same as Accept: multipart/related; type="application/dicom". Accept: application/dicom gives '
+                     "the SR alone")
 SERVER_TIMING = (*metrics.STAGES.items(), ("total", "total"))  # (metric name, timings_ms key)
 
 
