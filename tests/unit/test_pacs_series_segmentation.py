@@ -118,3 +118,13 @@ def test_no_region_on_any_slice_gives_no_segmentation(classified):
 def test_a_series_without_a_tumour_finding_gets_no_segmentation(classified):
     finding = replace(classified.finding, tumour_detected=False)
     assert _segmentations(build_series_results(ClassifiedSeries(classified.slices, finding))) == []
+
+
+def test_slices_off_the_first_ones_frame_of_reference_are_left_out(classified):
+    moved = classified.slices[-1].source.copy()
+    moved.FrameOfReferenceUID = "1.2.826.0.1.3680043.8.498.99"  # another frame of reference: another grid
+    slices = [*classified.slices[:-1], replace(classified.slices[-1], source=moved)]
+    (seg,) = _segmentations(build_series_results(ClassifiedSeries(slices, classified.finding)))
+    with_region = [s for s in slices[:-1] if s.prediction.region is not None]
+    assert classified.slices[-1].prediction.region is not None and seg.NumberOfFrames == len(with_region)
+    assert str(moved.SOPInstanceUID) not in str(seg.ReferencedSeriesSequence[0].to_json())

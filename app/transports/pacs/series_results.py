@@ -109,13 +109,17 @@ class ClassifiedSeries:
 
 def segmented(result: ClassifiedSeries) -> list[ClassifiedSlice]:
     """The slices the series' Segmentation covers: none unless the series finding is a tumour; else
-    those with a tumour region on a single-frame source with its geometry, the size of the first."""
+    those with a tumour region on a single-frame source with its geometry, of the first one's size and
+    frame of reference (one Segmentation's frames share both)."""
     if not result.finding.tumour_detected:
         return []
     slices = [s for s in result.slices if s.prediction.region is not None and s.frame is None
               and on_its_frame(s.source)]
-    size = slices and (slices[0].source.Rows, slices[0].source.Columns)
-    return [s for s in slices if (s.source.Rows, s.source.Columns) == size]
+    return [s for s in slices if _grid(s.source) == _grid(slices[0].source)]
+
+
+def _grid(source: Dataset) -> tuple:
+    return int(source.Rows), int(source.Columns), str(source.FrameOfReferenceUID)
 
 
 def summary_text(result: ClassifiedSeries) -> str:
