@@ -102,9 +102,7 @@ def test_the_series_sr_references_the_segment_and_lists_the_segmentation(classif
     reference = group.referenced_segment
     assert str(reference.referenced_sop_instance_uid) == str(seg.SOPInstanceUID)
     assert list(reference.referenced_segment_numbers) == [1]
-    # Its source images: the slices with a region, the SEG's frames.
-    assert {str(i.referenced_sop_instance_uid) for i in reference.source_images_for_segmentation} == {
-        str(s.source.SOPInstanceUID) for s in classified.slices if s.prediction.region is not None}
+    assert str(reference.source_series_for_segmentation.value) == str(classified.first.SeriesInstanceUID)
 
 
 def test_no_region_on_any_slice_gives_no_segmentation(classified):

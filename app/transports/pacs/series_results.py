@@ -228,15 +228,16 @@ def _uids_of(source: Dataset) -> Dataset:
 
 def _segment_group(result: ClassifiedSeries,
                    regions: Sequence[ClassifiedSlice]) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """TID 1411: the series' tumour region, by reference to the Segmentation's segment on its slices."""
+    """TID 1411: the series' tumour region, by reference to the Segmentation's segment of the series."""
     finding = result.finding
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=result.uid("seg-tracking"),
                                                      identifier=f"{SEGMENT_LABEL} by {finding.model.name}"[:64]),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=SegmentationStorage, sop_instance_uid=result.uid("seg"), segment_number=SEGMENT_NUMBER,
-            source_images=[hd.sr.SourceImageForSegmentation(s.source.SOPClassUID, s.source.SOPInstanceUID)
-                           for s in regions]),
+            # the source series, not each image: the Segmentation's frames name their images, and a
+            # hundred source images here cost highdicom's checks of the SR a noticeable fraction of a second
+            source_series=hd.sr.SourceSeriesForSegmentation(str(regions[0].source.SeriesInstanceUID))),
         finding_type=codes.SCT.Neoplasm, algorithm_id=algorithm_of(regions[0].prediction))
 
 
