@@ -89,26 +89,41 @@ async def _within(coro: Awaitable[T], timeout_s: float) -> T:
         raise InferenceTimeout(f"the series took longer than {timeout_s:g} s (BTD_SERIES_TIMEOUT_S)") from None
 
 
+@dataclass(frozen=True)
+class DicomSeriesAnswer:
+    """A DICOM series answered: its result, and per slice (slice order) the answer and the index of its
+    instance among those sent (a multi-frame instance holds several slices)."""
+
+    result: SeriesResult
+    answers: list[Answer]
+    instances: list[int]
+
+    @property
+    def facts(self) -> list[InputFacts | None]:
+        return [a.facts for a in self.answers]
+
+
 async def answer_dicom_series(service: InferenceService, instances: Sequence[bytes], limits: SeriesLimits,
-                              cam: str = "none") -> tuple[SeriesResult, list[InputFacts | None]]:
-    """The instances of one DICOM series -> (its result, each slice's record facts, in slice order).
-    Each header is read in the isolated DICOM worker (under its limits), never in the server."""
+                              cam: str = "none", source: bool = False) -> DicomSeriesAnswer:
+    """The instances of one DICOM series -> its answer. Each header is read in the isolated DICOM worker
+    (under its limits), never in the server; ``source``: each answer carries the attributes DICOM results
+    copy (``Answer.source``)."""
     service.refuse_if_full()
-    return await _within(_dicom(service, instances, limits, cam), limits.timeout_s)
+    return await _within(_dicom(service, instances, limits, cam, source), limits.timeout_s)
 
 
-async def _dicom(service: InferenceService, instances: Sequence[bytes], limits: SeriesLimits,
-                 cam: str) -> tuple[SeriesResult, list[InputFacts | None]]:
+async def _dicom(service: InferenceService, instances: Sequence[bytes], limits: SeriesLimits, cam: str,
+                 source: bool) -> DicomSeriesAnswer:
     max_pixels, limit = service.options.max_pixels, _concurrency(service)
     headers = await _bounded([lambda d=d: service.host.run_isolated(read_slice_geometry, d, max_pixels)
                               for d in instances], limit)
     plan, ordering = plan_dicom_series(headers, limits.max_slices)
     answers: list[Answer] = await _bounded(
-        [lambda i=i, g=g: service.answer(instances[i], DICOM, cam, batch_file=True,
+        [lambda i=i, g=g: service.answer(instances[i], DICOM, cam, batch_file=True, source=source,
                                          frame_index=None if g.frame_number is None else g.frame_number - 1)
          for i, g, _ in plan], limit)
     slices = [(pos, g.instance_uid, g.frame_number, a.prediction) for (_, g, pos), a in zip(plan, answers)]
-    return SeriesResult.build("dicom", ordering, slices), [a.facts for a in answers]
+    return DicomSeriesAnswer(SeriesResult.build("dicom", ordering, slices), answers, [i for i, _, _ in plan])
 
 
 async def answer_volume(service: InferenceService, data: bytes, limits: SeriesLimits,

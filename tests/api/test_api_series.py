@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -12,12 +13,20 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from app.transports.pacs.multipart import encode_related
+from app.core.contract import LocalisationSpec
+from app.transports.pacs.multipart import DICOM, decode_related, encode_related
+from app.transports.pacs.results import encode, result_uid
 from tests.api.helpers import assert_matches_spec, assert_problem, png_bytes, running_app
+from tests.model_factory import build_model
+from tests.pacs.dicom_checks import SENTINEL_NAME, dciodvfy_errors
+from tests.pacs.series_data import series, synthetic_images
 
 nib = pytest.importorskip("nibabel")
 SERIES = "/v1/predict/series"
 SERIES_UID = generate_uid()
+STUDY_UID = result_uid("api series study")
+SR_CLASS, KOS_CLASS = "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.59"
+SC_CLASS, SEG_CLASS = "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 def mr(z: float, number: int, *, series_uid: str = SERIES_UID) -> tuple[bytes, str]:
@@ -58,9 +67,9 @@ def enhanced_mr(heights: list[float]) -> tuple[bytes, str]:
     return buffer.getvalue(), uid
 
 
-def post_dicom(client, parts: list[bytes], **kwargs):
+def post_dicom(client, parts: list[bytes], headers: dict | None = None, **kwargs):
     body, content_type = encode_related(parts)
-    return client.post(SERIES, content=body, headers={"Content-Type": content_type}, **kwargs)
+    return client.post(SERIES, content=body, headers={"Content-Type": content_type, **(headers or {})}, **kwargs)
 
 
 def nifti(shape=(64, 64, 5), *, compress: bool = True) -> bytes:
@@ -149,9 +158,59 @@ def test_bad_bodies_are_4xx_problems(client):
                    "unsupported-media-type")
 
 
-def test_dicom_results_of_a_series_are_not_served_yet(client):
-    response = post_dicom(client, [mr(0.0, 1)[0]], params={"format": "dicom"})
-    assert_problem(response, 406, "not-acceptable")
+def axial_series(count: int = 5) -> list[bytes]:
+    """A synthetic axial FLAIR series (in the intended use: assessed) with a bright disc on each slice."""
+    return [encode(ds) for ds in series(synthetic_images(count, 128), study_uid=STUDY_UID, name="api axial")]
+
+
+def dicom_parts(response) -> list[pydicom.Dataset]:
+    assert response.headers["content-type"].startswith('multipart/related; type="application/dicom"')
+    parts = decode_related(response.content, response.headers["content-type"])
+    assert [t for t, _ in parts] == [DICOM] * len(parts)
+    return [pydicom.dcmread(io.BytesIO(p)) for _, p in parts]
+
+
+def test_format_dicom_answers_the_series_result_objects(client):
+    sent = axial_series()
+    response = post_dicom(client, sent, params={"format": "dicom"})
+    assert response.status_code == 200, response.text
+    assert_matches_spec(response)
+    objects = dicom_parts(response)
+    assert all(dciodvfy_errors(encode(ds)) == [] for ds in objects)
+    sr, kos, *overlays = objects
+    sources = {str(pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID) for d in sent}
+    assert (sr.SOPClassUID, kos.SOPClassUID) == (SR_CLASS, KOS_CLASS) and {o.SOPClassUID for o in overlays} == {SC_CLASS}
+    assert {ds.StudyInstanceUID for ds in objects} == {STUDY_UID} and sr.PatientName == SENTINEL_NAME
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert {str(i.ReferencedSOPInstanceUID) for i in evidence} == sources  # every slice of the series
+    # The KOS flags the JSON answer's key slices; each has its overlay. No Segmentation: the model has no map.
+    finding = post_dicom(client, sent).json()["finding"]
+    key = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in kos.ContentSequence if i.ValueType == "IMAGE"}
+    assert len(key) == len(finding["key_slices"]) >= 1 and key <= sources
+    assert {str(o.SourceImageSequence[0].ReferencedSOPInstanceUID) for o in overlays} == key
+    # Accept: application/dicom: the same SR alone.
+    alone = post_dicom(client, sent, headers={"Accept": DICOM})
+    assert alone.status_code == 200 and alone.headers["content-type"] == DICOM
+    assert pydicom.dcmread(io.BytesIO(alone.content)).SOPInstanceUID == sr.SOPInstanceUID
+
+
+def test_a_localising_model_adds_one_segmentation_of_the_tumour_region(tmp_path):
+    model = build_model(tmp_path / "localising.onnx", size=64, localisation=LocalisationSpec(0.5, 0.001))
+    sent = axial_series()
+    with running_app(model, tumour_threshold=0.0) as client:  # every assessed slice: a called tumour
+        objects = dicom_parts(post_dicom(client, sent, params={"format": "dicom"}))
+    (seg,) = [ds for ds in objects if ds.SOPClassUID == SEG_CLASS]
+    assert objects[0].SOPClassUID == SR_CLASS and dciodvfy_errors(encode(seg)) == []
+    read = hd.seg.segread(io.BytesIO(encode(seg)))
+    sources = {str(pydicom.dcmread(io.BytesIO(d)).SOPInstanceUID) for d in sent}
+    frames = {uid for _, _, uid in read.get_source_image_uids()}
+    assert read.NumberOfFrames == len(frames) >= 1 and frames <= sources and read.StudyInstanceUID == STUDY_UID
+
+
+def test_dicom_results_of_a_nifti_volume_are_406(client):
+    response = client.post(SERIES, params={"format": "dicom"}, content=nifti(),
+                           headers={"Content-Type": "application/gzip"})
+    assert "NIfTI volume" in assert_problem(response, 406, "not-acceptable")["detail"]
 
 
 def test_limits_on_slices_and_inflated_volume(model_path):

@@ -4,7 +4,8 @@ geometry; the same slices as a sagittal series; and as a T2 series), Orthanc's r
 each MR instance to the series-mode listener, and the study gets back exactly one SR per series, one
 KOS for the one assessed series (flagging 1 to 5 key slices), and an overlay of each key slice; the sagittal and T2
 series' SRs say not assessed and why. ``dciodvfy`` and highdicom read every result. Then ``btd dicomweb``'s
-series mode fetches the study with QIDO/WADO-RS and stores another model's results with STOW-RS.
+series mode fetches the study with QIDO/WADO-RS and stores another model's results with STOW-RS: a
+localising model, so the assessed series also gets one DICOM Segmentation of its tumour region.
 Skipped, with the reason, without Orthanc or the data set.
 """
 
@@ -19,6 +20,7 @@ import highdicom as hd
 import pydicom
 import pytest
 
+from app.core.contract import LocalisationSpec
 from app.transports.pacs.assembly import SeriesLimits
 from app.transports.pacs.dicomweb import process_study_series
 from app.transports.pacs.listener import ListenerOptions, SeriesListener
@@ -35,6 +37,7 @@ from tests.pacs.test_pacs_roundtrip import MR, SC, SR, wait_for
 
 pytestmark = pytest.mark.slow
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 STUDY = result_uid("series round trip study")
 
 
@@ -131,7 +134,9 @@ def test_dicomweb_fetches_the_study_series_by_series_and_stows_their_results(pac
     if len(_of(server, SR)) < 3:  # the study is there after the test above; make it so when run alone
         test_a_routed_study_gets_one_sr_per_series_and_one_kos_per_assessed_series(pacs, logging.getLogger())
     before = {i["SOPInstanceUID"] for i in _of(server, SR) + _of(server, KOS)}
-    other = SeriesClassifier(build_model(tmp_path / "other.onnx", seed=7, version="0.0.2-test"), batch_size=4)
+    # A localising model that calls every assessed slice a tumour: the axial series gets a Segmentation.
+    model = build_model(tmp_path / "other.onnx", seed=7, version="0.0.2-test", localisation=LocalisationSpec(0.5, 0.001))
+    other = SeriesClassifier(model, batch_size=4, tumour_threshold=0.0)
     sender = StowSender(server.dicomweb_url)
     processor = SeriesProcessor(other, sender, StudyTracker(sender.description), RetryPolicy(retries=1))
     try:
@@ -144,3 +149,12 @@ def test_dicomweb_fetches_the_study_series_by_series_and_stows_their_results(pac
     for found in new:
         ds = pydicom.dcmread(io.BytesIO(server.file(found["ID"])))
         assert ds.StudyInstanceUID == STUDY and (ds.SOPClassUID == KOS or str(ds.SoftwareVersions) == "0.0.2-test")
+    (seg,) = _of(server, SEG)  # one per assessed series with a tumour: the axial one
+    data = server.file(seg["ID"])
+    assert dciodvfy_errors(data) == []
+    read = hd.seg.segread(io.BytesIO(data))
+    axial_uid = result_uid("test series", STUDY, "axial flair")  # as tests.pacs.series_data names it
+    axial = {i["SOPInstanceUID"] for i in server.instances_of_study(STUDY)
+             if i.get("SeriesInstanceUID") == axial_uid and i.get("SOPClassUID") == MR}
+    sources = {uid for _, _, uid in read.get_source_image_uids()}
+    assert read.StudyInstanceUID == STUDY and 1 <= read.NumberOfFrames == len(sources) and sources <= axial

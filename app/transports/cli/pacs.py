@@ -88,7 +88,8 @@ def _processor(args: argparse.Namespace, *, study_idle_s: float, default_stow: s
     if series_mode(args):
         from app.transports.pacs.series_processing import SeriesClassifier, SeriesProcessor
 
-        classifier = SeriesClassifier(model, settings.series_batch_size, open_store(args.store), settings.max_pixels)
+        classifier = SeriesClassifier(model, settings.series_batch_size, open_store(args.store), settings.max_pixels,
+                                      settings.tumour_threshold)
         return SeriesProcessor(classifier, sender, tracker, retry)
     return Processor(LocalClassifier(model, open_store(args.store)), sender, tracker, retry)
 

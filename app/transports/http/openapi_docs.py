@@ -65,7 +65,7 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
                          "(Secondary Capture) as multipart/related, or the SR alone as application/dicom",
           "headers": {
               **REQUEST_ID_HEADER,
-              "Server-Timing": {"description": "decode, preprocess, queue, infer, cam, total (ms)",
+              "Server-Timing": {"description": "decode, preprocess, queue, infer, cam, region, total (ms)",
                                 "schema": {"type": "string"}}},
           "content": {
               "multipart/related": {"schema": {**BINARY, "description": 'type="application/dicom": one part per '
@@ -95,14 +95,24 @@ BATCH_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 SERIES_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the series finding (app.core.series.aggregate: the rule is in its 'rule' member) and "
-                         "every slice's prediction in slice order", "headers": REQUEST_ID_HEADER},
+                         "every slice's prediction in slice order: JSON; or, for DICOM instances with format=dicom "
+                         "or a DICOM Accept header, the series' result objects (DICOM Part 10) as the series-mode "
+                         "PACS listener stores them: one Comprehensive SR (TID 1500), a Key Object Selection of the "
+                         "key slices, a CAM overlay (Secondary Capture) per key slice and, from a localising model "
+                         "with a tumour found, one Segmentation of the tumour region, as multipart/related; or the "
+                         "SR alone as application/dicom",
+          "headers": REQUEST_ID_HEADER,
+          "content": {
+              "multipart/related": {"schema": {**BINARY, "description": 'type="application/dicom": one part per '
+                                                                      "object, the SR first"}},
+              "application/dicom": {"schema": {**BINARY, "description": "the SR"}}}},
     400: problem("bad-request: malformed multipart body, no instance, instances of more than one series (Series "
                  "Instance UID) or without one; invalid-image: an unreadable DICOM instance, a body that is not a "
                  "single-file NIfTI-1/2 volume, a 2-D or 4-D NIfTI (one 3-D volume only), corrupt or truncated gzip; "
                  + INVALID_HOST),
     **_ACCESS,
-    406: problem("not-acceptable: DICOM results (format=dicom, a DICOM Accept header) are not served for a series "
-                 "yet; ask for JSON"),
+    406: problem("not-acceptable: DICOM results (format=dicom, a DICOM Accept header) asked for a NIfTI volume "
+                 "(they copy and reference a DICOM source study)"),
     **_UPLOAD,
     413: problem("payload-too-large: body over BTD_MAX_BODY_BYTES, more slices than BTD_MAX_SERIES_SLICES, a NIfTI "
                  "over BTD_MAX_VOLUME_BYTES once inflated, a slice over BTD_MAX_PIXELS"),

@@ -35,7 +35,12 @@ from app.engine.service import InferenceService
 from app.settings import Settings
 from app.transports.http import openapi_docs as docs
 from app.transports.http.audit import AuditLog
-from app.transports.http.dicom import ResultFormat, dicom_objects_wanted, dicom_response
+from app.transports.http.dicom import (
+    ResultFormat,
+    dicom_objects_wanted,
+    dicom_response,
+    dicom_series_response,
+)
 from app.transports.http.middleware import route_template
 from app.transports.http.problems import problem_of, problem_response, request_id_of
 from app.transports.http.schemas import (
@@ -51,10 +56,11 @@ from app.transports.pacs.multipart import decode_related, media_type_params
 router = APIRouter()
 
 CAM_QUERY = Query("none", description="class activation map: none, png (images, base64) or grid (numbers)")
-FORMAT_QUERY = Query("json", alias="format", description="json, or dicom: a DICOM input's result objects (a Comprehensive SR and "
-                     "the CAM overlay as Secondary Capture) as multipart/related; the same as "
-                     'Accept: multipart/related; type="application/dicom". Accept: application/dicom gives the SR '
-                     "alone")
+FORMAT_QUERY = Query("json", alias="format", description="json, or dicom: a DICOM input's result objects as "
+                     "multipart/related (a slice: a Comprehensive SR and the CAM overlay as Secondary Capture; a "
+                     "series: its SR, Key Object Selection, key slices' overlays and tumour-region Segmentation); the "
+                     'same as Accept: multipart/related; type="application/dicom". Accept: application/dicom gives '
+                     "the SR alone")
 SERVER_TIMING = (*metrics.STAGES.items(), ("total", "total"))  # (metric name, timings_ms key)
 
 
@@ -247,20 +253,29 @@ async def read_series(request: Request, max_slices: int) -> tuple[list[bytes], b
 async def predict_series(request: Request, result_format: ResultFormat = FORMAT_QUERY,
                          service: InferenceService = Depends(get_service),
                          settings: Settings = Depends(get_settings)) -> Response:
+    dicom = None
     try:
-        if dicom_objects_wanted(result_format, request.headers.get("accept")) is not None:
-            raise NotAcceptable("DICOM results of a series are not served yet; ask for JSON")
+        objects = dicom_objects_wanted(result_format, request.headers.get("accept"))
         limits = settings.series_limits()
         instances, volume = await read_series(request, limits.max_slices)
         if volume is not None:
+            if objects is not None:
+                raise NotAcceptable("DICOM results need DICOM instances: they copy the source study's patient and "
+                                    "study and reference its slices, and a NIfTI volume has none; ask for JSON")
             series, facts = await answer_volume(service, volume, limits)
+        elif objects is not None:
+            dicom, answered = await dicom_series_response(service, instances, limits, objects)
+            series, facts = answered.result, answered.facts
         else:
-            series, facts = await answer_dicom_series(service, instances, limits)
+            answered = await answer_dicom_series(service, instances, limits)
+            series, facts = answered.result, answered.facts
     except ServiceError as error:
         audit_prediction(request, service, error=error)
         raise
     for item, fact in zip(series.slices, facts):
         audit_prediction(request, service, index=item.index, result=item.result, facts=fact)
+    if dicom is not None:
+        return dicom
     body = {"request_id": request_id_of(request), **series.to_dict()}
     return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 

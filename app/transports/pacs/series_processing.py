@@ -7,8 +7,8 @@
 2. an *aggregate* callable turns the slices' predictions into the one :class:`SeriesFinding`
    (``app.core.series.aggregate`` unless another is given: the seam the tests use until it lands);
 3. the key slices are classified again with their CAM images, for their overlays;
-4. ``series_results.build_series_results`` makes the SR, the KOS and the key overlays, which the
-   sender stores with retries.
+4. ``series_results.build_series_results`` makes the SR, the KOS, the key overlays and the tumour
+   region's Segmentation, which the sender stores with retries.
 
 One log line per series (counts and the finding, never a tag value).
 """
@@ -70,11 +70,13 @@ class SeriesClassifier:
     decoded in an isolated worker process under the service's limits."""
 
     def __init__(self, model_path: Path, batch_size: int = 8, records: RecordWriter | None = None,
-                 max_pixels: int | None = None) -> None:
+                 max_pixels: int | None = None, tumour_threshold: float | None = None) -> None:
         from app.engine.engine import Engine, EngineOptions
         from app.engine.runner import default_buckets
 
-        options = EngineOptions() if max_pixels is None else EngineOptions(max_pixels=max_pixels)
+        options = EngineOptions(tumour_threshold=tumour_threshold)  # None: the model's own (BTD_TUMOUR_THRESHOLD)
+        if max_pixels is not None:
+            options = replace(options, max_pixels=max_pixels)
         options = replace(options, runtime=replace(options.runtime, buckets=default_buckets(batch_size)))
         self.engine = Engine.load(model_path, options)
         self.batch_size = batch_size

@@ -7,12 +7,13 @@ study, built with highdicom:
   source images), then one compact group per slice (its class probabilities, or why it was not
   assessed), the model as algorithm (TID 4019) and observing device;
 - ONE **Key Object Selection** document ("Of Interest") flagging the key slices;
-- a CAM overlay **Secondary Capture** for each key slice only (``results.build_overlay``).
+- a CAM overlay **Secondary Capture** for each key slice only (``results.build_overlay``);
+- ONE **Segmentation** (``segmentation``) of the tumour region, when the model localises and the series
+  finding is a tumour: a frame per slice with a region (single-frame sources), each on its source's
+  geometry; the SR references its segment (a TID 1411 volumetric group) and lists it as evidence.
 
 A series with no assessed slice gets the SR alone, saying not assessed and why. UIDs derive from the
 source series' UID, the model's sha256 and the threshold (a retried send replaces, never duplicates).
-A DICOM SEG of the tumour region is one more builder in ``SERIES_BUILDERS`` once the model has a
-localisation output.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import SegmentationStorage
 
 from app.core.result import Prediction
 from app.core.series import ORDERING_WARNINGS, Ordering, SeriesFinding
@@ -40,17 +42,18 @@ from app.transports.pacs.results import (
     TUMOUR,
     TUMOUR_PROBABILITY,
     TUMOUR_THRESHOLD,
-    _evidence,
     _local,
     _probability_code,
     algorithm_of,
     build_overlay,
     class_code,
     device_observer,
+    evidence_copy,
     procedure_of,
     result_uid,
     source_image,
 )
+from app.transports.pacs.segmentation import SEGMENT_LABEL, SEGMENT_NUMBER, on_its_frame, segmentation_of
 
 SERIES_SR_SERIES_NUMBER = 9911
 KOS_SERIES_NUMBER = 9912
@@ -102,6 +105,21 @@ class ClassifiedSeries:
     def uid(self, kind: str, *more: object) -> str:
         model = self.finding.model
         return result_uid(kind, self.first.SeriesInstanceUID, model.sha256, f"{self.finding.threshold:g}", *more)
+
+
+def segmented(result: ClassifiedSeries) -> list[ClassifiedSlice]:
+    """The slices the series' Segmentation covers: none unless the series finding is a tumour; else
+    those with a tumour region on a single-frame source with its geometry, of the first one's size and
+    frame of reference (one Segmentation's frames share both)."""
+    if not result.finding.tumour_detected:
+        return []
+    slices = [s for s in result.slices if s.prediction.region is not None and s.frame is None
+              and on_its_frame(s.source)]
+    return [s for s in slices if _grid(s.source) == _grid(slices[0].source)]
+
+
+def _grid(source: Dataset) -> tuple:
+    return int(source.Rows), int(source.Columns), str(source.FrameOfReferenceUID)
 
 
 def summary_text(result: ClassifiedSeries) -> str:
@@ -198,7 +216,7 @@ def _evidence_of(slices: Sequence[ClassifiedSlice]) -> list[Dataset]:
     for s in slices:
         seen.setdefault(str(s.source.SOPInstanceUID), s.source)
     first, *others = seen.values()
-    return [_evidence(first), *(_uids_of(ds) for ds in others)]
+    return [evidence_copy(first), *(_uids_of(ds) for ds in others)]
 
 
 def _uids_of(source: Dataset) -> Dataset:
@@ -208,14 +226,40 @@ def _uids_of(source: Dataset) -> Dataset:
     return ds
 
 
-def build_series_sr(result: ClassifiedSeries) -> list[Dataset]:
-    """The one Comprehensive SR of the series."""
+def _segment_group(result: ClassifiedSeries,
+                   regions: Sequence[ClassifiedSlice]) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411: the series' tumour region, by reference to the Segmentation's segment of the series."""
     finding = result.finding
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=result.uid("seg-tracking"),
+                                                     identifier=f"{SEGMENT_LABEL} by {finding.model.name}"[:64]),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=SegmentationStorage, sop_instance_uid=result.uid("seg"), segment_number=SEGMENT_NUMBER,
+            # the source series, not each image: the Segmentation's frames name their images, and a
+            # hundred source images here cost highdicom's checks of the SR a noticeable fraction of a second
+            source_series=hd.sr.SourceSeriesForSegmentation(str(regions[0].source.SeriesInstanceUID))),
+        finding_type=codes.SCT.Neoplasm, algorithm_id=algorithm_of(regions[0].prediction))
+
+
+def _segmentation_evidence(result: ClassifiedSeries) -> Dataset:
+    ds = Dataset()
+    ds.StudyInstanceUID = result.first.StudyInstanceUID
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = result.uid("seg-series"), result.uid("seg")
+    ds.SOPClassUID = SegmentationStorage
+    return ds
+
+
+def build_series_sr(result: ClassifiedSeries) -> list[Dataset]:
+    """The one Comprehensive SR of the series (referencing the Segmentation when there is one)."""
+    finding = result.finding
+    regions = segmented(result)
+    groups = [_series_group(result), *([_segment_group(result, regions)] if regions else [])]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device_observer(finding.model)),
-        procedure_reported=procedure_of(result.first), imaging_measurements=[_series_group(result)])
+        procedure_reported=procedure_of(result.first), imaging_measurements=groups)
+    evidence = _evidence_of(result.slices) + ([_segmentation_evidence(result)] if regions else [])
     sr = hd.sr.ComprehensiveSR(
-        evidence=_evidence_of(result.slices), content=report[0],
+        evidence=evidence, content=report[0],
         series_instance_uid=result.uid("series-sr-series"), series_number=SERIES_SR_SERIES_NUMBER,
         sop_instance_uid=result.uid("series-sr"), instance_number=1, manufacturer=MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False, series_description=SERIES_DESCRIPTION,
@@ -269,11 +313,21 @@ def build_key_overlays(result: ClassifiedSeries) -> list[Dataset]:
     return overlays
 
 
-# Each builder adds its objects; a DICOM SEG of the tumour region slots in here.
+def build_series_segmentation(result: ClassifiedSeries) -> list[Dataset]:
+    """The one Segmentation of the series' tumour region (none without a region: ``segmented``)."""
+    regions = segmented(result)
+    if not regions:
+        return []
+    return [segmentation_of([s.source for s in regions], [s.prediction for s in regions],
+                            series_instance_uid=result.uid("seg-series"), sop_instance_uid=result.uid("seg"),
+                            instance_number=1)]
+
+
+# Each builder adds its objects.
 SERIES_BUILDERS: tuple[Callable[[ClassifiedSeries], list[Dataset]], ...] = (
-    build_series_sr, build_key_objects, build_key_overlays)
+    build_series_sr, build_key_objects, build_key_overlays, build_series_segmentation)
 
 
 def build_series_results(result: ClassifiedSeries) -> list[Dataset]:
-    """The SR first, then the KOS and the key slices' overlays."""
+    """The SR first, then the KOS, the key slices' overlays and the Segmentation."""
     return [ds for build in SERIES_BUILDERS for ds in build(result)]
