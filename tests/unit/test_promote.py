@@ -193,15 +193,17 @@ def test_btd_promote_accepts_the_shipped_model_against_itself_and_refuses_a_degr
 def test_readers_confirmed_cases_score_the_current_records_and_the_candidates_shadow(tmp_path: Path):
     import sqlalchemy as sa
 
-    from app.engine.records.schema import RECORDS, SHADOW_COMPARISONS
+    from app.engine.records.schema import FEEDBACK, RECORDS, SHADOW_COMPARISONS
     from app.engine.records.store import RecordStore
     from model_export.promote import confirmed_cases
 
     url = f"sqlite:///{tmp_path / 'btd.db'}"
     current, candidate = "a" * 64, "b" * 64
+    bare = f"sqlite:///{tmp_path / 'no-feedback.db'}"  # a database without the records' tables
+    assert confirmed_cases(bare, current, candidate, 0.95)["status"].startswith("unavailable")
     with RecordStore(url) as store:
         store.migrate()
-        assert confirmed_cases(url, current, candidate, 0.95)["status"].startswith("unavailable")
+        assert confirmed_cases(url, current, candidate, 0.95)["status"].startswith("0 confirmed cases")
         now = datetime.now(timezone.utc)
         calls, found = [True, False, True, False, True], [True, True, False, False, None]
         store.insert([{"recorded_at": now, "request_id": f"r{i}", "item": None, "transport": "http-v1",
@@ -213,16 +215,11 @@ def test_readers_confirmed_cases_score_the_current_records_and_the_candidates_sh
                        "shadow_model_sha256": candidate, "shadow_label": "glioma", "shadow_tumour_detected": present,
                        "shadow_assessed": True, "label_agrees": True, "tumour_agrees": True}
                       for i, present in enumerate(found[:4])], SHADOW_COMPARISONS)
-        feedback = sa.Table("reader_feedback", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
-                            sa.Column("prediction_id", sa.Integer), sa.Column("reader_id", sa.String(64)),
-                            sa.Column("label", sa.String(64)), sa.Column("tumour_present", sa.Boolean))
-        feedback.create(store.engine)
         ids = [r["id"] for r in store.rows(RECORDS)]
         readings = [{"prediction_id": ids[i], "reader_id": "x", "tumour_present": f} for i, f in enumerate(found[:4])]
         readings += [{"prediction_id": ids[4], "reader_id": "x", "tumour_present": True},
                      {"prediction_id": ids[4], "reader_id": "y", "tumour_present": False}]  # disagree: left out
-        with store.engine.begin() as connection:
-            connection.execute(sa.insert(feedback), readings)
+        store.insert([{**r, "created_at": now, "updated_at": now} for r in readings], FEEDBACK)
     result = confirmed_cases(url, current, candidate, 0.95)
     assert result["status"].startswith("4 confirmed cases (1 left out")
     assert (result["current"]["cases"], result["current"]["sensitivity"], result["current"]["specificity"]) == \
