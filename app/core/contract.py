@@ -27,6 +27,9 @@ FEATURES_NAME = "features"
 # Optional output (models from 1.2.0): [N] out-of-distribution score, larger = less like the training
 # data; compared with the threshold in ``META_OOD``. Models without it cannot say.
 OOD_NAME = "ood_score"
+# Optional output (models from 1.3.0): [N, 1, h, w] per-cell tumour probability in [0, 1] over the model's
+# input square (the square the features and the CAM cover); read with ``META_LOCALISATION``.
+TUMOUR_MAP_NAME = "tumour_map"
 
 # Keys of the ONNX model's metadata_props (values are strings; structured ones are JSON).
 META_CONTRACT = "btd.contract_version"
@@ -42,6 +45,7 @@ META_TRAINING_DATA = "btd.training_data"  # JSON summary of the training data
 META_METRICS = "btd.metrics"  # JSON test metrics measured on this file
 META_OOD = "btd.ood"  # JSON OodSpec, present when the graph has the ``OOD_NAME`` output
 META_VALIDATED = "btd.validated_for"  # JSON ValidatedUse; models without it get DEFAULT_VALIDATED
+META_LOCALISATION = "btd.localisation"  # JSON {"threshold": float, "min_area": float}, with ``TUMOUR_MAP_NAME``
 
 # The label meaning "no tumour"; tumour probability is 1 - p(this label) when present.
 NO_TUMOUR_LABEL = "notumor"
