@@ -150,3 +150,20 @@ def test_export_without_a_localiser_has_no_tumour_map(model_and_localiser, tmp_p
     proto = onnx.load(str(exporter.export(model, LABELS, PreprocessSpec(size=SIZE), tmp_path / "plain.onnx")))
     assert TUMOUR_MAP_NAME not in [o.name for o in proto.graph.output]
     assert META_LOCALISATION not in {p.key for p in proto.metadata_props}
+
+
+@pytest.mark.slow
+def test_quantization_keeps_the_tumour_map_decoder_in_float(model_and_localiser, tmp_path) -> None:
+    from model_export.data import scan_image_folder
+    from model_export.quantize import head_node_names, quantize_model
+    from tests.export.synthetic_mri import write_image_folder
+
+    model, state = model_and_localiser
+    path = exporter.export(model, LABELS, PreprocessSpec(size=SIZE), tmp_path / "loc.onnx", localiser=state)
+    head = head_node_names(onnx.load(str(path)).graph)
+    assert sum("conv" in name.lower() for name in head) == 7  # 3 projections + 4 decoder convolutions
+    write_image_folder(tmp_path / "imgs", per_class=2, size=SIZE)
+    out = quantize_model(path, tmp_path / "int8.onnx", scan_image_folder(tmp_path / "imgs"))
+    x = exporter.parity_inputs(SIZE, 2, seed=4)
+    fp32, int8 = (ort.InferenceSession(str(p)).run([TUMOUR_MAP_NAME], {INPUT_NAME: x})[0] for p in (path, out))
+    assert int8.shape == fp32.shape and np.isfinite(int8).all()
