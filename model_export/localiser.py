@@ -343,7 +343,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 def region_box(binary: np.ndarray, min_area: float) -> tuple[float, float, float, float] | None:
     """Bounding box (normalised x0 y0 x1 y1) of the largest connected region, or None when it is
     smaller than ``min_area`` of the square."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    count, _, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
     if count <= 1:
         return None
     k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
