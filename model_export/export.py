@@ -28,9 +28,9 @@ from app.core.contract import (
     FEATURES_NAME,
     INPUT_NAME,
     LOGITS_NAME,
-    META_LOCALISATION,
     OOD_NAME,
     TUMOUR_MAP_NAME,
+    LocalisationSpec,
     ModelMetadata,
     OodSpec,
     PreprocessSpec,
@@ -282,17 +282,14 @@ def export(
     meta = ModelMetadata(labels=tuple(labels), preprocess=spec, cam_weight=CAM_WEIGHT, cam_bias=CAM_BIAS,
                          temperature=temperature, tumour_threshold=threshold, model_name=name,
                          model_version=version, training_data=training_data or {}, metrics=metrics or {},
-                         ood=ood_spec)
+                         ood=ood_spec, localisation=None if not localiser else LocalisationSpec(
+                             threshold=float(localiser["threshold"]), min_area=float(localiser["min_area"])))
     try:
         proto = trace_to_onnx(module, spec.size, tmp, opset)
         check_classifier_initializers(proto.graph, len(labels))
         if fp16_weights:
             proto = store_weights_as_fp16(proto)
-        props = meta.to_props()
-        if localiser:
-            props[META_LOCALISATION] = json.dumps({"threshold": float(localiser["threshold"]),
-                                                   "min_area": float(localiser["min_area"])})
-        helper.set_model_props(proto, props)
+        helper.set_model_props(proto, meta.to_props())
         proto.producer_name = "btd model_export"
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))

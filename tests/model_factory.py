@@ -8,7 +8,10 @@ Shared by every engineer's tests (service, CLI, web, deploy)::
 The graph: ``image [N,3,S,S]`` -> Conv(k x k, stride k) -> Relu = ``features [N,K,S/k,S/k]``
 -> GlobalAveragePool -> Flatten -> Gemm(W [C,K], b [C], transB) = ``logits [N,C]``. With
 ``ood_threshold``, also ``ood_score [N]`` = the mean of the features, and ``btd.ood`` metadata
-with that threshold (as models from 1.2.0 have).
+with that threshold (as models from 1.2.0 have). With ``localisation``, also ``tumour_map [N,1,S/m,S/m]``
+(m = ``map_stride``) = sigmoid(8 * (the mean input intensity of each m x m cell - 0.5)), in the units the
+model sees (after its preprocessing window, before normalisation): the map is high where the input is
+bright, so a bright blob in a test image is its tumour region; and ``btd.localisation`` metadata.
 Weights are seeded, so the same arguments give the same file (and the same sha256).
 """
 
@@ -26,6 +29,8 @@ from app.core.contract import (
     INPUT_NAME,
     LOGITS_NAME,
     OOD_NAME,
+    TUMOUR_MAP_NAME,
+    LocalisationSpec,
     ModelMetadata,
     OodSpec,
     PreprocessSpec,
@@ -48,11 +53,13 @@ def build_model_proto(
     name: str = "btd-test",
     spec: PreprocessSpec | None = None,
     ood_threshold: float | None = None,
+    localisation: LocalisationSpec | None = None,
+    map_stride: int = 4,
 ) -> onnx.ModelProto:
     """A contract-conforming model. ``fp16_weights`` stores the classifier weight as float16 behind a
     Cast node (as the release model may); ``metadata`` overrides the default metadata entirely;
     ``spec`` the preprocessing (default: the current version at ``size``); ``ood_threshold`` adds the
-    ``ood_score`` output and its metadata."""
+    ``ood_score`` output and its metadata; ``localisation`` the ``tumour_map`` output and its metadata."""
     rng = np.random.default_rng(seed)
     num_classes = len(labels)
     conv_w = rng.normal(0, 0.5, (channels, 3, stride, stride)).astype(np.float32)
@@ -84,6 +91,18 @@ def build_model_proto(
     if ood_threshold is not None:
         nodes.append(helper.make_node("ReduceMean", [FEATURES_NAME], [OOD_NAME], axes=[1, 2, 3], keepdims=0))
         outputs.append(helper.make_tensor_value_info(OOD_NAME, TensorProto.FLOAT, ["N"]))
+    spec = spec or PreprocessSpec(size=size)
+    if localisation is not None:  # conv = 8 * (mean of channel 0's cell in [0, 1] units - 0.5), one node
+        steep, cell = 8.0, map_stride * map_stride
+        map_w = np.zeros((1, 3, map_stride, map_stride), np.float32)
+        map_w[0, 0] = steep * spec.std[0] / cell  # undo the normalisation: unit = x * std + mean
+        map_b = np.array([steep * (spec.mean[0] - 0.5)], np.float32)
+        initializers += [numpy_helper.from_array(map_w, "map.weight"), numpy_helper.from_array(map_b, "map.bias")]
+        nodes += [helper.make_node("Conv", [INPUT_NAME, "map.weight", "map.bias"], ["map_logit"],
+                                   kernel_shape=[map_stride, map_stride], strides=[map_stride, map_stride]),
+                  helper.make_node("Sigmoid", ["map_logit"], [TUMOUR_MAP_NAME])]
+        side = size // map_stride
+        outputs.append(helper.make_tensor_value_info(TUMOUR_MAP_NAME, TensorProto.FLOAT, ["N", 1, side, side]))
     graph = helper.make_graph(
         nodes, "btd-test", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, "H", "W"])],
         outputs, initializers,
@@ -91,14 +110,32 @@ def build_model_proto(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # readable by every onnxruntime >= 1.14
     meta = metadata or ModelMetadata(
-        labels=tuple(labels), preprocess=spec or PreprocessSpec(size=size), cam_weight="fc.weight",
+        labels=tuple(labels), preprocess=spec, cam_weight="fc.weight",
         cam_bias="fc.bias", temperature=temperature, tumour_threshold=0.5, model_name=name, model_version=version,
         training_data={"source": "synthetic"}, metrics={"accuracy": 0.25},
         ood=None if ood_threshold is None else OodSpec(threshold=ood_threshold, method="mean-feature (test)"),
+        localisation=localisation,
     )
     helper.set_model_props(model, meta.to_props())
     onnx.checker.check_model(model)
     return model
+
+
+def tumour_slice(shape: tuple[int, int] = (256, 320), blob: tuple[int, int] = (200, 100), radius: int = 20) -> np.ndarray:
+    """A uint8 slice: a grey head with a bright disc centred at ``blob`` (x, y), where a ``localisation``
+    model's tumour map is high (its region)."""
+    import cv2
+
+    img = np.zeros(shape, np.uint8)
+    cv2.ellipse(img, (shape[1] // 2, shape[0] // 2), (shape[1] // 3, shape[0] // 3 + 10), 0, 0, 360, 100, -1)
+    cv2.circle(img, blob, radius, 250, -1)
+    return img
+
+
+def tumour_slice_png(**kwargs) -> bytes:
+    import cv2
+
+    return cv2.imencode(".png", tumour_slice(**kwargs))[1].tobytes()
 
 
 def build_model(path: str | Path, **kwargs) -> Path:

@@ -27,8 +27,10 @@ FEATURES_NAME = "features"
 # Optional output (models from 1.2.0): [N] out-of-distribution score, larger = less like the training
 # data; compared with the threshold in ``META_OOD``. Models without it cannot say.
 OOD_NAME = "ood_score"
-# Optional output (models from 1.3.0): [N, 1, h, w] per-cell tumour probability in [0, 1] over the model's
-# input square (the square the features and the CAM cover); read with ``META_LOCALISATION``.
+# Optional output (supervised localisation): float32 [N, 1, h, w], per-pixel tumour probability in
+# [0, 1] over the model's input square (the square ``Framing`` places in the decoded image, the one
+# the features and the CAM cover; h and w are read from the output, 28 for a 224 input). Read with
+# ``META_LOCALISATION``; a model without both reports no tumour region.
 TUMOUR_MAP_NAME = "tumour_map"
 
 # Keys of the ONNX model's metadata_props (values are strings; structured ones are JSON).
@@ -45,7 +47,7 @@ META_TRAINING_DATA = "btd.training_data"  # JSON summary of the training data
 META_METRICS = "btd.metrics"  # JSON test metrics measured on this file
 META_OOD = "btd.ood"  # JSON OodSpec, present when the graph has the ``OOD_NAME`` output
 META_VALIDATED = "btd.validated_for"  # JSON ValidatedUse; models without it get DEFAULT_VALIDATED
-META_LOCALISATION = "btd.localisation"  # JSON {"threshold": float, "min_area": float}, with ``TUMOUR_MAP_NAME``
+META_LOCALISATION = "btd.localisation"  # JSON LocalisationSpec: how to read the ``TUMOUR_MAP_NAME`` output
 
 # The label meaning "no tumour"; tumour probability is 1 - p(this label) when present.
 NO_TUMOUR_LABEL = "notumor"
@@ -387,6 +389,30 @@ class OodSpec:
                    calibration=dict(raw.get("calibration", {})))
 
 
+@dataclass(frozen=True)
+class LocalisationSpec:
+    """How to read the model's ``TUMOUR_MAP_NAME`` output: a pixel whose map probability is at least
+    ``threshold`` belongs to the tumour region; a connected region smaller than ``min_area`` (a share
+    of the model's input square, in [0, 1]) is not reported."""
+
+    threshold: float = 0.5
+    min_area: float = 0.001
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"localisation threshold {self.threshold!r} must lie in (0, 1)")
+        if not 0.0 <= self.min_area < 1.0:
+            raise ValueError(f"localisation min_area {self.min_area!r} must lie in [0, 1)")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LocalisationSpec:
+        raw = json.loads(text)
+        return cls(threshold=float(raw["threshold"]), min_area=float(raw["min_area"]))
+
+
 # The names of planes and sequences the intended-use gate reads from a DICOM's headers
 # (``app.core.acquisition`` has the rules).
 PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal", "oblique")
@@ -441,11 +467,14 @@ class ModelMetadata:
     metrics: dict[str, Any] = field(default_factory=dict)
     ood: OodSpec | None = None
     validated: ValidatedUse = DEFAULT_VALIDATED
+    localisation: LocalisationSpec | None = None  # with the ``TUMOUR_MAP_NAME`` output: the tumour region
 
     def to_props(self) -> dict[str, str]:
         ood = {META_OOD: self.ood.to_json()} if self.ood is not None else {}
+        localisation = {META_LOCALISATION: self.localisation.to_json()} if self.localisation is not None else {}
         return {
             **ood,
+            **localisation,
             META_VALIDATED: self.validated.to_json(),
             META_CONTRACT: CONTRACT_VERSION,
             META_LABELS: json.dumps(list(self.labels)),
@@ -484,6 +513,8 @@ class ModelMetadata:
                 ood=OodSpec.from_json(props[META_OOD]) if META_OOD in props else None,
                 validated=ValidatedUse.from_json(props[META_VALIDATED]) if META_VALIDATED in props
                 else DEFAULT_VALIDATED,
+                localisation=LocalisationSpec.from_json(props[META_LOCALISATION]) if META_LOCALISATION in props
+                else None,
             )
         except KeyError as exc:
             raise ValueError(f"model metadata lacks {exc.args[0]}") from None

@@ -54,6 +54,9 @@ RESULTS_KEYWORDS = frozenset({
     # image pixel description: highdicom checks that a source is an image with some of them
     "Rows", "Columns", "SamplesPerPixel", "PixelRepresentation", "NumberOfFrames", "BitsAllocated",
     "PhotometricInterpretation",
+    # the slice's frame in the patient: a Segmentation of the tumour region lies on it (pacs.segmentation)
+    "FrameOfReferenceUID", "PositionReferenceIndicator", "ImagePositionPatient", "PixelSpacing", "SliceThickness",
+    "SpacingBetweenSlices",
     # General Equipment
     "Manufacturer", "InstitutionName", "InstitutionAddress", "StationName", "InstitutionalDepartmentName",
     "InstitutionalDepartmentTypeCodeSequence", "ManufacturerModelName", "DeviceSerialNumber", "DeviceUID",

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from app.core.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OOD_NAME, ModelMetadata
+from app.core.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OOD_NAME, TUMOUR_MAP_NAME, ModelMetadata
 
 # Reduced-precision variants live beside the model file: ``btd-resnet50.onnx`` ->
 # ``btd-resnet50-int8.onnx`` (``btd quantize``), ``btd-resnet50-fp16.onnx`` (``btd export --fp16``).
@@ -107,6 +107,12 @@ class ModelFile:
     @property
     def has_ood(self) -> bool:
         return OOD_NAME in self.outputs
+
+    @property
+    def localises(self) -> bool:
+        """The model gives a tumour map and says how to read it (``btd.localisation``): a tumour region.
+        Without both (older models, or a map without its metadata) there is no region."""
+        return TUMOUR_MAP_NAME in self.outputs and self.metadata.localisation is not None
 
     @classmethod
     def load(cls, path: str | Path) -> ModelFile:

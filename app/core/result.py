@@ -64,6 +64,46 @@ class CamGrid:
                                  "the top edge of the box, column 0 its left edge")]
 
 
+@dataclass(frozen=True)
+class RegionBox:
+    """A rectangle of the decoded image, in its pixels (x to the right, y down): the pixels
+    ``[x, x + width) x [y, y + height)``, inside the image."""
+
+    x: Annotated[int, Field(ge=0)]
+    y: Annotated[int, Field(ge=0)]
+    width: Annotated[int, Field(ge=1)]
+    height: Annotated[int, Field(ge=1)]
+
+
+@dataclass(frozen=True)
+class RegionPeak:
+    x: Annotated[float, Field(description="column of the pixel centre, in the decoded image's pixels")]
+    y: Annotated[float, Field(description="row of the pixel centre, in the decoded image's pixels")]
+    probability: Annotated[float, Field(ge=0, le=1, description="the tumour map's probability there")]
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where the model's tumour map places the tumour, in the decoded image's pixels: its map
+    (bilinear over the square the model saw, see ``CamBox``) thresholded, and the connected parts at
+    least the model's smallest area kept (largest first, at most a few)."""
+
+    contours: Annotated[list[list[list[float]]], Field(
+        description="the outer contour of each kept part, largest first: a closed polygon of [x, y] points (pixel "
+                    "centres, x to the right, y down), simplified to a bounded number of points")]
+    box: Annotated[RegionBox, Field(description="the bounding box of the kept parts")]
+    area_px: Annotated[float, Field(ge=0, description="their area, in the decoded image's pixels")]
+    area_share: Annotated[float, Field(ge=0, le=1, description="their area as a share of the model's input square")]
+    peak: Annotated[RegionPeak, Field(description="the region's point of highest tumour probability")]
+    threshold: Annotated[float, Field(description="the map probability from which a pixel is in the region "
+                                      "(the model's)")]
+    min_area: Annotated[float, Field(description="the smallest part reported, as a share of the model's input "
+                                     "square (the model's)")]
+    image_width: Annotated[int, Field(ge=1, description="the decoded image's width: the frame of these coordinates "
+                                      "(draw them over a picture of the image scaled to this size)")]
+    image_height: Annotated[int, Field(ge=1, description="the decoded image's height")]
+
+
 Cam = Annotated[CamPng | CamGrid, Field(discriminator="format")]
 OodReason = Literal["modality", "plane", "sequence", "model", "no-head", "small-image"]
 
@@ -76,6 +116,7 @@ class Timings:
     inference: float
     cam: float
     total: float
+    region: Annotated[float, Field(description="finding the tumour region (0 without one)")] = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +154,11 @@ class Prediction:
     acquisition: Annotated[Acquisition | None, Field(
         description="what an MR DICOM's headers say about the slice (the intended-use gate reads them); null "
                     "for a PNG, a JPEG or a DICOM of another modality (nothing to read)")] = None
+    region: Annotated[Region | None, Field(
+        description="the tumour region from the model's tumour map (the same forward pass), when the image is "
+                    "assessed and a tumour is called (tumour_detected true); null when the model has no tumour map "
+                    "(see GET /v1/model, localisation), when no tumour is called or the image is not assessed, or "
+                    "when no part of the thresholded map reaches the model's smallest area")] = None
 
     @property
     def assessed(self) -> bool:
@@ -151,3 +197,4 @@ class ModelOutput:
     queue_ms: float = 0.0
     inference_ms: float = 0.0
     batch_size: int = 1
+    tumour_map: Any = None  # np.ndarray [h, w] of a localising model (``ModelFile.localises``)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from app.core import formats
-from app.core.contract import ModelMetadata
+from app.core.contract import META_LOCALISATION, TUMOUR_MAP_NAME, ModelMetadata
 from app.core.decision import Decision
 from app.core.decode import DEFAULT_MAX_PIXELS, MultiframePolicy
 from app.core.model import ModelFile, variant_path
@@ -86,6 +86,11 @@ class Engine:
             model = ModelFile.load(file)
             runner = Runner.load(model, options.runtime)
         runner.warm_up()
+        output, spec = f"{TUMOUR_MAP_NAME} output", f"{META_LOCALISATION} metadata"
+        if TUMOUR_MAP_NAME in model.outputs and not model.localises:
+            log.warning("model %s has %s but not %s: it reports no tumour region", path.name, output, spec)
+        elif model.metadata.localisation is not None and not model.localises:
+            log.warning("model %s has %s but not %s: it reports no tumour region", path.name, spec, output)
         if variant != "fp32":  # the same model, quantised or in half precision: say which file that is
             log.info("model %s: serving its %s variant, the file %s", path.name, variant, file)
         return cls(model, runner, options, variant)
@@ -127,10 +132,12 @@ class Engine:
 
     def infer(self, tensors: Sequence[np.ndarray], features: Sequence[bool]) -> list[ModelOutput]:
         """One batch through the model; ``features[i]``: image i wants a CAM (the features output is
-        fetched only when some image does). Blocking."""
+        fetched only when some image does); a localising model's tumour map comes with every image.
+        Blocking."""
         out = self.runner.run(tensors, features=any(features))
         return [ModelOutput(out.logits[i], out.features[i] if want else None,
-                            None if out.ood_score is None else float(out.ood_score[i]))
+                            None if out.ood_score is None else float(out.ood_score[i]),
+                            tumour_map=None if out.tumour_map is None else out.tumour_map[i])
                 for i, want in enumerate(features)]
 
     def predict(self, data: bytes, media_type: str | None = None, cam: str = "none") -> Prediction:
@@ -145,7 +152,7 @@ class Engine:
         check_cam_mode(cam)
         infer_start = time.perf_counter()
         (output,) = self.infer([prepared.tensor], [cam != "none"])
-        output = ModelOutput(output.logits, output.features, output.ood_score, 0.0, ms_since(infer_start), 1)
+        output = replace(output, queue_ms=0.0, inference_ms=ms_since(infer_start), batch_size=1)
         return self.builder.build(prepared, output, cam, started=started)
 
     def describe(self) -> dict[str, Any]:
@@ -167,5 +174,6 @@ class Engine:
             "intra_op_threads": self.runner.intra_op_threads,
             "ood": None if meta.ood is None else asdict(meta.ood),
             "validated_for": asdict(meta.validated),
+            "localisation": asdict(meta.localisation) if self.model.localises else None,
             "formats": formats.describe(),
         }

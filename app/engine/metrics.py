@@ -21,7 +21,7 @@ REQUEST_DURATION = Histogram(
     ["route", "method", "status"], buckets=LATENCY_BUCKETS,
 )
 STAGE_DURATION = Histogram(
-    "btd_stage_duration_seconds", "Per-image duration of each pipeline stage (decode, preprocess, queue, infer, cam)",
+    "btd_stage_duration_seconds", "Per-image duration of each pipeline stage (decode, preprocess, queue, infer, cam, region)",
     ["stage"], buckets=STAGE_BUCKETS,
 )
 BATCH_SIZE = Histogram("btd_batch_size", "Images per model call (dynamic micro-batching)", buckets=BATCH_BUCKETS)
@@ -78,7 +78,8 @@ def method_label(method: str) -> str:
 
 
 # Pipeline stage -> the key of the response's timings_ms that measures it.
-STAGES = {"decode": "decode", "preprocess": "preprocess", "queue": "queue", "infer": "inference", "cam": "cam"}
+STAGES = {"decode": "decode", "preprocess": "preprocess", "queue": "queue", "infer": "inference", "cam": "cam",
+          "region": "region"}
 
 
 def observe_prediction(result: Prediction) -> None:

@@ -2,7 +2,7 @@
 bytes -> ``prepare`` (decode, frame, normalise, and the intended-use gate on an MR DICOM's headers:
 ``app.core.acquisition``; runs in a host worker) -> the model ->
 ``ResultBuilder.build`` (softmax with temperature, tumour decision, out-of-distribution verdict,
-CAM placed on the image) -> ``Prediction``. No FastAPI, no ONNX Runtime here.
+CAM placed on the image, tumour region) -> ``Prediction``. No FastAPI, no ONNX Runtime here.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from app.core.postprocess import (
     class_activation_map,
     gray_view,
 )
+from app.core.region import tumour_region
 from app.core.result import (
     GATE_PHRASE,
     OOD_PHRASE,
@@ -52,6 +53,7 @@ from app.core.result import (
     ModelIdentity,
     ModelOutput,
     Prediction,
+    Region,
     Timings,
 )
 
@@ -246,6 +248,17 @@ class ResultBuilder:
                       ood_score=ood_score, ood_threshold=None if meta.ood is None else meta.ood.threshold,
                       image_reasons=image_reasons)
 
+    def wants_region(self, output: ModelOutput, decision: Decision) -> bool:
+        """A region is drawn for an assessed image with a tumour called, of a localising model."""
+        return (self.metadata.localisation is not None and output.tumour_map is not None
+                and decision.tumour_detected is True)
+
+    def region(self, prepared: Prepared, output: ModelOutput, decision: Decision) -> Region | None:
+        """The tumour region (``app.core.region``) when ``wants_region``, else None."""
+        if not self.wants_region(output, decision):
+            return None
+        return tumour_region(output.tumour_map, self.metadata.localisation, prepared.framing, prepared.image_size)
+
     def ood_warnings(self, reasons: list[str], prepared: Prepared, ood_score: float | None) -> list[str]:
         """The warnings that say why the image is not assessed: the gate's (plane, sequence) first, then
         the out-of-distribution one (modality, model, no-head, small-image); one or both."""
@@ -269,10 +282,16 @@ class ResultBuilder:
         return out
 
     def build(self, prepared: Prepared, output: ModelOutput, cam: str, *, started: float,
-              cam_result: dict | None = None, cam_ms: float = 0.0) -> Prediction:
+              cam_result: dict | None = None, cam_ms: float = 0.0,
+              region_result: tuple[Region | None, float] | None = None) -> Prediction:
         """``cam_result``: the CAM images when they were rendered elsewhere (a host worker), for
-        ``cam="png"``; without them they are rendered here."""
+        ``cam="png"``; without them they are rendered here. ``region_result``: (the tumour region, its
+        ms) when it was found elsewhere; without it it is found here."""
         decision = self.decide(output.logits, output.ood_score, prepared.image_reasons)
+        if region_result is None:
+            region_start = time.perf_counter()
+            region_result = self.region(prepared, output, decision), ms_since(region_start)
+        region, region_ms = region_result
         warnings = list(prepared.warnings)
         if decision.ood_reasons:
             warnings += self.ood_warnings(decision.ood_reasons, prepared, output.ood_score)
@@ -286,7 +305,8 @@ class ResultBuilder:
                                                   prepared.image_size)
                 cam_out = CamPng(**images, label=decision.label, box=cam_box(prepared))
             cam_ms += ms_since(cam_start)
-        timings = {**prepared.timings_ms, "queue": output.queue_ms, "inference": output.inference_ms, "cam": cam_ms}
+        timings = {**prepared.timings_ms, "queue": output.queue_ms, "inference": output.inference_ms, "cam": cam_ms,
+                   "region": region_ms}
         timings["total"] = ms_since(started)
         return Prediction(
             model=self.model_identity,
@@ -303,6 +323,7 @@ class ResultBuilder:
             ood_threshold=decision.ood_threshold,
             ood_reasons=decision.ood_reasons,
             acquisition=prepared.acquisition,
+            region=region,
         )
 
 

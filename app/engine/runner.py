@@ -11,6 +11,10 @@ the CPU one session serves every bucket (a shape change costs nothing there, and
 weights keeps the pod's memory small). Every bucket is run once at start (``warm_up``).
 
 ``features`` (400 KB a slice for ResNet-50) is fetched only when a request in the batch wants a CAM.
+``tumour_map`` (a localising model's, 3 KB a slice at 28 x 28) is fetched with every batch: ONNX
+Runtime computes every node whatever is fetched, so skipping it would save only that copy
+(``bench/bench_region.py`` measures it), and whether an image gets a region is known only after the
+pass (its tumour decision).
 Idle ORT threads sleep instead of spinning, so decoding and HTTP keep their cores.
 """
 
@@ -27,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from app.core.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OOD_NAME
+from app.core.contract import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, OOD_NAME, TUMOUR_MAP_NAME
 from app.core.model import ModelContractError, ModelFile
 
 log = logging.getLogger(__name__)
@@ -179,6 +183,7 @@ class RawOutputs:
     logits: np.ndarray  # float32 [n, C]
     features: np.ndarray | None  # float32 [n, K, h, w], when asked for
     ood_score: np.ndarray | None  # float32 [n], when the graph has it
+    tumour_map: np.ndarray | None = None  # float32 [n, h, w], when the model localises (``ModelFile.localises``)
 
 
 class _PlainExecutor:
@@ -231,6 +236,7 @@ class Runner:
     io_binding: bool = False
     cuda_graph: bool = False
     model_runs: int = 1  # batches ``run`` may run at once (threads); bound buffers allow one
+    tumour_map_shape: tuple[int, int] | None = None  # (h, w) of a localising model's map, read at warm-up
     _executors: dict[int, Any] = field(default_factory=dict, repr=False)
     _inputs: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -309,6 +315,8 @@ class Runner:
         names = [LOGITS_NAME]
         if self.model.has_ood:
             names.append(OOD_NAME)
+        if self.model.localises:
+            names.append(TUMOUR_MAP_NAME)
         if features:
             names.append(FEATURES_NAME)
         return names
@@ -337,6 +345,7 @@ class Runner:
             np.array(values[LOGITS_NAME][:n], dtype=np.float32),
             np.array(values[FEATURES_NAME][:n], dtype=np.float32) if FEATURES_NAME in names else None,
             np.array(values[OOD_NAME][:n], dtype=np.float32).reshape(n) if OOD_NAME in values else None,
+            np.array(values[TUMOUR_MAP_NAME][:n, 0], dtype=np.float32) if TUMOUR_MAP_NAME in values else None,
         )
 
     def warm_up(self) -> None:
@@ -381,6 +390,11 @@ class Runner:
                 f"features shape {features.shape}, expected ({bucket}, {channels}, h, w) to match the CAM weight")
         if OOD_NAME in values and np.shape(values[OOD_NAME]) not in ((bucket,), (bucket, 1)):
             raise ModelContractError(f"{OOD_NAME} shape {np.shape(values[OOD_NAME])}, expected ({bucket},)")
+        if TUMOUR_MAP_NAME in values:
+            shape = np.shape(values[TUMOUR_MAP_NAME])
+            if len(shape) != 4 or shape[:2] != (bucket, 1) or min(shape[2:]) < 1:
+                raise ModelContractError(f"{TUMOUR_MAP_NAME} shape {shape}, expected ({bucket}, 1, h, w)")
+            self.tumour_map_shape = (int(shape[2]), int(shape[3]))
 
 
 def _declared_shapes(session: Any, bucket: int) -> dict[str, tuple[int, ...]] | None:

@@ -15,6 +15,7 @@ import numpy as np
 from app.core.decode import DICOM, sniff
 from app.core.errors import InferenceTimeout
 from app.core.postprocess import cam_images
+from app.core.region import tumour_region
 from app.core.result import ModelOutput, Prediction
 from app.engine import metrics
 from app.engine.admission import Admission
@@ -37,6 +38,7 @@ class RawOutputs:
     # per input, the out-of-distribution reasons its image gave (image bytes: modality, no-head,
     # small-image; a tensor gives none), for the one decision its audit line and record are made of
     image_reasons: tuple[list[str], ...] = ()
+    tumour_map: np.ndarray | None = None  # float32 [N, 1, h, w]; None when the model does not localise
 
 
 class Answer(NamedTuple):
@@ -184,12 +186,20 @@ class InferenceService:
             cam_result = await self.host.run(cam_images, prepared.view, engine.builder.cam_grid(output),
                                              prepared.framing, prepared.image_size)
             cam_ms = ms_since(cam_start)
-        prediction = engine.builder.build(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms)
+        builder = engine.builder
+        region_result = None, 0.0
+        if builder.wants_region(output, builder.decide(output.logits, output.ood_score, prepared.image_reasons)):
+            region_start = time.perf_counter()  # placing the map on the image: host work, as the CAM's images
+            region = await self.host.run(tumour_region, output.tumour_map, engine.metadata.localisation,
+                                         prepared.framing, prepared.image_size)
+            region_result = region, ms_since(region_start)
+        prediction = builder.build(prepared, output, cam, started=started, cam_result=cam_result, cam_ms=cam_ms,
+                                   region_result=region_result)
         return Answer(prediction, prepared.source, prepared.facts)
 
     async def infer_raw(self, inputs: Sequence[np.ndarray | bytes]) -> RawOutputs:
         """Model inputs ``[channels, size, size]`` (or image bytes, prepared as ``predict`` does) -> raw
-        logits ``[N, C]`` and OOD scores, through the micro-batcher: the same admission, queue and
+        logits ``[N, C]``, OOD scores and tumour maps, through the micro-batcher: the same admission, queue and
         timeout as ``predict``."""
         timeout = self.options.request_timeout_s
         metrics.IN_FLIGHT.inc(len(inputs))  # admitted work: one per image, as predict counts
@@ -224,8 +234,9 @@ class InferenceService:
         answered = await asyncio.gather(*(one(item, cost, kind) for item, cost, kind in zip(inputs, costs, kinds)))
         outs = [out for out, _, _ in answered]
         scores = None if outs[0].ood_score is None else np.array([float(o.ood_score) for o in outs], np.float32)
+        maps = None if outs[0].tumour_map is None else np.stack([o.tumour_map for o in outs])[:, None]
         return RawOutputs(np.stack([o.logits for o in outs]), scores, tuple(facts for _, facts, _ in answered),
-                          tuple(reasons for _, _, reasons in answered))
+                          tuple(reasons for _, _, reasons in answered), maps)
 
     def refuse_if_full(self) -> None:
         """``Overloaded`` (503 with Retry-After) at once when a new request would be refused: for a

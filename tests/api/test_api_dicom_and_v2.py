@@ -256,3 +256,31 @@ def test_v2_answers_the_ood_score_of_a_model_that_has_one(tmp_path):
         assert "ood_score" not in [o["name"] for o in plain.get("/v2/models/btd-test").json()["outputs"]]
         refused = plain.post("/v2/models/btd-test/infer", json={**request, "outputs": [{"name": "ood_score"}]})
         assert refused.status_code == 400 and "ood_score" in refused.text
+
+
+def test_v2_answers_the_tumour_map_of_a_localising_model(tmp_path, client):
+    from app.core.contract import LocalisationSpec
+    from tests.api.helpers import running_app
+    from tests.model_factory import build_model, tumour_slice_png
+
+    with running_app(build_model(tmp_path / "loc.onnx", size=64, localisation=LocalisationSpec(0.4, 0.01))) as loc:
+        meta = loc.get("/v2/models/btd-test").json()
+        assert {"name": "tumour_map", "datatype": "FP32", "shape": [-1, 1, 16, 16]} in meta["outputs"]
+        assert meta["parameters"]["localisation"] == {"threshold": 0.4, "min_area": 0.01}
+        images = [tumour_slice_png(blob=(200, 100)), tumour_slice_png(blob=(120, 150))]
+        request = {"inputs": [{"name": "image_bytes", "shape": [2], "datatype": "BYTES",
+                               "data": [base64.b64encode(i).decode() for i in images]}],
+                   "outputs": [{"name": "tumour_map"}, {"name": "logits"}]}
+        response = loc.post("/v2/models/btd-test/infer", json=request)
+        assert response.status_code == 200, response.text
+        assert_matches_spec(response)
+        out = {o["name"]: o for o in response.json()["outputs"]}
+        assert list(out) == ["tumour_map", "logits"] and out["tumour_map"]["shape"] == [2, 1, 16, 16]
+        maps = np.array(out["tumour_map"]["data"]).reshape(2, 16, 16)
+        assert ((maps >= 0) & (maps <= 1)).all()
+        peaks = [np.unravel_index(np.argmax(m), m.shape) for m in maps]
+        assert peaks[0] != peaks[1]  # each image its own map: the blobs lie apart
+    # a model without the output neither lists nor answers it
+    assert "tumour_map" not in [o["name"] for o in client.get("/v2/models/btd-test").json()["outputs"]]
+    refused = client.post("/v2/models/btd-test/infer", json={**request, "outputs": [{"name": "tumour_map"}]})
+    assert refused.status_code == 400 and "tumour_map" in refused.text

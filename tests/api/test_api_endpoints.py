@@ -188,7 +188,7 @@ def test_metrics_expose_every_service_metric(client):
     assert 'route="/v1/predict",status="200"' in text
     assert 'btd_errors_total{type="unsupported-media-type"}' in text
     assert 'provider="CPUExecutionProvider"' in text
-    for stage in ("decode", "preprocess", "queue", "infer", "cam"):
+    for stage in ("decode", "preprocess", "queue", "infer", "cam", "region"):
         assert f'btd_stage_duration_seconds_count{{stage="{stage}"}}' in text
 
 

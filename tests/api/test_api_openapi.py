@@ -10,6 +10,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 
+from app.core.contract import LocalisationSpec
 from app.settings import Settings
 from app.transports.http.api_keys import key_line, new_key
 from app.transports.http.main import create_app
@@ -59,7 +60,9 @@ _MODEL_DIR = tempfile.TemporaryDirectory(prefix="btd-schemathesis-")
 # (schemathesis' ignored_auth check sends requests without the key and expects them refused, with 401
 # each time: the throttle of requests without a valid key, which would answer 429, is off).
 API_KEY = new_key()
-APP = create_app(Settings(model_path=build_model(Path(_MODEL_DIR.name) / "m.onnx"), max_body_bytes=256 * 1024,
+# A model with a tumour map, so the answers checked against the spec carry the region when one is found.
+APP = create_app(Settings(model_path=build_model(Path(_MODEL_DIR.name) / "m.onnx", localisation=LocalisationSpec()),
+                          max_body_bytes=256 * 1024,
                           allowed_hosts=TEST_HOST, api_keys=key_line("schemathesis", API_KEY), audit_log="off",
                           auth_failures_per_minute=0),
                  background_load=False)

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from app.core.contract import LocalisationSpec
 from tests.api.helpers import (
     assert_matches_spec,
     assert_problem,
@@ -19,8 +20,9 @@ from tests.api.helpers import (
     png_bytes,
     running_app,
 )
+from tests.model_factory import build_model, tumour_slice_png
 
-SERVER_TIMING_NAMES = ["decode", "preprocess", "queue", "infer", "cam", "total"]
+SERVER_TIMING_NAMES = ["decode", "preprocess", "queue", "infer", "cam", "region", "total"]
 
 
 def assert_prediction(response) -> dict:
@@ -31,7 +33,7 @@ def assert_prediction(response) -> dict:
     assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
     assert body["request_id"] == response.headers["x-request-id"]
     assert [part.split(";")[0] for part in response.headers["server-timing"].split(", ")] == SERVER_TIMING_NAMES
-    assert set(body["timings_ms"]) == {"decode", "preprocess", "queue", "inference", "cam", "total"}
+    assert set(body["timings_ms"]) == {"decode", "preprocess", "queue", "inference", "cam", "region", "total"}
     assert len(body["model"]["sha256"]) == 64
     return body
 
@@ -262,3 +264,36 @@ def test_predict_slower_than_timeout_is_504(model_path):
         assert_problem(response, 504, "timeout")
         # the server is still healthy afterwards
         assert client.get("/readyz").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def localising_client(tmp_path_factory) -> Iterator:
+    """A model with a tumour map (tests/model_factory.py: high where the slice is bright); every assessed
+    image is a called tumour (threshold 0)."""
+    path = build_model(tmp_path_factory.mktemp("localising") / "m.onnx", size=64,
+                       localisation=LocalisationSpec(threshold=0.5, min_area=0.002))
+    with running_app(path, tumour_threshold=0.0) as client:
+        yield client
+
+
+@pytest.mark.parametrize("cam", ["none", "png"])
+def test_predict_with_a_localising_model_answers_the_tumour_region(localising_client, cam):
+    image = tumour_slice_png(blob=(120, 150))
+    body = assert_prediction(localising_client.post(f"/v1/predict?cam={cam}", files={"file": ("a.png", image)}))
+    region = body["region"]
+    assert body["tumour_detected"] is True and region is not None
+    box = region["box"]
+    assert box["x"] <= 105 and 135 <= box["x"] + box["width"] and box["y"] <= 135 and 165 <= box["y"] + box["height"]
+    assert box["width"] < 80 and box["height"] < 80
+    assert all(0 <= x < 320 and 0 <= y < 256 for contour in region["contours"] for x, y in contour)
+    assert region["threshold"] == 0.5 and region["min_area"] == 0.002
+    assert (body["cam"] is None) is (cam == "none")  # the CAM is there as before, when asked for
+    assert localising_client.get("/v1/model").json()["localisation"] == {"threshold": 0.5, "min_area": 0.002}
+
+
+def test_predict_region_is_null_when_not_assessed_or_the_model_has_no_map(localising_client, client):
+    small = tumour_slice_png(shape=(64, 80), blob=(40, 30), radius=6)  # under 100 pixels: not assessed
+    body = assert_prediction(localising_client.post("/v1/predict", files={"file": ("a.png", small)}))
+    assert body["in_distribution"] is False and body["region"] is None
+    body = assert_prediction(client.post("/v1/predict", files={"file": ("a.png", tumour_slice_png())}))
+    assert body["region"] is None and client.get("/v1/model").json()["localisation"] is None

@@ -28,7 +28,8 @@ import pytest
 
 from app.transports.http.api_keys import key_line, new_key
 from tests.api.helpers import ServerProcess
-from tests.model_factory import build_model
+from app.core.contract import LocalisationSpec
+from tests.model_factory import build_model, tumour_slice_png
 
 BROWSER_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BROWSER_DIR.parents[1]
@@ -88,14 +89,21 @@ def browser_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for old in ARTIFACTS.glob("*.png"):  # so a stale screenshot cannot pass for a new one
         old.unlink()
 
+    # A model with a tumour map (high where the slice is bright) that calls every assessed image a tumour.
+    region_model = build_model(work / "region.onnx", size=64, localisation=LocalisationSpec(0.5, 0.002))
+    region_image = work / "tumour-slice.png"
+    region_image.write_bytes(tumour_slice_png(blob=(200, 100)))
     key = new_key()
     with ServerProcess(model, ready_timeout_s=120, BTD_INTRA_OP_THREADS="1") as server, \
             ServerProcess(model, ready_timeout_s=120, BTD_INTRA_OP_THREADS="1",
-                          BTD_API_KEYS=key_line("clinician", key)) as keyed:
+                          BTD_API_KEYS=key_line("clinician", key)) as keyed, \
+            ServerProcess(region_model, ready_timeout_s=120, BTD_INTRA_OP_THREADS="1",
+                          BTD_TUMOUR_THRESHOLD="0") as localising:
         base_url = server.url
         env = {**os.environ, "BASE_URL": base_url, "IMAGE": str(image), "DICOM": str(dicom),
                "BROKEN": str(broken), "ARTIFACTS": str(ARTIFACTS), "PROFILE": str(work / "profile"),
-               "CHROMIUM": str(CHROMIUM), "KEYED_URL": keyed.url, "API_KEY": key}
+               "CHROMIUM": str(CHROMIUM), "KEYED_URL": keyed.url, "API_KEY": key,
+               "REGION_URL": localising.url, "REGION_IMAGE": str(region_image)}
         done = subprocess.run([NODE, str(SCRIPT)], cwd=BROWSER_DIR, env=env, capture_output=True, text=True,
                               timeout=SCRIPT_TIMEOUT_S, check=False)
         assert done.returncode == 0, f"browser script failed:\n{done.stderr[-4000:]}"
@@ -107,8 +115,11 @@ def browser_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                 headers={"Content-Type": "image/png"}, timeout=60).json()
         api_dicom = httpx.post(f"{base_url}/v1/predict", content=dicom.read_bytes(),
                                headers={"Content-Type": "application/dicom"}, timeout=60).json()
+        api_region = httpx.post(f"{localising.url}/v1/predict", params={"cam": "png"},
+                                content=region_image.read_bytes(), headers={"Content-Type": "image/png"},
+                                timeout=60).json()
     return {"report": json.loads(done.stdout), "model": api_model, "image": api_image, "broken": api_broken,
-            "dicom": api_dicom}
+            "dicom": api_dicom, "region": api_region}
 
 
 def percent(p: float) -> str:
@@ -224,3 +235,30 @@ def test_page_asks_for_an_api_key_when_the_service_needs_one(browser_run: dict) 
     assert keyed["state"] == "done" and keyed["label"]
     assert keyed["unlabelled"] == []
     assert keyed["keyInStorage"] and not keyed["keyInLocalStorage"]  # this tab only, never persisted
+
+
+def test_page_draws_the_tumour_region_over_the_image_with_its_own_toggle(browser_run: dict) -> None:
+    seen, region = browser_run["report"]["region"], browser_run["region"]["region"]
+    assert region is not None and seen["state"] == "done" and seen["visible"] and seen["heatmapVisible"]
+    assert seen["viewBox"] == f"0 0 {region['image_width']} {region['image_height']}"
+    assert len(seen["polygons"]) == len(region["contours"])
+    first = [tuple(float(v) for v in point.split(",")) for point in seen["polygons"][0].split()]
+    assert first == [(x + 0.5, y + 0.5) for x, y in region["contours"][0]]
+    assert seen["box"] == region["box"]
+    # The overlay covers the picture exactly, so image pixels land where they belong on the screen.
+    assert seen["overlayRect"] == pytest.approx(seen["imageRect"], abs=0.5)
+    scale = seen["imageRect"]["width"] / region["image_width"]
+    points = np.array(region["contours"][0]) + 0.5
+    on_screen = seen["contoursRect"]
+    assert on_screen["x"] == pytest.approx(seen["imageRect"]["x"] + points[:, 0].min() * scale, abs=2)
+    assert on_screen["y"] == pytest.approx(seen["imageRect"]["y"] + points[:, 1].min() * scale, abs=2)
+    assert on_screen["width"] == pytest.approx(np.ptp(points[:, 0]) * scale, abs=3)
+    # The disc of the slice (centre 200, 100; radius 20) is inside the drawn box.
+    box = region["box"]
+    assert box["x"] <= 185 and 215 <= box["x"] + box["width"] and box["y"] <= 85 and 115 <= box["y"] + box["height"]
+    assert f"{box['width']} × {box['height']} pixels" in seen["caption"]
+    # Its toggle hides the region only; the heatmap stays.
+    assert seen["toggledOff"] == {"checked": False, "visible": False, "heatmapVisible": True}
+    assert seen["toggledOn"] == {"checked": True, "visible": True}
+    assert seen["unlabelled"] == [] and seen["lowContrast"] == []
+    assert browser_run["report"]["regionControlWithoutMap"] is False  # a model without a map: no region control

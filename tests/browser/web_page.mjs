@@ -5,6 +5,7 @@
 //   ARTIFACTS     folder for screenshots; PROFILE  a fresh, empty user-data-dir
 //   CHROMIUM      the browser binary (default /usr/bin/chromium)
 //   KEYED_URL     optional: the same service with API keys; API_KEY  a valid key for it
+//   REGION_URL    optional: a service whose model has a tumour map; REGION_IMAGE  a slice it finds a region in
 // Prints one JSON object with what it saw; exits non-zero (with the reason on stderr) on any failure.
 import { chromium } from "playwright-core";
 import { readFile } from "node:fs/promises";
@@ -150,7 +151,7 @@ async function main() {
   const report = { offsite: [], consoleErrors: [] };
   try {
     // The page and /docs must work offline: anything not from the service itself is refused and recorded.
-    const origins = [BASE_URL, process.env.KEYED_URL].filter(Boolean).map((u) => new URL(u).origin);
+    const origins = [BASE_URL, process.env.KEYED_URL, process.env.REGION_URL].filter(Boolean).map((u) => new URL(u).origin);
     await context.route("**/*", (route) => {
       const url = route.request().url();
       if (origins.some((o) => url.startsWith(o)) || url.startsWith("data:")) return route.continue();
@@ -178,6 +179,7 @@ async function main() {
       return img.complete && img.naturalWidth > 0;
     });
     report.result = await readResult(page);
+    report.regionControlWithoutMap = await page.isVisible("#region-control"); // the model has no tumour map
     report.unlabelledAfter = await unlabelledControls(page);
     report.lowContrast = await lowContrastTexts(page);
     await screenshot(page, "web-page-result");
@@ -247,6 +249,42 @@ async function main() {
       report.keyed.unlabelled = await unlabelledControls(page);
       report.keyed.keyInStorage = await page.evaluate(() => sessionStorage.getItem("btd-api-key") !== null);
       report.keyed.keyInLocalStorage = await page.evaluate(() => JSON.stringify(localStorage).includes("btd_"));
+    }
+
+    // 6. A model with a tumour map: the region's outline and box over the image, with its own toggle.
+    if (process.env.REGION_URL) {
+      await page.goto(`${process.env.REGION_URL}/`);
+      await page.waitForFunction(() => !document.getElementById("model-info").textContent.includes("loading"));
+      report.region = { state: await upload(page, env("REGION_IMAGE")) };
+      check(report.region.state === "done", `upload of the region image ended in state ${report.region.state}`);
+      await page.waitForFunction(() => document.getElementById("cam-image").complete);
+      Object.assign(report.region, await page.evaluate(() => {
+        const $ = (id) => document.getElementById(id);
+        const rect = (el) => {
+          const r = el.getBoundingClientRect();
+          return { x: r.x, y: r.y, width: r.width, height: r.height };
+        };
+        return {
+          viewBox: $("region-overlay").getAttribute("viewBox"),
+          polygons: [...$("region-contours").children].map((p) => p.getAttribute("points")),
+          box: Object.fromEntries(["x", "y", "width", "height"].map((k) => [k, Number($("region-box").getAttribute(k))])),
+          imageRect: rect($("cam-image")),
+          overlayRect: rect($("region-overlay")),
+          contoursRect: rect($("region-contours")),
+          caption: $("region-caption").hidden ? "" : $("region-caption").textContent.replace(/\s+/g, " ").trim(),
+        };
+      }));
+      report.region.visible = await page.isVisible("#region-overlay");
+      report.region.heatmapVisible = await page.isVisible("#cam-heatmap");
+      await screenshot(page, "web-page-region");
+      await page.focus("#region-toggle");
+      await page.keyboard.press("Space");
+      report.region.toggledOff = { checked: await page.isChecked("#region-toggle"), visible: await page.isVisible("#region-overlay"),
+                                   heatmapVisible: await page.isVisible("#cam-heatmap") };
+      await page.keyboard.press("Space");
+      report.region.toggledOn = { checked: await page.isChecked("#region-toggle"), visible: await page.isVisible("#region-overlay") };
+      report.region.unlabelled = await unlabelledControls(page);
+      report.region.lowContrast = await lowContrastTexts(page);
     }
   } catch (err) {
     const page = context.pages()[0];

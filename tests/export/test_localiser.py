@@ -135,6 +135,9 @@ def test_export_adds_the_tumour_map_from_the_same_pass(model_and_localiser, tmp_
     assert [o.name for o in proto.graph.output] == [LOGITS_NAME, FEATURES_NAME, TUMOUR_MAP_NAME]
     props = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(props[META_LOCALISATION]) == {"threshold": 0.4, "min_area": 0.003}
+    from app.core.model import ModelFile
+
+    assert ModelFile.load(path).localises  # the service reads it as a model with a tumour region
     x = exporter.parity_inputs(SIZE, 2, seed=3)
     logits, tumour_map = ort.InferenceSession(str(path)).run([LOGITS_NAME, TUMOUR_MAP_NAME], {INPUT_NAME: x})
     assert tumour_map.shape == (2, 1, SIZE // 8, SIZE // 8)

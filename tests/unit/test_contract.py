@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from app.core.contract import (
+    LocalisationSpec,
     ModelMetadata,
     OodSpec,
     PreprocessSpec,
@@ -179,6 +180,25 @@ def test_metadata_with_an_ood_spec_round_trips_and_older_models_have_none():
     assert ModelMetadata.from_props(props) == meta
     del props["btd.ood"]
     assert ModelMetadata.from_props(props).ood is None
+
+
+def test_metadata_with_a_localisation_spec_round_trips_and_older_models_have_none():
+    meta = ModelMetadata(labels=("a", "notumor"), preprocess=SPEC, cam_weight="w", cam_bias="b",
+                         localisation=LocalisationSpec(threshold=0.42, min_area=0.0025))
+    props = meta.to_props()
+    assert json.loads(props["btd.localisation"]) == {"threshold": 0.42, "min_area": 0.0025}
+    assert ModelMetadata.from_props(props) == meta
+    del props["btd.localisation"]
+    assert ModelMetadata.from_props(props).localisation is None
+
+
+@pytest.mark.parametrize("text", ['{"threshold": 1.5, "min_area": 0.01}', '{"threshold": 0.5, "min_area": -1}',
+                                  '{"threshold": 0.5}', "not json"])
+def test_a_bad_localisation_spec_is_refused(text):
+    props = ModelMetadata(labels=("a", "b"), preprocess=PreprocessSpec(), cam_weight="w", cam_bias="b").to_props()
+    props["btd.localisation"] = text
+    with pytest.raises(ValueError):
+        ModelMetadata.from_props(props)
 
 
 @pytest.mark.parametrize("drop", ["btd.labels", "btd.preprocess", "btd.cam.weight", "btd.contract_version"])

@@ -1,6 +1,7 @@
 """The inference core: only bucket shapes reach a session (under random concurrent load), padding
 never reaches a result, batched results equal unbatched ones, features are fetched only for a CAM,
-the model's out-of-distribution output, and which model file (variant) is served."""
+the model's out-of-distribution output, a localising model's tumour map and region, and which model
+file (variant) is served."""
 
 import asyncio
 import random
@@ -8,14 +9,21 @@ import shutil
 
 import cv2
 import numpy as np
+import onnx
 import pytest
 
-from app.core.contract import ModelMetadata, PreprocessSpec
+from app.core.contract import (
+    META_LOCALISATION,
+    TUMOUR_MAP_NAME,
+    LocalisationSpec,
+    ModelMetadata,
+    PreprocessSpec,
+)
 from app.core.model import ModelFile, variant_path
 from app.engine.batcher import MicroBatcher
 from app.engine.engine import Engine, EngineOptions, choose_model_file
 from app.engine.runner import Runner, RuntimeOptions
-from tests.model_factory import LABELS, build_model
+from tests.model_factory import LABELS, build_model, tumour_slice_png
 
 SIZE, CHANNELS, FEAT = 8, 5, 2
 
@@ -198,3 +206,49 @@ def test_the_batch_wait_is_zero_on_the_cpu_unless_set(tmp_path):
         finally:
             service.host.close()
     assert auto_max_wait_s(on_gpu=True) == GPU_MAX_WAIT_S == 0.005
+
+
+LOCALISATION = LocalisationSpec(threshold=0.5, min_area=0.002)
+
+
+def test_a_localising_model_gives_the_region_of_its_map_from_the_same_pass(tmp_path):
+    engine = Engine.load(build_model(tmp_path / "m.onnx", size=64, localisation=LOCALISATION),
+                         EngineOptions(tumour_threshold=0.0))  # every assessed image is a called tumour
+    runs: list[bool] = []
+    run = engine.runner.run
+    engine.runner.run = lambda tensors, features: runs.append(features) or run(tensors, features=features)
+    for (x, y) in ((200, 100), (130, 160)):
+        result = engine.predict(tumour_slice_png(blob=(x, y)), cam="none")
+        box = result.region.box
+        assert box.x <= x - 15 and x + 15 <= box.x + box.width and box.y <= y - 15 and y + 15 <= box.y + box.height
+        assert box.width < 80 and box.height < 80  # the disc, not the head
+        assert abs(result.region.peak.x - x) < 12 and abs(result.region.peak.y - y) < 12
+    assert runs == [False, False]  # one run an image, no features fetched for it
+    assert engine.describe()["localisation"] == {"threshold": 0.5, "min_area": 0.002}
+
+
+def test_a_tumour_map_without_its_metadata_is_not_fetched_and_gives_no_region(tmp_path, caplog):
+    path = build_model(tmp_path / "m.onnx", size=64, localisation=LOCALISATION)
+    proto = onnx.load(str(path))
+    kept = [p for p in proto.metadata_props if p.key != META_LOCALISATION]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    onnx.save(proto, str(path))
+    with caplog.at_level("WARNING", logger="app.engine.engine"):
+        engine = Engine.load(path, EngineOptions(tumour_threshold=0.0))
+    assert "has tumour_map output but not btd.localisation metadata" in caplog.text
+    assert not engine.model.localises and TUMOUR_MAP_NAME not in engine.runner._names(True)
+    result = engine.predict(tumour_slice_png())
+    assert result.tumour_detected is True and result.region is None and engine.describe()["localisation"] is None
+
+
+def test_tumour_maps_of_a_batch_belong_to_their_images(tmp_path):
+    engine = Engine.load(build_model(tmp_path / "m.onnx", localisation=LOCALISATION),
+                         EngineOptions(runtime=RuntimeOptions(buckets=(1, 4))))
+    images = [np.full((3, 32, 32), v, np.float32) for v in (-2.0, 0.0, 2.0)]
+    together = engine.infer(images, [False] * 3)
+    alone = [engine.infer([image], [False])[0] for image in images]
+    for a, b in zip(together, alone):
+        assert a.tumour_map.shape == (8, 8)
+        np.testing.assert_allclose(a.tumour_map, b.tumour_map, rtol=1e-5)
+    assert together[0].tumour_map.max() < 0.5 < together[2].tumour_map.min()

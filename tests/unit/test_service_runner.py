@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from app.core.contract import ModelMetadata, PreprocessSpec
+from app.core.contract import TUMOUR_MAP_NAME, LocalisationSpec, ModelMetadata, PreprocessSpec
 from app.core.model import ModelContractError, ModelFile
 from app.engine.runner import (
     Runner,
@@ -232,3 +232,26 @@ def test_bound_buffers_take_their_shapes_from_the_graph_or_refuse_a_cuda_graph(t
     runner.cuda_graph = True
     with pytest.raises(ModelContractError, match="BTD_CUDA_GRAPH=false"):
         runner.warm_up()
+
+
+def test_the_tumour_map_comes_with_every_batch_through_plain_and_bound_runs(tmp_path):
+    path = build_model(tmp_path / "m.onnx", localisation=LocalisationSpec())
+    plain = load_runner(path, RuntimeOptions(buckets=(1, 4), io_binding=False))
+    bound = load_runner(path, RuntimeOptions(buckets=(1, 4), io_binding=True, session_per_bucket=True))
+    plain.warm_up()
+    bound.warm_up()
+    images = list(np.random.default_rng(2).normal(size=(3, 3, 32, 32)).astype(np.float32))
+    for features in (True, False):
+        a, b = plain.run(images, features=features), bound.run(images, features=features)
+        assert a.tumour_map.shape == (3, 8, 8) and ((a.tumour_map >= 0) & (a.tumour_map <= 1)).all()
+        np.testing.assert_allclose(a.tumour_map, b.tumour_map, rtol=1e-6)
+    assert load_runner(build_model(tmp_path / "plain.onnx")).run(images[:1], features=False).tumour_map is None
+
+
+def test_warm_up_rejects_a_tumour_map_of_another_shape(tmp_path):
+    model = build_model_proto(localisation=LocalisationSpec())
+    sigmoid = next(n for n in model.graph.node if n.output[0] == TUMOUR_MAP_NAME)
+    sigmoid.input[0] = "features"  # [N, 8, 8, 8]: eight channels, not one
+    model.graph.output[-1].type.tensor_type.shape.dim[1].dim_value = 8
+    with pytest.raises(ModelContractError, match="tumour_map shape"):
+        load_runner(_save(model, tmp_path / "m.onnx")).warm_up()

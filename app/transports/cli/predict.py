@@ -335,9 +335,16 @@ def summary_fields(outcome: Outcome) -> dict[str, Any]:
         "ood_score": r.ood_score if r else None,
         "total_ms": r.timings_ms.total if r else None,
         "cam_file": outcome.cam_file or "",
+        "region_box": region_box(r) if r else "",
         "error": outcome.error or "",
         "warning": ood_note(r) if r else "",
     }
+
+
+def region_box(result: Prediction) -> str:
+    """The tumour region's box as ``x,y WxH`` (decoded image pixels), or "" without a region."""
+    box = result.region.box if result.region is not None else None
+    return "" if box is None else f"{box.x},{box.y} {box.width}x{box.height}"
 
 
 def ood_note(result: Prediction) -> str:
@@ -364,7 +371,8 @@ def write_table(outcomes: Sequence[Outcome], out: TextIO) -> None:
                          " ".join(filter(None, [s["warning"], s["cam_file"]]))])
         else:
             rows.append([s["file"], s["label"], fmt_number(s["probability"]), fmt_number(s["tumour_probability"]),
-                         s["tumour_detected"], fmt_number(s["total_ms"], 1), s["cam_file"]])
+                         s["tumour_detected"], fmt_number(s["total_ms"], 1),
+                         " ".join(filter(None, [s["region_box"] and f"region {s['region_box']}", s["cam_file"]]))])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
         cells = [str(c).ljust(w) for c, w in zip(row, widths, strict=False)] + [str(row[-1])]
@@ -374,7 +382,7 @@ def write_table(outcomes: Sequence[Outcome], out: TextIO) -> None:
 def write_csv(outcomes: Sequence[Outcome], out: TextIO, labels: Sequence[str]) -> None:
     columns = ["file", "ok", "label", "probability", *[f"p_{label}" for label in labels],
                "tumour_probability", "tumour_detected", "in_distribution", "ood_score", "total_ms", "cam_file",
-               "error", "warning"]
+               "region_box", "error", "warning"]
     writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for o in outcomes:

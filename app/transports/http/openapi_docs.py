@@ -65,7 +65,7 @@ PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
                          "(Secondary Capture) as multipart/related, or the SR alone as application/dicom",
           "headers": {
               **REQUEST_ID_HEADER,
-              "Server-Timing": {"description": "decode, preprocess, queue, infer, cam, total (ms)",
+              "Server-Timing": {"description": "decode, preprocess, queue, infer, cam, region, total (ms)",
                                 "schema": {"type": "string"}}},
           "content": {
               "multipart/related": {"schema": {**BINARY, "description": 'type="application/dicom": one part per '

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from app.core.contract import OodSpec, PreprocessSpec, ValidatedUse
+from app.core.contract import LocalisationSpec, OodSpec, PreprocessSpec, ValidatedUse
 from app.core.result import Prediction
 
 
@@ -85,6 +85,9 @@ class ModelDescription(BaseModel):
     validated_for: ValidatedUse = Field(..., description="the planes and sequences the model is validated for (its "
                                         "metadata, else release 1.2.0's list): an MR DICOM whose headers say "
                                         "another is not assessed (ood_reasons plane, sequence)")
+    localisation: LocalisationSpec | None = Field(
+        None, description="how the model's tumour map becomes the tumour region (region in /v1/predict); null when "
+        "the model has no tumour map: then no region is reported")
     formats: list[InputFormat] = Field(..., description="the image formats /v1/predict reads (app.core.formats)")
     max_batch_size: int = Field(..., description="the largest batch the micro-batcher sends to the model")
     max_wait_ms: float = Field(..., description="longest the oldest request waits for others to fill a batch "

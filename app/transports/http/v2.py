@@ -5,7 +5,7 @@ Triton clients and their tooling work unchanged:
     GET  /v2/health/live, /v2/health/ready
     GET  /v2/models/{name}[/versions/{v}]          model metadata
     GET  /v2/models/{name}[/versions/{v}]/ready
-    POST /v2/models/{name}[/versions/{v}]/infer    logits, calibrated probabilities, ood_score
+    POST /v2/models/{name}[/versions/{v}]/infer    logits, calibrated probabilities, ood_score, tumour_map
 
 Inputs: ``image`` FP32 ``[N, 3, S, S]``, preprocessed as the model's spec says (``GET /v1/model``),
 or, as an extension, ``image_bytes`` BYTES ``[N]``: PNG, JPEG or DICOM files (base64 strings in
@@ -29,6 +29,7 @@ import json
 import math
 import re
 import threading
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import numpy as np
@@ -36,7 +37,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from app.core.contract import OOD_NAME
+from app.core.contract import OOD_NAME, TUMOUR_MAP_NAME
 from app.core.decision import Decision, softmax
 from app.core.errors import InvalidRequest, InvalidTensor, ModelNotFound, ServiceError
 from app.engine.service import InferenceService, RawOutputs
@@ -62,6 +63,9 @@ EXTENSIONS = ["binary_tensor_data"]
 IMAGE_INPUT, BYTES_INPUT = "image", "image_bytes"
 LOGITS_OUTPUT, PROBABILITIES_OUTPUT = "logits", "probabilities"
 OOD_OUTPUT = OOD_NAME  # [N]: the model's out-of-distribution score, for a model that has one
+# [N, 1, h, w]: a localising model's tumour probability over its input square (the service's region
+# in /v1/predict is drawn from it, through the preprocessing framing, which a tensor input does not have)
+MAP_OUTPUT = TUMOUR_MAP_NAME
 HEADER_LENGTH = "inference-header-content-length"
 BINARY_MEDIA_TYPE = "application/octet-stream"
 
@@ -114,6 +118,7 @@ def _model_metadata(service: InferenceService) -> dict[str, Any]:
     meta = service.engine.metadata
     spec = meta.preprocess
     classes = len(meta.labels)
+    map_shape = service.engine.runner.tumour_map_shape if service.engine.model.localises else None
     return {
         "name": meta.model_name,
         "versions": [meta.model_version],
@@ -122,10 +127,12 @@ def _model_metadata(service: InferenceService) -> dict[str, Any]:
                    {"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1]}],
         "outputs": [{"name": LOGITS_OUTPUT, "datatype": "FP32", "shape": [-1, classes]},
                     {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, classes]},
-                    *([{"name": OOD_OUTPUT, "datatype": "FP32", "shape": [-1]}] if meta.ood is not None else [])],
+                    *([{"name": OOD_OUTPUT, "datatype": "FP32", "shape": [-1]}] if meta.ood is not None else []),
+                    *([{"name": MAP_OUTPUT, "datatype": "FP32", "shape": [-1, 1, *map_shape]}] if map_shape else [])],
         "parameters": {"labels": list(meta.labels), "temperature": meta.temperature,
                        "tumour_threshold": service.engine.threshold, "sha256": service.engine.model.sha256,
-                       **({"ood_threshold": meta.ood.threshold} if meta.ood is not None else {})},
+                       **({"ood_threshold": meta.ood.threshold} if meta.ood is not None else {}),
+                       **({"localisation": asdict(meta.localisation)} if map_shape and meta.localisation else {})},
     }
 
 
@@ -364,6 +371,8 @@ def infer_response(infer: InferRequest, request_id: str, service: InferenceServi
                PROBABILITIES_OUTPUT: softmax(raw.logits, meta.temperature).astype(np.float32)}
     if raw.ood_score is not None:
         tensors[OOD_OUTPUT] = raw.ood_score.astype(np.float32)
+    if raw.tumour_map is not None:
+        tensors[MAP_OUTPUT] = raw.tumour_map.astype(np.float32)
     wanted = [(o.name, o.parameters) for o in infer.outputs or []] or [(name, None) for name in tensors]
     for name, params in wanted:
         if name not in tensors:

@@ -29,7 +29,8 @@ class ModelMetadataV2(BaseModel):
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
     parameters: Parameters = Field(default_factory=dict, description="extension: labels (the order of the "
-                                   "class axis), calibration temperature, tumour threshold, ood_threshold (models with an ood_score output)")
+                                   "class axis), calibration temperature, tumour threshold, ood_threshold (models with an ood_score output), "
+                                   "localisation (models with a tumour_map output: how the service reads it)")
 
 
 class LiveResponse(BaseModel):

@@ -3,8 +3,8 @@
 - a **Comprehensive SR** holding a TID 1500 *Imaging Measurement Report* (the template the IHE AI
   Results profile uses): the result, every class probability, the tumour probability, decision and
   threshold, the algorithm (TID 4019: model name, version, sha256) and the decision-support wording;
-- a **Secondary Capture** image of the CAM overlay with a caption band (model, result, "not a
-  diagnosis") burnt in, so that any viewer shows it.
+- a **Secondary Capture** image of the CAM overlay, with the tumour region's outline when the result
+  has one, and a caption band (model, result, "not a diagnosis") burnt in, so that any viewer shows it.
 
 Both copy the patient and study modules of the source and reference it (Current Requested
 Procedure Evidence, the measurement group's source image, the SC's Source Image Sequence). Their
@@ -34,7 +34,7 @@ from app.core.acquisition import PLANE_WORDS, SEQUENCE_WORDS
 from app.core.decode import DEFAULT_MAX_PIXELS, quiet_pydicom
 from app.core.dicom_read import element_limits, read_dataset, results_header
 from app.core.errors import InvalidImage, ServiceError
-from app.core.result import CamPng, Prediction
+from app.core.result import CamPng, Prediction, Region
 
 MANUFACTURER = "btd"
 LOCAL_SCHEME = "99BTD"  # a local coding scheme (PS3.16 8.2): the model's own class labels and quantities
@@ -44,6 +44,7 @@ SERIES_DESCRIPTION = "btd AI result: decision support, not a diagnosis"
 DISCLAIMER = ("Decision support for trained readers, not a diagnosis. Computed by an automated "
               "classifier of single MR slices; confirm on the images.")
 OVERLAY_MIN_SIDE = 512  # the overlay is scaled up to this long side, so its caption stays legible
+REGION_RGB = (0, 255, 0)  # the tumour region's outline on the overlay: green, apart from the CAM's jet colours
 NO_UNITS = codes.UCUM.NoUnits
 # Patient and study attributes highdicom reads directly (type 2: present, possibly empty).
 TYPE2_COPIED = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
@@ -74,7 +75,7 @@ def read_source(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Dataset:
             raise InvalidImage(f"the DICOM header could not be read ({type(exc).__name__})") from None
 
 
-def _evidence(source: Dataset) -> Dataset:
+def evidence_copy(source: Dataset) -> Dataset:
     """A copy of the header with the type-2 patient/study attributes present (empty when absent)."""
     evidence = copy.deepcopy(source)
     for keyword in TYPE2_COPIED:
@@ -236,16 +237,16 @@ def build_sr(source: Dataset, result: Prediction) -> hd.sr.ComprehensiveSR:
         designator=LOCAL_SCHEME, name="btd model classes and outputs", responsible_organization=MANUFACTURER)
     key = (model.sha256, f"{result.threshold:g}")
     return hd.sr.ComprehensiveSR(
-        evidence=[_evidence(source)], content=report[0],
+        evidence=[evidence_copy(source)], content=report[0],
         series_instance_uid=result_uid("sr-series", source.SeriesInstanceUID, *key), series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=result_uid("sr", source.SOPInstanceUID, *key), instance_number=_instance_number(source),
+        sop_instance_uid=result_uid("sr", source.SOPInstanceUID, *key), instance_number=instance_number_of(source),
         manufacturer=MANUFACTURER, is_complete=True, is_final=False, is_verified=False,
         series_description=SERIES_DESCRIPTION, manufacturer_model_name=model.name[:64],
         software_versions=model.version[:64], coding_schemes=[scheme],
     )
 
 
-def _instance_number(source: Dataset) -> int:
+def instance_number_of(source: Dataset) -> int:
     try:
         return max(1, int(source.get("InstanceNumber") or 1))
     except (TypeError, ValueError):
@@ -294,6 +295,8 @@ def caption_lines(result: Prediction) -> list[str]:
         lines.append("outside the model's validated use (plane or sequence): no finding")
     else:
         lines.append("input unlike the training data: no finding")
+    if result.region is not None:
+        lines.append("Green outline: the model's tumour region.")
     lines.append("CAM: where the model looked. Decision support, not a diagnosis.")
     return [line.encode("ascii", "replace").decode("ascii") for line in lines]
 
@@ -325,29 +328,45 @@ def overlay_rgb(result: Prediction) -> np.ndarray | None:
     return np.ascontiguousarray(image[:, :, ::-1])
 
 
+def draw_region(overlay: np.ndarray, region: Region, image_size: tuple[int, int]) -> np.ndarray:
+    """The region's contours drawn on ``overlay`` (RGB, a picture of the ``image_size`` (width, height)
+    slice at its aspect: the region's pixel coordinates are scaled to it)."""
+    height, width = overlay.shape[:2]
+    sx, sy = width / image_size[0], height / image_size[1]
+    polygons = [np.rint((np.array(c, np.float64) + 0.5) * (sx, sy) - 0.5).astype(np.int32) for c in region.contours]
+    out = overlay.copy()
+    cv2.polylines(out, polygons, isClosed=True, color=REGION_RGB, thickness=max(1, round(max(height, width) / 256)),
+                  lineType=cv2.LINE_AA)
+    return out
+
+
 def build_overlay(source: Dataset, result: Prediction) -> hd.sc.SCImage | None:
-    """The Secondary Capture of the CAM overlay (None when the finding has no overlay)."""
+    """The Secondary Capture of the CAM overlay, the tumour region outlined when there is one (None
+    when the finding has no overlay)."""
     overlay = overlay_rgb(result)
     if overlay is None:
         return None
+    if result.region is not None:
+        overlay = draw_region(overlay, result.region, (result.region.image_width, result.region.image_height))
     pixels = render_overlay(overlay, caption_lines(result))
     orientation = patient_orientation(source)
     key = (result.model.sha256, f"{result.threshold:g}")
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=_evidence(source), pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
+        ref_dataset=evidence_copy(source), pixel_array=pixels, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", patient_orientation=("L", "P"),  # highdicom takes single letters: set below
         series_instance_uid=result_uid("overlay-series", source.SeriesInstanceUID, *key),
         series_number=OVERLAY_SERIES_NUMBER,
         sop_instance_uid=result_uid("overlay", source.SOPInstanceUID, *key),
-        instance_number=_instance_number(source), manufacturer=MANUFACTURER,
+        instance_number=instance_number_of(source), manufacturer=MANUFACTURER,
         transfer_syntax_uid=ExplicitVRLittleEndian, series_description=SERIES_DESCRIPTION,
         manufacturer_model_name=result.model.name[:64], software_versions=result.model.version[:64],
     )
     sc.PatientOrientation = list(orientation) if orientation else None  # oblique: "PL"; unknown: empty (type 2)
     sc.Laterality = source.get("Laterality") or None  # type 2C: the source's, else empty (a brain is not paired)
     sc.ImageType = ["DERIVED", "SECONDARY"]
+    outline = ", tumour region outlined" if result.region is not None else ""
     sc.DerivationDescription = (f"class activation map of {result.model.name} {result.model.version} "
-                                "blended on the slice, caption added")[:1024]
+                                f"blended on the slice{outline}, caption added")[:1024]
     sc.BurnedInAnnotation = "NO"  # the caption names the model and the result, not the patient
     sc.ImageComments = summary_text(result)[:10240]
     reference = Dataset()

@@ -220,6 +220,40 @@ function renderCam(cam, showMap) {
   applyCamControls();
 }
 
+// The tumour region (a model with a tumour map, a called tumour): its contours and box, drawn in the
+// decoded image's pixels over the picture of the image (an SVG whose viewBox is the image's size).
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+function renderRegion(region, shown) {
+  const has = Boolean(region) && shown;
+  $("region-control").hidden = !has;
+  $("region-caption").hidden = !has;
+  const overlay = $("region-overlay");
+  const contours = $("region-contours");
+  contours.replaceChildren();
+  overlay.dataset.present = String(has);
+  if (has) {
+    overlay.setAttribute("viewBox", `0 0 ${region.image_width} ${region.image_height}`);
+    for (const contour of region.contours) {
+      const polygon = document.createElementNS(SVG_NS, "polygon");
+      // Contour points are pixel centres; in the SVG a pixel i spans [i, i + 1].
+      polygon.setAttribute("points", contour.map(([x, y]) => `${x + 0.5},${y + 0.5}`).join(" "));
+      contours.append(polygon);
+    }
+    const box = $("region-box");
+    for (const key of ["x", "y", "width", "height"]) box.setAttribute(key, region.box[key]);
+    $("region-text").textContent =
+      `${region.box.width} × ${region.box.height} pixels at (${region.box.x}, ${region.box.y}), ` +
+      `${percent(region.area_share)} of the area the model saw`;
+  }
+  applyRegionControl();
+}
+
+function applyRegionControl() {
+  const overlay = $("region-overlay"); // an SVG element: no ``hidden`` property, the attribute itself
+  overlay.toggleAttribute("hidden", !(overlay.dataset.present === "true" && $("region-toggle").checked));
+}
+
 function applyCamControls() {
   const opacity = Number($("cam-opacity").value) / 100;
   const visible = $("cam-toggle").checked && $("cam-figure").dataset.map !== "false";
@@ -231,8 +265,8 @@ function applyCamControls() {
 
 function renderTimings(timings, roundTripMs) {
   const t = timings || {};
-  const parts = ["decode", "preprocess", "queue", "inference", "cam"]
-    .filter((k) => typeof t[k] === "number")
+  const parts = ["decode", "preprocess", "queue", "inference", "cam", "region"]
+    .filter((k) => typeof t[k] === "number" && (k !== "region" || t[k] > 0))
     .map((k) => `${k} ${milliseconds(t[k])}`);
   $("timing-server").textContent =
     typeof t.total === "number" ? `${milliseconds(t.total)}${parts.length ? ` (${parts.join(", ")})` : ""}` : "not reported";
@@ -268,6 +302,7 @@ function renderResult(fileName, result, roundTripMs) {
   $("result-model").textContent = `${modelLine(result.model)} (sha256 ${String(result.model.sha256 || "").slice(0, 12)}…)`;
   $("result-request-id").textContent = result.request_id || "";
   renderCam(result.cam, !ood);
+  renderRegion(result.region, Boolean(result.cam) && !ood);
   $("result").hidden = false;
   $("status").textContent = ood
     ? `Result for ${fileName}: ${plainReason(result)}`
@@ -359,6 +394,7 @@ function init() {
   });
   $("cam-toggle").addEventListener("change", applyCamControls);
   $("cam-opacity").addEventListener("input", applyCamControls);
+  $("region-toggle").addEventListener("change", applyRegionControl);
   setUpDropZone();
   applyCamControls();
   loadModelInfo();
