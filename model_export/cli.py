@@ -168,6 +168,12 @@ def _fit_ood(config: options.FitOodConfig) -> None:
     main(config)
 
 
+def _fit_localiser(config: options.FitLocaliserConfig) -> None:
+    from model_export.localiser import main
+
+    main(config)
+
+
 def _export(config: options.ExportConfig) -> None:
     from model_export.export import main
 
@@ -230,6 +236,13 @@ TRAINING_COMMANDS: Sequence[Command] = (
                         "features of the train split, set its threshold at a quantile of the val split's "
                         "scores, and store both in the checkpoint; 'btd export' then adds the 'ood_score' "
                         "output to the graph and the threshold to the metadata."),
+    Command("fit-localiser", options.FitLocaliserConfig, _fit_localiser,
+            help="train the tumour-map decoder on the checkpoint's frozen features and store it there",
+            description="Train a light decoder from the checkpoint's layer2-4 features to a tumour map, on the "
+                        "LGG tumour masks and the figshare-cheng tumour boxes (train splits), pick its threshold "
+                        "on the validation patients, report Dice, pointing game and box IoU on the test rows "
+                        "beside the CAM, and store it in the checkpoint; 'btd export' then adds the "
+                        "'tumour_map' output."),
     Command("export", options.ExportConfig, _export,
             help="export a checkpoint to ONNX (with metadata and a parity check)",
             description="Export to ONNX per the model contract (input 'image' [N,3,H,W], outputs 'logits' "

@@ -29,11 +29,14 @@ from app.core.contract import (
     INPUT_NAME,
     LOGITS_NAME,
     OOD_NAME,
+    TUMOUR_MAP_NAME,
+    LocalisationSpec,
     ModelMetadata,
     OodSpec,
     PreprocessSpec,
 )
 from model_export.checkpoint import model_from_checkpoint, read_checkpoint
+from model_export.localiser import Localiser, trunk_maps
 from model_export.ood import OodFit
 from model_export.options import ExportConfig
 from model_export.resnet import Bottleneck, ResNet50
@@ -94,24 +97,46 @@ class OodScore(nn.Module):
         return ((z[:, None, :] - self.class_means[None, :, :]) ** 2).sum(dim=2).amin(dim=1)
 
 
-class _ResNet50WithOod(ResNet50):
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        logits, features = super().forward(x)
-        return logits, features, self.ood(features)
+class _ExportedResNet50(ResNet50):
+    """The exported graph: logits and features, plus the OOD score and the tumour map when attached."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        localiser = getattr(self, "localiser", None)
+        if localiser is None:
+            logits, features = super().forward(x)
+        else:
+            l2, l3, features = trunk_maps(self, x)
+            logits = self.head(features)
+        outputs = [logits, features]
+        if getattr(self, "ood", None) is not None:
+            outputs.append(self.ood(features))
+        if localiser is not None:
+            outputs.append(localiser(l2, l3, features))
+        return tuple(outputs)
 
 
-def with_ood_score(network: ResNet50, fit: OodFit) -> ResNet50:
-    """A copy of ``network`` with the OOD score as a third output. The class is swapped rather than
-    the network wrapped so that every module keeps its name (the classifier stays "fc.weight")."""
+def with_outputs(network: ResNet50, ood: OodFit | None = None, localiser: Localiser | None = None) -> ResNet50:
+    """A copy of ``network`` with the OOD score and / or the tumour map as further outputs. The class is
+    swapped rather than the network wrapped so that every module keeps its name (the classifier stays
+    "fc.weight")."""
     extended = copy.deepcopy(network)
-    extended.ood = OodScore(fit)
-    extended.__class__ = _ResNet50WithOod
+    extended.ood = OodScore(ood) if ood is not None else None
+    extended.localiser = copy.deepcopy(localiser) if localiser is not None else None
+    extended.__class__ = _ExportedResNet50
     return extended
 
 
+def with_ood_score(network: ResNet50, fit: OodFit) -> ResNet50:
+    return with_outputs(network, ood=fit)
+
+
 def output_names(module: nn.Module) -> list[str]:
-    return [LOGITS_NAME, FEATURES_NAME, OOD_NAME] if isinstance(module, _ResNet50WithOod) else [LOGITS_NAME,
-                                                                                             FEATURES_NAME]
+    names = [LOGITS_NAME, FEATURES_NAME]
+    if getattr(module, "ood", None) is not None:
+        names.append(OOD_NAME)
+    if getattr(module, "localiser", None) is not None:
+        names.append(TUMOUR_MAP_NAME)
+    return names
 
 
 def round_to_fp16(model: nn.Module) -> nn.Module:
@@ -237,6 +262,7 @@ def export(
     metrics: dict | None = None,
     opset: int = 17,
     ood: OodFit | None = None,
+    localiser: dict | None = None,
 ) -> Path:
     """Export, write metadata, check parity (raises ParityError and removes the file on failure).
     With ``ood`` the graph gets the ``ood_score`` output and the metadata its threshold."""
@@ -245,7 +271,8 @@ def export(
     folded = fold_batchnorm(model.cpu().eval())
     check_folding(model, folded, spec.size)
     # ResNet50.forward is already image -> (logits, features); names stay "fc.weight".
-    module = folded if ood is None else with_ood_score(folded, ood)
+    # ``localiser``: the state ``btd fit-localiser`` stored in the checkpoint (decoder, threshold, min area).
+    module = with_outputs(folded, ood, Localiser.from_state(localiser) if localiser else None)
     if fp16_weights:
         round_to_fp16(module)
     out = Path(out)
@@ -255,7 +282,8 @@ def export(
     meta = ModelMetadata(labels=tuple(labels), preprocess=spec, cam_weight=CAM_WEIGHT, cam_bias=CAM_BIAS,
                          temperature=temperature, tumour_threshold=threshold, model_name=name,
                          model_version=version, training_data=training_data or {}, metrics=metrics or {},
-                         ood=ood_spec)
+                         ood=ood_spec, localisation=None if not localiser else LocalisationSpec(
+                             threshold=float(localiser["threshold"]), min_area=float(localiser["min_area"])))
     try:
         proto = trace_to_onnx(module, spec.size, tmp, opset)
         check_classifier_initializers(proto.graph, len(labels))
@@ -339,6 +367,7 @@ def main(config: ExportConfig) -> Path:
         threshold=config.threshold, name=config.name, version=config.version,
         training_data=ckpt.get("training_data", {}), metrics=metrics, opset=config.opset,
         ood=OodFit.from_state(ckpt["ood"]) if ckpt.get("ood") else None,
+        localiser=ckpt.get("localiser"),
     )
     if config.fp16:
         float16_variant(path)

@@ -162,6 +162,28 @@ class FitOodConfig(DataOptions):
 
 
 @dataclass(kw_only=True)
+class FitLocaliserConfig:
+    checkpoint: Path = option(help="training checkpoint (best.pt); the localiser is stored in it", positional=True)
+    data_dir: Path | None = option(None, help="folder holding lgg-tcga-flair/, lgg-tcga-t1/ and figshare-cheng/ "
+                                   "(default: $BTD_DATA_DIR or ../shared/data)")
+    cache: Path | None = option(None, help="folder for the projected features: reused when it belongs to this "
+                                "checkpoint and data, written otherwise (the slow part)")
+    report: Path | None = option(None, help="write the validation and test figures here (JSON)")
+    dim2: int = option(64, help="principal directions kept of layer2")
+    dim3: int = option(96, help="principal directions kept of layer3")
+    dim4: int = option(96, help="principal directions kept of layer4")
+    pca_images: int = option(256, help="training images the projections are fitted on")
+    width: int = option(64, help="channels of the decoder's convolutions")
+    epochs: int = option(12)
+    lr: float = option(3e-3)
+    decoder_batch: int = option(64)
+    min_area: float = option(0.002, help="smallest region reported, as a share of the model's input square")
+    batch_size: int = option(16, help="images per trunk forward pass")
+    threads: int = option(0, help=TORCH_THREADS_HELP)
+    seed: int = option(0)
+
+
+@dataclass(kw_only=True)
 class ExportConfig:
     checkpoint: Path = option(help="training checkpoint (best.pt); or an exported .onnx with --fp16 to write "
                               "only its float16 variant", positional=True)

@@ -29,6 +29,7 @@ from app.core.contract import (
     LOGITS_NAME,
     META_METRICS,
     OOD_NAME,
+    TUMOUR_MAP_NAME,
     ModelMetadata,
     preprocess,
 )
@@ -79,9 +80,10 @@ def _ancestors(graph: onnx.GraphProto, output: str) -> set[str]:
 def head_node_names(graph: onnx.GraphProto) -> list[str]:
     """The nodes after ``features``: the classifier producing ``logits`` (kept float so the CAM
     weights stay readable) and the optional ``ood_score`` head (kept float: its whitening amplifies
-    small directions, where 8-bit rounding would move the score)."""
+    small directions, where 8-bit rounding would move the score) and the optional ``tumour_map`` decoder
+    (kept float for the same reason: it starts with whitening projections; it is small at 28x28)."""
     trunk = _ancestors(graph, FEATURES_NAME)
-    heads = set().union(*(_ancestors(graph, name) for name in (LOGITS_NAME, OOD_NAME)))
+    heads = set().union(*(_ancestors(graph, name) for name in (LOGITS_NAME, OOD_NAME, TUMOUR_MAP_NAME)))
     return sorted(heads - trunk)
 
 

@@ -16,7 +16,9 @@ interrupted training run continues with ``btd train ... --resume runs/release/tr
 2. ``btd train`` (layer3, layer4 and head on freshly augmented images, bf16 autocast on CPU); the
    temperature is fit on the validation split at the end of training;
 3. ``btd fit-ood``: the out-of-distribution score, fit on the train split, threshold on val (pooled
-   features cached beside the checkpoint, so a rerun refits in seconds);
+   features cached beside the checkpoint, so a rerun refits in seconds); ``btd fit-localiser``: the
+   tumour-map decoder on the checkpoint's frozen features (LGG masks, figshare boxes; projected
+   features cached beside the checkpoint), its threshold on the validation patients;
 4. a candidate export, evaluated on the validation split; the tumour threshold is chosen there
    (never on test): the highest threshold keeping each source's validation tumour sensitivity at
    its floor (``SENSITIVITY_FLOORS``), capped at 0.5;
@@ -24,7 +26,8 @@ interrupted training run continues with ``btd train ... --resume runs/release/tr
    with that report in the metadata: ``models/btd-resnet50.onnx`` (float16-stored weights), and stamp
    the drift baseline measured on the validation split into it (``btd baseline``);
 6. the exact shipped file measured: grouped test (1,129), figshare-cheng test rows (293),
-   lgg-tcga-flair test split (394 slices of 22 unseen patients), originals vs their 224 copies,
+   lgg-tcga-flair test split (394 slices of 22 unseen patients) and lgg-tcga-t1's (the same slices in
+   T1 and T1 post-contrast), tumour sensitivity and specificity per sequence, originals vs their 224 copies,
    the out-of-distribution guard (non-brain set and grouped test), INT8 quantization, its
    evaluation and its out-of-distribution guard (and its own drift baseline), CAM localisation.
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shlex
 import subprocess
 import sys
@@ -95,6 +99,32 @@ def threshold_from_predictions(predictions_csv: Path, floors: dict[str, float] |
     return min(thresholds)
 
 
+def sequence_of(path: str) -> str:
+    """The MR sequence of an LGG image from its path (``images/<sequence>/...`` in lgg-tcga-t1; FLAIR
+    in lgg-tcga-flair)."""
+    parts = Path(path).parts
+    if "lgg-tcga-t1" in parts:
+        return parts[parts.index("images") + 1]
+    return "flair"
+
+
+def sequence_figures(predictions: list[Path], threshold: float) -> dict[str, dict[str, float | int]]:
+    """Tumour sensitivity and specificity per sequence at ``threshold``, from evaluate's predictions.csv."""
+    by_sequence: dict[str, list[tuple[bool, bool]]] = {}
+    for path in predictions:
+        with path.open(newline="") as fh:
+            for r in csv.DictReader(fh):
+                called = 1.0 - float(r["p_notumor"]) >= threshold
+                by_sequence.setdefault(sequence_of(r["path"]), []).append((r["label"] != "notumor", called))
+    figures = {}
+    for sequence, pairs in sorted(by_sequence.items()):
+        truth, called = (np.array(v, dtype=bool) for v in zip(*pairs))
+        figures[sequence] = {"tumour_slices": int(truth.sum()), "tumour_free_slices": int((~truth).sum()),
+                             "sensitivity": float(called[truth].mean()) if truth.any() else float("nan"),
+                             "specificity": float((~called[~truth]).mean()) if (~truth).any() else float("nan")}
+    return figures
+
+
 def btd(*args: str) -> None:
     command = [sys.executable, "-m", "model_export", *args]
     print("+", shlex.join(["btd", *args]), flush=True)
@@ -123,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 *FIGSHARE_COLUMNS, "--split", "test", *own_temperature]
     lgg = ["--data", str(data / "lgg-tcga-flair"), "--split-file", str(data / "lgg-tcga-flair" / "index.csv"),
            "--split", "test", *own_temperature]
+    lgg_t1 = ["--data", str(data / "lgg-tcga-t1"), "--split-file", str(data / "lgg-tcga-t1" / "index.csv"),
+              "--split", "test", *own_temperature]
 
     best = args.checkpoint.resolve() if args.checkpoint else work / "train" / "best.pt"
     if not best.exists() and args.checkpoint is None:
@@ -130,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     # Features cached beside the checkpoint: the first fit extracts them, a rerun refits in seconds.
     btd("fit-ood", str(best), *split_args, "--threads", str(args.threads),
         "--features", str(best.with_name("ood-features.npz")))
+    btd("fit-localiser", str(best), "--data-dir", str(data), "--threads", str(args.threads),
+        "--cache", str(best.with_name("localiser-features")), "--report", str(work / "localiser.json"))
     candidate = work / "candidate.onnx"
     export = ["export", str(best), "--fp16-weights", "--version", VERSION]
     if not (work / "eval-val" / "predictions.csv").exists():
@@ -149,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     btd("evaluate", str(args.out), *grouped, "--out", str(work / "eval-test"))
     btd("evaluate", str(args.out), *figshare, "--out", str(work / "eval-figshare-test"))
     btd("evaluate", str(args.out), *lgg, "--out", str(work / "eval-lgg-test"))
+    btd("evaluate", str(args.out), *lgg_t1, "--out", str(work / "eval-lgg-t1-test"))
+    per_sequence = sequence_figures([work / "eval-lgg-test" / "predictions.csv",
+                                     work / "eval-lgg-t1-test" / "predictions.csv"], threshold)
+    (work / "per-sequence.json").write_text(json.dumps(per_sequence, indent=2))
+    print("per sequence (LGG test patients):", json.dumps(per_sequence), flush=True)
     run_module("model_export.agreement", "--model", str(args.out), "--data-dir", str(data),
                "--json", str(work / "agreement-test.json"))
     run_module("model_export.ood_check", "--model", str(args.out), "--data-dir", str(data),

@@ -55,6 +55,7 @@ REQUIRED = {
     "average": (["a.pt", "b.pt", "--data", "d", "--out", "s.pt"],
                 {"checkpoints": [Path("a.pt"), Path("b.pt")], "data": Path("d"), "out": Path("s.pt")}),
     "fit-ood": (["best.pt", "--data", "d"], {"checkpoint": Path("best.pt"), "data": Path("d")}),
+    "fit-localiser": (["best.pt"], {"checkpoint": Path("best.pt")}),
     "export": (["best.pt"], {"checkpoint": Path("best.pt")}),
     "baseline": (["m.onnx", "--data", "d"], {"model": Path("m.onnx"), "data": Path("d")}),
     "quantize": (["m.onnx", "--data", "d"], {"model": Path("m.onnx"), "data": Path("d")}),
@@ -109,6 +110,11 @@ def test_the_release_recipe_parses_to_the_configs_it_expects(tmp_path: Path) -> 
     fit, _ = parse("fit-ood", str(best), *split_args, "--threads", "2", "--features", str(tmp_path / "f.npz"))
     assert fit == options.FitOodConfig(checkpoint=best, data=data, split_file=splits, threads=2,
                                        features=tmp_path / "f.npz")
+
+    localiser, _ = parse("fit-localiser", str(best), "--data-dir", str(data), "--threads", "2", "--cache",
+                         str(tmp_path / "loc"), "--report", str(work / "localiser.json"))
+    assert localiser == options.FitLocaliserConfig(checkpoint=best, data_dir=data, threads=2, cache=tmp_path / "loc",
+                                                   report=work / "localiser.json")
 
     export, _ = parse("export", str(best), "--fp16-weights", "--version", release.VERSION, "--threshold", "0.25",
                       "--report", str(work / "report.json"), "--out", str(tmp_path / "m.onnx"))
@@ -205,3 +211,18 @@ def test_help_text_is_taken_literally() -> None:
     p = argparse.ArgumentParser(prog="percent")
     cli.add_config_arguments(p, Percent)
     assert "0-100% as 0-1 (default: 0.5)" in p.format_help()
+
+
+def test_the_release_reports_tumour_sensitivity_and_specificity_per_sequence(tmp_path: Path) -> None:
+    release = release_script()
+    flair, t1 = tmp_path / "flair.csv", tmp_path / "t1.csv"
+    header = "path,label,predicted,p_glioma,p_meningioma,p_notumor,p_pituitary\n"
+    flair.write_text(header + "/d/lgg-tcga-flair/images/glioma/a.png,glioma,glioma,0.9,0,0.1,0\n"
+                     "/d/lgg-tcga-flair/images/notumor/b.png,notumor,notumor,0.1,0,0.9,0\n")
+    t1.write_text(header + "/d/lgg-tcga-t1/images/t1pre/glioma/a.jpg,glioma,notumor,0.2,0,0.8,0\n"
+                  "/d/lgg-tcga-t1/images/t1pre/glioma/c.jpg,glioma,glioma,0.7,0,0.3,0\n"
+                  "/d/lgg-tcga-t1/images/t1post/notumor/b.jpg,notumor,glioma,0.6,0,0.4,0\n")
+    figures = release.sequence_figures([flair, t1], threshold=0.5)
+    assert figures["flair"] == {"tumour_slices": 1, "tumour_free_slices": 1, "sensitivity": 1.0, "specificity": 1.0}
+    assert figures["t1pre"]["sensitivity"] == 0.5 and figures["t1pre"]["tumour_slices"] == 2
+    assert figures["t1post"]["specificity"] == 0.0
