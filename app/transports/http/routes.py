@@ -244,7 +244,7 @@ async def read_series(request: Request, max_slices: int) -> tuple[list[bytes], b
 @router.post("/v1/predict/series", operation_id="predictSeries",
              summary="Classify a series: DICOM instances of one series, or a NIfTI volume",
              response_model=SeriesResponse, responses=docs.SERIES_RESPONSES, openapi_extra=docs.SERIES_BODY)
-async def predict_series(request: Request, result_format: ResultFormat = FORMAT_QUERY,
+async def predict_series(request: Request, cam: CamMode = CAM_QUERY, result_format: ResultFormat = FORMAT_QUERY,
                          service: InferenceService = Depends(get_service),
                          settings: Settings = Depends(get_settings)) -> Response:
     try:
@@ -253,9 +253,9 @@ async def predict_series(request: Request, result_format: ResultFormat = FORMAT_
         limits = settings.series_limits()
         instances, volume = await read_series(request, limits.max_slices)
         if volume is not None:
-            series, facts = await answer_volume(service, volume, limits)
+            series, facts = await answer_volume(service, volume, limits, cam)
         else:
-            series, facts = await answer_dicom_series(service, instances, limits)
+            series, facts = await answer_dicom_series(service, instances, limits, cam)
     except ServiceError as error:
         audit_prediction(request, service, error=error)
         raise
