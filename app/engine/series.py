@@ -39,8 +39,9 @@ def cam_within(cam: str, slices: int, limits: SeriesLimits) -> tuple[str, list[s
     their blend): past ``max_cam_slices`` the series is still answered, without images, and says so."""
     if cam != "png" or slices <= limits.max_cam_slices:
         return cam, []
-    return "none", [f"no class activation maps: the series has {slices} slices, cam=png is answered for at most "
-                    f"{limits.max_cam_slices} (BTD_MAX_SERIES_CAM_SLICES)"]
+    said = (f"no class activation maps: the series has {slices} slices, cam=png is answered for at most "
+            f"{limits.max_cam_slices} (BTD_MAX_SERIES_CAM_SLICES)")
+    return "none", [said]
 
 
 def _volume(data: bytes, limits: SeriesLimits, max_pixels: int) -> Volume:

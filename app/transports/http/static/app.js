@@ -420,6 +420,7 @@ async function isDicomFile(file) {
 // One file is today's single-image flow (or a NIfTI volume, a series by itself); several files, or a
 // folder, are the DICOM instances of one series.
 async function chooseFiles(files, fromFolder) {
+  setState("busy"); // from now: reading the files' first bytes takes a moment for a large folder
   const visible = files.filter((f) => !f.name.startsWith(".")); // a folder's hidden files (.DS_Store)
   if (visible.length === 1 && !fromFolder) {
     if (isNifti(visible[0])) analyseSeries({ name: visible[0].name, volume: visible[0] });
