@@ -388,6 +388,8 @@ def test_series_slices_move_with_arrow_keys_a_click_and_the_wheel(browser_run: d
 
 def test_a_folder_of_a_series_is_sent_without_its_other_files(browser_run: dict) -> None:
     series, api = browser_run["report"]["series"], browser_run["series"]
+    assert series["droppedState"] == "done"  # the same files dropped together: the same series
+    assert_strip_shows(series["dropped"], api)
     assert series["folderState"] == "done"
     assert_finding_shows(series["folder"], api)
     assert_strip_shows(series["folder"], api)

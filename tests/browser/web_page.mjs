@@ -42,15 +42,17 @@ async function upload(page, file) {
   return page.evaluate(() => document.body.dataset.state);
 }
 
-// Drop a file on the drop zone, as dragging it from the desktop does; no name suffix, no type:
+// Drop a file (or several) on the drop zone, as dragging from the desktop does; no name suffix, no type:
 // the page must recognise it by its bytes.
 async function drop(page, file) {
-  const bytes = (await readFile(file)).toString("base64");
-  const dataTransfer = await page.evaluateHandle((bytes) => {
+  const files = Array.isArray(file) ? file : [file];
+  const contents = await Promise.all(files.map(async (f) => (await readFile(f)).toString("base64")));
+  const dataTransfer = await page.evaluateHandle((contents) => {
     const transfer = new DataTransfer();
-    transfer.items.add(new File([Uint8Array.from(atob(bytes), (c) => c.charCodeAt(0))], "dropped-slice"));
+    contents.forEach((bytes, i) => transfer.items.add(
+      new File([Uint8Array.from(atob(bytes), (c) => c.charCodeAt(0))], contents.length > 1 ? `dropped-${i}` : "dropped-slice")));
     return transfer;
-  }, bytes);
+  }, contents);
   await page.dispatchEvent("#drop-zone", "drop", { dataTransfer });
   await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null,
     { timeout: STEP_TIMEOUT_MS });
@@ -320,6 +322,9 @@ async function main() {
       await page.mouse.wheel(0, 120);
       series.wheeled = await selection(page);
       series.wheelCaption = await page.textContent("#series-slice-caption");
+      // The same files dropped together on the drop zone.
+      series.droppedState = await drop(page, files);
+      series.dropped = await readSeries(page);
       // The same series as a folder (webkitdirectory): the file that is not DICOM is left out.
       series.folderState = await uploadTo(page, "#folder-input", dir);
       series.folder = await readSeries(page);
