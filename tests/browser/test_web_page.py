@@ -396,6 +396,15 @@ def test_a_folder_of_a_series_is_sent_without_its_other_files(browser_run: dict)
     assert "1 file that is not DICOM images (e.g. README.txt) left out" in series["folder"]["status"]
 
 
+def test_a_series_refused_by_the_service_is_explained_in_its_words(browser_run: dict) -> None:
+    series = browser_run["report"]["series"]
+    assert series["mixedState"] == "error"
+    error = series["mixedError"]
+    assert error["role"] == "alert" and error["seriesHidden"]
+    assert "could not be analysed. The instances belong to 2 series (Series Instance UID); send one series." in error["text"]
+    assert "(HTTP 400)" in error["text"]
+
+
 def test_a_nifti_volume_is_shown_as_a_series(browser_run: dict) -> None:
     seen, api = browser_run["report"]["nifti"], browser_run["nifti"]
     assert api["source"] == "nifti" and len(api["slices"]) == 4

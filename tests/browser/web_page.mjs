@@ -328,6 +328,13 @@ async function main() {
       // The same series as a folder (webkitdirectory): the file that is not DICOM is left out.
       series.folderState = await uploadTo(page, "#folder-input", dir);
       series.folder = await readSeries(page);
+      // Instances of two series: the service's problem+json detail, in an alert.
+      series.mixedState = await uploadTo(page, "#file-input", [env("DICOM"), files[0]]);
+      series.mixedError = {
+        text: await page.textContent("#error"),
+        role: await page.getAttribute("#error", "role"),
+        seriesHidden: !(await page.isVisible("#series-result")),
+      };
       report.series = series;
     }
     if (process.env.NIFTI) {
