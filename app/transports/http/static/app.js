@@ -432,8 +432,8 @@ async function chooseFiles(files, fromFolder) {
     showError(`${niftis[0].name} is a NIfTI volume, a series by itself: choose it alone, not with other files.`);
     return;
   }
-  const dicom = [];
-  for (const file of visible) if (await isDicomFile(file)) dicom.push(file);
+  const isDicom = await Promise.all(visible.map(isDicomFile)); // 4 bytes of each file, read side by side
+  const dicom = visible.filter((_, i) => isDicom[i]);
   const where = fromFolder ? "this folder" : "these files";
   if (!dicom.length) {
     showError(`None of ${where} is a DICOM file, so there is no series to send. A series is the DICOM files of ` +
