@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     max_volume_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024, description="largest NIfTI volume once a "
                                   ".nii.gz is inflated (413 beyond: a decompression bomb stops there)")
     series_timeout_s: float = Field(300.0, gt=0, description="time to process one series once received (504 beyond)")
+    max_series_cam_slices: int = Field(200, ge=0, le=10_000, description="most slices of a series answered with CAM "
+                                       "images (cam=png); a longer series is answered without them, and says so")
     multiframe: MultiframePolicy = Field(
         "middle", description='frame of a multi-frame DICOM to classify: "middle" or "first" (a warning says which)'
     )
@@ -309,7 +311,8 @@ class Settings(BaseSettings):
 
     def series_limits(self) -> SeriesLimits:
         """A series' limits (the one place settings become them)."""
-        return SeriesLimits(self.max_series_slices, self.max_volume_bytes, self.series_timeout_s)
+        return SeriesLimits(self.max_series_slices, self.max_volume_bytes, self.series_timeout_s,
+                            self.max_series_cam_slices)
 
     def database(self) -> str:
         """The records database's URL (it may hold a password: never log it as is)."""

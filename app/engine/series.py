@@ -30,6 +30,18 @@ class SeriesLimits:
     max_slices: int = 512  # BTD_MAX_SERIES_SLICES
     max_volume_bytes: int = 128 * 1024 * 1024  # BTD_MAX_VOLUME_BYTES: a NIfTI file, inflated
     timeout_s: float = 300.0  # BTD_SERIES_TIMEOUT_S: a whole series, once received
+    max_cam_slices: int = 200  # BTD_MAX_SERIES_CAM_SLICES: most slices whose CAM images (cam=png) one answer holds
+
+
+def cam_within(cam: str, slices: int, limits: SeriesLimits) -> tuple[str, list[str]]:
+    """(the CAM mode a series of ``slices`` slices is answered with, what the answer says about it).
+    ``cam=png`` costs a few hundred kB of base64 per slice in the answer (the slice, its heatmap and
+    their blend): past ``max_cam_slices`` the series is still answered, without images, and says so."""
+    if cam != "png" or slices <= limits.max_cam_slices:
+        return cam, []
+    said = (f"no class activation maps: the series has {slices} slices, cam=png is answered for at most "
+            f"{limits.max_cam_slices} (BTD_MAX_SERIES_CAM_SLICES)")
+    return "none", [said]
 
 
 def _volume(data: bytes, limits: SeriesLimits, max_pixels: int) -> Volume:
@@ -118,12 +130,13 @@ async def _dicom(service: InferenceService, instances: Sequence[bytes], limits: 
     headers = await _bounded([lambda d=d: service.host.run_isolated(read_slice_geometry, d, max_pixels)
                               for d in instances], limit)
     plan, ordering = plan_dicom_series(headers, limits.max_slices)
+    cam, said = cam_within(cam, len(plan), limits)
     answers: list[Answer] = await _bounded(
         [lambda i=i, g=g: service.answer(instances[i], DICOM, cam, batch_file=True, source=source,
                                          frame_index=None if g.frame_number is None else g.frame_number - 1)
          for i, g, _ in plan], limit)
     slices = [(pos, g.instance_uid, g.frame_number, a.prediction) for (_, g, pos), a in zip(plan, answers)]
-    return DicomSeriesAnswer(SeriesResult.build("dicom", ordering, slices), answers, [i for i, _, _ in plan])
+    return DicomSeriesAnswer(SeriesResult.build("dicom", ordering, slices, said), answers, [i for i, _, _ in plan])
 
 
 async def answer_volume(service: InferenceService, data: bytes, limits: SeriesLimits,
@@ -143,8 +156,9 @@ async def _nifti(service: InferenceService, data: bytes, limits: SeriesLimits,
                  cam: str) -> tuple[SeriesResult, list[InputFacts | None]]:
     async with service.decode_budget.hold(volume_cost(data, limits)):  # held while the volume lives
         volume = await service.host.run(_volume, data, limits, service.options.max_pixels)
+        cam, said = cam_within(cam, len(volume), limits)
         answers: list[Answer] = await _bounded(
             [lambda k=k: service.answer_slice(volume.slice(k), NIFTI_MEDIA_TYPE, cam) for k in range(len(volume))],
             _concurrency(service))
         slices = [(pos, None, None, a.prediction) for pos, a in zip(volume.positions, answers)]
-    return SeriesResult.build("nifti", "position", slices, volume.warnings), [a.facts for a in answers]
+    return SeriesResult.build("nifti", "position", slices, [*volume.warnings, *said]), [a.facts for a in answers]

@@ -223,3 +223,24 @@ def test_limits_on_slices_and_inflated_volume(model_path):
         bomb = gzip.compress(b"\0" * (2 << 20))
         response = client.post(SERIES, content=bomb, headers={"Content-Type": "application/gzip"})
         assert "inflates" in assert_problem(response, 413, "payload-too-large")["detail"]
+
+
+def test_cam_png_gives_each_slice_its_images(client):
+    response = post_dicom(client, [mr(0.0, 1)[0], mr(5.0, 2)[0]], params={"cam": "png"})
+    assert response.status_code == 200, response.text
+    assert_matches_spec(response)
+    cams = [s["result"]["cam"] for s in response.json()["slices"]]
+    assert all(c is not None and c["format"] == "png" and (c["width"], c["height"]) == (64, 64) for c in cams)
+    assert all(s["result"]["cam"] is None for s in post_dicom(client, [mr(0.0, 1)[0]]).json()["slices"])
+
+
+def test_cam_png_past_its_slice_limit_answers_without_images_and_says_so(model_path):
+    with running_app(model_path, max_series_cam_slices=2) as client:
+        body = post_dicom(client, [mr(0.0, 1)[0], mr(5.0, 2)[0]], params={"cam": "png"}).json()
+        assert all(s["result"]["cam"]["format"] == "png" for s in body["slices"]) and body["warnings"] == []
+        response = client.post(SERIES, params={"cam": "png"}, content=nifti(),
+                               headers={"Content-Type": "application/gzip"})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert all(s["result"]["cam"] is None for s in body["slices"])
+        assert any("BTD_MAX_SERIES_CAM_SLICES" in w and "5 slices" in w for w in body["warnings"])

@@ -3,7 +3,8 @@
 One module-scoped run of ``web_page.mjs`` against the real service (``python -m app`` on a free
 127.0.0.1 port with the small test model, or ``BTD_BROWSER_MODEL``) uploads a real slice (a
 figshare-cheng test image when ``../shared/data`` is present, else a synthetic PNG), a DICOM and a
-broken file, and opens /docs with every off-site request refused. The tests check what it saw
+broken file, a synthetic DICOM series (as several files, then as a folder) and a small NIfTI volume,
+and opens /docs with every off-site request refused. The tests check what it saw
 against what the API itself answers. Screenshots land in ``test-artifacts/browser/``.
 
 To refresh the README screenshot with the shipped model::
@@ -15,6 +16,7 @@ To refresh the README screenshot with the shipped model::
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import os
 import shutil
@@ -24,11 +26,15 @@ from pathlib import Path
 import cv2
 import httpx
 import numpy as np
+import pydicom
 import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
 
 from app.core.contract import LocalisationSpec
 from app.engine.records.store import RecordStore
 from app.transports.http.api_keys import key_line, new_key
+from app.transports.pacs.multipart import encode_related
 from tests.api.helpers import ServerProcess
 from tests.model_factory import build_model, tumour_slice_png
 
@@ -75,6 +81,53 @@ def synthetic_slice(path: Path) -> Path:
     return path
 
 
+SERIES_SLICES = 6  # 256x256 slices the gate admits, then one 64x64 slice it does not ("small-image")
+
+
+def synthetic_head(k: int, n: int) -> np.ndarray:
+    """Slice ``k`` of ``n``: the synthetic slice's ellipse, with a blob that grows and shrinks along the stack."""
+    rng = np.random.default_rng(k)
+    img = (rng.random((256, 256)) * 20).astype(np.float32)
+    cv2.ellipse(img, (128, 128), (100, 115), 0, 0, 360, 120, -1)
+    radius = int(30 * np.sin(np.pi * k / max(1, n - 1)))
+    if radius > 2:
+        cv2.circle(img, (160, 100), radius, 230, -1)
+    return img
+
+
+def synthetic_series(folder: Path) -> Path:
+    """One axial FLAIR series (pydicom's MR_small.dcm as the template: an inversion recovery with TI 2500
+    and TE 100 ms reads as FLAIR, which the gate admits), written in reverse so the service orders it,
+    plus a README.txt that the page must leave out."""
+    folder.mkdir()
+    series_uid = generate_uid()
+    for k in range(SERIES_SLICES + 1):
+        ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+        if k < SERIES_SLICES:
+            pixels = np.clip(synthetic_head(k, SERIES_SLICES) * 8, 0, 4095).astype(np.uint16)
+            ds.Rows, ds.Columns = pixels.shape
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+            ds.PixelData = pixels.tobytes()
+        ds.ScanningSequence, ds.InversionTime, ds.EchoTime = "IR", 2500, 100
+        uid = generate_uid()
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.file_meta.MediaStorageSOPInstanceUID = series_uid, uid, uid
+        ds.InstanceNumber, ds.ImageOrientationPatient, ds.ImagePositionPatient = k + 1, [1, 0, 0, 0, 1, 0], [0, 0, 5.0 * k]
+        ds.save_as(folder / f"IM{SERIES_SLICES - k:04d}", enforce_file_format=True)  # no suffix, as PACS exports
+    (folder / "README.txt").write_text("exported series\n")
+    return folder
+
+
+def synthetic_nifti(path: Path, slices: int = 4) -> Path:
+    nib = pytest.importorskip("nibabel")
+    volume = np.stack([synthetic_head(k, slices) for k in range(slices)], axis=-1).astype(np.int16)
+    path.write_bytes(gzip.compress(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 3.0, 1.0])).to_bytes()))
+    return path
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix != ".txt")
+
+
 @pytest.fixture(scope="module")
 def browser_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Runs the browser script once; returns its report plus the API's own answers for the same files."""
@@ -86,6 +139,8 @@ def browser_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     dicom = Path(get_testdata_file("MR_small.dcm"))
     broken = work / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # a PNG signature, then nothing decodable
+    series = synthetic_series(work / "series")
+    nifti = synthetic_nifti(work / "volume.nii.gz")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in ARTIFACTS.glob("*.png"):  # so a stale screenshot cannot pass for a new one
         old.unlink()
@@ -104,9 +159,9 @@ def browser_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
                           BTD_TUMOUR_THRESHOLD="0", BTD_RECORDS_DIR=str(work / "region-records")) as localising:
         base_url = server.url
         env = {**os.environ, "BASE_URL": base_url, "IMAGE": str(image), "DICOM": str(dicom),
-               "BROKEN": str(broken), "ARTIFACTS": str(ARTIFACTS), "PROFILE": str(work / "profile"),
-               "CHROMIUM": str(CHROMIUM), "KEYED_URL": keyed.url, "API_KEY": key, "PREDICT_ONLY_KEY": predict_only,
-               "REGION_URL": localising.url, "REGION_IMAGE": str(region_image)}
+               "BROKEN": str(broken), "SERIES_DIR": str(series), "NIFTI": str(nifti), "ARTIFACTS": str(ARTIFACTS),
+               "PROFILE": str(work / "profile"), "CHROMIUM": str(CHROMIUM), "KEYED_URL": keyed.url, "API_KEY": key,
+               "PREDICT_ONLY_KEY": predict_only, "REGION_URL": localising.url, "REGION_IMAGE": str(region_image)}
         done = subprocess.run([NODE, str(SCRIPT)], cwd=BROWSER_DIR, env=env, capture_output=True, text=True,
                               timeout=SCRIPT_TIMEOUT_S, check=False)
         assert done.returncode == 0, f"browser script failed:\n{done.stderr[-4000:]}"
@@ -121,10 +176,16 @@ def browser_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         api_region = httpx.post(f"{localising.url}/v1/predict", params={"cam": "png"},
                                 content=region_image.read_bytes(), headers={"Content-Type": "image/png"},
                                 timeout=60).json()
+        body, content_type = encode_related([p.read_bytes() for p in dicom_files(series)])
+        api_series = httpx.post(f"{base_url}/v1/predict/series", params={"cam": "png"}, content=body,
+                                headers={"Content-Type": content_type}, timeout=60).json()
+        api_nifti = httpx.post(f"{base_url}/v1/predict/series", content=nifti.read_bytes(),
+                               headers={"Content-Type": "application/gzip"}, timeout=60).json()
     with RecordStore(f"sqlite:///{records / 'btd.db'}") as store:
         predictions, feedback = store.rows(), store.feedback()
     return {"report": json.loads(done.stdout), "model": api_model, "image": api_image, "broken": api_broken,
-            "dicom": api_dicom, "region": api_region, "predictions": predictions, "feedback": feedback}
+            "dicom": api_dicom, "region": api_region, "series": api_series, "nifti": api_nifti,
+            "predictions": predictions, "feedback": feedback}
 
 
 def percent(p: float) -> str:
@@ -161,10 +222,12 @@ def test_heatmap_opacity_and_toggle_work_from_the_keyboard(browser_run: dict) ->
     assert report["toggledOff"] == {"checked": False, "heatmapVisible": False, "sliderDisabled": True}
     assert report["toggledOn"] == {"checked": True, "heatmapVisible": True}
     assert "file-input" in report["tabOrderBefore"]
-    # the file picker offers what the service reads, from /v1/model (app.core.formats), not a copy
+    # the file picker offers what the service reads, from /v1/model (app.core.formats), not a copy, and the
+    # NIfTI volumes of /v1/predict/series
     from app.core.formats import FORMATS
 
-    assert set(report["accept"].split(",")) == {x for f in FORMATS for x in (*f.suffixes, f.media_type)}
+    assert set(report["accept"].split(",")) == {x for f in FORMATS for x in (*f.suffixes, f.media_type)} | {
+        ".nii", ".nii.gz"}
 
 
 def test_page_shows_a_dropped_dicom_through_the_servers_rendering(browser_run: dict) -> None:
@@ -227,7 +290,7 @@ def test_page_and_docs_work_offline_without_script_errors(browser_run: dict) -> 
 
 
 def test_screenshots_are_saved_as_artifacts(browser_run: dict) -> None:
-    for name in ("web-page-result", "web-page-dicom", "web-page-error", "docs"):
+    for name in ("web-page-result", "web-page-dicom", "web-page-error", "web-page-series", "docs"):
         shot = cv2.imread(str(ARTIFACTS / f"{name}.png"))
         assert shot is not None and shot.shape[1] == 1280 and shot.std() > 5  # a real, non-blank page
 
@@ -293,3 +356,101 @@ def test_page_draws_the_tumour_region_over_the_image_with_its_own_toggle(browser
     assert seen["toggledOn"] == {"checked": True, "visible": True}
     assert seen["unlabelled"] == [] and seen["lowContrast"] == []
     assert browser_run["report"]["regionControlWithoutMap"] is False  # a model without a map: no region control
+
+
+# ------------------------------------------------------------------------------------------- series
+
+FINDING_WORDS = {True: "Tumour suspected", False: "No tumour suspected"}
+
+
+def assert_strip_shows(seen: dict, api: dict) -> None:
+    """One cell per slice of the API's answer, in its order: key slices and slices not assessed marked,
+    each bar as high as the slice's tumour probability."""
+    finding = api["finding"]
+    assert [c["index"] for c in seen["cells"]] == [s["index"] for s in api["slices"]]
+    assert [c["index"] for c in seen["cells"] if c["key"]] == finding["key_slices"]
+    for cell, item in zip(seen["cells"], api["slices"]):
+        result = item["result"]
+        assert cell["assessed"] is (result["in_distribution"] is not False)
+        if not cell["assessed"]:
+            assert cell["mark"] == "\u2715" and "not assessed" in cell["label"] and cell["barHeight"] is None
+        else:
+            assert cell["mark"] == ("\u2605" if cell["key"] else "")
+            assert cell["barHeight"] == pytest.approx(result["tumour_probability"] * cell["boxHeight"], abs=1.5)
+            assert cell["over"] is (result["tumour_probability"] >= finding["threshold"])
+        assert cell["label"].startswith(f"Slice {item['index'] + 1} of {len(api['slices'])}")
+        assert ("key slice" in cell["label"]) is cell["key"]
+
+
+def assert_finding_shows(seen: dict, api: dict) -> None:
+    finding = api["finding"]
+    assert seen["visible"] and seen["singleHidden"]
+    if finding["assessed"]:
+        assert seen["finding"] == FINDING_WORDS[finding["tumour_detected"]]
+        assert f"series tumour probability {percent(finding['tumour_probability'])}" in seen["decision"]
+    else:
+        assert seen["finding"] == "Not assessed"
+    assert seen["assessed"] == f"{finding['slices_assessed']} of {len(api['slices'])}"
+    assert seen["notAssessed"] == str(finding["slices_not_assessed"])
+    assert seen["rule"].lower().startswith(finding["rule"][:40].lower())
+
+
+def test_page_shows_a_series_finding_and_one_cell_per_slice(browser_run: dict) -> None:
+    seen, api = browser_run["report"]["series"]["shown"], browser_run["series"]
+    assert len(api["slices"]) == SERIES_SLICES + 1 and api["ordering"] == "position"
+    assert api["finding"]["key_slices"], "the synthetic series should give the test model key slices"
+    assert_finding_shows(seen, api)
+    assert_strip_shows(seen, api)
+    # the 64x64 slice: not assessed, and the page says why in words
+    assert api["finding"]["not_assessed_reasons"] == {"small-image": 1}
+    assert seen["reasons"] == ["1 slice: It is too small to be a whole MR slice."]
+    # it opens on the first key slice, with the server's image of it and its heatmap
+    first_key = api["finding"]["key_slices"][0]
+    assert seen["selected"] == [first_key] and seen["activedescendant"] == f"slice-{first_key}"
+    assert seen["caption"].startswith(f"Slice {first_key + 1} of {SERIES_SLICES + 1}") and "key slice" in seen["caption"]
+    assert seen["image"]["loaded"] and seen["image"]["width"] == api["slices"][first_key]["result"]["cam"]["width"]
+    assert seen["heatmapShown"]
+
+
+def test_series_slices_move_with_arrow_keys_a_click_and_the_wheel(browser_run: dict) -> None:
+    series = browser_run["report"]["series"]
+    last = SERIES_SLICES  # the index of the last slice
+    assert [(k["key"], k["selected"]) for k in series["keys"]] == [
+        ("Home", [0]), ("ArrowRight", [1]), ("ArrowRight", [2]), ("ArrowLeft", [1]), ("End", [last]),
+        ("ArrowRight", [last]), ("ArrowDown", [last]), ("ArrowUp", [last - 1])]
+    for k in series["keys"]:
+        assert k["caption"].startswith(f"Slice {k['selected'][0] + 1} of {last + 1}")
+    assert "not assessed" in series["keys"][4]["caption"]  # the last slice is the 64x64 one
+    assert series["clicked"] == [1] and series["wheeled"] == [2]
+    assert series["wheelCaption"].startswith(f"Slice 3 of {last + 1}")
+
+
+def test_a_folder_of_a_series_is_sent_without_its_other_files(browser_run: dict) -> None:
+    series, api = browser_run["report"]["series"], browser_run["series"]
+    assert series["droppedState"] == "done"  # the same files dropped together: the same series
+    assert_strip_shows(series["dropped"], api)
+    assert series["folderState"] == "done"
+    assert_finding_shows(series["folder"], api)
+    assert_strip_shows(series["folder"], api)
+    assert "1 file that is not DICOM images (e.g. README.txt) left out" in series["folder"]["status"]
+
+
+def test_a_series_refused_by_the_service_is_explained_in_its_words(browser_run: dict) -> None:
+    series = browser_run["report"]["series"]
+    assert series["mixedState"] == "error"
+    error = series["mixedError"]
+    assert error["role"] == "alert" and error["seriesHidden"]
+    assert "could not be analysed. The instances belong to 2 series (Series Instance UID); send one series." in error["text"]
+    assert "(HTTP 400)" in error["text"]
+
+
+def test_a_nifti_volume_is_shown_as_a_series(browser_run: dict) -> None:
+    seen, api = browser_run["report"]["nifti"], browser_run["nifti"]
+    assert api["source"] == "nifti" and len(api["slices"]) == 4
+    assert_finding_shows(seen, api)
+    assert_strip_shows(seen, api)
+
+
+def test_series_view_is_labelled_and_has_aa_contrast(browser_run: dict) -> None:
+    series = browser_run["report"]["series"]
+    assert series["unlabelled"] == [] and series["lowContrast"] == []

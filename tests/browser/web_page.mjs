@@ -4,6 +4,8 @@
 //   IMAGE         an MRI slice to upload (PNG/JPEG); DICOM  a DICOM slice; BROKEN  a corrupt file
 //   ARTIFACTS     folder for screenshots; PROFILE  a fresh, empty user-data-dir
 //   CHROMIUM      the browser binary (default /usr/bin/chromium)
+//   SERIES_DIR    optional: a folder of one DICOM series (and a file that is not DICOM, to be left out)
+//   NIFTI         optional: a small .nii.gz volume
 //   KEYED_URL     optional: the same service with API keys; API_KEY  a valid key for it;
 //                 PREDICT_ONLY_KEY  a key for it without the feedback scope
 //   REGION_URL    optional: a service whose model has a tumour map; REGION_IMAGE  a slice it finds a region in
@@ -41,15 +43,17 @@ async function upload(page, file) {
   return page.evaluate(() => document.body.dataset.state);
 }
 
-// Drop a file on the drop zone, as dragging it from the desktop does; no name suffix, no type:
+// Drop a file (or several) on the drop zone, as dragging from the desktop does; no name suffix, no type:
 // the page must recognise it by its bytes.
 async function drop(page, file) {
-  const bytes = (await readFile(file)).toString("base64");
-  const dataTransfer = await page.evaluateHandle((bytes) => {
+  const files = Array.isArray(file) ? file : [file];
+  const contents = await Promise.all(files.map(async (f) => (await readFile(f)).toString("base64")));
+  const dataTransfer = await page.evaluateHandle((contents) => {
     const transfer = new DataTransfer();
-    transfer.items.add(new File([Uint8Array.from(atob(bytes), (c) => c.charCodeAt(0))], "dropped-slice"));
+    contents.forEach((bytes, i) => transfer.items.add(
+      new File([Uint8Array.from(atob(bytes), (c) => c.charCodeAt(0))], contents.length > 1 ? `dropped-${i}` : "dropped-slice")));
     return transfer;
-  }, bytes);
+  }, contents);
   await page.dispatchEvent("#drop-zone", "drop", { dataTransfer });
   await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null,
     { timeout: STEP_TIMEOUT_MS });
@@ -89,6 +93,55 @@ async function readResult(page) {
       },
     };
   });
+}
+
+// Choose files (or, with the folder picker, a folder) and wait until the page is done.
+async function uploadTo(page, selector, files) {
+  await page.setInputFiles(selector, files);
+  await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null,
+    { timeout: STEP_TIMEOUT_MS });
+  return page.evaluate(() => document.body.dataset.state);
+}
+
+async function readSeries(page) {
+  return page.evaluate(() => {
+    const $ = (id) => document.getElementById(id);
+    const image = $("series-image");
+    const heatmap = $("series-heatmap");
+    return {
+      visible: !$("series-result").hidden,
+      singleHidden: $("result").hidden,
+      finding: $("series-finding").textContent,
+      decision: $("series-decision").textContent,
+      label: $("series-label").textContent,
+      probability: $("series-probability").textContent,
+      assessed: $("series-assessed").textContent,
+      notAssessed: $("series-not-assessed").textContent,
+      reasons: [...$("series-reasons").children].map((li) => li.textContent),
+      rule: $("series-rule").textContent,
+      warnings: [...$("series-warnings").children].map((li) => li.textContent),
+      status: $("status").textContent,
+      cells: [...document.querySelectorAll("#slice-strip [role=option]")].map((c) => ({
+        index: Number(c.dataset.index),
+        key: c.dataset.key === "true",
+        assessed: c.dataset.assessed === "true",
+        mark: c.querySelector(".slice-mark").textContent,
+        label: c.getAttribute("aria-label"),
+        barHeight: c.querySelector(".slice-bar") ? c.querySelector(".slice-bar").getBoundingClientRect().height : null,
+        boxHeight: c.querySelector(".slice-box").getBoundingClientRect().height,
+        over: c.classList.contains("over"),
+      })),
+      selected: [...document.querySelectorAll("#slice-strip [aria-selected=true]")].map((c) => Number(c.dataset.index)),
+      activedescendant: $("slice-strip").getAttribute("aria-activedescendant"),
+      caption: $("series-slice-caption").textContent,
+      image: { loaded: image.complete && image.naturalWidth > 0, width: image.naturalWidth, src: image.src.slice(0, 64) },
+      heatmapShown: !heatmap.hidden && heatmap.complete && heatmap.naturalWidth > 0,
+    };
+  });
+}
+
+async function selection(page) {
+  return page.evaluate(() => [...document.querySelectorAll("#slice-strip [aria-selected=true]")].map((c) => Number(c.dataset.index)));
 }
 
 // Every form control has a name a screen reader can announce (a button's own text names it).
@@ -243,7 +296,56 @@ async function main() {
     await screenshot(page, "web-page-error");
     report.lowContrastError = await lowContrastTexts(page);
 
-    // 4. /docs: Swagger UI from local files, listing the predict operation.
+    // 4. A series: several DICOM files at once, then the same as a folder, then a NIfTI volume.
+    if (process.env.SERIES_DIR) {
+      const dir = process.env.SERIES_DIR;
+      const { readdir } = await import("node:fs/promises");
+      const files = (await readdir(dir)).sort().map((name) => path.join(dir, name));
+      const state = await uploadTo(page, "#file-input", files);
+      check(state === "done", `the series ended in state ${state}: ${await page.textContent("#error")}`);
+      await page.waitForFunction(() => document.getElementById("series-image").complete);
+      const series = { files: files.map((f) => path.basename(f)), shown: await readSeries(page) };
+      series.unlabelled = await unlabelledControls(page);
+      series.lowContrast = await lowContrastTexts(page);
+      await screenshot(page, "web-page-series");
+      // The keyboard: the strip is one tab stop; arrows, Home and End move the selection.
+      await page.focus("#slice-strip");
+      const keys = [];
+      for (const key of ["Home", "ArrowRight", "ArrowRight", "ArrowLeft", "End", "ArrowRight", "ArrowDown", "ArrowUp"]) {
+        await page.keyboard.press(key);
+        keys.push({ key, selected: await selection(page), caption: await page.textContent("#series-slice-caption") });
+      }
+      series.keys = keys;
+      series.afterKeys = await readSeries(page);
+      // A click on a cell, then the mouse wheel over the viewer.
+      await page.click("#slice-1");
+      series.clicked = await selection(page);
+      await page.hover("#series-viewer");
+      await page.mouse.wheel(0, 120);
+      series.wheeled = await selection(page);
+      series.wheelCaption = await page.textContent("#series-slice-caption");
+      // The same files dropped together on the drop zone.
+      series.droppedState = await drop(page, files);
+      series.dropped = await readSeries(page);
+      // The same series as a folder (webkitdirectory): the file that is not DICOM is left out.
+      series.folderState = await uploadTo(page, "#folder-input", dir);
+      series.folder = await readSeries(page);
+      // Instances of two series: the service's problem+json detail, in an alert.
+      series.mixedState = await uploadTo(page, "#file-input", [env("DICOM"), files[0]]);
+      series.mixedError = {
+        text: await page.textContent("#error"),
+        role: await page.getAttribute("#error", "role"),
+        seriesHidden: !(await page.isVisible("#series-result")),
+      };
+      report.series = series;
+    }
+    if (process.env.NIFTI) {
+      const state = await uploadTo(page, "#file-input", env("NIFTI"));
+      check(state === "done", `the NIfTI ended in state ${state}: ${await page.textContent("#error")}`);
+      report.nifti = await readSeries(page);
+    }
+
+    // 5. /docs: Swagger UI from local files, listing the predict operation.
     await page.goto(`${BASE_URL}/docs`);
     await page.waitForSelector(".swagger-ui .opblock", { timeout: STEP_TIMEOUT_MS });
     report.docs = {
@@ -252,7 +354,7 @@ async function main() {
     };
     await screenshot(page, "docs");
 
-    // 5. A service with API keys: the page asks for one, a wrong one is refused, the right one works.
+    // 6. A service with API keys: the page asks for one, a wrong one is refused, the right one works.
     if (process.env.KEYED_URL) {
       await page.goto(`${process.env.KEYED_URL}/`);
       await page.waitForSelector("#key-form:not([hidden])");

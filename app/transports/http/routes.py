@@ -250,7 +250,7 @@ async def read_series(request: Request, max_slices: int) -> tuple[list[bytes], b
 @router.post("/v1/predict/series", operation_id="predictSeries",
              summary="Classify a series: DICOM instances of one series, or a NIfTI volume",
              response_model=SeriesResponse, responses=docs.SERIES_RESPONSES, openapi_extra=docs.SERIES_BODY)
-async def predict_series(request: Request, result_format: ResultFormat = FORMAT_QUERY,
+async def predict_series(request: Request, cam: CamMode = CAM_QUERY, result_format: ResultFormat = FORMAT_QUERY,
                          service: InferenceService = Depends(get_service),
                          settings: Settings = Depends(get_settings)) -> Response:
     dicom = None
@@ -262,12 +262,12 @@ async def predict_series(request: Request, result_format: ResultFormat = FORMAT_
             if objects is not None:
                 raise NotAcceptable("DICOM results need DICOM instances: they copy the source study's patient and "
                                     "study and reference its slices, and a NIfTI volume has none; ask for JSON")
-            series, facts = await answer_volume(service, volume, limits)
+            series, facts = await answer_volume(service, volume, limits, cam)
         elif objects is not None:
             dicom, answered = await dicom_series_response(service, instances, limits, objects)
             series, facts = answered.result, answered.facts
         else:
-            answered = await answer_dicom_series(service, instances, limits)
+            answered = await answer_dicom_series(service, instances, limits, cam)
             series, facts = answered.result, answered.facts
     except ServiceError as error:
         audit_prediction(request, service, error=error)
