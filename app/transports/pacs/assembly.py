@@ -11,6 +11,11 @@ The rules (README, "PACS", series mode):
 - **too large**: a series past ``max_slices`` slices (frames) or ``max_bytes`` bytes is dropped: its
   instances are deleted and it is not classified (a finding from part of a series could mislead);
   later instances of it are acknowledged and discarded until it has been quiet for ``idle_s``;
+- **classified while arriving**: with an ``on_held`` callback (the listener's ``ClassifyAhead``), each
+  held slice waits in ``HeldSeries.waiting`` until a background thread takes a batch of them
+  (``take_batch``) and keeps their predictions (``keep``: per-slice predictions, never pixels), so a
+  complete series has only its last partial batch left to classify; a dropped series' predictions
+  are discarded with its instances;
 - **full**: while all series together hold ``total_slices`` slices or ``total_bytes`` bytes (handed-on
   series count until they are released), ``add`` refuses: the listener answers C-STORE 0xA700 and the
   sender retries later.
@@ -76,6 +81,20 @@ class HeldSeries:
     dropped: int = 0  # > 0: dropped as too large; instances discarded since
     outcome: str = "complete"  # one of metrics.SERIES_OUTCOMES once handed on
     sop_uids: set[str] = field(default_factory=set)
+    handed_on: bool = False  # no longer open: classified ahead no more
+    waiting: list[tuple[HeldInstance, int | None]] = field(default_factory=list)  # slices not yet taken ahead
+    classified: dict[tuple[str, int | None], object] = field(default_factory=dict)  # (SOP UID, frame) -> result
+    busy: threading.Lock = field(default_factory=threading.Lock)  # held while a batch of it is classified
+
+
+def slices_of_instance(instance: HeldInstance) -> list[tuple[HeldInstance, int | None]]:
+    """The instance's slices: (instance, frame), frame None for a single-frame instance."""
+    frames = instance.header.frames
+    return [(instance, None if frames == 1 else frame) for frame in range(frames)]
+
+
+def slice_key(instance: HeldInstance, frame: int | None) -> tuple[str, int | None]:
+    return instance.header.sop_uid, frame
 
 
 class SeriesAssembler:
@@ -83,9 +102,11 @@ class SeriesAssembler:
     files stay until ``release(series)``. Thread safe; ``reap`` is called periodically."""
 
     def __init__(self, limits: SeriesLimits, on_ready: Callable[[HeldSeries], None],
-                 spill_dir: Path | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 spill_dir: Path | None = None, clock: Callable[[], float] = time.monotonic,
+                 on_held: Callable[[HeldSeries], None] | None = None) -> None:
         self.limits = limits
         self.on_ready = on_ready
+        self.on_held = on_held  # told (outside the lock) each time a series holds one more instance
         self.clock = clock
         if spill_dir is not None:
             spill_dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +119,15 @@ class SeriesAssembler:
 
     def add(self, header: InstanceHeader, data: bytes) -> bool:
         """Hold one instance; False when all series together are at their bounds (refuse it, retry later)."""
+        series = self._add(header, data)
+        if series is None:
+            return False
+        if series is not False and self.on_held is not None:
+            self.on_held(series)
+        return True
+
+    def _add(self, header: InstanceHeader, data: bytes) -> HeldSeries | bool | None:
+        """The series that now holds the instance; False: acknowledged, not held; None: refused."""
         key = study_key(header.series_uid or header.sop_uid)  # no series UID: a series of its own
         now = self.clock()
         with self._lock:
@@ -108,9 +138,9 @@ class SeriesAssembler:
             series.last = now
             if series.dropped:
                 series.dropped += 1
-                return True
+                return False
             if header.sop_uid in series.sop_uids:  # sent again (a retry): held once
-                return True
+                return False
             if (self.held_slices + header.frames > self.limits.total_slices
                     or self.held_bytes + len(data) > self.limits.total_bytes):
                 if not series.instances:
@@ -118,11 +148,11 @@ class SeriesAssembler:
                 log.warning("series waiting hold %d slices, %d bytes (at most %d, %d): an instance was refused "
                             "(0xA700), the sender will retry", self.held_slices, self.held_bytes,
                             self.limits.total_slices, self.limits.total_bytes)
-                return False
+                return None
             if (series.slices + header.frames > self.limits.max_slices
                     or series.size + len(data) > self.limits.max_bytes):
                 self._drop(series)
-                return True
+                return False
             path = self.folder / f"{key}-{self._count:06d}.dcm"
             self._count += 1
             try:
@@ -131,13 +161,15 @@ class SeriesAssembler:
                 path.unlink(missing_ok=True)
                 log.error("an instance could not be written to %s (%s): refused (0xA700)", self.folder,
                           type(exc).__name__)
-                return False
-            series.instances.append(HeldInstance(path, len(data), header))
+                return None
+            instance = HeldInstance(path, len(data), header)
+            series.instances.append(instance)
+            series.waiting.extend(slices_of_instance(instance))
             series.sop_uids.add(header.sop_uid)
             series.slices += header.frames
             series.size += len(data)
             self._hold(header.frames, len(data))
-        return True
+        return series
 
     def _hold(self, slices: int, size: int) -> None:
         self.held_slices += slices
@@ -155,6 +187,26 @@ class SeriesAssembler:
         self._hold(-series.slices, -series.size)
         series.instances, series.slices, series.size, series.dropped = [], 0, 0, 1
         series.sop_uids.clear()
+        series.waiting.clear()
+        series.classified.clear()  # a batch being classified now is discarded by ``keep``
+
+    def take_batch(self, series: HeldSeries, size: int) -> list[tuple[HeldInstance, int | None]]:
+        """The next ``size`` slices of an open series to classify ahead, in arrival order; none while it
+        waits for fewer (its last partial batch is classified once it is complete), or once it is
+        dropped or handed on."""
+        with self._lock:
+            if series.dropped or series.handed_on or len(series.waiting) < size:
+                return []
+            batch, series.waiting = series.waiting[:size], series.waiting[size:]
+            return batch
+
+    def keep(self, series: HeldSeries, results: dict[tuple[str, int | None], object]) -> bool:
+        """Keep a batch's results, unless the series was dropped meanwhile (False: discarded)."""
+        with self._lock:
+            if series.dropped:
+                return False
+            series.classified.update(results)
+            return True
 
     def reap(self, now: float | None = None) -> None:
         """Hand on the series that are complete or timed out; forget dropped ones gone quiet."""
@@ -169,6 +221,7 @@ class SeriesAssembler:
                                 key, series.study, series.dropped - 1)
                 elif not series.dropped and (quiet or old):
                     series.outcome = "complete" if quiet else "timed-out"
+                    series.handed_on = True
                     ready.append(self._open.pop(key))
         for series in ready:
             self._hand_on(series, now)
@@ -178,6 +231,8 @@ class SeriesAssembler:
         with self._lock:
             ready = [s for s in self._open.values() if not s.dropped]
             self._open.clear()
+            for series in ready:
+                series.handed_on = True
         for series in ready:
             self._hand_on(series, self.clock())
 

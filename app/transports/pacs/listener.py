@@ -203,16 +203,20 @@ class SeriesListener(Listener):
     """Series mode: each received MR (or Enhanced MR) instance is read once in the isolated worker (its
     UIDs and geometry), held on disk by the :class:`SeriesAssembler` until its series is complete, and
     each complete series is queued whole for the :class:`SeriesProcessor`. The assembler's bounds
-    replace the queue's: past them C-STORE answers 0xA700."""
+    replace the queue's: past them C-STORE answers 0xA700. Meanwhile :class:`ClassifyAhead` classifies
+    the held slices in batches, so a complete series has little left to classify."""
 
     def __init__(self, options: ListenerOptions, processor, limits, spill_dir=None) -> None:
         from app.transports.pacs.assembly import SeriesAssembler
+        from app.transports.pacs.classify_ahead import ClassifyAhead
 
         super().__init__(options, processor)
         self.series_jobs: queue.Queue = queue.Queue()  # bounded by the assembler's totals
-        self.assembler = SeriesAssembler(limits, self.series_jobs.put, spill_dir)
+        self.ahead = ClassifyAhead(processor.classifier, processor.classifier.batch_size)
+        self.assembler = SeriesAssembler(limits, self.series_jobs.put, spill_dir, on_held=self.ahead.notify)
 
     def start(self) -> None:
+        self.ahead.start(self.assembler)
         super().start()
         log.info("dicom-listen: series mode: a series is complete %g s after its last instance; instances wait "
                  "in %s", self.assembler.limits.idle_s, self.assembler.folder)
@@ -264,6 +268,7 @@ class SeriesListener(Listener):
             self.series_jobs.put(None)
         for thread in self._threads:
             thread.join(timeout=drain_timeout_s)
+        self.ahead.stop()
         self._reader.close()
         self.assembler.close()
         self.tracker.flush()

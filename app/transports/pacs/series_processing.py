@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from app.core.series import Ordering, SeriesFinding, order_slices
 from app.engine.metrics import PACS_SERIES
 from app.engine.records.rows import prediction_row
 from app.engine.records.writer import RecordWriter
-from app.transports.pacs.assembly import HeldInstance, HeldSeries
+from app.transports.pacs.assembly import HeldInstance, HeldSeries, slice_key, slices_of_instance
 from app.transports.pacs.processing import (
     RetryPolicy,
     Sender,
@@ -46,6 +47,8 @@ from app.transports.pacs.series_results import ClassifiedSeries, ClassifiedSlice
 log = logging.getLogger("btd.pacs")
 
 Aggregate = Callable[[Sequence[Prediction]], SeriesFinding]
+SliceKey = tuple[str, int | None]  # (SOP Instance UID, frame)
+SliceResult = tuple[ClassifiedSlice, Any] | None  # the slice and its record's facts; None: unreadable
 ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 SERIES_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.4", ENHANCED_MR_IMAGE_STORAGE)  # MR; Enhanced MR, split in frames
 
@@ -58,8 +61,7 @@ def core_aggregate(predictions: Sequence[Prediction]) -> SeriesFinding:
 def slices_of(series: HeldSeries) -> tuple[list[tuple[HeldInstance, int | None]], Ordering]:
     """The series' slices in slice order, (instance, frame) with frame None for a single-frame instance,
     and how they were ordered."""
-    slices = [(instance, None if instance.header.frames == 1 else frame)
-              for instance in series.instances for frame in range(instance.header.frames)]
+    slices = [slice_ for instance in series.instances for slice_ in slices_of_instance(instance)]
     geometry = [instance.header.geometry[frame or 0] for instance, frame in slices]
     order, _, ordering = order_slices(geometry)
     return [slices[i] for i in order], ordering
@@ -113,28 +115,48 @@ class SeriesClassifier:
             pending = self._reading.submit(read, chunks[index + 1]) if index + 1 < len(chunks) else None
             yield prepared
 
+    def _run(self, chunk: list[tuple[HeldInstance, int | None]], prepared: list) -> dict[SliceKey, SliceResult]:
+        """One batch through the model: each slice's result (None: unreadable)."""
+        results: dict[SliceKey, SliceResult] = {slice_key(*s): None for s in chunk}
+        ready = [(slice_, p) for slice_, p in zip(chunk, prepared) if p is not None]
+        if not ready:
+            return results
+        started = time.perf_counter()
+        with self._lock:
+            outputs = self.engine.infer_prepared([p for _, p in ready], [False] * len(ready))
+        for ((instance, frame), p), output in zip(ready, outputs):
+            prediction = self.engine.builder.build(p, output, "none", started=started)
+            results[slice_key(instance, frame)] = (ClassifiedSlice(p.source, frame, prediction), p.facts)
+        return results
+
+    def classify_batch(self, chunk: list[tuple[HeldInstance, int | None]]) -> dict[SliceKey, SliceResult]:
+        """Read and classify a batch of slices (``ClassifyAhead``, while their series still arrives)."""
+        return self._run(chunk, [self._prepare(instance, frame) for instance, frame in chunk])
+
     def classify(self, series: HeldSeries) -> tuple[list[ClassifiedSlice], int, Ordering]:
         """The slices that could be read, in slice order, with their predictions; how many could not; how
-        they were ordered."""
-        (slices, ordering), out, unread = slices_of(series), [], 0
-        done = 0
-        for prepared in self._batches(slices):
-            chunk = slices[done:done + len(prepared)]
-            done += len(prepared)
-            ready = [(slice_, p) for slice_, p in zip(chunk, prepared) if p is not None]
-            unread += len(prepared) - len(ready)
-            if not ready:
+        they were ordered. Slices classified while the series arrived (``series.classified``) are not
+        classified again."""
+        slices, ordering = slices_of(series)
+        with series.busy:  # a batch of it classified ahead now: wait for it rather than redo it
+            results = dict(series.classified)
+            missing = [s for s in slices if slice_key(*s) not in results]
+            done = 0
+            for prepared in self._batches(missing):
+                results.update(self._run(missing[done:done + len(prepared)], prepared))
+                done += len(prepared)
+        out, unread = [], 0
+        for slice_ in slices:  # slice order, whatever the order they were classified in
+            result = results[slice_key(*slice_)]
+            if result is None:
+                unread += 1
                 continue
-            started = time.perf_counter()
-            with self._lock:
-                outputs = self.engine.infer_prepared([p for _, p in ready], [False] * len(ready))
-            for ((instance, frame), p), output in zip(ready, outputs):
-                prediction = self.engine.builder.build(p, output, "none", started=started)
-                out.append(ClassifiedSlice(p.source, frame, prediction))
-                if self.records is not None:  # a new request id: no DICOM UID is kept
-                    self.records.add(prediction_row(request_id=str(uuid.uuid4()), transport="listener",
-                                                    model=self.engine.model_identity, answer=prediction,
-                                                    facts=p.facts))
+            classified, facts = result
+            out.append(classified)
+            if self.records is not None:  # a new request id: no DICOM UID is kept
+                self.records.add(prediction_row(request_id=str(uuid.uuid4()), transport="listener",
+                                                model=self.engine.model_identity, answer=classified.prediction,
+                                                facts=facts))
         return out, unread, ordering
 
     def add_overlays(self, result: ClassifiedSeries, series: HeldSeries) -> None:
