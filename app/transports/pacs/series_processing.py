@@ -20,10 +20,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from app.core import series as core_series
 from app.core.decode import DICOM, InstanceHeader, read_instance_header
