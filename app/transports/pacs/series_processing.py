@@ -6,9 +6,12 @@
    of ``batch_size`` slices while the next batch is read;
 2. an *aggregate* callable turns the slices' predictions into the one :class:`SeriesFinding`
    (``app.core.series.aggregate`` unless another is given: the seam the tests use until it lands);
-3. the key slices are classified again with their CAM images, for their overlays;
-4. ``series_results.build_series_results`` makes the SR, the KOS, the key overlays and the tumour
-   region's Segmentation, which the sender stores with retries.
+3. the key slices are classified again with their CAM images, for their overlays (while the SR is built);
+4. ``series_results``' builders make the SR, the KOS, the key overlays and the tumour region's
+   Segmentation, which the sender stores with retries.
+
+Slices are classified while the series still arrives (``classify_ahead``), each with its SR group, so
+a complete series has only its last partial batch, its finding and its results left to make.
 
 One log line per series (counts and the finding, never a tag value).
 """
@@ -42,7 +45,14 @@ from app.transports.pacs.processing import (
     isolated_reader,
 )
 from app.transports.pacs.results import encode
-from app.transports.pacs.series_results import ClassifiedSeries, ClassifiedSlice, build_series_results
+from app.transports.pacs.series_results import (
+    SERIES_BUILDERS,
+    ClassifiedSeries,
+    ClassifiedSlice,
+    build_series_sr,
+    slice_item,
+    warm_up,
+)
 
 log = logging.getLogger("btd.pacs")
 
@@ -88,6 +98,7 @@ class SeriesClassifier:
                            f"of {batch_size}"
         self._reader = isolated_reader()
         self._reader.warm_up()
+        warm_up()  # highdicom's tables, before the first series waits on them
         self._reading = ThreadPoolExecutor(1, thread_name_prefix="btd-series-read")
         self._lock = threading.Lock()  # one ONNX Runtime run at a time (listener workers): it uses every core
 
@@ -126,7 +137,9 @@ class SeriesClassifier:
             outputs = self.engine.infer_prepared([p for _, p in ready], [False] * len(ready))
         for ((instance, frame), p), output in zip(ready, outputs):
             prediction = self.engine.builder.build(p, output, "none", started=started)
-            results[slice_key(instance, frame)] = (ClassifiedSlice(p.source, frame, prediction), p.facts)
+            classified = ClassifiedSlice(p.source, frame, prediction)
+            slice_item(classified)  # its SR group now, while the series may still be arriving
+            results[slice_key(instance, frame)] = (classified, p.facts)
         return results
 
     def classify_batch(self, chunk: list[tuple[HeldInstance, int | None]]) -> dict[SliceKey, SliceResult]:
@@ -186,6 +199,7 @@ class SeriesProcessor:
         self.tracker = tracker
         self.retry = retry
         self.aggregate = aggregate
+        self._overlaying = ThreadPoolExecutor(1, thread_name_prefix="btd-series-overlays")
 
     def process(self, series: HeldSeries) -> bool:
         """True when the series' results reached the destination. Never raises for a bad series."""
@@ -202,8 +216,13 @@ class SeriesProcessor:
                 return False
             classified = time.monotonic()
             result = ClassifiedSeries(slices, self.aggregate([s.prediction for s in slices]), unread, ordering)
-            self.classifier.add_overlays(result, series)
-            objects = [encode(ds) for ds in build_series_results(result)]
+            # The key overlays (decoded in the reader worker, run through ONNX Runtime: mostly outside the
+            # GIL) are made while the SR (pure Python) is built and encoded.
+            overlaying = self._overlaying.submit(self.classifier.add_overlays, result, series)
+            sr = [encode(ds) for ds in build_series_sr(result)]
+            overlaying.result()
+            objects = sr + [encode(ds) for build in SERIES_BUILDERS if build is not build_series_sr
+                            for ds in build(result)]
             built = time.monotonic()
             finding = result.finding
             self.tracker.finding(study, finding.label or "not assessed", finding.tumour_detected)

@@ -75,6 +75,7 @@ class ClassifiedSlice:
     frame: int | None
     prediction: Prediction
     overlay: Prediction | None = None
+    sr_item: Dataset | None = None  # its SR content item (``slice_item``), built once
 
 
 @dataclass
@@ -208,6 +209,26 @@ def slice_group(s: ClassifiedSlice) -> hd.sr.MeasurementsAndQualitativeEvaluatio
         source_images=[source_image(s.source, s.frame)])
 
 
+def slice_item(s: ClassifiedSlice) -> Dataset:
+    """The slice's group as an SR content item, built when first asked (``SeriesClassifier`` asks as it
+    classifies, while the series still arrives: a series of hundreds costs a second or more) and kept."""
+    if s.sr_item is None:
+        s.sr_item = slice_group(s)[0]
+    return s.sr_item
+
+
+def warm_up() -> None:
+    """Load the tables highdicom reads when it builds its first document (about 0.4 s, once a process),
+    before the first series is waiting for its results. Best effort: a private helper of highdicom."""
+    try:
+        from highdicom._standard_utils import is_attribute_in_iod
+        from pydicom.uid import ComprehensiveSRStorage
+
+        is_attribute_in_iod("PatientName", ComprehensiveSRStorage)
+    except Exception:  # noqa: BLE001, S110 - a later highdicom without it: the first document pays instead
+        pass
+
+
 def _evidence_of(slices: Sequence[ClassifiedSlice]) -> list[Dataset]:
     """Each source instance once (a multi-frame one holds several slices). The first is whole: highdicom
     copies the patient and study from it; the others need only their UIDs (copying hundreds of headers
@@ -269,7 +290,7 @@ def build_series_sr(result: ClassifiedSeries) -> list[Dataset]:
     # document: its checks walk the whole tree, seconds for a series of hundreds of slices. Every slice
     # they reference is in the evidence already.
     (container,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
-    container.ContentSequence.extend(group[0] for s in result.slices for group in [slice_group(s)])
+    container.ContentSequence.extend(slice_item(s) for s in result.slices)
     return [sr]
 
 
