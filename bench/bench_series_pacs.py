@@ -17,6 +17,7 @@ JSON says which): aggregation is a few microseconds either way.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "btd-resnet50-int8.onnx"
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -70,15 +72,23 @@ def child(args: argparse.Namespace) -> None:
         aggregate, which = stand_in_aggregate, "tests' stand-in (app.core.series.aggregate not implemented yet)"
     except Exception:  # noqa: BLE001, S110 - implemented (it may refuse an empty series): use it
         pass
-    sender = CStoreSender(DicomNode("STORE", "127.0.0.1", args.store_port), "BTD")
+    sender = CStoreSender(DicomNode(args.store_aet, "127.0.0.1", args.store_port), "BTD")
     classifier = SeriesClassifier(Path(args.model), args.batch)
     processor = SeriesProcessor(classifier, sender, StudyTracker(sender.description), RetryPolicy(retries=1),
                                 aggregate=aggregate)
     listener = SeriesListener(ListenerOptions(port=args.listen_port), processor, SeriesLimits(idle_s=args.idle))
+    if args.no_ahead:  # the series classified only once complete, as before ClassifyAhead
+        listener.assembler.on_held = None
+    arrivals: list[float] = []  # when each instance reached the assembler: the gaps the quiet period must outlast
+    add = listener.assembler.add
+    listener.assembler.add = lambda header, data: arrivals.append(time.monotonic()) or add(header, data)
     listener.start()
     print(json.dumps({"ready": True, "aggregate": which}), flush=True)
     sys.stdin.readline()  # the parent says when the results are stored
-    print(json.dumps({"peak_rss_mib": peak_rss_mib(os.getpid())}), flush=True)
+    gaps = sorted(b - a for a, b in itertools.pairwise(arrivals))
+    spread = {"median": round(gaps[len(gaps) // 2], 4), "max": round(gaps[-1], 4)} if gaps else None
+    print(json.dumps({"peak_rss_mib": peak_rss_mib(os.getpid()), "instances_received": len(arrivals),
+                      "arrival_gaps_s": spread}), flush=True)
     listener.stop(30)
     classifier.close()
 
@@ -116,75 +126,139 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="BTD_SERIES_BATCH_SIZE")
     parser.add_argument("--idle", type=float, default=2.0, help="BTD_SERIES_IDLE_S: the quiet period")
+    parser.add_argument("--no-ahead", action="store_true", help="classify the series only once complete (the "
+                        "behaviour before slices were classified while the series arrives)")
+    parser.add_argument("--via-orthanc", action="store_true", help="the modality stores into Orthanc, whose "
+                        "routing rule (docs/pacs/route-mr-to-btd.lua) forwards each instance to the listener; "
+                        "the results go back into Orthanc")
     parser.add_argument("--out", default="bench-series-pacs.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--listen-port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--store-port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--store-aet", default="STORE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    from pynetdicom import AE
+    import contextlib
+    import tempfile
 
     from app.transports.pacs.results import encode
     from tests.api.helpers import free_port
 
     datasets, source = slices(args.slices, args.size)
     encoded = [encode(ds) for ds in datasets]
-    received: list[tuple[float, str]] = []
-    store_port, listen_port = free_port(), free_port()
-    server = storage_scp(store_port, received)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, __file__, "--child", "--model", args.model, "--batch", str(args.batch),
-                             "--idle", str(args.idle), "--listen-port", str(listen_port), "--store-port",
-                             str(store_port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                            stderr=open(Path(args.out).with_suffix(".log"), "w"))  # noqa: SIM115
-    try:
-        ready = json.loads(proc.stdout.readline())
-        load_before = os.getloadavg()
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1"])
-        started = time.perf_counter()
-        assoc = ae.associate("127.0.0.1", listen_port, ae_title="BTD")
-        assert assoc.is_established, "no association with the listener"
-        from pydicom import dcmread
-        from pydicom.filebase import DicomBytesIO
+    received: list[tuple[float, str]] = []  # (when, SOP class) of each result stored
+    listen_port = free_port()
+    with contextlib.ExitStack() as stack:
+        if args.via_orthanc:
+            from tests.pacs import orthanc
 
-        for data in encoded:
-            status = assoc.send_c_store(dcmread(DicomBytesIO(data)))
-            assert int(status.Status) == 0, f"C-STORE status {status}"
-        assoc.release()
-        sent = time.perf_counter()
-        deadline = sent + 300
-        kos = "1.2.840.10008.5.1.4.1.1.88.59"
-        while not any(c == kos for _, c in received) and time.perf_counter() < deadline:
-            time.sleep(0.05)
-        time.sleep(1.0)  # the key overlays follow the KOS in the same association
-        done = max(t for t, _ in received) if received else float("nan")
-        proc.stdin.write("\n")
-        proc.stdin.flush()
-        peak = json.loads(proc.stdout.readline())["peak_rss_mib"]
-    finally:
-        proc.stdin.close()
-        proc.wait(60)
-        server.shutdown()
+            if reason := orthanc.available():
+                sys.exit(f"--via-orthanc: {reason}")
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="btd-bench-orthanc-")))
+            pacs = stack.enter_context(orthanc.Orthanc(folder, btd_port=listen_port))
+            store_port, store_aet = pacs.dicom_port, pacs.ae_title
+        else:
+            pacs, store_port, store_aet = None, free_port(), "STORE"
+            stack.callback(storage_scp(store_port, received).shutdown)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen([sys.executable, __file__, "--child", "--model", args.model, "--batch",
+                                 str(args.batch), "--idle", str(args.idle), "--listen-port", str(listen_port),
+                                 "--store-port", str(store_port), "--store-aet", store_aet,
+                                 *(["--no-ahead"] if args.no_ahead else [])], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=env,
+                                stderr=open(Path(args.out).with_suffix(".log"), "w"))  # noqa: SIM115
+        try:
+            ready = json.loads(proc.stdout.readline())
+            load_before = os.getloadavg()
+            started = time.perf_counter()
+            c_store = send_series(encoded, store_port if pacs else listen_port, store_aet if pacs else "BTD")
+            sent = time.perf_counter()
+            if pacs:
+                done = wait_in_orthanc(pacs, str(datasets[0].StudyInstanceUID), len(encoded), sent + 300)
+            else:
+                done = wait_for_results(received, sent + 300)
+            proc.stdin.write("\n")
+            proc.stdin.flush()
+            listener = json.loads(proc.stdout.readline())
+        finally:
+            proc.stdin.close()
+            proc.wait(60)
+        results = pacs_results(pacs, str(datasets[0].StudyInstanceUID)) if pacs else \
+            {c: sum(1 for _, x in received if x == c) for c in sorted({c for _, c in received})}
     wall = done - started
     log = Path(args.out).with_suffix(".log").read_text()
     stages = re.search(r"classify ([\d.]+) s, results ([\d.]+) s, send ([\d.]+) s", log)
     result = {
         "slices": args.slices, "size": f"{args.size}x{args.size}", "source": source, "model": args.model,
         "batch": args.batch, "aggregate": ready["aggregate"], "quiet_period_s": args.idle,
-        "c_store_s": round(sent - started, 2),
+        "classify_ahead": not args.no_ahead, "route": "modality -> Orthanc (Lua routing rule) -> listener -> Orthanc"
+        if pacs else "modality -> listener -> storage SCP",
+        "c_store_s": round(sent - started, 2), "c_store_per_instance_s": c_store,
+        "listener_arrival_gaps_s": listener["arrival_gaps_s"], "instances_received": listener["instances_received"],
         "wall_s": round(wall, 2), "wall_without_quiet_period_s": round(wall - args.idle, 2),
-        "processing_s": round(done - sent - args.idle, 2),
         "stages_s": dict(zip(("classify", "results", "send"), map(float, stages.groups()))) if stages else None,
-        "results_stored": {c: sum(1 for _, x in received if x == c) for c in sorted({c for _, c in received})},
-        "peak_rss_mib": round(peak, 1), "cpus": os.cpu_count(), "loadavg_before": load_before,
+        "results_stored": results,
+        "peak_rss_mib": round(listener["peak_rss_mib"], 1), "cpus": os.cpu_count(), "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "goal": {"wall_s": 10, "peak_rss_mib": 1024},
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+
+
+def send_series(encoded: list[bytes], port: int, ae_title: str) -> dict:
+    """C-STORE the series over one association (as a modality does); each instance's time, in seconds."""
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+    from pynetdicom import AE
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    assert assoc.is_established, f"no association with {ae_title}"
+    times = []
+    for data in encoded:
+        began = time.perf_counter()
+        status = assoc.send_c_store(dcmread(DicomBytesIO(data)))
+        times.append(time.perf_counter() - began)
+        assert int(status.Status) == 0, f"C-STORE status {status}"
+    assoc.release()
+    times.sort()
+    return {"median": round(times[len(times) // 2], 4), "max": round(times[-1], 4)}
+
+
+def wait_for_results(received: list[tuple[float, str]], deadline: float) -> float:
+    """When the last result reached the storage SCP (the key overlays follow the KOS)."""
+    while not any(c == KOS for _, c in received) and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    return max(t for t, _ in received) if received else float("nan")
+
+
+def wait_in_orthanc(pacs, study_uid: str, sources: int, deadline: float) -> float:
+    """When Orthanc held the series' last result: its study's instance count, polled every 0.1 s, is
+    past the sources and the KOS is in, and stays so for 1.5 s (the first poll that saw the final count)."""
+    counts: list[tuple[float, int]] = []
+    query = {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}}
+    while time.perf_counter() < deadline:
+        now, count = time.perf_counter(), len(pacs.rest.post("/tools/find", json=query).json())
+        if not counts or count != counts[-1][1]:
+            counts.append((now, count))
+        kos = pacs.rest.post("/tools/find", json={"Level": "Series", "Query": {"StudyInstanceUID": study_uid,
+                                                                               "Modality": "KO"}}).json()
+        if count > sources and kos and now - counts[-1][0] > 1.5:
+            return counts[-1][0]
+        time.sleep(0.1)
+    return float("nan")
+
+
+def pacs_results(pacs, study_uid: str) -> dict[str, int]:
+    found = pacs.rest.post("/tools/find", json={"Level": "Instance", "Query": {"StudyInstanceUID": study_uid},
+                                                "Expand": True}).json()
+    classes = [pacs.rest.get(f"/instances/{i['ID']}/metadata/SopClassUid").text for i in found]
+    return {c: classes.count(c) for c in sorted(set(classes)) if c != "1.2.840.10008.5.1.4.1.1.4"}
 
 
 if __name__ == "__main__":
