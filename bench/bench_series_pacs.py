@@ -29,7 +29,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "btd-resnet50-int8.onnx"
-KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -230,26 +229,24 @@ def send_series(encoded: list[bytes], port: int, ae_title: str) -> dict:
 
 
 def wait_for_results(received: list[tuple[float, str]], deadline: float) -> float:
-    """When the last result reached the storage SCP (the key overlays follow the KOS)."""
-    while not any(c == KOS for _, c in received) and time.perf_counter() < deadline:
+    """When the last result reached the storage SCP: results come in one association (the SR first),
+    so the last is the one after which none comes for 1 s."""
+    while time.perf_counter() < deadline and not (received and time.perf_counter() - received[-1][0] > 1.0):
         time.sleep(0.05)
-    time.sleep(1.0)
-    return max(t for t, _ in received) if received else float("nan")
+    return received[-1][0] if received else float("nan")
 
 
 def wait_in_orthanc(pacs, study_uid: str, sources: int, deadline: float) -> float:
-    """When Orthanc held the series' last result: its study's instance count, polled every 0.1 s, is
-    past the sources and the KOS is in, and stays so for 1.5 s (the first poll that saw the final count)."""
-    counts: list[tuple[float, int]] = []
+    """When Orthanc held the series' last result: the study's instance count, polled every 0.1 s, past
+    the sources and unchanged for 1.5 s (the time of the first poll that saw the final count)."""
+    changed, last = time.perf_counter(), sources
     query = {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}}
     while time.perf_counter() < deadline:
         now, count = time.perf_counter(), len(pacs.rest.post("/tools/find", json=query).json())
-        if not counts or count != counts[-1][1]:
-            counts.append((now, count))
-        kos = pacs.rest.post("/tools/find", json={"Level": "Series", "Query": {"StudyInstanceUID": study_uid,
-                                                                               "Modality": "KO"}}).json()
-        if count > sources and kos and now - counts[-1][0] > 1.5:
-            return counts[-1][0]
+        if count != last:
+            changed, last = now, count
+        elif count > sources and now - changed > 1.5:
+            return changed
         time.sleep(0.1)
     return float("nan")
 
