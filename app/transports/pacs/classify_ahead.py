@@ -49,13 +49,16 @@ class ClassifyAhead:
                             type(exc).__name__)
 
     def _classify(self, series: HeldSeries) -> None:
+        """Its full batches, each read while the model runs on the one before."""
         assert self.assembler is not None
-        while True:
-            with series.busy:  # its final classification waits for this batch rather than redoing it
-                batch = self.assembler.take_batch(series, self.batch_size)
-                if not batch:
-                    return
-                self.assembler.keep(series, self.classifier.classify_batch(batch))
+        with series.busy:  # its final classification waits for these batches rather than redoing them
+            batch = self.assembler.take_batch(series, self.batch_size)
+            reading = self.classifier.read_batch(batch) if batch else None
+            while batch:
+                following = self.assembler.take_batch(series, self.batch_size)
+                next_reading = self.classifier.read_batch(following) if following else None
+                self.assembler.keep(series, self.classifier.classify_batch(batch, reading))
+                batch, reading = following, next_reading
 
     def stop(self) -> None:
         if self._thread.is_alive():

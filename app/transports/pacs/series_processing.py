@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -142,9 +142,15 @@ class SeriesClassifier:
             results[slice_key(instance, frame)] = (classified, p.facts)
         return results
 
-    def classify_batch(self, chunk: list[tuple[HeldInstance, int | None]]) -> dict[SliceKey, SliceResult]:
-        """Read and classify a batch of slices (``ClassifyAhead``, while their series still arrives)."""
-        return self._run(chunk, [self._prepare(instance, frame) for instance, frame in chunk])
+    def read_batch(self, chunk: list[tuple[HeldInstance, int | None]]) -> Future:
+        """Start reading a batch of slices (``ClassifyAhead``, while their series still arrives): its
+        prepared slices come while the model runs on the previous batch."""
+        return self._reading.submit(lambda: [self._prepare(instance, frame) for instance, frame in chunk])
+
+    def classify_batch(self, chunk: list[tuple[HeldInstance, int | None]], reading: Future | None = None
+                       ) -> dict[SliceKey, SliceResult]:
+        """Classify a batch of slices, read by ``reading`` (``read_batch``) or now."""
+        return self._run(chunk, (reading or self.read_batch(chunk)).result())
 
     def classify(self, series: HeldSeries) -> tuple[list[ClassifiedSlice], int, Ordering]:
         """The slices that could be read, in slice order, with their predictions; how many could not; how
