@@ -3,8 +3,12 @@
 head-like slices without the data set) to the series-mode listener, which classifies it with the INT8
 model and C-STOREs its results (one SR, one KOS, the key slices' overlays) to a storage SCP standing in
 for the PACS. Measured: wall time from the first C-STORE to the last result stored (the quiet period
-``--idle`` included, and without it), and the listener's peak resident memory (its process and its
-isolated reader worker, each one's peak, summed: an upper bound of the tree's peak).
+``--idle`` included, and without it), the listener's peak resident memory (its process and its
+isolated reader worker, each one's peak, summed: an upper bound of the tree's peak), each instance's
+C-STORE time and the gaps between instances as the listener received them (what the quiet period
+must outlast). ``--via-orthanc``: the modality stores into Orthanc instead, whose routing rule
+forwards each instance to the listener, and the results go back into Orthanc (the issue's path);
+``--no-ahead``: the series is classified only once complete (the behaviour before ``ClassifyAhead``).
 
     PYTHONPATH=$PWD .venv/bin/python bench/bench_series_pacs.py --out bench-series-pacs.json
 
@@ -119,12 +123,15 @@ def slices(count: int, size: int) -> tuple[list, str]:
 
 
 def main() -> None:
+    from app.transports.pacs.assembly import SeriesLimits
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--slices", type=int, default=150)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="BTD_SERIES_BATCH_SIZE")
-    parser.add_argument("--idle", type=float, default=2.0, help="BTD_SERIES_IDLE_S: the quiet period")
+    parser.add_argument("--idle", type=float, default=SeriesLimits.idle_s,
+                        help="BTD_SERIES_IDLE_S: the quiet period (default: its default)")
     parser.add_argument("--no-ahead", action="store_true", help="classify the series only once complete (the "
                         "behaviour before slices were classified while the series arrives)")
     parser.add_argument("--via-orthanc", action="store_true", help="the modality stores into Orthanc, whose "
