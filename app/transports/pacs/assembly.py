@@ -44,7 +44,7 @@ log = logging.getLogger("btd.pacs")
 
 @dataclass(frozen=True)
 class SeriesLimits:
-    idle_s: float = 3.0  # BTD_SERIES_IDLE_S: README, "The quiet period"
+    idle_s: float = 3.0  # BTD_SERIES_IDLE_S: README, "PACS", the quiet period
     max_age_s: float = 600.0
     max_slices: int = 2000
     max_bytes: int = 1024 * 1024 * 1024
