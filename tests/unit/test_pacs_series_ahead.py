@@ -8,10 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from app.transports.pacs import classify_ahead
 from app.transports.pacs.assembly import HeldSeries, SeriesAssembler, SeriesLimits
 from app.transports.pacs.classify_ahead import ClassifyAhead
 from app.transports.pacs.results import encode
 from app.transports.pacs.series_processing import SeriesClassifier, core_aggregate
+from app.transports.pacs.series_results import ClassifiedSeries, build_series_sr
 from tests.model_factory import build_model
 from tests.pacs.series_data import series, synthetic_images
 from tests.unit.test_pacs_listener import _wait
@@ -131,3 +133,18 @@ def test_multi_frame_instances_wait_one_slice_per_frame(tmp_path):
     (held,) = assembler._open.values()
     assert [frame for _, frame in held.waiting] == [0, 1, 2]
     assembler.close()
+
+
+def test_sr_groups_are_built_ahead_only_within_their_bound(classifier, instances, tmp_path, monkeypatch):
+    monkeypatch.setattr(classify_ahead, "SR_ITEMS_AHEAD_SLICES", 5)  # 8 slices held when the first batch runs
+    held, assembler, worker = _complete(classifier, instances, tmp_path, ahead=True)
+    try:
+        assert len(held.classified) == 8 and all(r[0].sr_item is None for r in held.classified.values())
+        slices, _, ordering = classifier.classify(held)
+        result = ClassifiedSeries(slices, core_aggregate([s.prediction for s in slices]), 0, ordering)
+        (sr,) = build_series_sr(result)  # the groups not built ahead are built now
+        assert len(sr.ContentSequence[-1].ContentSequence) >= 1 + 11
+    finally:
+        assembler.release(held)
+        worker.stop()
+        assembler.close()

@@ -5,8 +5,9 @@ as it is on disk. When the series is complete only its last partial batch is lef
 (``SeriesClassifier.classify`` skips what is in ``HeldSeries.classified``).
 
 Bounded as the series are: it only classifies slices the :class:`SeriesAssembler` holds (within its
-per-series and total bounds), keeps per-slice predictions and their slice's header (no pixels), and
-a series dropped meanwhile loses them (``SeriesAssembler.keep``). Batches go in arrival order; the
+per-series and total bounds), keeps per-slice predictions and their slice's header (no pixels, about
+25 kB a slice: 250 MB at BTD_SERIES_TOTAL_SLICES' default 10,000) and, within ``SR_ITEMS_AHEAD_SLICES``,
+their SR groups; a series dropped meanwhile loses them (``SeriesAssembler.keep``). Batches go in arrival order; the
 finding is made later, in slice order.
 """
 
@@ -19,6 +20,11 @@ import threading
 from app.transports.pacs.assembly import HeldSeries, SeriesAssembler
 
 log = logging.getLogger("btd.pacs")
+
+# A slice's SR group (``series_results.slice_item``) is about 60 kB against 25 kB for its prediction and
+# header, so it is built ahead only while the series held total at most this many slices: the groups
+# built ahead then take about 120 MB at most, however many series wait (the rest are built at the end).
+SR_ITEMS_AHEAD_SLICES = 2000
 
 
 class ClassifyAhead:
@@ -57,7 +63,8 @@ class ClassifyAhead:
             while batch:
                 following = self.assembler.take_batch(series, self.batch_size)
                 next_reading = self.classifier.read_batch(following) if following else None
-                self.assembler.keep(series, self.classifier.classify_batch(batch, reading))
+                sr_items = self.assembler.held_slices <= SR_ITEMS_AHEAD_SLICES
+                self.assembler.keep(series, self.classifier.classify_batch(batch, reading, sr_items))
                 batch, reading = following, next_reading
 
     def stop(self) -> None:

@@ -126,8 +126,10 @@ class SeriesClassifier:
             pending = self._reading.submit(read, chunks[index + 1]) if index + 1 < len(chunks) else None
             yield prepared
 
-    def _run(self, chunk: list[tuple[HeldInstance, int | None]], prepared: list) -> dict[SliceKey, SliceResult]:
-        """One batch through the model: each slice's result (None: unreadable)."""
+    def _run(self, chunk: list[tuple[HeldInstance, int | None]], prepared: list,
+             sr_items: bool = True) -> dict[SliceKey, SliceResult]:
+        """One batch through the model: each slice's result (None: unreadable), with its SR group when
+        ``sr_items``."""
         results: dict[SliceKey, SliceResult] = {slice_key(*s): None for s in chunk}
         ready = [(slice_, p) for slice_, p in zip(chunk, prepared) if p is not None]
         if not ready:
@@ -138,7 +140,8 @@ class SeriesClassifier:
         for ((instance, frame), p), output in zip(ready, outputs):
             prediction = self.engine.builder.build(p, output, "none", started=started)
             classified = ClassifiedSlice(p.source, frame, prediction)
-            slice_item(classified)  # its SR group now, while the series may still be arriving
+            if sr_items:
+                slice_item(classified)  # its SR group now, while the series may still be arriving
             results[slice_key(instance, frame)] = (classified, p.facts)
         return results
 
@@ -147,10 +150,10 @@ class SeriesClassifier:
         prepared slices come while the model runs on the previous batch."""
         return self._reading.submit(lambda: [self._prepare(instance, frame) for instance, frame in chunk])
 
-    def classify_batch(self, chunk: list[tuple[HeldInstance, int | None]], reading: Future | None = None
-                       ) -> dict[SliceKey, SliceResult]:
+    def classify_batch(self, chunk: list[tuple[HeldInstance, int | None]], reading: Future | None = None,
+                       sr_items: bool = True) -> dict[SliceKey, SliceResult]:
         """Classify a batch of slices, read by ``reading`` (``read_batch``) or now."""
-        return self._run(chunk, (reading or self.read_batch(chunk)).result())
+        return self._run(chunk, (reading or self.read_batch(chunk)).result(), sr_items)
 
     def classify(self, series: HeldSeries) -> tuple[list[ClassifiedSlice], int, Ordering]:
         """The slices that could be read, in slice order, with their predictions; how many could not; how
