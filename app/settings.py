@@ -157,7 +157,7 @@ class Settings(BaseSettings):
         "series", description='"series": a received series is classified as one (one SR, one KOS, overlays of its key '
         'slices); "instance": each MR instance gets its own SR and overlay')
     series_idle_s: float = Field(3.0, gt=0, description="a series is complete once no instance of it has arrived "
-                                 "for this many seconds (README, \"PACS\", the quiet period: about 15x the largest gap "
+                                 "for this many seconds (README, \"PACS\", the quiet period: over 10x the largest gap "
                                  "between instances measured through Orthanc's routing rule)")
     series_max_age_s: float = Field(600.0, gt=0, description="a series still receiving instances after this many "
                                     "seconds is processed with what it has (logged, btd_pacs_series_total)")
