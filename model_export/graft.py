@@ -24,6 +24,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
+from torch import nn
 
 from app.core.contract import (
     FEATURES_NAME,
@@ -36,7 +37,6 @@ from app.core.contract import (
     PreprocessSpec,
 )
 from app.core.model import cam_weights
-from model_export.localiser import Localiser
 
 PREFIX = "localiser/"
 STAGE_CHANNELS = ((512, 8), (1024, 16))  # layer2, layer3: channels and stride (layer4 is FEATURES_NAME)
@@ -135,7 +135,7 @@ class OnnxTrunk:
         return torch.from_numpy(l2), torch.from_numpy(l3), torch.from_numpy(l4), torch.from_numpy(logits)
 
 
-def decoder_graph(localiser: Localiser, size: int, opset: int, fp16: bool) -> onnx.ModelProto:
+def decoder_graph(localiser: nn.Module, size: int, opset: int, fp16: bool) -> onnx.ModelProto:
     """The localiser alone as ONNX: inputs l2, l3, l4; output ``tumour_map``; names prefixed."""
     maps = (torch.randn(2, c, size // s, size // s) for c, s in ((512, 8), (1024, 16), (2048, 32)))
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -146,7 +146,7 @@ def decoder_graph(localiser: Localiser, size: int, opset: int, fp16: bool) -> on
                           dynamic_axes={n: {0: "N"} for n in (*MAP_INPUTS, TUMOUR_MAP_NAME)})
         proto = onnx.load(str(path))
     if fp16:
-        from model_export.export import store_weights_as_fp16
+        from model_export.fp16 import store_weights_as_fp16
 
         proto = store_weights_as_fp16(proto)
     for node in proto.graph.node:
@@ -154,7 +154,7 @@ def decoder_graph(localiser: Localiser, size: int, opset: int, fp16: bool) -> on
     return onnx.compose.add_prefix(proto, PREFIX)
 
 
-def graft(proto: onnx.ModelProto, localiser: Localiser, spec: LocalisationSpec,
+def graft(proto: onnx.ModelProto, localiser: nn.Module, spec: LocalisationSpec,
           version: str | None = None) -> onnx.ModelProto:
     """The model with the localiser's ``tumour_map`` output and ``btd.localisation`` metadata (and
     ``btd.model_version`` set to ``version`` when given); nothing else changes."""
@@ -181,7 +181,7 @@ def graft(proto: onnx.ModelProto, localiser: Localiser, spec: LocalisationSpec,
     return out
 
 
-def check_graft(original: onnx.ModelProto, grafted: onnx.ModelProto, localiser: Localiser,
+def check_graft(original: onnx.ModelProto, grafted: onnx.ModelProto, localiser: nn.Module,
                 batch: np.ndarray) -> dict[str, float]:
     """The grafted graph's outputs on ``batch``: every original output bit for bit, and ``tumour_map``
     against the torch localiser on ONNX Runtime's own stage maps. Raises GraftError when they differ."""
@@ -202,7 +202,7 @@ def check_graft(original: onnx.ModelProto, grafted: onnx.ModelProto, localiser: 
 
 
 
-def graft_file(source: Path, out: Path, localiser: Localiser, threshold: float, min_area: float,
+def graft_file(source: Path, out: Path, localiser: nn.Module, threshold: float, min_area: float,
                version: str | None, batch: np.ndarray) -> dict:
     """``source`` with the localiser grafted, checked on ``batch`` (``check_graft``), written to ``out``."""
     original = onnx.load(str(source))

@@ -435,6 +435,12 @@ def cache_key(identity: bytes, rows: Sequence[Row], spec: PreprocessSpec, dims: 
     return digest.hexdigest()
 
 
+def projection_bytes(state: dict) -> bytes:
+    """A decoder state's projections (they alone made the cached features)."""
+    weights = state["weights"]
+    return b"".join(weights[k].numpy().tobytes() for k in sorted(weights) if k.startswith("projections."))
+
+
 CACHED = ("p2", "p3", "p4", "target", "boxes", "eval_masks", "cams")
 
 
@@ -454,7 +460,7 @@ def cached_features(config: FitLocaliserConfig, source: FeatureSource, rows: Seq
         projections = fit_projections(source, [r for r in rows if r.split == "train"], dims, config.pca_images,
                                       config.seed)
         if fp16:
-            from model_export.export import round_to_fp16
+            from model_export.fp16 import round_to_fp16
 
             projections = [round_to_fp16(p) for p in projections]
     data = extract(source, rows, projections, config.batch_size,
@@ -509,7 +515,7 @@ def main(config: FitLocaliserConfig) -> dict:
     if given is not None:  # nothing to train: the validation and test rows are all it reads
         rows = [r for r in rows if r.split != "train"]
     dims = tuple(given["channels"]) if given else (config.dim2, config.dim3, config.dim4)
-    key = cache_key(identity, rows, source.spec, dims, Path(config.decoder).read_bytes() if config.decoder else b"")
+    key = cache_key(identity, rows, source.spec, dims, projection_bytes(given) if given else b"")
     data, projections = cached_features(config, source, rows, dims, key, given, fp16)
     split = np.array([r.split for r in rows])
     kind = np.array([r.source for r in rows])
@@ -530,7 +536,7 @@ def main(config: FitLocaliserConfig) -> dict:
         decoder = train_decoder(data, train, dims, config.width, config.epochs, config.lr, config.decoder_batch,
                                 config.seed, lambda d: val_dice(d, 0.5, min_area))
         if fp16:  # what the file will store
-            from model_export.export import round_to_fp16
+            from model_export.fp16 import round_to_fp16
 
             round_to_fp16(decoder)
         thresholds = np.round(np.arange(0.2, 0.81, 0.05), 2)
