@@ -237,12 +237,13 @@ TRAINING_COMMANDS: Sequence[Command] = (
                         "scores, and store both in the checkpoint; 'btd export' then adds the 'ood_score' "
                         "output to the graph and the threshold to the metadata."),
     Command("fit-localiser", options.FitLocaliserConfig, _fit_localiser,
-            help="train the tumour-map decoder on the checkpoint's frozen features and store it there",
+            help="train the tumour-map decoder on a checkpoint's (or an .onnx model's) frozen features",
             description="Train a light decoder from the checkpoint's layer2-4 features to a tumour map, on the "
                         "LGG tumour masks and the figshare-cheng tumour boxes (train splits), pick its threshold "
                         "on the validation patients, report Dice, pointing game and box IoU on the test rows "
                         "beside the CAM, and store it in the checkpoint; 'btd export' then adds the "
-                        "'tumour_map' output."),
+                        "'tumour_map' output. Given an exported .onnx model, its maps are read with ONNX "
+                        "Runtime and the decoder is grafted into its graph (the 'tumour_map' output)."),
     Command("export", options.ExportConfig, _export,
             help="export a checkpoint to ONNX (with metadata and a parity check)",
             description="Export to ONNX per the model contract (input 'image' [N,3,H,W], outputs 'logits' "

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -36,6 +36,7 @@ from app.core.contract import (
     PreprocessSpec,
 )
 from model_export.checkpoint import model_from_checkpoint, read_checkpoint
+from model_export.fp16 import round_to_fp16, store_weights_as_fp16
 from model_export.localiser import Localiser, trunk_maps
 from model_export.ood import OodFit
 from model_export.options import ExportConfig
@@ -139,15 +140,6 @@ def output_names(module: nn.Module) -> list[str]:
     return names
 
 
-def round_to_fp16(model: nn.Module) -> nn.Module:
-    """In place: every float parameter/buffer rounded to the nearest float16 (kept as float32)."""
-    with torch.no_grad():
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            if tensor.is_floating_point():
-                tensor.copy_(tensor.half().float())
-    return model
-
-
 def trace_to_onnx(module: nn.Module, size: int, path: Path, opset: int) -> onnx.ModelProto:
     path.parent.mkdir(parents=True, exist_ok=True)
     trace_input = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1234))
@@ -170,29 +162,6 @@ def check_classifier_initializers(graph: onnx.GraphProto, num_classes: int) -> N
     for name, shape in expected.items():
         if shapes.get(name) != shape:
             raise RuntimeError(f"exported graph lacks initializer {name} of shape {shape} (found {shapes.get(name)})")
-
-
-def store_weights_as_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Float32 initializers -> float16 initializers of the same name + Cast(to float32) nodes."""
-    graph = model.graph
-    casts, renamed = [], {}
-    for init in graph.initializer:
-        if init.data_type != TensorProto.FLOAT:
-            continue
-        values = numpy_helper.to_array(init)
-        half = values.astype(np.float16)
-        init.CopyFrom(numpy_helper.from_array(half, init.name))
-        renamed[init.name] = f"{init.name}/float32"
-        casts.append(helper.make_node("Cast", [init.name], [renamed[init.name]], to=TensorProto.FLOAT,
-                                      name=f"{init.name}/cast"))
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in renamed:
-                node.input[i] = renamed[name]
-    nodes = casts + list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return model
 
 
 def parity_inputs(size: int, batch: int, seed: int) -> np.ndarray:

@@ -17,6 +17,10 @@ part) and cached, so the decoder trains in minutes.
 
 The threshold (a map cell's probability for a region) is the one that maximises the mean Dice on the
 validation patients' tumour slices; the figures on the test rows are written beside the CAM's.
+
+The maps come from a ``FeatureSource``: a checkpoint's trunk in torch (``TorchTrunk``; the decoder is
+stored in the checkpoint and ``btd export`` adds it), or an exported ONNX model run by ONNX Runtime
+(``model_export.graft.OnnxTrunk``; the decoder is grafted into that file's graph, see that module).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -177,6 +182,29 @@ def trunk_maps(model: ResNet50, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return l2, l3, model.layer4(l3)
 
 
+class FeatureSource(Protocol):
+    """Where the frozen maps come from: ``maps`` gives layer2, layer3, layer4 and the logits of a
+    preprocessed batch; ``cam_weights`` [C, K] are the classifier's (for the CAM comparison)."""
+
+    spec: PreprocessSpec
+    cam_weights: torch.Tensor
+
+    def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+class TorchTrunk:
+    """A checkpoint's network in torch."""
+
+    def __init__(self, model: ResNet50, spec: PreprocessSpec) -> None:
+        self.model, self.spec = model.eval(), spec
+        self.cam_weights = model.fc.weight.detach()
+
+    def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            l2, l3, l4 = trunk_maps(self.model, x)
+            return l2, l3, l4, self.model.fc(l4.mean(dim=(2, 3)))
+
+
 @dataclass
 class Extracted:
     """Per image: projected maps (float16), the target on the map grid, the input-square label for
@@ -191,8 +219,9 @@ class Extracted:
     cams: np.ndarray  # [N, 7, 7]
 
 
-def extract(model: ResNet50, spec: PreprocessSpec, rows: Sequence[Row], projections: Sequence[Projection],
+def extract(source: FeatureSource, rows: Sequence[Row], projections: Sequence[Projection],
             batch_size: int, keep_eval: Sequence[bool]) -> Extracted:
+    spec = source.spec
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("p2", "p3", "p4", "target", "boxes", "eval", "cams")}
     for start in tqdm(range(0, len(rows), batch_size), desc="features", unit="batch", leave=False):
         batch = rows[start : start + batch_size]
@@ -217,10 +246,9 @@ def extract(model: ResNet50, spec: PreprocessSpec, rows: Sequence[Row], projecti
                 boxes.append(np.array([b.x0, b.y0, b.x1, b.y1], np.float32))
                 evals.append(None)
         x = torch.from_numpy(np.stack(tensors))
+        l2, l3, l4, logits = source.maps(x)
         with torch.inference_mode():
-            l2, l3, l4 = trunk_maps(model, x)
-            logits = model.fc(l4.mean(dim=(2, 3)))
-            weights = model.fc.weight[logits.argmax(1)]  # [B, 2048]
+            weights = source.cam_weights[logits.argmax(1)]  # [B, 2048]
             cams = torch.einsum("bc,bchw->bhw", weights, l4)
             for key, proj, m in zip(("p2", "p3", "p4"), projections, (l2, l3, l4)):
                 chunks[key].append(proj(m).half().numpy())
@@ -236,13 +264,12 @@ def extract(model: ResNet50, spec: PreprocessSpec, rows: Sequence[Row], projecti
                      eval_masks, np.concatenate(chunks["cams"]))
 
 
-def fit_projections(model: ResNet50, spec: PreprocessSpec, rows: Sequence[Row], dims: Sequence[int],
+def fit_projections(source: FeatureSource, rows: Sequence[Row], dims: Sequence[int],
                     images: int, seed: int) -> list[Projection]:
     rng = np.random.default_rng(seed)
     pick = [rows[i] for i in rng.choice(len(rows), size=min(images, len(rows)), replace=False)]
-    x = torch.from_numpy(np.stack([preprocess_row(r, spec) for r in pick]))
-    with torch.inference_mode():
-        maps = [torch.cat(parts) for parts in zip(*(trunk_maps(model, part) for part in x.split(16)))]
+    x = torch.from_numpy(np.stack([preprocess_row(r, source.spec) for r in pick]))
+    maps = [torch.cat(parts) for parts in zip(*(source.maps(part)[:3] for part in x.split(16)))]
     return [Projection.fit(m, k) for m, k in zip(maps, dims)]
 
 
@@ -399,11 +426,68 @@ def box_figures(maps: np.ndarray, boxes: np.ndarray, cams: np.ndarray, threshold
             "box_iou_over_0.5": float(np.mean(np.asarray(ious) >= 0.5)) if ious else None}
 
 
-def cache_key(ckpt_path: Path, rows: Sequence[Row], spec: PreprocessSpec, dims: Sequence[int]) -> str:
-    digest = hashlib.sha256(Path(ckpt_path).read_bytes()[-4096:])  # cheap: the tail holds the last tensors
+def cache_key(identity: bytes, rows: Sequence[Row], spec: PreprocessSpec, dims: Sequence[int],
+              decoder: bytes = b"") -> str:
+    """``identity``: what identifies the trunk; ``decoder``: a given decoder (its projections made the features)."""
+    digest = hashlib.sha256(identity + decoder)
     digest.update(spec.to_json().encode() + json.dumps(list(dims)).encode())
     digest.update("\n".join(f"{r.image}\t{r.split}" for r in rows).encode())
     return digest.hexdigest()
+
+
+def projection_bytes(state: dict) -> bytes:
+    """A decoder state's projections (they alone made the cached features)."""
+    weights = state["weights"]
+    return b"".join(weights[k].numpy().tobytes() for k in sorted(weights) if k.startswith("projections."))
+
+
+CACHED = ("p2", "p3", "p4", "target", "boxes", "eval_masks", "cams")
+
+
+def cached_features(config: FitLocaliserConfig, source: FeatureSource, rows: Sequence[Row], dims: Sequence[int],
+                    key: str, given: dict | None, fp16: bool) -> tuple[Extracted, list[Projection]]:
+    """The projected features of ``rows``: read from ``config.cache`` when it holds them (same ``key``),
+    extracted (and cached) otherwise. Projections: ``given``'s, or fitted on the train rows (rounded to
+    float16 when ``fp16``, as the file will store them, so the features are those the graft computes)."""
+    cache = config.cache
+    if cache is not None and cache.exists() and str(np.load(cache / "key.npy")) == key:
+        data = Extracted(*(np.load(cache / f"{k}.npy", mmap_mode="r") for k in CACHED))
+        log.info("projected features read from %s", cache)
+        return data, list(Localiser.from_state(torch.load(cache / "projections.pt")).projections)
+    if given is not None:
+        projections = list(Localiser.from_state(given).projections)
+    else:
+        projections = fit_projections(source, [r for r in rows if r.split == "train"], dims, config.pca_images,
+                                      config.seed)
+        if fp16:
+            from model_export.fp16 import round_to_fp16
+
+            projections = [round_to_fp16(p) for p in projections]
+    data = extract(source, rows, projections, config.batch_size,
+                   [r.split != "train" and r.mask is not None for r in rows])
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        for k in CACHED:
+            np.save(cache / f"{k}.npy", getattr(data, k))
+        torch.save(Localiser(projections, TumourDecoder(dims, config.width)).state(), cache / "projections.pt")
+        np.save(cache / "key.npy", np.array(key))
+    return data, projections
+
+
+def test_figures(decoder: TumourDecoder, data: Extracted, split: np.ndarray, source: np.ndarray,
+                 threshold: float, min_area: float) -> dict:
+    """Dice per LGG sequence on the test patients; pointing game and box IoU on figshare's test rows."""
+    figures = {}
+    for seq in ("flair", "t1pre", "t1post"):
+        idx = np.flatnonzero((split == "test") & (source == seq))
+        if len(idx):
+            figures[f"lgg-{seq}"] = mask_figures(predict_maps(decoder, data, idx), data.eval_masks[idx],
+                                                 threshold, min_area)
+    fig = np.flatnonzero((split == "test") & (source == "figshare"))
+    if len(fig):
+        figures["figshare"] = box_figures(predict_maps(decoder, data, fig), data.boxes[fig], data.cams[fig],
+                                          threshold, min_area)
+    return figures
 
 
 def main(config: FitLocaliserConfig) -> dict:
@@ -411,63 +495,76 @@ def main(config: FitLocaliserConfig) -> dict:
         torch.set_num_threads(config.threads)
     from model_export.data import shared_data_dir
 
-    ckpt = read_checkpoint(config.checkpoint)
-    model, _, spec = model_from_checkpoint(ckpt)
-    model.eval()
-    rows = localisation_rows(config.data_dir or shared_data_dir())
-    dims = (config.dim2, config.dim3, config.dim4)
-    key = cache_key(config.checkpoint, rows, spec, dims)
-    cache = config.cache
-    if cache is not None and cache.exists() and str(np.load(cache / "key.npy")) == key:
-        data = Extracted(*(np.load(cache / f"{k}.npy", mmap_mode="r")
-                           for k in ("p2", "p3", "p4", "target", "boxes", "eval_masks", "cams")))
-        projections = Localiser.from_state(torch.load(cache / "projections.pt")).projections
-        log.info("projected features read from %s", cache)
+    from_onnx = Path(config.checkpoint).suffix.lower() == ".onnx"
+    if not from_onnx and (config.decoder or config.out or config.version or config.save_decoder):
+        raise ValueError("--out, --version, --decoder and --save-decoder apply to an .onnx model only")
+    ckpt: dict = {}
+    source: FeatureSource
+    if from_onnx:
+        from model_export.graft import OnnxTrunk
+
+        source = OnnxTrunk(config.checkpoint, config.threads)
+        identity, fp16 = source.fingerprint, source.fp16
     else:
-        train_rows = [r for r in rows if r.split == "train"]
-        projections = fit_projections(model, spec, train_rows, dims, config.pca_images, config.seed)
-        data = extract(model, spec, rows, projections, config.batch_size,
-                       [r.split != "train" and r.mask is not None for r in rows])
-        if cache is not None:
-            cache.mkdir(parents=True, exist_ok=True)
-            for k in ("p2", "p3", "p4", "target", "boxes", "eval_masks", "cams"):
-                np.save(cache / f"{k}.npy", getattr(data, k))
-            torch.save(Localiser(projections, TumourDecoder(dims, config.width)).state(), cache / "projections.pt")
-            np.save(cache / "key.npy", np.array(key))
+        ckpt = read_checkpoint(config.checkpoint)
+        model, _, spec = model_from_checkpoint(ckpt)
+        source = TorchTrunk(model, spec)
+        identity, fp16 = Path(config.checkpoint).read_bytes()[-4096:], False  # the tail holds the last tensors
+    given = torch.load(config.decoder) if config.decoder else None
+    rows = localisation_rows(config.data_dir or shared_data_dir())
+    if given is not None:  # nothing to train: the validation and test rows are all it reads
+        rows = [r for r in rows if r.split != "train"]
+    dims = tuple(given["channels"]) if given else (config.dim2, config.dim3, config.dim4)
+    key = cache_key(identity, rows, source.spec, dims, projection_bytes(given) if given else b"")
+    data, projections = cached_features(config, source, rows, dims, key, given, fp16)
     split = np.array([r.split for r in rows])
-    source = np.array([r.source for r in rows])
+    kind = np.array([r.source for r in rows])
     is_mask = np.isnan(data.boxes[:, 0])
     train = np.flatnonzero(split == "train")
     val_masks = np.flatnonzero((split == "val") & is_mask)
 
-    def val_score(decoder: TumourDecoder) -> float:
+    def val_dice(decoder: TumourDecoder, threshold: float, min_area: float) -> float:
         maps = predict_maps(decoder, data, val_masks)
-        return mask_figures(maps, data.eval_masks[val_masks], 0.5, config.min_area)["dice"] or 0.0
+        return mask_figures(maps, data.eval_masks[val_masks], threshold, min_area)["dice"] or 0.0
 
-    decoder = train_decoder(data, train, dims, config.width, config.epochs, config.lr, config.decoder_batch,
-                            config.seed, val_score)
-    val_maps = predict_maps(decoder, data, val_masks)
-    thresholds = np.round(np.arange(0.2, 0.81, 0.05), 2)
-    scores = [mask_figures(val_maps, data.eval_masks[val_masks], t, config.min_area)["dice"] for t in thresholds]
-    threshold = float(thresholds[int(np.argmax(scores))])
-    log.info("threshold %.2f (val Dice %.4f)", threshold, max(scores))
+    if given is not None:  # a decoder trained on another file's maps: measured here, not retrained
+        decoder = Localiser.from_state(given).decoder
+        threshold, min_area = float(given["threshold"]), float(given["min_area"])
+        best = val_dice(decoder, threshold, min_area)
+    else:
+        min_area = config.min_area
+        decoder = train_decoder(data, train, dims, config.width, config.epochs, config.lr, config.decoder_batch,
+                                config.seed, lambda d: val_dice(d, 0.5, min_area))
+        if fp16:  # what the file will store
+            from model_export.fp16 import round_to_fp16
 
-    report: dict = {"threshold": threshold, "min_area": config.min_area, "val_dice": max(scores), "test": {}}
-    for seq in ("flair", "t1pre", "t1post"):
-        idx = np.flatnonzero((split == "test") & (source == seq))
-        if len(idx):
-            report["test"][f"lgg-{seq}"] = mask_figures(predict_maps(decoder, data, idx), data.eval_masks[idx],
-                                                        threshold, config.min_area)
-    fig = np.flatnonzero((split == "test") & (source == "figshare"))
-    if len(fig):
-        report["test"]["figshare"] = box_figures(predict_maps(decoder, data, fig), data.boxes[fig], data.cams[fig],
-                                                 threshold, config.min_area)
-    localiser = Localiser(list(projections), decoder)
-    ckpt["localiser"] = {**localiser.state(), "threshold": threshold, "min_area": config.min_area,
-                         "report": report}
-    save_checkpoint(config.checkpoint, ckpt)
+            round_to_fp16(decoder)
+        thresholds = np.round(np.arange(0.2, 0.81, 0.05), 2)
+        scores = [val_dice(decoder, float(t), min_area) for t in thresholds]
+        threshold, best = float(thresholds[int(np.argmax(scores))]), max(scores)
+    log.info("threshold %.2f (val Dice %.4f)", threshold, best)
+
+    report: dict = {"threshold": threshold, "min_area": min_area, "val_dice": best,
+                    "test": test_figures(decoder, data, split, kind, threshold, min_area)}
+    localiser = Localiser(projections, decoder)
+    state = {**localiser.state(), "threshold": threshold, "min_area": min_area, "report": report}
+    if from_onnx:
+        from model_export.graft import graft_file
+
+        out = Path(config.out or config.checkpoint)
+        test_rows = [r for r in rows if r.split == "test"][::97][:8]
+        batch = np.stack([preprocess_row(r, source.spec) for r in test_rows])
+        report["graft"] = graft_file(config.checkpoint, out, localiser, threshold, min_area, config.version, batch)
+        if config.save_decoder:
+            config.save_decoder.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, config.save_decoder)
+        log.info("tumour_map grafted into %s", out)
+    else:
+        ckpt["localiser"] = state
+        save_checkpoint(config.checkpoint, ckpt)
+        log.info("localiser stored in %s", config.checkpoint)
     if config.report:
         config.report.parent.mkdir(parents=True, exist_ok=True)
         config.report.write_text(json.dumps(report, indent=2))
-    log.info("localiser stored in %s: %s", config.checkpoint, json.dumps(report["test"]))
+    log.info("localisation figures: %s", json.dumps(report["test"]))
     return report

@@ -163,7 +163,15 @@ class FitOodConfig(DataOptions):
 
 @dataclass(kw_only=True)
 class FitLocaliserConfig:
-    checkpoint: Path = option(help="training checkpoint (best.pt); the localiser is stored in it", positional=True)
+    checkpoint: Path = option(help="training checkpoint (best.pt): the localiser is stored in it; or an exported "
+                              ".onnx model: its layer2-4 maps are read with ONNX Runtime and the decoder is "
+                              "grafted into its graph (the tumour_map output)", positional=True)
+    out: Path | None = option(None, help="ONNX source: where the grafted model goes (default: in place)")
+    version: str | None = option(None, help="ONNX source: the grafted model's btd.model_version (default: kept)")
+    decoder: Path | None = option(None, help="ONNX source: reuse this decoder (a --save-decoder file) instead of "
+                                  "training one: it is evaluated on this model's maps and grafted (e.g. onto the "
+                                  "INT8 variant)")
+    save_decoder: Path | None = option(None, help="ONNX source: write the decoder here (torch state, for --decoder)")
     data_dir: Path | None = option(None, help="folder holding lgg-tcga-flair/, lgg-tcga-t1/ and figshare-cheng/ "
                                    "(default: $BTD_DATA_DIR or ../shared/data)")
     cache: Path | None = option(None, help="folder for the projected features: reused when it belongs to this "

@@ -5,7 +5,10 @@
 This is the recipe of release 1.3.0, in training (issue: a model for every common MR sequence): it
 adds lgg-tcga-t1 (step 1) and the sequence augmentation of ``model_export.augment`` to the recipe
 that built the shipped 1.2.0 (the model card says how 1.2.0 was made; git history has its recipe).
-VERSION stays 1.2.0 until 1.3.0 is measured and shipped.
+VERSION stays 1.2.0 until 1.3.0 is measured and shipped. The shipped files are release 1.2.1: 1.2.0
+plus the tumour map, grafted from the ONNX files alone (no 1.2.0 checkpoint is kept) by
+``btd fit-localiser models/btd-resnet50.onnx --version 1.2.1 ...`` and the same decoder onto the INT8
+file with ``--decoder`` (models/MODEL_CARD.md, "How 1.2.1 was made", has the commands).
 
 Steps (each skipped when its output exists, so an interrupted run continues where it stopped; an
 interrupted training run continues with ``btd train ... --resume runs/release/train/last.pt``):

@@ -83,6 +83,24 @@ def test_shipped_model_has_an_ood_score_and_an_int8_variant_that_agrees(runner):
     assert abs(float(fp32_out.ood_score[0]) - float(int8_out.ood_score[0])) < 0.1 * float(fp32_out.ood_score[0])
 
 
+def test_both_shipped_files_compute_a_tumour_map_described_by_the_card(runner):
+    """Release 1.2.1 = 1.2.0 + the tumour map grafted by ``btd fit-localiser`` (same decoder in both files)."""
+    import onnx
+
+    from app.core.contract import TUMOUR_MAP_NAME
+
+    int8 = Engine.load(SHIPPED, EngineOptions(runtime=RuntimeOptions(buckets=(1,)), variant="int8"))
+    card = CARD.read_text()
+    for engine in (runner.engine, int8):
+        meta = engine.metadata
+        assert engine.model.localises and meta.localisation is not None
+        assert meta.model_version == "1.2.1" and f"btd-resnet50 {meta.model_version}" in card
+        assert f"threshold {meta.localisation.threshold:g}" in card
+        outputs = [o.name for o in onnx.load(str(engine.model.path), load_external_data=False).graph.output]
+        assert outputs == ["logits", "features", "ood_score", TUMOUR_MAP_NAME]
+    assert int8.metadata.localisation == runner.metadata.localisation
+
+
 def test_shipped_model_outputs_are_finite_and_depend_on_the_input(runner):
     """Not a constant model: two different slices give different logits."""
     yy, xx = np.mgrid[0:256, 0:256] / 256.0
@@ -108,3 +126,32 @@ def test_shipped_model_classifies_held_out_figshare_slices():
     predicted = [runner.metadata.labels[i] for i in logits.argmax(1)]
     assert sum(p == s.label for p, (s, _) in zip(predicted, rows)) >= len(rows) - 1
     assert NO_TUMOUR_LABEL not in predicted  # every figshare slice holds a tumour
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_shipped_tumour_map_points_at_held_out_figshare_tumours(variant):
+    """The map's peak falls inside the tumour box on most held-out figshare slices (0.25 for the CAM)."""
+    from app.core.contract import TUMOUR_MAP_NAME
+    from model_export.data import read_gray, shared_data_dir
+    from model_export.localisation import figshare_test_rows
+    from model_export.localiser import box_in_input, pointing
+
+    if not (shared_data_dir() / "figshare-cheng" / "index.csv").is_file():
+        pytest.skip("../shared/data is absent")
+    import onnxruntime as ort
+
+    from app.core.contract import frame, normalise
+
+    engine = Engine.load(SHIPPED, EngineOptions(runtime=RuntimeOptions(buckets=(1,)), variant=variant))
+    spec = engine.metadata.preprocess
+    session = ort.InferenceSession(str(engine.model.path), providers=["CPUExecutionProvider"])
+    rows = figshare_test_rows(shared_data_dir())[::10]  # 30 held-out slices
+    hits = 0
+    for sample, box in rows:
+        gray = read_gray(sample.path)
+        unit, framing = frame(gray, spec)
+        (tumour_map,) = session.run([TUMOUR_MAP_NAME], {"image": normalise(unit, spec)[None]})
+        b = box_in_input(box, framing, gray.shape[1], gray.shape[0])
+        hits += pointing(tumour_map[0, 0], np.array([b.x0, b.y0, b.x1, b.y1]))
+    assert hits >= 0.8 * len(rows)
