@@ -141,6 +141,14 @@ class InstanceHeader:
         return len(self.geometry)
 
 
+def _instance_number(ds: Any) -> int | None:
+    """Instance Number as an int; None when absent or not a number."""
+    try:
+        return int(ds.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        return None
+
+
 def read_instance_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> InstanceHeader:
     """``read_study_uid``, the series, the instance and each frame's geometry (``frame_geometries``) of a
     DICOM Part 10 object, its header read under ``dicom_read``'s limits: what ``btd dicom-listen`` reads,
@@ -149,10 +157,7 @@ def read_instance_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
     with _quiet_pydicom(), element_limits():
         try:
             ds = read_dataset(data, max_pixels, stop_before_pixels=True)
-            try:
-                number: int | None = int(ds.get("InstanceNumber"))
-            except (TypeError, ValueError):
-                number = None
+            number = _instance_number(ds)
             study, series, sop, sop_class = (str(ds.get(k, "") or "") for k in (
                 "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"))
             return InstanceHeader(study, series, sop, sop_class, tuple(frame_geometries(ds, sop or None, number)))
@@ -500,10 +505,7 @@ def read_slice_geometry(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tu
     with _quiet_pydicom(), element_limits():
         try:
             ds = read_dataset(data, max_pixels, stop_before_pixels=True)
-            try:
-                number: int | None = int(ds.get("InstanceNumber"))
-            except (TypeError, ValueError):
-                number = None
+            number = _instance_number(ds)
             uid = str(ds.get("SOPInstanceUID", "") or "") or None
             return str(ds.get("SeriesInstanceUID", "") or ""), frame_geometries(ds, uid, number)
         except (ServiceError, MemoryError):

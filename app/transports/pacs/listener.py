@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pydicom.uid import (
     UID,
@@ -33,6 +35,7 @@ from app.core.decode import DEFAULT_MAX_PIXELS, read_study_uid
 from app.core.errors import ServiceError
 from app.transports.pacs.processing import CLASSIFIED_SOP_CLASSES, Processor, isolated_reader, study_key
 
+T = TypeVar("T")
 log = logging.getLogger("btd.pacs")
 
 STATUS_SUCCESS, STATUS_OUT_OF_RESOURCES, STATUS_CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
@@ -128,17 +131,27 @@ class Listener:
                  self.options.ae_title, self.options.host, self.port, self.options.max_associations,
                  self.processor.classifier.description, self.processor.sender.description)
 
-    def _on_store(self, event) -> int:
+    def _read(self, event, reader: Callable[..., T]) -> tuple[str, bytes, T] | int:
+        """(SOP class, the encoded object, what ``reader`` read of its header in the isolated worker), or
+        the C-STORE status refusing an object that cannot be read (a bomb, an undecodable dataset): the
+        log says why without its content."""
         try:
             sop_class = str(event.request.AffectedSOPClassUID)
             data = event.encoded_dataset(include_meta=True)
-            study = study_key(self._reader.call(read_study_uid, data, self.options.max_pixels) or "no study uid")
-        except ServiceError as exc:  # a bomb, or an undecodable dataset: refuse it, say nothing of its content
+            return sop_class, data, self._reader.call(reader, data, self.options.max_pixels)
+        except ServiceError as exc:
             log.warning("a received object was refused (%s: %s)", exc.title, exc.detail)
             return STATUS_CANNOT_UNDERSTAND
         except Exception as exc:  # noqa: BLE001 - its message could quote a tag value
             log.warning("a received object could not be read (%s); refused", type(exc).__name__)
             return STATUS_CANNOT_UNDERSTAND
+
+    def _on_store(self, event) -> int:
+        read = self._read(event, read_study_uid)
+        if isinstance(read, int):
+            return read
+        sop_class, data, study_uid = read
+        study = study_key(study_uid or "no study uid")
         if sop_class not in CLASSIFIED_SOP_CLASSES:
             self.tracker.update(study, received=1, skipped=1)
             return STATUS_SUCCESS
@@ -225,16 +238,10 @@ class SeriesListener(Listener):
         from app.core.decode import read_instance_header
         from app.transports.pacs.series_processing import SERIES_SOP_CLASSES
 
-        try:
-            sop_class = str(event.request.AffectedSOPClassUID)
-            data = event.encoded_dataset(include_meta=True)
-            header = self._reader.call(read_instance_header, data, self.options.max_pixels)
-        except ServiceError as exc:  # a bomb, or an undecodable dataset: refuse it, say nothing of its content
-            log.warning("a received object was refused (%s: %s)", exc.title, exc.detail)
-            return STATUS_CANNOT_UNDERSTAND
-        except Exception as exc:  # noqa: BLE001 - its message could quote a tag value
-            log.warning("a received object could not be read (%s); refused", type(exc).__name__)
-            return STATUS_CANNOT_UNDERSTAND
+        read = self._read(event, read_instance_header)
+        if isinstance(read, int):
+            return read
+        sop_class, data, header = read
         if sop_class not in SERIES_SOP_CLASSES:
             self.tracker.update(study_key(header.study_uid or "no study uid"), received=1, skipped=1)
             return STATUS_SUCCESS
