@@ -56,6 +56,17 @@ def read(data: bytes) -> pydicom.Dataset:
     return pydicom.dcmread(io.BytesIO(data))
 
 
+def sr_texts(ds: pydicom.Dataset) -> str:
+    """Every TEXT content item of a structured report, nested ones included, joined by spaces."""
+    stack, texts = list(ds.get("ContentSequence", [])), []
+    while stack:
+        item = stack.pop()
+        if item.get("ValueType") == "TEXT":
+            texts.append(str(item.TextValue))
+        stack.extend(item.get("ContentSequence", []))
+    return " ".join(texts)
+
+
 def assert_no_sentinel(*texts: str) -> None:
     for text in texts:
         assert SENTINEL_NAME not in text and "SENTINEL" not in text.upper(), "patient data in a log"

@@ -30,7 +30,7 @@ from app.transports.pacs.series_processing import SeriesClassifier, SeriesProces
 from tests.api.helpers import free_port
 from tests.model_factory import build_model
 from tests.pacs import orthanc
-from tests.pacs.dicom_checks import SENTINEL_NAME, assert_no_sentinel, dciodvfy_errors
+from tests.pacs.dicom_checks import SENTINEL_NAME, assert_no_sentinel, dciodvfy_errors, sr_texts
 from tests.pacs.netns import in_private_network, private_network
 from tests.pacs.series_data import T2, lgg_images, series
 from tests.pacs.test_pacs_roundtrip import MR, SC, SR, wait_for
@@ -79,15 +79,6 @@ def _of(server: orthanc.Orthanc, sop_class: str) -> list[dict]:
     return [i for i in server.instances_of_study(STUDY) if i.get("SOPClassUID") == sop_class]
 
 
-def _texts(ds: pydicom.Dataset) -> str:
-    stack, texts = list(ds.get("ContentSequence", [])), []
-    while stack:
-        item = stack.pop()
-        if item.get("ValueType") == "TEXT":
-            texts.append(str(item.TextValue))
-        stack.extend(item.get("ContentSequence", []))
-    return " ".join(texts)
-
 
 def test_a_routed_study_gets_one_sr_per_series_and_one_kos_per_assessed_series(pacs, caplog):
     server, images = pacs["orthanc"], pacs["images"]
@@ -114,11 +105,11 @@ def test_a_routed_study_gets_one_sr_per_series_and_one_kos_per_assessed_series(p
             hd.sr.srread(io.BytesIO(data))  # highdicom reads it back
             srs[str(ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].SeriesInstanceUID)] = ds
     axial_sr = srs[str(axial[0].SeriesInstanceUID)]
-    assert "slices, " in _texts(axial_sr) and "most likely class" in _texts(axial_sr)
+    assert "slices, " in sr_texts(axial_sr) and "most likely class" in sr_texts(axial_sr)
     assert len(axial_sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
                .ReferencedSOPSequence) == len(images)
     for other, reason in ((sagittal, "Plane outside"), (t2, "Sequence outside")):
-        text = _texts(srs[str(other[0].SeriesInstanceUID)])
+        text = sr_texts(srs[str(other[0].SeriesInstanceUID)])
         assert "not assessed: no finding is reported" in text
         assert reason in srs[str(other[0].SeriesInstanceUID)].to_json()
     assert key <= {str(ds.SOPInstanceUID) for ds in axial} and 1 <= len(key) <= 5

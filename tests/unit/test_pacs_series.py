@@ -24,7 +24,7 @@ from app.transports.pacs.processing import RetryPolicy, StudyTracker, study_key
 from app.transports.pacs.results import encode
 from app.transports.pacs.series_processing import SeriesClassifier, SeriesProcessor
 from tests.model_factory import build_model
-from tests.pacs.dicom_checks import SENTINEL_NAME, dciodvfy_errors
+from tests.pacs.dicom_checks import SENTINEL_NAME, dciodvfy_errors, sr_texts
 from tests.pacs.series_data import T2, series, synthetic_images
 from tests.unit.test_pacs_listener import RecordingSender, _store, _wait
 
@@ -171,25 +171,16 @@ def test_the_listener_answers_each_series_with_one_sr_one_kos_and_key_overlays(c
     assert 1 <= len(kos_refs) <= 5 and kos_refs <= {str(ds.SOPInstanceUID) for ds in axial}
     for ds in (sagittal, t2):  # outside the validated use: an SR saying not assessed, no KOS, no overlay
         (sr,) = by_series[str(ds[0].SeriesInstanceUID)]
-        assert "not assessed" in _comment(sr)
+        assert "not assessed" in sr_texts(sr)
     assert "Plane outside" in str(by_series[str(sagittal[0].SeriesInstanceUID)][0].to_json())
     frames = by_series[str(enhanced.SeriesInstanceUID)][0]  # 10 frames: 10 slice groups referencing frames
     assert '"00081160"' in frames.to_json()  # Referenced Frame Number
-    assert "ordered by Instance Number" in _comment(frames)  # it has no positions: the SR says so
+    assert "ordered by Instance Number" in sr_texts(frames)  # it has no positions: the SR says so
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("series ")]
     assert sum("complete: 5 instances" in x for x in lines) == 1 and sum("10 slices" in x for x in lines) >= 1
     assert SENTINEL_NAME not in caplog.text and study not in caplog.text
     assert not any(str(ds.SeriesInstanceUID) in caplog.text for ds in (axial[0], sagittal[0], t2[0]))
 
-
-def _comment(sr: pydicom.Dataset) -> str:
-    stack, texts = list(sr.ContentSequence), []
-    while stack:
-        item = stack.pop()
-        if item.get("ValueType") == "TEXT":
-            texts.append(str(item.TextValue))
-        stack.extend(item.get("ContentSequence", []))
-    return " ".join(texts)
 
 
 def test_listener_refuses_with_out_of_resources_past_the_overall_bounds(classifier, tmp_path):
