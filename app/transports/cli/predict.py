@@ -286,15 +286,19 @@ def remote_backend(url: str, cam: str, timeout: float, api_key: str | None = Non
         raise Unusable(f"the service at {url} is not ready: {problem_reason(response)}")
     model = response.json()
 
-    def classify(path: Path) -> Prediction:
-        data = path.read_bytes()
-        headers = {"Content-Type": media_type_of(data, path) or "application/octet-stream"}
+    def post(route: str, body: bytes, content_type: str, params: dict[str, str] | None = None) -> Any:
+        """POST ``body`` to the service; FileFailed on a transport error or any answer but 200."""
         try:
-            response = client.post("/v1/predict", params={"cam": cam}, content=data, headers=headers)
+            response = client.post(route, params=params, content=body, headers={"Content-Type": content_type})
         except httpx.HTTPError as exc:
             raise FileFailed(f"request failed: {type(exc).__name__}: {exc}") from None
         if response.status_code != 200:
             raise FileFailed(problem_reason(response))
+        return response
+
+    def classify(path: Path) -> Prediction:
+        data = path.read_bytes()
+        response = post("/v1/predict", data, media_type_of(data, path) or "application/octet-stream", {"cam": cam})
         try:
             return Prediction.from_dict(response.json())
         except ValueError as exc:  # not JSON, or not the shape of a prediction
@@ -307,12 +311,7 @@ def remote_backend(url: str, cam: str, timeout: float, api_key: str | None = Non
             body, content_type = encode_related([f.read_bytes() for f in dicom_files(path)])
         else:
             body, content_type = path.read_bytes(), "application/octet-stream"
-        try:
-            response = client.post("/v1/predict/series", content=body, headers={"Content-Type": content_type})
-        except httpx.HTTPError as exc:
-            raise FileFailed(f"request failed: {type(exc).__name__}: {exc}") from None
-        if response.status_code != 200:
-            raise FileFailed(problem_reason(response))
+        response = post("/v1/predict/series", body, content_type)
         try:
             return SeriesResult.from_dict(response.json())
         except ValueError as exc:
