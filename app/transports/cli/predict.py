@@ -652,11 +652,14 @@ def silence_stdout() -> None:
     os.close(devnull)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int of at least ``minimum``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        return value
+    return parse
 
 
 def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -678,7 +681,7 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     add("--cam-dir", metavar="DIR", help="write each image's CAM overlay as DIR/<name>.cam.png")
     add("--dicom-dir", metavar="DIR", help="for each DICOM input, write its DICOM results: DIR/<name>.sr.dcm "
         "(Comprehensive SR) and DIR/<name>.cam.dcm (CAM overlay, Secondary Capture), referencing the input")
-    add("--jobs", type=positive_int, default=4, help="parallel requests in --url mode (default: 4)")
+    add("--jobs", type=int_at_least(1), default=4, help="parallel requests in --url mode (default: 4)")
     add("--timeout", type=float, default=60.0, help="seconds per request in --url mode (default: 60)")
     add("--api-key", default=os.environ.get(API_KEY_ENV) or None, metavar="KEY",
         help=f"API key for a service that asks for one, sent as X-API-Key (default: ${API_KEY_ENV}; the "

@@ -32,6 +32,7 @@ from app.transports.cli.predict import (
     EXIT_UNUSABLE,
     Unusable,
     collect_inputs,
+    int_at_least,
     media_type_of,
     model_path_of,
     open_engine,
@@ -178,13 +179,6 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be at least 0")
-    return value
-
-
 def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``validate`` on an argparse subparsers object; the command runs ``args.run(args)``."""
     parser = subparsers.add_parser(
@@ -199,7 +193,7 @@ def add_validate_parser(subparsers: Any) -> argparse.ArgumentParser:
         help=f"the HTML report; its figures as JSON beside it, suffix .json (default: {DEFAULT_OUT})")
     add("--model", metavar="FILE", help="ONNX model file (default: $BTD_MODEL_PATH or the shipped model)")
     add("--ignore-unlabelled", action="store_true", help="measure the labelled images only, when DIR holds others")
-    add("--bootstrap", type=non_negative_int, default=1000, metavar="N",
+    add("--bootstrap", type=int_at_least(0), default=1000, metavar="N",
         help="bootstrap resamples for the intervals of macro F1 and AUC (default: 1000; 0: none)")
     add("--seed", type=int, default=0, help="the bootstrap's random seed (default: 0)")
     add("--no-progress", action="store_true", help="no progress bar on stderr")
