@@ -33,6 +33,7 @@ from pydicom.uid import (
 
 from app.core.decode import DEFAULT_MAX_PIXELS, read_study_uid
 from app.core.errors import ServiceError
+from app.transports.pacs.network import tcp_handlers
 from app.transports.pacs.processing import CLASSIFIED_SOP_CLASSES, Processor, isolated_reader, study_key
 
 T = TypeVar("T")
@@ -126,7 +127,7 @@ class Listener:
         reaper.start()
         self._threads.append(reaper)
         self._server = self._ae().start_server((self.options.host, self.options.port), block=False,
-                                               evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                               evt_handlers=[(evt.EVT_C_STORE, self._on_store), *tcp_handlers()])
         log.info("dicom-listen: AE %s on %s:%d (at most %d associations), classifying with %s, results to %s",
                  self.options.ae_title, self.options.host, self.port, self.options.max_associations,
                  self.processor.classifier.description, self.processor.sender.description)

@@ -33,6 +33,7 @@ from app.core.decode import DICOM, quiet_pydicom
 from app.core.errors import ServiceError
 from app.engine.records.rows import prediction_row
 from app.engine.records.writer import RecordWriter
+from app.transports.pacs.network import tcp_handlers
 from app.transports.pacs.multipart import decode_related
 from app.transports.pacs.results import build_results, encode
 
@@ -256,7 +257,7 @@ class CStoreSender:
         for sop_class, transfer_syntaxes in sorted(syntaxes.items()):
             for syntax in sorted(transfer_syntaxes):  # one context each: the peer accepts one syntax per context
                 ae.add_requested_context(sop_class, [syntax])
-        assoc = ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title)
+        assoc = ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title, evt_handlers=tcp_handlers())
         if not assoc.is_established:
             raise Unavailable(f"no association with {self.node}")
         try:
