@@ -9,7 +9,7 @@ import socket
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-import app.transports.pacs.processing as processing
+from app.transports.pacs import processing
 from app.transports.pacs.listener import Listener, ListenerOptions
 from app.transports.pacs.network import disable_nagle
 from app.transports.pacs.processing import CStoreSender, DicomNode, Processor, RetryPolicy, StudyTracker
