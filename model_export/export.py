@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from app.core.contract import (
+    DEFAULT_VALIDATED,
     FEATURES_NAME,
     INPUT_NAME,
     LOGITS_NAME,
@@ -34,6 +35,7 @@ from app.core.contract import (
     ModelMetadata,
     OodSpec,
     PreprocessSpec,
+    ValidatedUse,
 )
 from model_export.checkpoint import model_from_checkpoint, read_checkpoint
 from model_export.fp16 import round_to_fp16, store_weights_as_fp16
@@ -232,6 +234,7 @@ def export(
     opset: int = 17,
     ood: OodFit | None = None,
     localiser: dict | None = None,
+    validated: ValidatedUse = DEFAULT_VALIDATED,
 ) -> Path:
     """Export, write metadata, check parity (raises ParityError and removes the file on failure).
     With ``ood`` the graph gets the ``ood_score`` output and the metadata its threshold."""
@@ -251,7 +254,7 @@ def export(
     meta = ModelMetadata(labels=tuple(labels), preprocess=spec, cam_weight=CAM_WEIGHT, cam_bias=CAM_BIAS,
                          temperature=temperature, tumour_threshold=threshold, model_name=name,
                          model_version=version, training_data=training_data or {}, metrics=metrics or {},
-                         ood=ood_spec, localisation=None if not localiser else LocalisationSpec(
+                         ood=ood_spec, validated=validated, localisation=None if not localiser else LocalisationSpec(
                              threshold=float(localiser["threshold"]), min_area=float(localiser["min_area"])))
     try:
         proto = trace_to_onnx(module, spec.size, tmp, opset)
@@ -337,6 +340,7 @@ def main(config: ExportConfig) -> Path:
         training_data=ckpt.get("training_data", {}), metrics=metrics, opset=config.opset,
         ood=OodFit.from_state(ckpt["ood"]) if ckpt.get("ood") else None,
         localiser=ckpt.get("localiser"),
+        validated=ValidatedUse(sequences=tuple(s.strip() for s in config.validated_sequences.split(",") if s.strip())),
     )
     if config.fp16:
         float16_variant(path)

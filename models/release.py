@@ -51,7 +51,7 @@ from model_export.release_splits import write_release_splits  # also what btd lo
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "btd-resnet50.onnx"
-VERSION = "1.2.0"
+VERSION = "1.3.0"
 MIN_VAL_SENSITIVITY = 0.998
 MAX_THRESHOLD = 0.5
 # Validation tumour-sensitivity floor per source (path prefix in the split file): the threshold keeps
@@ -64,6 +64,9 @@ SENSITIVITY_FLOORS = {"lgg-tcga-flair/": 0.96, "lgg-tcga-t1/": 0.96, "": MIN_VAL
 TRAIN_ARGS = ["--freeze", "layer3", "--feature-cache", "off", "--amp", "on", "--channels-last", "on",
               "--epochs", "12", "--patience", "8", "--lr", "5e-4", "--threads", "2", "--workers", "1", "--seed", "0"]
 FIGSHARE_COLUMNS = ["--path-column", "image", "--split-column", "in_4class_splits"]
+# Per-sequence goals (the model issue's "Done when"), and the LGG folder names as the gate names them.
+SEQUENCE_GOALS = {"sensitivity": 0.95, "specificity": 0.90}
+SEQUENCE_NAMES = {"flair": "flair", "t1pre": "t1", "t1post": "t1post"}
 
 
 def threshold_for_sensitivity(tumour_probability: np.ndarray, is_tumour: np.ndarray,
@@ -102,13 +105,21 @@ def threshold_from_predictions(predictions_csv: Path, floors: dict[str, float] |
     return min(thresholds)
 
 
-def sequence_of(path: str) -> str:
+def sequence_of(path: str) -> str | None:
     """The MR sequence of an LGG image from its path (``images/<sequence>/...`` in lgg-tcga-t1; FLAIR
-    in lgg-tcga-flair)."""
+    in lgg-tcga-flair); None for the other sources, whose sequences are not labelled."""
     parts = Path(path).parts
     if "lgg-tcga-t1" in parts:
         return parts[parts.index("images") + 1]
-    return "flair"
+    return "flair" if "lgg-tcga-flair" in parts else None
+
+
+def validated_sequences(figures: dict[str, dict[str, float | int]]) -> list[str]:
+    """The sequences (``app.core.contract`` names) whose validation-patient figures meet the issue's per-
+    sequence goals (tumour sensitivity and specificity): the ``--validated-sequences`` the model ships
+    with, so the intended-use gate assesses exactly what was validated."""
+    return [SEQUENCE_NAMES[name] for name, f in sorted(figures.items())
+            if f["sensitivity"] >= SEQUENCE_GOALS["sensitivity"] and f["specificity"] >= SEQUENCE_GOALS["specificity"]]
 
 
 def sequence_figures(predictions: list[Path], threshold: float) -> dict[str, dict[str, float | int]]:
@@ -117,8 +128,10 @@ def sequence_figures(predictions: list[Path], threshold: float) -> dict[str, dic
     for path in predictions:
         with path.open(newline="") as fh:
             for r in csv.DictReader(fh):
+                if (sequence := sequence_of(r["path"])) is None:
+                    continue
                 called = 1.0 - float(r["p_notumor"]) >= threshold
-                by_sequence.setdefault(sequence_of(r["path"]), []).append((r["label"] != "notumor", called))
+                by_sequence.setdefault(sequence, []).append((r["label"] != "notumor", called))
     figures = {}
     for sequence, pairs in sorted(by_sequence.items()):
         truth, called = (np.array(v, dtype=bool) for v in zip(*pairs))
@@ -174,7 +187,15 @@ def main(argv: list[str] | None = None) -> int:
         btd("evaluate", str(candidate), *split_args, "--split", "val", *own_temperature, "--out", str(work / "eval-val"))
     threshold = threshold_from_predictions(work / "eval-val" / "predictions.csv", SENSITIVITY_FLOORS)
     print(f"tumour threshold chosen on validation: {threshold:.6f}", flush=True)
-    export += ["--threshold", repr(threshold)]
+    # Validated sequences: chosen on the validation patients too, never on test.
+    val_sequences = sequence_figures([work / "eval-val" / "predictions.csv"], threshold)
+    validated = validated_sequences(val_sequences)
+    (work / "validated.json").write_text(json.dumps({"per_sequence_val": val_sequences, "validated": validated,
+                                                     "goals": SEQUENCE_GOALS}, indent=2))
+    print("validated sequences (validation patients):", validated, json.dumps(val_sequences), flush=True)
+    if not validated:
+        raise SystemExit("no sequence meets the per-sequence goals on validation: not releasing")
+    export += ["--threshold", repr(threshold), "--validated-sequences", ",".join(validated)]
     if not (work / "eval-candidate-test" / "report.json").exists():
         btd(*export, "--out", str(candidate))
         btd("evaluate", str(candidate), *grouped, "--out", str(work / "eval-candidate-test"))

@@ -261,3 +261,28 @@ def test_fp16_variant_of_a_model_with_an_ood_head_keeps_the_head_in_float32(trai
     x = exporter.parity_inputs(SIZE, 2, seed=6)
     np.testing.assert_allclose(session(half).run([OOD_NAME], {INPUT_NAME: x})[0],
                                session(path).run([OOD_NAME], {INPUT_NAME: x})[0], rtol=2e-2)
+
+
+def test_btd_export_writes_the_validated_sequences_the_service_gates_on(trained_like_model, tmp_path: Path) -> None:
+    """``--validated-sequences`` reaches the metadata (the intended-use gate reads it); without it the
+    list is release 1.2.0's (T1 post-contrast and FLAIR)."""
+    from app.core.contract import DEFAULT_VALIDATED
+    from model_export.checkpoint import save_checkpoint
+    from model_export.cli import main as btd
+
+    checkpoint = tmp_path / "best.pt"
+    save_checkpoint(checkpoint, {"labels": list(LABELS), "args": {"dropout": 0.0},
+                                 "model": trained_like_model.state_dict(),
+                                 "preprocess": PreprocessSpec(size=SIZE).to_json(), "temperature": 1.0})
+
+    def validated(path: Path):
+        proto = onnx.load(str(path))
+        return ModelMetadata.from_props({p.key: p.value for p in proto.metadata_props}).validated
+
+    assert btd(["export", str(checkpoint), "--out", str(tmp_path / "a.onnx")]) == 0
+    assert validated(tmp_path / "a.onnx") == DEFAULT_VALIDATED
+    assert btd(["export", str(checkpoint), "--out", str(tmp_path / "b.onnx"),
+                "--validated-sequences", "t1, t1post,flair"]) == 0
+    assert validated(tmp_path / "b.onnx").sequences == ("t1", "t1post", "flair")
+    assert btd(["export", str(checkpoint), "--out", str(tmp_path / "c.onnx"), "--validated-sequences", "t3"]) == 2
+    assert not (tmp_path / "c.onnx").exists()

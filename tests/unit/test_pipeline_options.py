@@ -117,9 +117,11 @@ def test_the_release_recipe_parses_to_the_configs_it_expects(tmp_path: Path) -> 
                                                    report=work / "localiser.json")
 
     export, _ = parse("export", str(best), "--fp16-weights", "--version", release.VERSION, "--threshold", "0.25",
-                      "--report", str(work / "report.json"), "--out", str(tmp_path / "m.onnx"))
+                      "--validated-sequences", "flair,t1", "--report", str(work / "report.json"),
+                      "--out", str(tmp_path / "m.onnx"))
     assert export == options.ExportConfig(checkpoint=best, fp16_weights=True, version=release.VERSION,
-                                          threshold=0.25, report=work / "report.json", out=tmp_path / "m.onnx")
+                                          threshold=0.25, validated_sequences="flair,t1", report=work / "report.json",
+                                          out=tmp_path / "m.onnx")
 
     figshare = ["--data", str(data / "figshare"), "--split-file", str(data / "figshare" / "index.csv"),
                 *release.FIGSHARE_COLUMNS, "--split", "test", "--calibration-split", ""]
@@ -222,7 +224,14 @@ def test_the_release_reports_tumour_sensitivity_and_specificity_per_sequence(tmp
     t1.write_text(header + "/d/lgg-tcga-t1/images/t1pre/glioma/a.jpg,glioma,notumor,0.2,0,0.8,0\n"
                   "/d/lgg-tcga-t1/images/t1pre/glioma/c.jpg,glioma,glioma,0.7,0,0.3,0\n"
                   "/d/lgg-tcga-t1/images/t1post/notumor/b.jpg,notumor,glioma,0.6,0,0.4,0\n")
-    figures = release.sequence_figures([flair, t1], threshold=0.5)
+    other = tmp_path / "val.csv"  # a validation split mixes sources: only the LGG rows have a known sequence
+    other.write_text(header + "/d/brain-mri-4class/glioma/x.jpg,glioma,notumor,0,0,1,0\n")
+    figures = release.sequence_figures([flair, t1, other], threshold=0.5)
+    assert sorted(figures) == ["flair", "t1post", "t1pre"]
     assert figures["flair"] == {"tumour_slices": 1, "tumour_free_slices": 1, "sensitivity": 1.0, "specificity": 1.0}
     assert figures["t1pre"]["sensitivity"] == 0.5 and figures["t1pre"]["tumour_slices"] == 2
     assert figures["t1post"]["specificity"] == 0.0
+    assert release.validated_sequences(figures) == ["flair"]  # t1pre misses tumours, t1post calls tumour-free ones
+    meets = {"sensitivity": 0.95, "specificity": 0.90, "tumour_slices": 9, "tumour_free_slices": 9}
+    assert release.validated_sequences({"t1pre": meets, "flair": meets, "t1post": {**meets, "specificity": 0.89}}) \
+        == ["flair", "t1"]
