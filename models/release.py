@@ -2,10 +2,11 @@
 
     .venv/bin/python models/release.py [--data ../shared/data] [--work runs/release]
 
-This is the recipe of release 1.3.0, in training (issue: a model for every common MR sequence): it
-adds lgg-tcga-t1 (step 1) and the sequence augmentation of ``model_export.augment`` to the recipe
-that built the shipped 1.2.0 (the model card says how 1.2.0 was made; git history has its recipe).
-VERSION stays 1.2.0 until 1.3.0 is measured and shipped. The shipped files are release 1.2.1: 1.2.0
+This is the recipe of release 1.3.0: it adds lgg-tcga-t1 (step 1) and the sequence augmentation of
+``model_export.augment`` to the recipe that built 1.2.0 (the model card says how 1.2.0 was made; git
+history has its recipe), and exports with the sequences it validated on the validation patients
+(step 4). Its run of 2026-12-07 validated no sequence and stopped before step 5: 1.3.0 is not released
+(the model card, "The 1.3.0 candidate, not released"). The shipped files are release 1.2.1: 1.2.0
 plus the tumour map, grafted from the ONNX files alone (no 1.2.0 checkpoint is kept) by
 ``btd fit-localiser models/btd-resnet50.onnx --version 1.2.1 ...`` and the same decoder onto the INT8
 file with ``--decoder`` (models/MODEL_CARD.md, "How 1.2.1 was made", has the commands).
@@ -24,7 +25,8 @@ interrupted training run continues with ``btd train ... --resume runs/release/tr
    features cached beside the checkpoint), its threshold on the validation patients;
 4. a candidate export, evaluated on the validation split; the tumour threshold is chosen there
    (never on test): the highest threshold keeping each source's validation tumour sensitivity at
-   its floor (``SENSITIVITY_FLOORS``), capped at 0.5;
+   its floor (``SENSITIVITY_FLOORS``), capped at 0.5; the validated sequences too (``SEQUENCE_GOALS``
+   on the validation patients, ``validated.json``): none, and the run stops without a release;
 5. export with that threshold, evaluate on the grouped test split of brain-mri-4class, export again
    with that report in the metadata: ``models/btd-resnet50.onnx`` (float16-stored weights), and stamp
    the drift baseline measured on the validation split into it (``btd baseline``);
