@@ -1,6 +1,7 @@
 """Build the next release from ../shared/data and measure it: one command, every step printed.
 
     .venv/bin/python models/release.py [--data ../shared/data] [--work runs/release]
+    .venv/bin/python models/release.py --leave-out-sequence t1pre --work runs/loso-t1pre   # the experiment
 
 This is the recipe of release 1.3.0: it adds lgg-tcga-t1 (step 1) and the sequence augmentation of
 ``model_export.augment`` to the recipe that built 1.2.0 (the model card says how 1.2.0 was made; git
@@ -49,7 +50,10 @@ from pathlib import Path
 
 import numpy as np
 
-from model_export.release_splits import write_release_splits  # also what btd lock-manifest reads
+from model_export.release_splits import (  # also what btd lock-manifest reads
+    LGG_T1_SEQUENCES,
+    write_release_splits,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "btd-resnet50.onnx"
@@ -69,6 +73,8 @@ FIGSHARE_COLUMNS = ["--path-column", "image", "--split-column", "in_4class_split
 # Per-sequence goals (the model issue's "Done when"), and the LGG folder names as the gate names them.
 SEQUENCE_GOALS = {"sensitivity": 0.95, "specificity": 0.90}
 SEQUENCE_NAMES = {"flair": "flair", "t1pre": "t1", "t1post": "t1post"}
+# The leave-one-sequence-out goals on the left-out sequence (the model issue's proxy for T2).
+LOSO_GOALS = {"sensitivity": 0.90, "specificity": 0.85}
 
 
 def threshold_for_sensitivity(tumour_probability: np.ndarray, is_tumour: np.ndarray,
@@ -158,11 +164,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="release this checkpoint instead of training one (default: WORK/train/best.pt, "
                              "trained when missing), e.g. a second stage's best.pt")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for fitting the OOD score")
+    parser.add_argument("--leave-out-sequence", choices=LGG_T1_SEQUENCES, default=None,
+                        help="the leave-one-sequence-out experiment instead of a release: the same recipe without "
+                             "this lgg-tcga-t1 sequence in train and val, measured on it (use its own --work)")
     args = parser.parse_args(argv)
     data, work = args.data.resolve(), args.work.resolve()
     splits = work / "release-splits.csv"
     if not splits.exists():
-        print("split file:", write_release_splits(data, splits))
+        print("split file:", write_release_splits(data, splits, leave_out=args.leave_out_sequence))
     split_args = ["--data", str(data), "--split-file", str(splits)]
     own_temperature = ["--calibration-split", ""]  # the temperature stored in the model: what the service uses
     grouped = ["--data", str(data / "brain-mri-4class"), "--split-file", str(data / "brain-mri-4class" / "splits.csv"),
@@ -177,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     best = args.checkpoint.resolve() if args.checkpoint else work / "train" / "best.pt"
     if not best.exists() and args.checkpoint is None:
         btd("train", *split_args, "--out", str(work / "train"), "--cache-dir", str(work / "cache"), *TRAIN_ARGS)
+    if args.leave_out_sequence:
+        return leave_one_sequence_out(args.leave_out_sequence, best, work, split_args, [lgg, lgg_t1])
     # Features cached beside the checkpoint: the first fit extracts them, a rerun refits in seconds.
     btd("fit-ood", str(best), *split_args, "--threads", str(args.threads),
         "--features", str(best.with_name("ood-features.npz")))
@@ -228,6 +239,30 @@ def main(argv: list[str] | None = None) -> int:
                "--json", str(work / "ood-check-int8.json"))
     run_module("model_export.localisation", "--model", str(args.out), "--data-dir", str(data),
                "--json", str(work / "localisation.json"))
+    return 0
+
+
+def leave_one_sequence_out(sequence: str, best: Path, work: Path, split_args: list[str],
+                           test_sets: list[list[str]]) -> int:
+    """The model trained without ``sequence``: threshold chosen on its validation split (which has no
+    ``sequence`` slice either), then tumour sensitivity and specificity per sequence on the LGG test
+    patients, the left-out one judged against ``LOSO_GOALS``; ``loso.json`` in ``work``."""
+    candidate = work / "candidate.onnx"
+    if not (work / "eval-val" / "predictions.csv").exists():
+        btd("export", str(best), "--fp16-weights", "--version", VERSION, "--out", str(candidate))
+        btd("evaluate", str(candidate), *split_args, "--split", "val", "--calibration-split", "",
+            "--out", str(work / "eval-val"))
+    threshold = threshold_from_predictions(work / "eval-val" / "predictions.csv", SENSITIVITY_FLOORS)
+    outputs = [work / "eval-lgg-test", work / "eval-lgg-t1-test"]
+    for test_set, out in zip(test_sets, outputs):
+        if not (out / "predictions.csv").exists():
+            btd("evaluate", str(candidate), *test_set, "--out", str(out))
+    figures = sequence_figures([out / "predictions.csv" for out in outputs], threshold)
+    left_out = figures[sequence]
+    met = left_out["sensitivity"] >= LOSO_GOALS["sensitivity"] and left_out["specificity"] >= LOSO_GOALS["specificity"]
+    result = {"left_out": sequence, "threshold": threshold, "goals": LOSO_GOALS, "met": met, "per_sequence": figures}
+    (work / "loso.json").write_text(json.dumps(result, indent=2))
+    print("leave-one-sequence-out:", json.dumps(result), flush=True)
     return 0
 
 

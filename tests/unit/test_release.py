@@ -98,3 +98,67 @@ def test_threshold_keeps_every_source_at_its_own_sensitivity_floor(tmp_path):
     # 4-class alone allows 0.9 (capped at 0.5); lgg needs 0.4 to keep both of its gliomas.
     assert threshold_from_predictions(path, floors) == pytest.approx(0.4)
     assert threshold_from_predictions(path, {"": 0.5}) == pytest.approx(0.5)
+
+
+def _minimal_data(root: Path) -> Path:
+    """One row per source, and lgg-tcga-t1 with both sequences in train, val and test."""
+    for name in ("brain-mri-4class", "figshare-cheng", "lgg-tcga-flair", "lgg-tcga-t1"):
+        (root / name).mkdir(parents=True)
+    (root / "brain-mri-4class" / "splits.csv").write_text("path,label,split,group\ntrain/glioma/a.jpg,glioma,train,1\n")
+    (root / "figshare-cheng" / "index.csv").write_text("image,label,group,in_4class_splits\n")
+    (root / "lgg-tcga-flair" / "index.csv").write_text("path,label,patient,split\nimages/glioma/P1_3.png,glioma,P1,train\n")
+    lines = ["path,label,sequence,patient,split"]
+    for split, patient in (("train", "P1"), ("val", "P2"), ("test", "P3")):
+        for sequence in ("t1pre", "t1post"):
+            lines.append(f"images/{sequence}/glioma/{patient}_3.jpg,glioma,{sequence},{patient},{split}")
+    (root / "lgg-tcga-t1" / "index.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_a_left_out_sequence_is_neither_trained_nor_validated_on(tmp_path):
+    data = _minimal_data(tmp_path / "data")
+    write_release_splits(data, tmp_path / "all.csv")
+    write_release_splits(data, tmp_path / "loso.csv", leave_out="t1pre")
+    with (tmp_path / "all.csv").open() as a, (tmp_path / "loso.csv").open() as b:
+        every, kept = list(csv.DictReader(a)), list(csv.DictReader(b))
+    dropped = [r for r in every if r not in kept]
+    assert sorted((r["path"].split("/")[2], r["split"]) for r in dropped) == [("t1pre", "train"), ("t1pre", "val")]
+    assert any("/t1pre/" in r["path"] and r["split"] == "test" for r in kept)
+    with pytest.raises(ValueError, match="leave_out"):
+        write_release_splits(data, tmp_path / "x.csv", leave_out="t2")
+
+
+def test_the_leave_one_sequence_out_run_judges_the_left_out_sequence(tmp_path, monkeypatch):
+    """The experiment's flow with ``btd`` stood in for: the threshold from validation, the figures per
+    sequence from the LGG test predictions, the left-out sequence against 0.90 / 0.85."""
+    import release
+
+    header = "path,label,predicted,p_glioma,p_meningioma,p_notumor,p_pituitary\n"
+    predictions = {
+        "eval-val": ["lgg-tcga-flair/images/glioma/v.png,glioma,0.7", "lgg-tcga-t1/images/t1post/glioma/v.jpg,glioma,0.6",
+                     "brain-mri-4class/x/glioma/v.jpg,glioma,0.4"],
+        "eval-lgg-test": ["lgg-tcga-flair/images/glioma/a.png,glioma,0.1", "lgg-tcga-flair/images/notumor/b.png,notumor,0.9"],
+        "eval-lgg-t1-test": [f"lgg-tcga-t1/images/t1pre/glioma/{i}.jpg,glioma,{p}" for i, p in enumerate((0.2, 0.3, 0.5))]
+        + [f"lgg-tcga-t1/images/t1pre/notumor/n{i}.jpg,notumor,{p}" for i, p in enumerate((0.9, 0.8, 0.3))],
+    }
+    calls = []
+
+    def fake_btd(*args: str) -> None:
+        calls.append(args[0])
+        if args[0] == "evaluate":
+            out = Path(args[args.index("--out") + 1])
+            out.mkdir(parents=True)
+            rows = [f"/d/shared/data/{path},{label},{label},0,0,{p_no},0\n"
+                    for path, label, p_no in (line.rsplit(",", 2) for line in predictions[out.name])]
+            (out / "predictions.csv").write_text(header + "".join(rows))
+
+    monkeypatch.setattr(release, "btd", fake_btd)
+    assert release.leave_one_sequence_out("t1pre", tmp_path / "best.pt", tmp_path, ["--split-file", "s.csv"],
+                                          [["--data", "flair"], ["--data", "t1"]]) == 0
+    assert calls == ["export", "evaluate", "evaluate", "evaluate"]
+    result = __import__("json").loads((tmp_path / "loso.json").read_text())
+    # Validation tumour probabilities 0.3 (flair), 0.4 (t1post), 0.6 (other): thresholds 0.3, 0.4, 0.5 (cap).
+    assert result["threshold"] == pytest.approx(0.3)
+    t1pre = result["per_sequence"]["t1pre"]  # tumour probabilities 0.8, 0.7, 0.5 and 0.1, 0.2, 0.7 at 0.3
+    assert (t1pre["sensitivity"], t1pre["specificity"]) == (1.0, pytest.approx(2 / 3))
+    assert result["left_out"] == "t1pre" and result["met"] is False
