@@ -30,6 +30,7 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from app.core.contract import DEFAULT_VALIDATED
 from model_export.ood import DEFAULT_COMPONENTS, DEFAULT_QUANTILE
 
 Switch = Literal["auto", "on", "off"]
@@ -206,7 +207,7 @@ class ExportConfig:
     version: str = option("0.0.0")
     threshold: float = option(0.5, help="recommended tumour decision threshold")
     temperature: float | None = option(None, help="override the calibration temperature")
-    validated_sequences: str = option("t1post,flair", help="MR sequences the model is validated for, comma-"
+    validated_sequences: str = option(",".join(DEFAULT_VALIDATED.sequences), help="MR sequences the model is validated for, comma-"
                                       "separated (t1, t1post, t2, flair, other): an MR DICOM whose headers say "
                                       "another sequence is not assessed; the model card lists the same")
     opset: int = option(17)

@@ -33,8 +33,8 @@ from app.core.decode import DICOM, quiet_pydicom
 from app.core.errors import ServiceError
 from app.engine.records.rows import prediction_row
 from app.engine.records.writer import RecordWriter
-from app.transports.pacs.network import tcp_handlers
 from app.transports.pacs.multipart import decode_related
+from app.transports.pacs.network import tcp_handlers
 from app.transports.pacs.results import build_results, encode
 
 log = logging.getLogger("btd.pacs")
