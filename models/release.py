@@ -2,6 +2,7 @@
 
     .venv/bin/python models/release.py [--data ../shared/data] [--work runs/release]
     .venv/bin/python models/release.py --leave-out-sequence t1pre --work runs/loso-t1pre   # the experiment
+    ... [--epochs N]   # another schedule than the release's 12 epochs (the cosine learning rate follows)
 
 This is the recipe of release 1.3.0: it adds lgg-tcga-t1 (step 1) and the sequence augmentation of
 ``model_export.augment`` to the recipe that built 1.2.0 (the model card says how 1.2.0 was made; git
@@ -13,7 +14,7 @@ plus the tumour map, grafted from the ONNX files alone (no 1.2.0 checkpoint is k
 file with ``--decoder`` (models/MODEL_CARD.md, "How 1.2.1 was made", has the commands).
 
 Steps (each skipped when its output exists, so an interrupted run continues where it stopped; an
-interrupted training run continues with ``btd train ... --resume runs/release/train/last.pt``):
+interrupted training run goes on from its ``last.pt``, and is finished once ``history.json`` exists):
 1. the split file: brain-mri-4class/splits.csv, the figshare-cheng rows whose group lies in train or
    val (original 512x512 slices; their test rows stay out for evaluation), and all of lgg-tcga-flair
    and lgg-tcga-t1 (T1 and T1 post-contrast of the same slices) with their patient split (the
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--leave-out-sequence", choices=LGG_T1_SEQUENCES, default=None,
                         help="the leave-one-sequence-out experiment instead of a release: the same recipe without "
                              "this lgg-tcga-t1 sequence in train and val, measured on it (use its own --work)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="a shorter (or longer) schedule than the release's 12 epochs, for experiments; the "
+                             "cosine learning rate follows it")
     args = parser.parse_args(argv)
     data, work = args.data.resolve(), args.work.resolve()
     splits = work / "release-splits.csv"
@@ -184,8 +188,12 @@ def main(argv: list[str] | None = None) -> int:
               "--split", "test", *own_temperature]
 
     best = args.checkpoint.resolve() if args.checkpoint else work / "train" / "best.pt"
-    if not best.exists() and args.checkpoint is None:
-        btd("train", *split_args, "--out", str(work / "train"), "--cache-dir", str(work / "cache"), *TRAIN_ARGS)
+    if args.checkpoint is None and not (work / "train" / "history.json").exists():  # written when training ends
+        epochs = ["--epochs", str(args.epochs)] if args.epochs else []  # the last --epochs wins
+        last = work / "train" / "last.pt"  # an interrupted run goes on from its last finished epoch
+        resume = ["--resume", str(last)] if last.exists() else []
+        btd("train", *split_args, "--out", str(work / "train"), "--cache-dir", str(work / "cache"), *TRAIN_ARGS,
+            *epochs, *resume)
     if args.leave_out_sequence:
         return leave_one_sequence_out(args.leave_out_sequence, best, work, split_args, [lgg, lgg_t1])
     # Features cached beside the checkpoint: the first fit extracts them, a rerun refits in seconds.

@@ -162,3 +162,26 @@ def test_the_leave_one_sequence_out_run_judges_the_left_out_sequence(tmp_path, m
     t1pre = result["per_sequence"]["t1pre"]  # tumour probabilities 0.8, 0.7, 0.5 and 0.1, 0.2, 0.7 at 0.3
     assert (t1pre["sensitivity"], t1pre["specificity"]) == (1.0, pytest.approx(2 / 3))
     assert result["left_out"] == "t1pre" and result["met"] is False
+
+
+def test_an_interrupted_training_run_goes_on_from_its_last_epoch(tmp_path, monkeypatch):
+    """The recipe trains until ``history.json`` (written when training ends) exists, resuming from
+    ``last.pt`` when an earlier run saved one; ``--epochs`` reaches the trainer."""
+    import release
+
+    trains: list[tuple[str, ...]] = []
+    monkeypatch.setattr(release, "btd", lambda *args: trains.append(args) if args[0] == "train" else None)
+    monkeypatch.setattr(release, "leave_one_sequence_out", lambda *args: 0)
+    data, work = _minimal_data(tmp_path / "data"), tmp_path / "work"
+    argv = ["--data", str(data), "--work", str(work), "--leave-out-sequence", "t1pre", "--epochs", "8"]
+
+    assert release.main(argv) == 0
+    assert "--resume" not in trains[-1] and trains[-1][-2:] == ("--epochs", "8")
+    (work / "train").mkdir()
+    (work / "train" / "last.pt").write_bytes(b"")
+    (work / "train" / "best.pt").write_bytes(b"")  # a best epoch is no finished run
+    assert release.main(argv) == 0
+    assert trains[-1][-2:] == ("--resume", str(work / "train" / "last.pt"))
+    (work / "train" / "history.json").write_text("[]")
+    assert release.main(argv) == 0
+    assert len(trains) == 2
