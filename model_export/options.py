@@ -106,6 +106,9 @@ class TrainConfig(DataOptions):
     dropout: float = option(0.2, help="dropout before the classifier")
     deterministic: bool = option(False, help="deterministic algorithms (slower)")
     augment: bool = option(True, help="augment the training images; --no-augment trains without augmentation")
+    sequence_augment: float | None = option(None, help="share of training images whose tissue contrast is "
+                                            "remapped as if by another MR sequence (default: "
+                                            "model_export.augment.AugmentConfig.sequence_probability)")
     feature_cache: Switch = option("auto", help="cache layer3 features (needs --freeze layer4/head); "
                                    "auto = on CPU")
     cache_dir: Path | None = option(None, help="feature cache folder (default ~/.cache/btd/features)")

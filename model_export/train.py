@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from app.core.contract import PreprocessSpec
 from model_export import scores
-from model_export.augment import Augment
+from model_export.augment import Augment, AugmentConfig
 from model_export.checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from model_export.data import (
     Sample,
@@ -279,7 +279,7 @@ def main(config: TrainConfig) -> Path:
     if runtime.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    augment = Augment() if config.augment else None
+    augment = training_augment(config)
     train_set = SliceDataset(train_samples, labels, spec, augment, seed=config.seed)
     val_set = SliceDataset(val_samples, labels, spec, None, seed=config.seed)
     net: nn.Module = model
@@ -359,6 +359,18 @@ def main(config: TrainConfig) -> Path:
     if runtime.world_size > 1:
         torch.distributed.destroy_process_group()
     return best
+
+
+def training_augment(config: TrainConfig) -> Augment | None:
+    """The augmentation ``config`` asks for: none, the default, or the default with another share of
+    sequence (tissue contrast) remapping."""
+    if not config.augment:
+        return None
+    if config.sequence_augment is None:
+        return Augment()
+    if not 0.0 <= config.sequence_augment <= 1.0:
+        raise ValueError(f"--sequence-augment is a share of images, 0 to 1, not {config.sequence_augment}")
+    return Augment(AugmentConfig(sequence_probability=config.sequence_augment))
 
 
 def _resumed_model(ckpt: dict[str, Any], config: TrainConfig) -> ResNet50:

@@ -2,7 +2,7 @@
 
     .venv/bin/python models/release.py [--data ../shared/data] [--work runs/release]
     .venv/bin/python models/release.py --leave-out-sequence t1pre --work runs/loso-t1pre   # the experiment
-    ... [--epochs N]   # another schedule than the release's 12 epochs (the cosine learning rate follows)
+    ... [--epochs N] [--sequence-augment P]   # experiments: another schedule, another share of sequence augmentation
 
 This is the recipe of release 1.3.0: it adds lgg-tcga-t1 (step 1) and the sequence augmentation of
 ``model_export.augment`` to the recipe that built 1.2.0 (the model card says how 1.2.0 was made; git
@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None,
                         help="a shorter (or longer) schedule than the release's 12 epochs, for experiments; the "
                              "cosine learning rate follows it")
+    parser.add_argument("--sequence-augment", type=float, default=None,
+                        help="share of training images whose tissue contrast is remapped (btd train's default "
+                             "when left out)")
     args = parser.parse_args(argv)
     data, work = args.data.resolve(), args.work.resolve()
     splits = work / "release-splits.csv"
@@ -189,11 +192,13 @@ def main(argv: list[str] | None = None) -> int:
 
     best = args.checkpoint.resolve() if args.checkpoint else work / "train" / "best.pt"
     if args.checkpoint is None and not (work / "train" / "history.json").exists():  # written when training ends
-        epochs = ["--epochs", str(args.epochs)] if args.epochs else []  # the last --epochs wins
+        overrides = ["--epochs", str(args.epochs)] if args.epochs else []  # the last --epochs wins
+        if args.sequence_augment is not None:
+            overrides += ["--sequence-augment", str(args.sequence_augment)]
         last = work / "train" / "last.pt"  # an interrupted run goes on from its last finished epoch
         resume = ["--resume", str(last)] if last.exists() else []
         btd("train", *split_args, "--out", str(work / "train"), "--cache-dir", str(work / "cache"), *TRAIN_ARGS,
-            *epochs, *resume)
+            *overrides, *resume)
     if args.leave_out_sequence:
         return leave_one_sequence_out(args.leave_out_sequence, best, work, split_args, [lgg, lgg_t1])
     # Features cached beside the checkpoint: the first fit extracts them, a rerun refits in seconds.

@@ -149,3 +149,18 @@ def test_ranks_take_rank_zeros_validation_score_so_early_stopping_agrees(tmp_pat
         results = manager.dict()
         mp.spawn(_main_value_worker, args=(str(tmp_path / "rendezvous"), results), nprocs=2, join=True)
         assert dict(results) == {0: 0.5, 1: 0.5}
+
+
+def test_sequence_augment_sets_the_share_of_contrast_remapped_images() -> None:
+    from model_export.augment import AugmentConfig
+    from model_export.cli import build_parser, config_from_args
+
+    def augment_of(*flags: str):
+        args = build_parser().parse_args(["train", "--data", "d", *flags])
+        return train.training_augment(config_from_args(train.TrainConfig, args))
+
+    assert augment_of().config.sequence_probability == AugmentConfig().sequence_probability
+    assert augment_of("--sequence-augment", "0.2").config == AugmentConfig(sequence_probability=0.2)
+    assert augment_of("--no-augment", "--sequence-augment", "0.2") is None
+    with pytest.raises(ValueError, match="0 to 1"):
+        augment_of("--sequence-augment", "40")

@@ -166,17 +166,18 @@ def test_the_leave_one_sequence_out_run_judges_the_left_out_sequence(tmp_path, m
 
 def test_an_interrupted_training_run_goes_on_from_its_last_epoch(tmp_path, monkeypatch):
     """The recipe trains until ``history.json`` (written when training ends) exists, resuming from
-    ``last.pt`` when an earlier run saved one; ``--epochs`` reaches the trainer."""
+    ``last.pt`` when an earlier run saved one; ``--epochs`` and ``--sequence-augment`` reach the trainer."""
     import release
 
     trains: list[tuple[str, ...]] = []
     monkeypatch.setattr(release, "btd", lambda *args: trains.append(args) if args[0] == "train" else None)
     monkeypatch.setattr(release, "leave_one_sequence_out", lambda *args: 0)
     data, work = _minimal_data(tmp_path / "data"), tmp_path / "work"
-    argv = ["--data", str(data), "--work", str(work), "--leave-out-sequence", "t1pre", "--epochs", "8"]
+    argv = ["--data", str(data), "--work", str(work), "--leave-out-sequence", "t1pre", "--epochs", "8",
+            "--sequence-augment", "0.2"]
 
     assert release.main(argv) == 0
-    assert "--resume" not in trains[-1] and trains[-1][-2:] == ("--epochs", "8")
+    assert "--resume" not in trains[-1] and trains[-1][-4:] == ("--epochs", "8", "--sequence-augment", "0.2")
     (work / "train").mkdir()
     (work / "train" / "last.pt").write_bytes(b"")
     (work / "train" / "best.pt").write_bytes(b"")  # a best epoch is no finished run
