@@ -340,8 +340,22 @@ def main(config: ExportConfig) -> Path:
         training_data=ckpt.get("training_data", {}), metrics=metrics, opset=config.opset,
         ood=OodFit.from_state(ckpt["ood"]) if ckpt.get("ood") else None,
         localiser=ckpt.get("localiser"),
-        validated=ValidatedUse(sequences=tuple(s.strip() for s in config.validated_sequences.split(",") if s.strip())),
+        validated=validated_use(config),
     )
     if config.fp16:
         float16_variant(path)
     return path
+
+
+def validated_use(config: ExportConfig) -> ValidatedUse:
+    """The validated use ``--validated-sequences`` and ``--specific-sequences`` say; without the
+    latter, release 1.2.0's specific sequences among the validated ones."""
+    sequences = _names(config.validated_sequences)
+    if config.specific_sequences is None:
+        return ValidatedUse(sequences=sequences,
+                            specific_sequences=tuple(s for s in DEFAULT_VALIDATED.specific if s in sequences))
+    return ValidatedUse(sequences=sequences, specific_sequences=_names(config.specific_sequences))
+
+
+def _names(comma_list: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in comma_list.split(",") if name.strip())

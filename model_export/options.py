@@ -213,6 +213,10 @@ class ExportConfig:
     validated_sequences: str = option(",".join(DEFAULT_VALIDATED.sequences), help="MR sequences the model is validated for, comma-"
                                       "separated (t1, t1post, t2, flair, other): an MR DICOM whose headers say "
                                       "another sequence is not assessed; the model card lists the same")
+    specific_sequences: str | None = option(None, help="those of --validated-sequences on which the tumour call "
+                                            "was validated as specific too (tumour-free slices kept), comma-"
+                                            "separated; on the others a tumour call carries a warning (default: "
+                                            "release 1.2.0's, FLAIR, where validated)")
     opset: int = option(17)
 
 

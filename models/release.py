@@ -221,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     print("validated sequences (validation patients):", validated, json.dumps(val_sequences), flush=True)
     if not validated:
         raise SystemExit("no sequence meets the per-sequence goals on validation: not releasing")
-    export += ["--threshold", repr(threshold), "--validated-sequences", ",".join(validated)]
+    # A sequence is validated only when its tumour call is specific too (SEQUENCE_GOALS).
+    export += ["--threshold", repr(threshold), "--validated-sequences", ",".join(validated),
+               "--specific-sequences", ",".join(validated)]
     if not (work / "eval-candidate-test" / "report.json").exists():
         btd(*export, "--out", str(candidate))
         btd("evaluate", str(candidate), *grouped, "--out", str(work / "eval-candidate-test"))

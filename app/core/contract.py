@@ -428,30 +428,51 @@ class ValidatedUse:
     slice planes and sequences. An MR DICOM whose headers say another plane or sequence is not
     assessed; one whose headers do not say is assessed with a warning. The model card states the
     same list. Names: planes ``axial``, ``coronal``, ``sagittal``, ``oblique``; sequences ``t1``
-    (pre-contrast), ``t1post``, ``t2``, ``flair``, ``other``."""
+    (pre-contrast), ``t1post``, ``t2``, ``flair``, ``other``.
+
+    ``specific_sequences``: those of ``sequences`` on which the tumour call was validated as specific
+    too (tumour-free slices kept, not only tumours found); None means all of them. On a validated
+    sequence outside it a tumour call carries a warning: there a tumour-free slice is often called
+    tumour, so the answer is the likely type of a tumour, not evidence that there is one."""
 
     planes: tuple[str, ...] = ("axial",)
     sequences: tuple[str, ...] = ("t1post", "flair")
+    specific_sequences: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.planes if p not in PLANES] + [s for s in self.sequences if s not in SEQUENCES]
         if unknown:
             raise ValueError(f"unknown plane or sequence names in the validated use: {unknown}")
+        if self.specific_sequences is None:  # all of them: equal to the same use spelt out
+            object.__setattr__(self, "specific_sequences", self.sequences)
+        if not set(self.specific) <= set(self.sequences):
+            raise ValueError("specific_sequences must be validated sequences: "
+                             f"{sorted(set(self.specific) - set(self.sequences))}")
+
+    @property
+    def specific(self) -> tuple[str, ...]:
+        """The validated sequences on which a tumour call is specific (never None after init)."""
+        return self.specific_sequences or ()
 
     def to_json(self) -> str:
-        return json.dumps({"planes": list(self.planes), "sequences": list(self.sequences)}, sort_keys=True)
+        return json.dumps({"planes": list(self.planes), "sequences": list(self.sequences),
+                           "specific_sequences": list(self.specific)}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> ValidatedUse:
         raw = json.loads(text)
-        return cls(planes=tuple(raw["planes"]), sequences=tuple(raw["sequences"]))
+        specific = raw.get("specific_sequences")
+        return cls(planes=tuple(raw["planes"]), sequences=tuple(raw["sequences"]),
+                   specific_sequences=None if specific is None else tuple(specific))
 
 
 # Release 1.2.0's validated use (models/MODEL_CARD.md, "Intended use"): axial T1 post-contrast
 # (figshare-cheng) and FLAIR (lgg-tcga-flair) slices. SARTAJ's and Br35H's sequences are not labelled,
 # so they add none; T1 pre-contrast and T2 slices were never labelled as such in training: not validated.
-# Models whose metadata has no ``META_VALIDATED`` (1.2.0 and older) get this list.
-DEFAULT_VALIDATED = ValidatedUse()
+# Its tumour call is specific on FLAIR only: it kept 26 of 188 tumour-free T1 post-contrast slices of
+# the LGG test patients (the model card's per-sequence table). Models whose metadata has no
+# ``META_VALIDATED`` (1.2.x and older) get this list.
+DEFAULT_VALIDATED = ValidatedUse(specific_sequences=("flair",))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ OOD_PHRASE = "the image does not look like a brain MR slice"
 # How the warning of a slice outside the model's validated use (plane, sequence) begins.
 GATE_PHRASE = "the slice is outside what the model is validated for"
 NOT_ASSESSED_PHRASES = (GATE_PHRASE, OOD_PHRASE)  # the warnings that say why an image is not assessed
+# How the warning of a tumour called where the tumour call is not specific begins (ValidatedUse.specific).
+NOT_SPECIFIC_PHRASE = "a tumour is called on a"
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from app.core.postprocess import (
 from app.core.region import tumour_region
 from app.core.result import (
     GATE_PHRASE,
+    NOT_SPECIFIC_PHRASE,
     OOD_PHRASE,
     CamBox,
     CamGrid,
@@ -77,6 +78,11 @@ UNCHECKED = {"plane": "the slice's plane could not be checked (the DICOM has no 
                       "(Patient)); the model is validated on {planes} slices",
              "sequence": "the slice's sequence could not be checked (the DICOM's acquisition attributes and "
                          "Series Description do not say it); the model is validated on {sequences}"}
+
+# A tumour called on a validated sequence where the tumour call is not specific (ValidatedUse.specific).
+NOT_SPECIFIC = (NOT_SPECIFIC_PHRASE + " {sequence} slice, where the model is validated for a tumour's type but "
+                "not for telling whether there is one: it calls many tumour-free {sequence} slices tumour (the "
+                "model card's per-sequence table)")
 
 
 # Why an image is not an MR slice (``Prepared.not_mr``) -> the words of its "modality" reason.
@@ -207,6 +213,16 @@ def unchecked_warnings(acquisition: Acquisition | None, validated: ValidatedUse)
     return [UNCHECKED[name].format(planes=planes, sequences=sequences) for name in unchecked(acquisition)]
 
 
+def specificity_warnings(acquisition: Acquisition | None, validated: ValidatedUse, tumour_detected: bool | None
+                         ) -> list[str]:
+    """``NOT_SPECIFIC`` for a tumour called on a slice whose headers say a validated sequence on which
+    the tumour call is not specific; else nothing."""
+    sequence = None if acquisition is None else acquisition.sequence
+    if tumour_detected is not True or sequence not in validated.sequences or sequence in validated.specific:
+        return []
+    return [NOT_SPECIFIC.format(sequence=SEQUENCE_WORDS.get(sequence, sequence))]
+
+
 def not_mr_because(modality: str | None, pixels: np.ndarray) -> str | None:
     """Why a decoded slice is not MR: its DICOM Modality says another (``"dicom"``), or, when nothing
     says (PNG, JPEG, a DICOM without Modality), it has CT's look (``"ct-look"``); else None."""
@@ -293,6 +309,7 @@ class ResultBuilder:
         warnings = list(prepared.warnings)
         if decision.ood_reasons:
             warnings += self.ood_warnings(decision.ood_reasons, prepared, output.ood_score)
+        warnings += specificity_warnings(prepared.acquisition, self.metadata.validated, decision.tumour_detected)
         cam_out = None
         if cam != "none":
             cam_start = time.perf_counter()

@@ -111,4 +111,5 @@ def test_model_description_states_the_validated_use(client):
     response = client.get("/v1/model")
     assert response.status_code == 200
     assert_matches_spec(response)
-    assert response.json()["validated_for"] == {"planes": ["axial"], "sequences": ["t1post", "flair"]}
+    assert response.json()["validated_for"] == {"planes": ["axial"], "sequences": ["t1post", "flair"],
+                                                "specific_sequences": ["flair"]}

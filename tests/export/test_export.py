@@ -264,9 +264,9 @@ def test_fp16_variant_of_a_model_with_an_ood_head_keeps_the_head_in_float32(trai
 
 
 def test_btd_export_writes_the_validated_sequences_the_service_gates_on(trained_like_model, tmp_path: Path) -> None:
-    """``--validated-sequences`` reaches the metadata (the intended-use gate reads it); without it the
-    list is release 1.2.0's (T1 post-contrast and FLAIR)."""
-    from app.core.contract import DEFAULT_VALIDATED
+    """``--validated-sequences`` and ``--specific-sequences`` reach the metadata (the intended-use gate
+    reads them); without them the use is release 1.2.0's (T1 post-contrast and FLAIR, specific on FLAIR)."""
+    from app.core.contract import DEFAULT_VALIDATED, ValidatedUse
     from model_export.checkpoint import save_checkpoint
     from model_export.cli import main as btd
 
@@ -284,5 +284,11 @@ def test_btd_export_writes_the_validated_sequences_the_service_gates_on(trained_
     assert btd(["export", str(checkpoint), "--out", str(tmp_path / "b.onnx"),
                 "--validated-sequences", "t1, t1post,flair"]) == 0
     assert validated(tmp_path / "b.onnx").sequences == ("t1", "t1post", "flair")
+    assert validated(tmp_path / "b.onnx").specific == ("flair",)  # 1.2.0's, among those validated
+    assert btd(["export", str(checkpoint), "--out", str(tmp_path / "s.onnx"), "--validated-sequences", "t1,flair",
+                "--specific-sequences", "t1,flair"]) == 0
+    assert validated(tmp_path / "s.onnx") == ValidatedUse(sequences=("t1", "flair"), specific_sequences=("t1", "flair"))
+    assert btd(["export", str(checkpoint), "--out", str(tmp_path / "n.onnx"), "--validated-sequences", "flair",
+                "--specific-sequences", "t1post"]) == 2  # specific must be validated
     assert btd(["export", str(checkpoint), "--out", str(tmp_path / "c.onnx"), "--validated-sequences", "t3"]) == 2
     assert not (tmp_path / "c.onnx").exists()

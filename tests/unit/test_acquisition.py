@@ -342,7 +342,8 @@ def test_validated_use_round_trips_through_the_model_metadata_and_older_models_g
     props = meta.to_props()
     assert ModelMetadata.from_props(props).validated == wider
     del props[META_VALIDATED]
-    assert ModelMetadata.from_props(props).validated == DEFAULT_VALIDATED == ValidatedUse(("axial",), ("t1post", "flair"))
+    assert ModelMetadata.from_props(props).validated == DEFAULT_VALIDATED == ValidatedUse(("axial",), ("t1post", "flair"),
+                                                                                          ("flair",))
     assert outside_validated(Acquisition("axial", "t1"), wider) == []
 
 

@@ -70,5 +70,60 @@ def test_the_model_metadata_decides_what_is_assessed(engines):
     accepted = wider.predict(data)
     assert not {"plane", "sequence"} & set(accepted.ood_reasons) and accepted.acquisition == refused.acquisition
     assert not any(w.startswith(GATE_PHRASE) for w in accepted.warnings)
-    assert wider.describe()["validated_for"] == {"planes": ("axial", "sagittal"), "sequences": ("t1post", "flair", "t2")}
-    assert plain.describe()["validated_for"] == {"planes": ("axial",), "sequences": ("t1post", "flair")}
+    three = ("t1post", "flair", "t2")
+    assert wider.describe()["validated_for"] == {"planes": ("axial", "sagittal"), "sequences": three,
+                                                 "specific_sequences": three}
+    assert plain.describe()["validated_for"] == {"planes": ("axial",), "sequences": ("t1post", "flair"),
+                                                 "specific_sequences": ("flair",)}
+
+
+T1_POST = {"ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "ScanningSequence": "SE", "RepetitionTime": 500,
+           "EchoTime": 15, "ContrastBolusAgent": "gadolinium"}
+FLAIR = {"ImageOrientationPatient": [1, 0, 0, 0, 1, 0], "ScanningSequence": ["IR", "SE"], "RepetitionTime": 9000,
+         "EchoTime": 120, "InversionTime": 2500}
+
+
+@pytest.fixture(scope="module")
+def calls_tumour(tmp_path_factory) -> Engine:
+    """The release 1.2.0 validated use (tumour call specific on FLAIR only) with a threshold of 0, so
+    every assessed slice is called tumour."""
+    folder = tmp_path_factory.mktemp("specific")
+    plain = Engine.load_single(build_model(folder / "plain.onnx"))
+    meta = ModelMetadata(labels=plain.metadata.labels, preprocess=plain.metadata.preprocess, cam_weight="fc.weight",
+                         cam_bias="fc.bias", tumour_threshold=0.0)
+    return Engine.load_single(build_model(folder / "always.onnx", metadata=meta))
+
+
+def test_a_tumour_call_on_a_sequence_where_it_is_not_specific_says_so(calls_tumour):
+    t1post = calls_tumour.predict(mr2(**T1_POST))
+    assert t1post.acquisition == Acquisition("axial", "t1post") and t1post.tumour_detected is True
+    (warning,) = [w for w in t1post.warnings if "not for telling whether there is one" in w]
+    assert "tumour is called on a T1 post-contrast slice" in warning
+    flair = calls_tumour.predict(mr2(**FLAIR))
+    assert flair.acquisition == Acquisition("axial", "flair") and flair.tumour_detected is True
+    assert not any("not for telling" in w for w in flair.warnings)
+
+
+@pytest.mark.parametrize("sequence,tumour_detected,warned", [
+    ("t1post", True, True), ("t1post", False, False), ("t1post", None, False),  # no call, or not assessed
+    ("flair", True, False), (None, True, False),  # specific there; the headers do not say
+    ("t2", True, False),  # outside the validated use: not assessed, the gate's warning says why
+])
+def test_specificity_warning_only_for_a_tumour_called_on_a_validated_non_specific_sequence(
+        sequence, tumour_detected, warned):
+    from app.core.contract import DEFAULT_VALIDATED
+    from app.engine.pipeline import specificity_warnings
+
+    said = specificity_warnings(Acquisition("axial", sequence), DEFAULT_VALIDATED, tumour_detected)
+    assert bool(said) is warned
+    assert specificity_warnings(Acquisition("axial", sequence), ValidatedUse(), tumour_detected) == []  # all specific
+
+
+def test_specific_sequences_are_validated_ones_and_travel_in_the_metadata():
+    use = ValidatedUse(sequences=("t1", "flair"), specific_sequences=("flair",))
+    assert ValidatedUse.from_json(use.to_json()) == use and use.specific == ("flair",)
+    assert ValidatedUse(sequences=("t1", "flair")).specific == ("t1", "flair")
+    older = '{"planes": ["axial"], "sequences": ["t1post", "flair"]}'  # written before specific_sequences
+    assert ValidatedUse.from_json(older).specific == ("t1post", "flair")
+    with pytest.raises(ValueError, match="specific_sequences must be validated"):
+        ValidatedUse(sequences=("flair",), specific_sequences=("t1post",))

@@ -8,10 +8,11 @@ import math
 import pytest
 
 from app.core.errors import BadRequest, PayloadTooLarge
-from app.core.result import ModelIdentity, Prediction, Timings
+from app.core.result import NOT_SPECIFIC_PHRASE, ModelIdentity, Prediction, Timings
 from app.core.series import (
     MAX_KEY_SLICES,
     SERIES_MIN_RUN,
+    SeriesResult,
     SliceGeometry,
     aggregate,
     normal_of,
@@ -152,3 +153,20 @@ def test_a_plan_refuses_mixed_series_no_instance_and_too_many_slices():
         plan_dicom_series([("", [g])], 10)
     with pytest.raises(PayloadTooLarge):
         plan_dicom_series([("a", [g, g, g])], 2)
+
+
+def test_a_tumour_series_carries_its_key_slices_not_specific_warning_once():
+    said = NOT_SPECIFIC_PHRASE + " T1 post-contrast slice, where ..."
+    slices = [slice_(p) for p in (0.1, 0.8, 0.9, 0.1)]
+    for s in slices:
+        if s.tumour_detected:
+            s.warnings.append(said)
+
+    def build(predictions):
+        return SeriesResult.build("dicom", "position", [(float(i), f"1.2.{i}", None, p)
+                                                        for i, p in enumerate(predictions)])
+
+    tumour = build(slices)
+    assert tumour.finding.tumour_detected is True and tumour.warnings == [said]
+    no_tumour = build([slice_(0.1), slices[1], slice_(0.2), slice_(0.1)])  # one slice called: not a tumour series
+    assert no_tumour.finding.tumour_detected is False and no_tumour.warnings == []

@@ -147,7 +147,8 @@ def build_figures(rows: Sequence[Measured], engine: Engine, *, resamples: int = 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"name": identity.name, "version": identity.version, "sha256": identity.sha256,
                   "variant": engine.variant, "labels": labels, "validated_for": {
-                      "planes": list(meta.validated.planes), "sequences": list(meta.validated.sequences)}},
+                      "planes": list(meta.validated.planes), "sequences": list(meta.validated.sequences),
+                      "specific_sequences": list(meta.validated.specific)}},
         "confidence": metrics.CONFIDENCE,
         "overall": overall,
         "subgroups": subgroups,

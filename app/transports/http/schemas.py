@@ -89,7 +89,9 @@ class ModelDescription(BaseModel):
                                 "model has no such output")
     validated_for: ValidatedUse = Field(..., description="the planes and sequences the model is validated for (its "
                                         "metadata, else release 1.2.0's list): an MR DICOM whose headers say "
-                                        "another is not assessed (ood_reasons plane, sequence)")
+                                        "another is not assessed (ood_reasons plane, sequence); specific_sequences: "
+                                        "those on which a tumour call is specific too (elsewhere a tumour call "
+                                        "carries a warning)")
     localisation: LocalisationSpec | None = Field(
         None, description="how the model's tumour map becomes the tumour region (region in /v1/predict); null when "
         "the model has no tumour map: then no region is reported")
