@@ -26,6 +26,8 @@ ORIENTATION = {"axial": [1, 0, 0, 0, 1, 0], "sagittal": [0, 1, 0, 0, 0, -1], "co
 FLAIR = {"ScanningSequence": "IR", "RepetitionTime": 9000, "EchoTime": 100, "InversionTime": 2500,
          "SeriesDescription": "AX FLAIR"}
 T2 = {"ScanningSequence": "SE", "RepetitionTime": 4000, "EchoTime": 100, "SeriesDescription": "AX T2"}
+T1_POST = {"ScanningSequence": "SE", "RepetitionTime": 500, "EchoTime": 15, "ContrastBolusAgent": "gadolinium",
+           "SeriesDescription": "AX T1 POST"}
 
 
 def _base(pixels: np.ndarray, plane: str, index: int, spacing: float, pixel_mm: float) -> Dataset:
@@ -42,7 +44,8 @@ def _base(pixels: np.ndarray, plane: str, index: int, spacing: float, pixel_mm: 
     ds.ImagePositionPatient = [float(v) for v in np.array([-120.0, -120.0, -60.0]) + normal * index * spacing]
     ds.SliceLocation = index * spacing
     ds.PixelSpacing, ds.SliceThickness, ds.SpacingBetweenSlices = [pixel_mm, pixel_mm], spacing, spacing
-    for keyword in ("ScanningSequence", "RepetitionTime", "EchoTime", "InversionTime", "SeriesDescription"):
+    for keyword in ("ScanningSequence", "RepetitionTime", "EchoTime", "InversionTime", "SeriesDescription",
+                    "ContrastBolusAgent"):
         if keyword in ds:
             delattr(ds, keyword)
     return ds

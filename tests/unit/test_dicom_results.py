@@ -211,3 +211,17 @@ def test_multipart_related_round_trip():
     assert [p for _, p in decode_related(body, content_type)] == parts
     with pytest.raises(ValueError):
         decode_related(body, "application/dicom")
+
+
+def test_the_sr_comment_says_where_a_tumour_call_is_not_specific(slice_and_result):
+    """The warning of a tumour called on a sequence where the tumour call is not specific (T1
+    post-contrast for 1.2.x) reaches the PACS in the SR's comment; other warnings do not."""
+    from app.core.result import NOT_SPECIFIC_PHRASE
+
+    data, result = slice_and_result
+    said = NOT_SPECIFIC_PHRASE + " T1 post-contrast slice, where the model is validated for a tumour's type"
+    called = {**result, "tumour_detected": True, "warnings": ["another warning", said]}
+    assert any(said in t for t in _texts(build_results(read_source(data), Prediction.from_dict(called))[0]))
+    plain = {**result, "tumour_detected": True, "warnings": ["another warning"]}
+    assert not any(NOT_SPECIFIC_PHRASE in t for t in _texts(build_results(read_source(data),
+                                                                            Prediction.from_dict(plain))[0]))

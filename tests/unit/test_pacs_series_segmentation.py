@@ -126,3 +126,22 @@ def test_slices_off_the_first_ones_frame_of_reference_are_left_out(classified):
     with_region = [s for s in slices[:-1] if s.prediction.region is not None]
     assert classified.slices[-1].prediction.region is not None and seg.NumberOfFrames == len(with_region)
     assert str(moved.SOPInstanceUID) not in str(seg.ReferencedSeriesSequence[0].to_json())
+
+
+def test_the_series_comment_carries_the_key_slices_not_specific_warning(engine, classified):
+    """On T1 post-contrast release 1.2.x's tumour call is not specific: every called slice carries the
+    warning, and the series SR's comment says it once; a FLAIR series (specific) does not."""
+    from app.core.result import NOT_SPECIFIC_PHRASE
+    from app.transports.pacs.series_results import summary_text
+    from tests.pacs.series_data import T1_POST
+
+    slices = series(synthetic_images(5), study_uid="1.2.826.0.1.3680043.8.498.8", name="t1post", headers=T1_POST)
+    out = [ClassifiedSlice(read_source(encode(ds)), None, engine.predict(encode(ds))) for ds in slices]
+    t1post = ClassifiedSeries(out, aggregate([s.prediction for s in out]))
+    assert t1post.finding.tumour_detected and all(s.prediction.acquisition.sequence == "t1post" for s in out)
+    assert all(any(w.startswith(NOT_SPECIFIC_PHRASE) for w in s.prediction.warnings) for s in t1post.key)
+    text = summary_text(t1post)
+    assert text.count(NOT_SPECIFIC_PHRASE) == 1 and "T1 post-contrast slice" in text
+    finding = replace(t1post.finding, tumour_detected=False, key_slices=[])
+    assert NOT_SPECIFIC_PHRASE not in summary_text(ClassifiedSeries(t1post.slices, finding))
+    assert classified.finding.tumour_detected and NOT_SPECIFIC_PHRASE not in summary_text(classified)  # FLAIR

@@ -49,6 +49,7 @@ from app.transports.pacs.results import (
     class_code,
     device_observer,
     evidence_copy,
+    not_specific_words,
     procedure_of,
     result_uid,
     source_image,
@@ -143,6 +144,8 @@ def summary_text(result: ClassifiedSeries) -> str:
     positions = [result.slices.index(s) + 1 for s in result.key]
     if positions:
         text += f"; key slices (1 = first in slice order) {', '.join(map(str, positions))}"
+    if finding.tumour_detected:
+        text += not_specific_words([s.prediction for s in result.key])
     rule = f" Rule: {finding.rule}." if finding.rule else ""
     return f"{text}.{rule} {DISCLAIMER}"
 
