@@ -9,6 +9,7 @@ for the schema.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -200,3 +201,9 @@ class ModelOutput:
     inference_ms: float = 0.0
     batch_size: int = 1
     tumour_map: Any = None  # np.ndarray [h, w] of a localising model (``ModelFile.localises``)
+
+
+def not_specific_warnings(predictions: Sequence[Prediction]) -> list[str]:
+    """The warnings of tumours called where the tumour call is not specific (``NOT_SPECIFIC_PHRASE``),
+    each once, in order."""
+    return list(dict.fromkeys(w for p in predictions for w in p.warnings if w.startswith(NOT_SPECIFIC_PHRASE)))

@@ -23,7 +23,7 @@ from pydantic import Field, TypeAdapter
 from app.core.acquisition import frame_numbers
 from app.core.contract import NO_TUMOUR_LABEL
 from app.core.errors import BadRequest, PayloadTooLarge
-from app.core.result import NOT_SPECIFIC_PHRASE, ModelIdentity, Prediction
+from app.core.result import ModelIdentity, Prediction, not_specific_warnings
 
 # The aggregation rule's one parameter: consecutive assessed slices that must all be over the slice
 # threshold. Chosen by measurement (bench/series_rule.py, README "Series"): 1 (any slice) calls most
@@ -263,17 +263,10 @@ class SeriesResult:
         results = [SliceResult(i, pos, uid, frame, p) for i, (pos, uid, frame, p) in enumerate(slices)]
         said = [ORDERING_WARNINGS[ordering]] if ordering in ORDERING_WARNINGS else []
         finding = aggregate([r.result for r in results])
-        return cls(source, ordering, finding, results, said + list(warnings) + not_specific(finding, results))
-
-
-def not_specific(finding: SeriesFinding, results: Sequence[SliceResult]) -> list[str]:
-    """A tumour series whose key slices were called on a sequence where the tumour call is not
-    specific carries their warning (once): the series answer is read without its slices."""
-    if finding.tumour_detected is not True:
-        return []
-    key = set(finding.key_slices)
-    said = [w for r in results if r.index in key for w in r.result.warnings if w.startswith(NOT_SPECIFIC_PHRASE)]
-    return list(dict.fromkeys(said))
+        # A tumour series carries its key slices' not-specific warning (the answer is read without its slices).
+        key = [results[i].result for i in finding.key_slices] if finding.tumour_detected else []
+        caveat = not_specific_warnings(key)
+        return cls(source, ordering, finding, results, said + list(warnings) + caveat)
 
 
 _SERIES_RESULT = TypeAdapter(SeriesResult)

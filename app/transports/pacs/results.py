@@ -34,7 +34,7 @@ from app.core.acquisition import PLANE_WORDS, SEQUENCE_WORDS
 from app.core.decode import DEFAULT_MAX_PIXELS, quiet_pydicom
 from app.core.dicom_read import element_limits, read_dataset, results_header
 from app.core.errors import InvalidImage, ServiceError
-from app.core.result import NOT_SPECIFIC_PHRASE, CamPng, ModelIdentity, Prediction, Region
+from app.core.result import CamPng, ModelIdentity, Prediction, Region, not_specific_warnings
 
 MANUFACTURER = "btd"
 LOCAL_SCHEME = "99BTD"  # a local coding scheme (PS3.16 8.2): the model's own class labels and quantities
@@ -211,8 +211,7 @@ def summary_text(result: Prediction) -> str:
 
 def not_specific_words(predictions: Sequence[Prediction]) -> str:
     """"; " and the warnings of tumours called where the tumour call is not specific (each once), or ""."""
-    said = dict.fromkeys(w for p in predictions for w in p.warnings if w.startswith(NOT_SPECIFIC_PHRASE))
-    return "".join(f"; {w}" for w in said)
+    return "".join(f"; {w}" for w in not_specific_warnings(predictions))
 
 
 def _outside_words(result: Prediction) -> list[str]:
