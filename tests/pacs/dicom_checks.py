@@ -6,12 +6,14 @@ import io
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+MR, SR, SC = "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"  # SOP classes
 SENTINEL_NAME = "SENTINEL^PATIENTNAME"
 SENTINEL_ID = "SENTINEL-ID-4711"
 # Headers that make a slice one the model is validated for (axial, T1 post-contrast): MR2_UNCR.dcm is
@@ -74,3 +76,14 @@ def assert_no_sentinel(*texts: str) -> None:
 
 def log_text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for(condition, timeout_s: float, what: str, logs=lambda: ""):
+    """Poll ``condition`` twice a second until it is truthy (returned) or ``timeout_s`` ends (fails with ``logs()``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{logs()}")

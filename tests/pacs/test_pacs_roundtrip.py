@@ -16,8 +16,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,8 +27,16 @@ from app.transports.pacs.results import result_uid
 from tests.api.helpers import ServerProcess, free_port
 from tests.model_factory import build_model
 from tests.pacs import orthanc
-from tests.pacs.dicom_checks import assert_no_sentinel, dciodvfy_errors, log_text, mr_slice, read
-from tests.pacs.netns import in_private_network, private_network
+from tests.pacs.dicom_checks import (
+    SC,
+    SR,
+    assert_no_sentinel,
+    dciodvfy_errors,
+    log_text,
+    mr_slice,
+    read,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -38,37 +44,11 @@ BTD = [sys.executable, "-m", "app.transports.cli.btd"]
 STUDY = result_uid("test study")
 SERIES = result_uid("test series")
 SLICES = [("MR_small.dcm", 1), ("MR_small_RLE.dcm", 2), ("MR2_UNCR.dcm", 3)]  # real MR pixels, one RLE-compressed
-MR, SR, SC = "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.7"
-
-
-def wait_for(condition, timeout_s: float, what: str, logs=lambda: ""):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{logs()}")
 
 
 def _logs(pacs: dict) -> str:
     return (f"--- listener\n{log_text(pacs['log'])[-4000:]}\n--- service\n{pacs['service'].log()[-2000:]}"
             f"\n--- orthanc\n{pacs['orthanc'].log()[-4000:]}")
-
-
-@pytest.fixture(scope="module")
-def network() -> Iterator[bool]:
-    reason = orthanc.available()
-    if reason:
-        pytest.skip(reason)
-    with private_network() as private:
-        if private:
-            assert in_private_network()
-        else:
-            warnings.warn("no private network namespace here (unshare needs root): the listener and the service "
-                          "bind 127.0.0.1 only; Orthanc 1.10 has no bind address setting, so its ports listen on "
-                          "every interface meanwhile (its HTTP refuses remote clients)", stacklevel=1)
-        yield private
 
 
 @pytest.fixture(scope="module")

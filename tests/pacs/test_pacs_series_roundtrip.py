@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import warnings
 from collections.abc import Iterator
 
 import highdicom as hd
@@ -30,29 +29,22 @@ from app.transports.pacs.series_processing import SeriesClassifier, SeriesProces
 from tests.api.helpers import free_port
 from tests.model_factory import build_model
 from tests.pacs import orthanc
-from tests.pacs.dicom_checks import SENTINEL_NAME, assert_no_sentinel, dciodvfy_errors, sr_texts
-from tests.pacs.netns import in_private_network, private_network
+from tests.pacs.dicom_checks import (
+    MR,
+    SC,
+    SENTINEL_NAME,
+    SR,
+    assert_no_sentinel,
+    dciodvfy_errors,
+    sr_texts,
+    wait_for,
+)
 from tests.pacs.series_data import T2, lgg_images, series
-from tests.pacs.test_pacs_roundtrip import MR, SC, SR, wait_for
 
 pytestmark = pytest.mark.slow
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 STUDY = result_uid("series round trip study")
-
-
-@pytest.fixture(scope="module")
-def network() -> Iterator[bool]:
-    reason = orthanc.available()
-    if reason:
-        pytest.skip(reason)
-    with private_network() as private:
-        if private:
-            assert in_private_network()
-        else:
-            warnings.warn("no private network namespace here: Orthanc listens on every interface meanwhile",
-                          stacklevel=1)
-        yield private
 
 
 @pytest.fixture(scope="module")
