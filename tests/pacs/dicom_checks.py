@@ -1,4 +1,5 @@
-"""Checks shared by the DICOM result tests: dciodvfy (Debian dicom3tools) and a sentinel patient."""
+"""Shared by the DICOM result tests: dciodvfy (Debian dicom3tools), a sentinel patient, test slices,
+the SOP class constants and ``wait_for`` for the Orthanc round trips."""
 
 from __future__ import annotations
 
